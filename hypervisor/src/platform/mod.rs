@@ -1,0 +1,3 @@
+//! The machine around Vireo: how to stop it.
+
+pub mod exit;

@@ -1,0 +1,239 @@
+//! Vireo's boot sequence, from the multiboot2 entry to "nothing left to run".
+
+use log::{info, warn};
+
+use crate::{
+    arch::{self, cpu::CpuInfo},
+    bootinfo::RegionKind,
+    bootinfo::{self, cmdline},
+    console::{self, Bytes},
+    mm::{
+        self,
+        host::{ImageLayout, PagingFeatures, Segment, MAX_SEGMENTS},
+        pool::TablePool,
+        FrameAllocator, MapFlags, PhysRange,
+    },
+    platform::exit,
+    report, TEST_HOOKS, VERSION,
+};
+
+/// Most ranges the frame allocator must keep out (image, boot information, modules).
+const MAX_RESERVED: usize = 2 + 2 * bootinfo::MAX_MODULES;
+
+/// Vireo's own physical extent, from the linker script.
+pub fn image_range() -> PhysRange {
+    image_layout().image
+}
+
+/// Vireo's sections, from the linker script and boot/entry.S.
+fn image_layout() -> ImageLayout {
+    extern "C" {
+        static __image_start: u8;
+        static __image_end: u8;
+        static __text_end: u8;
+        static __rodata_end: u8;
+        static boot_stack_guard: u8;
+    }
+    let addr = |p: *const u8| p as u64;
+    ImageLayout {
+        image: PhysRange::new(addr(core::ptr::addr_of!(__image_start)), addr(core::ptr::addr_of!(__image_end))),
+        text_end: addr(core::ptr::addr_of!(__text_end)),
+        rodata_end: addr(core::ptr::addr_of!(__rodata_end)),
+        guard_page: addr(core::ptr::addr_of!(boot_stack_guard)),
+    }
+}
+
+/// Entered from boot/entry.S in 64-bit mode on the boot stack, interrupts off.
+pub fn kernel_main(magic: u32, mbi_addr: u32) -> ! {
+    arch::mask_legacy_pic();
+    console::serial::init();
+    arch::gdt::init();
+    #[cfg(target_os = "none")]
+    arch::idt::init();
+    console::logger::init(log::LevelFilter::Info);
+    report!("starting version={} build={}", VERSION, if TEST_HOOKS { "test-hooks" } else { "release" });
+
+    // SAFETY: EBX at entry is the loader's information address; the boot page tables
+    // identity-map the first 4 GiB, where a 32-bit pointer lies.
+    let mbi = match unsafe { bootinfo::load(magic, mbi_addr as u64) } {
+        Ok(mbi) => mbi,
+        Err(e) => fatal_boot_info(e),
+    };
+    let image = image_range();
+    let mut info = match bootinfo::parse(&mbi, image) {
+        Ok(info) => info,
+        Err(e) => fatal_boot_info(e),
+    };
+
+    let config = cmdline::parse(info.cmdline, TEST_HOOKS, |d| report!("cmdline error=\"{d}\""));
+    exit::set_method(config.exit);
+    log::set_max_level(config.log);
+    report!("boot loader=\"{}\" firmware={}", info.loader, info.firmware);
+    report!("cmdline \"{}\"", info.cmdline);
+
+    if config.test_mbi == Some(cmdline::TestMbi::ModuleOverlapsImage) {
+        warn!("test hook: moving the first module onto Vireo's image");
+        bootinfo::corrupt_first_module_for_test(&mut info, image);
+    }
+
+    for r in info.regions() {
+        log::debug!("memory {:#012x}-{:#012x} {:?}", r.range.start, r.range.end, r.kind);
+    }
+    if info.dropped_regions > 0 {
+        warn!("{} memory map entries dropped (empty, overflowing or too many)", info.dropped_regions);
+    }
+    for m in info.modules() {
+        report!("module index={} start={:#x} size={} cmdline=\"{}\"", m.index, m.range.start, m.range.len(), m.cmdline);
+    }
+    for r in info.rejected() {
+        report!(
+            "module index={} rejected reason=\"{}\" start={:#x} end={:#x}",
+            r.index,
+            r.problem,
+            r.range.start,
+            r.range.end
+        );
+    }
+
+    let mut reserved = [PhysRange::EMPTY; MAX_RESERVED];
+    let n = info.reserved(image, &mut reserved);
+    let mut frames = match FrameAllocator::new(info.available(), &reserved[..n]) {
+        Ok(frames) => frames,
+        Err(e) => {
+            report!("fatal frame allocator: {e}");
+            exit::fail("no usable memory");
+        }
+    };
+    let cpu = CpuInfo::detect();
+    let ram = info
+        .regions()
+        .filter(|r| matches!(r.kind, RegionKind::Available | RegionKind::AcpiReclaimable | RegionKind::AcpiNvs))
+        .map(|r| r.range);
+    let tables = match init_paging(&mut frames, ram, &cpu) {
+        Ok(tables) => tables,
+        Err(e) => {
+            report!("fatal page tables: {e}");
+            exit::fail("cannot build page tables");
+        }
+    };
+    init_heap(&mut frames, config.heap_bytes);
+
+    report!(
+        "cpu vendor={} family={:#x} model={:#x} stepping={} brand=\"{}\" nx={} pages_1g={} phys_bits={}",
+        cpu.vendor_id.as_str(),
+        cpu.family,
+        cpu.model,
+        cpu.stepping,
+        cpu.brand.as_str(),
+        cpu.nx as u8,
+        cpu.pages_1g as u8,
+        cpu.phys_addr_bits
+    );
+    report!("virt {}", cpu.virt);
+    report!(
+        "memory total={} free={} regions={} image={:#x}-{:#x} heap={}",
+        Bytes(info.available_bytes()),
+        Bytes(frames.free_bytes()),
+        info.regions().count(),
+        image.start,
+        image.end,
+        Bytes(config.heap_bytes)
+    );
+    report!(
+        "paging tables={} largest_page={} nx={} guard_page={:#x}",
+        tables,
+        if cpu.pages_1g { "1G" } else { "2M" },
+        cpu.nx as u8,
+        image_layout().guard_page
+    );
+    report!("modules accepted={} rejected={}", info.modules().count(), info.rejected().count());
+    if let Some((addr, rev)) = info.rsdp {
+        info!("ACPI RSDP v{rev} copy at {addr:#x}");
+    }
+
+    if let Some(fault) = config.test_fault {
+        provoke(fault);
+    }
+    report!("ready");
+    report!("nothing to run");
+    exit::success()
+}
+
+fn fatal_boot_info(e: bootinfo::BootInfoError) -> ! {
+    report!("fatal boot information: {e}");
+    exit::fail("bad boot information")
+}
+
+/// Builds Vireo's own page tables and switches to them; returns the number of tables.
+fn init_paging(
+    frames: &mut FrameAllocator,
+    ram: impl Iterator<Item = PhysRange>,
+    cpu: &CpuInfo,
+) -> Result<usize, mm::MapError> {
+    let layout = image_layout();
+    let features = PagingFeatures { nx: cpu.nx, pages_1g: cpu.pages_1g };
+    let mut segments = [Segment { range: PhysRange::EMPTY, flags: MapFlags::empty() }; MAX_SEGMENTS];
+    let n = mm::host::plan(ram, &layout, features, &mut segments)?;
+    let segments = &segments[..n];
+    let count = mm::host::tables_needed(segments);
+    // Below 4 GiB: the boot page tables, still live while these are built, map only that.
+    let base = frames.alloc_below(count as u64 * mm::PAGE_SIZE, mm::PAGE_SIZE, 1 << 32)?;
+    // SAFETY: the frames were just taken from the allocator (never handed out again) and
+    // are identity-mapped by the boot tables.
+    let mut pool = unsafe { TablePool::identity(base, count) };
+    let tables = mm::host::build(&mut pool, segments, &layout, features)?;
+    for s in segments {
+        log::debug!("map {:#012x}-{:#012x} {:?}", s.range.start, s.range.end, s.flags);
+    }
+    arch::paging::activate(tables.root(), cpu.nx);
+    Ok(pool.used())
+}
+
+fn init_heap(frames: &mut FrameAllocator, bytes: u64) {
+    match frames.alloc(bytes, mm::PAGE_SIZE) {
+        Ok(_start) => {
+            // SAFETY: the frames were just taken from the allocator, are identity-mapped
+            // and writable, and are never handed out again.
+            #[cfg(target_os = "none")]
+            unsafe {
+                mm::heap::init(_start, bytes)
+            };
+        }
+        Err(e) => {
+            report!("fatal heap of {}: {e}", Bytes(bytes));
+            exit::fail("no memory for the heap");
+        }
+    }
+}
+
+/// Test hook: provokes a CPU exception so tests can see the crash dump.
+fn provoke(fault: cmdline::TestFault) {
+    use cmdline::TestFault::*;
+    warn!("test hook: provoking {fault:?}");
+    static CONTEXT: &str = "test hook test.fault";
+    arch::idt::set_context(&CONTEXT);
+    // SAFETY: each arm deliberately faults; the exception handler never returns here.
+    unsafe {
+        match fault {
+            InvalidOpcode => core::arch::asm!("ud2"),
+            GeneralProtection => {
+                core::ptr::read_volatile(0x8000_0000_0000_0000u64 as *const u64);
+            }
+            PageFault => core::ptr::write_volatile(0x0000_7000_0000_0000u64 as *mut u64, 0xdead),
+            DivideError => core::arch::asm!("xor ecx, ecx", "div ecx", out("eax") _, out("ecx") _, out("edx") _),
+            Breakpoint => core::arch::asm!("int3"),
+            StackOverflow => recurse(0),
+        }
+    }
+}
+
+#[inline(never)]
+fn recurse(depth: u64) {
+    if depth == u64::MAX {
+        return;
+    }
+    let pad = [depth; 64];
+    core::hint::black_box(&pad);
+    recurse(depth + 1);
+    core::hint::black_box(&pad);
+}

@@ -1,0 +1,248 @@
+//! End-to-end harness: builds Vireo, boots it headless in QEMU and Bochs through the run
+//! scripts, and parses the structured `vireo: ...` serial lines.
+//!
+//! Every boot goes through `scripts/run-qemu.sh` / `scripts/run-bochs.sh`, the same commands a
+//! user runs, so the tests also prove the scripts. A missing emulator is installed by the
+//! scripts (scripts/install-deps.sh), never skipped.
+
+use std::{
+    fmt,
+    path::{Path, PathBuf},
+    process::Command,
+    sync::OnceLock,
+    time::{Duration, Instant},
+};
+
+/// The four machine configurations Vireo is tested on.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Machine {
+    /// QEMU TCG, `-cpu qemu64,+svm,+npt`, SeaBIOS.
+    QemuSvm,
+    /// The same with OVMF (UEFI).
+    QemuSvmUefi,
+    /// Bochs `corei7_skylake_x`: VMX with EPT, VPID, unrestricted guest.
+    BochsVmx,
+    /// Bochs `ryzen`: SVM with NPT and nRIP.
+    BochsSvm,
+}
+
+impl Machine {
+    fn script_args(self) -> Vec<&'static str> {
+        match self {
+            Machine::QemuSvm => vec!["scripts/run-qemu.sh", "--accel", "tcg"],
+            Machine::QemuSvmUefi => vec!["scripts/run-qemu.sh", "--accel", "tcg", "--uefi"],
+            Machine::BochsVmx => vec!["scripts/run-bochs.sh", "--cpu", "vmx"],
+            Machine::BochsSvm => vec!["scripts/run-bochs.sh", "--cpu", "svm"],
+        }
+    }
+
+    fn default_timeout(self) -> u64 {
+        match self {
+            Machine::QemuSvm => 120,
+            Machine::QemuSvmUefi => 240,
+            Machine::BochsVmx | Machine::BochsSvm => 600,
+        }
+    }
+}
+
+pub fn repo_root() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).parent().expect("tests/ lives in the repository").to_path_buf()
+}
+
+/// Which Vireo build a boot uses.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Build {
+    Release,
+    /// `--features test-hooks`: honours the `test.*` command-line keys.
+    TestHooks,
+}
+
+/// Builds the ELF once per test process and returns its path.
+pub fn elf(build: Build) -> PathBuf {
+    static RELEASE: OnceLock<PathBuf> = OnceLock::new();
+    static HOOKS: OnceLock<PathBuf> = OnceLock::new();
+    let (cell, args): (_, &[&str]) = match build {
+        Build::Release => (&RELEASE, &[]),
+        Build::TestHooks => (&HOOKS, &["--features", "test-hooks", "--target-dir", "target/test-hooks"]),
+    };
+    cell.get_or_init(|| {
+        let out = Command::new("scripts/build.sh")
+            .args(args)
+            .current_dir(repo_root())
+            .output()
+            .expect("run scripts/build.sh");
+        let stdout = String::from_utf8_lossy(&out.stdout);
+        assert!(
+            out.status.success(),
+            "scripts/build.sh {args:?} failed:\n{stdout}\n{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        let path = stdout.lines().last().expect("build.sh prints the ELF path").trim();
+        let path = repo_root().join(path);
+        assert!(path.is_file(), "build.sh named {path:?}, which does not exist");
+        path
+    })
+    .clone()
+}
+
+/// One headless boot to run.
+#[derive(Clone, Debug)]
+pub struct Boot {
+    pub machine: Machine,
+    pub build: Build,
+    pub cmdline: String,
+    /// (file, module command line)
+    pub modules: Vec<(PathBuf, String)>,
+    pub timeout: Option<u64>,
+}
+
+impl Boot {
+    pub fn new(machine: Machine) -> Self {
+        Self { machine, build: Build::Release, cmdline: String::new(), modules: Vec::new(), timeout: None }
+    }
+
+    pub fn test_build(mut self) -> Self {
+        self.build = Build::TestHooks;
+        self
+    }
+
+    pub fn cmdline(mut self, cmdline: &str) -> Self {
+        self.cmdline = cmdline.to_string();
+        self
+    }
+
+    pub fn module(mut self, path: impl Into<PathBuf>, cmdline: &str) -> Self {
+        self.modules.push((path.into(), cmdline.to_string()));
+        self
+    }
+
+    pub fn run(&self) -> Outcome {
+        let elf = elf(self.build);
+        let args = self.machine.script_args();
+        let timeout = self.timeout.unwrap_or(self.machine.default_timeout());
+        let mut cmd = Command::new(args[0]);
+        cmd.args(&args[1..]).current_dir(repo_root());
+        cmd.args(["--headless", "--timeout", &timeout.to_string(), "--elf"]).arg(&elf);
+        if !self.cmdline.is_empty() {
+            cmd.args(["--cmdline", &self.cmdline]);
+        }
+        for (path, mcmd) in &self.modules {
+            let spec =
+                if mcmd.is_empty() { path.display().to_string() } else { format!("{}={}", path.display(), mcmd) };
+            cmd.args(["--module", &spec]);
+        }
+        let start = Instant::now();
+        let out = cmd.output().unwrap_or_else(|e| panic!("cannot run {}: {e}", args[0]));
+        let elapsed = start.elapsed();
+        let serial = String::from_utf8_lossy(&out.stdout).replace('\r', "");
+        let outcome = Outcome {
+            boot: self.clone(),
+            code: out.status.code(),
+            serial,
+            stderr: String::from_utf8_lossy(&out.stderr).into_owned(),
+            elapsed,
+        };
+        eprintln!("{:?} booted in {:.1}s, script exit {:?}", self.machine, elapsed.as_secs_f64(), outcome.code);
+        outcome
+    }
+}
+
+/// What a boot printed and how the script ended.
+pub struct Outcome {
+    pub boot: Boot,
+    pub code: Option<i32>,
+    pub serial: String,
+    pub stderr: String,
+    pub elapsed: Duration,
+}
+
+impl fmt::Debug for Outcome {
+    /// The tail of the serial log: what a failed assertion shows.
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let lines: Vec<&str> = self.serial.lines().collect();
+        let tail = &lines[lines.len().saturating_sub(60)..];
+        writeln!(f, "boot {:?} (script exit {:?}, {:.1}s)", self.boot, self.code, self.elapsed.as_secs_f64())?;
+        writeln!(f, "--- serial log tail ---")?;
+        for l in tail {
+            writeln!(f, "{l}")?;
+        }
+        writeln!(f, "--- script stderr ---\n{}", self.stderr)
+    }
+}
+
+impl Outcome {
+    /// The structured lines, without the `vireo: ` prefix.
+    pub fn reports(&self) -> impl Iterator<Item = &str> {
+        self.serial.lines().filter_map(|l| l.trim_end().strip_prefix("vireo: "))
+    }
+
+    /// The first report line starting with `prefix` (e.g. `"cpu "`), or a panic with the log.
+    pub fn line(&self, prefix: &str) -> &str {
+        self.reports().find(|l| l.starts_with(prefix)).unwrap_or_else(|| panic!("no `vireo: {prefix}` line\n{self:?}"))
+    }
+
+    /// All report lines starting with `prefix`.
+    pub fn lines(&self, prefix: &str) -> Vec<&str> {
+        self.reports().filter(|l| l.starts_with(prefix)).collect()
+    }
+
+    /// The value of `key=` in the first line starting with `prefix` (quotes stripped).
+    pub fn field(&self, prefix: &str, key: &str) -> String {
+        field(self.line(prefix), key).unwrap_or_else(|| panic!("no {key}= in `vireo: {prefix}...`\n{self:?}"))
+    }
+
+    pub fn assert_exit_ok(&self) {
+        assert_eq!(self.code, Some(0), "script should succeed\n{self:?}");
+        assert!(self.reports().any(|l| l == "exit status=ok"), "no `vireo: exit status=ok`\n{self:?}");
+    }
+
+    pub fn assert_exit_fail(&self) {
+        assert!(
+            matches!(self.code, Some(c) if c != 0 && c != 124),
+            "script should report failure (not timeout)\n{self:?}"
+        );
+        assert!(self.reports().any(|l| l.starts_with("exit status=fail")), "no `vireo: exit status=fail`\n{self:?}");
+    }
+}
+
+/// The value of `key=` in a report line: `key=value` or `key="quoted value"`.
+pub fn field(line: &str, key: &str) -> Option<String> {
+    let pat = format!("{key}=");
+    let mut search = line;
+    loop {
+        let at = search.find(&pat)?;
+        let before_ok = at == 0 || search.as_bytes()[at - 1] == b' ';
+        let rest = &search[at + pat.len()..];
+        if before_ok {
+            return Some(match rest.strip_prefix('"') {
+                Some(q) => q.split('"').next().unwrap_or("").to_string(),
+                None => rest.split(' ').next().unwrap_or("").to_string(),
+            });
+        }
+        search = rest;
+    }
+}
+
+/// A scratch file for module contents, unique per test.
+pub fn scratch_file(name: &str, contents: &[u8]) -> PathBuf {
+    let dir = repo_root().join("target/e2e-scratch");
+    std::fs::create_dir_all(&dir).expect("create target/e2e-scratch");
+    let path = dir.join(name);
+    std::fs::write(&path, contents).expect("write scratch file");
+    path
+}
+
+#[cfg(test)]
+mod tests {
+    use super::field;
+
+    #[test]
+    fn fields() {
+        let l = r#"cpu vendor=AuthenticAMD brand="QEMU Virtual CPU" nx=1 xnx=7"#;
+        assert_eq!(field(l, "vendor").as_deref(), Some("AuthenticAMD"));
+        assert_eq!(field(l, "brand").as_deref(), Some("QEMU Virtual CPU"));
+        assert_eq!(field(l, "nx").as_deref(), Some("1"));
+        assert_eq!(field(l, "x").as_deref(), None);
+        assert_eq!(field(l, "missing"), None);
+    }
+}
