@@ -13,6 +13,9 @@ pub mod console;
 pub mod mm;
 pub mod platform;
 pub mod start;
+pub mod svm;
+pub mod vmm;
+pub mod vmx;
 
 /// Vireo's version, as printed in the banner.
 pub const VERSION: &str = env!("CARGO_PKG_VERSION");

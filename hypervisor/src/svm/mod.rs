@@ -1,0 +1,1 @@
+//! AMD SVM backend (VMCB, NPT). See vmm::backend for the contract.

@@ -1,0 +1,57 @@
+//! What the vendor-neutral core needs from a hardware backend (`svm::SvmVcpu`,
+//! `vmx::VmxVcpu`). Backends only translate: hardware state to [`Exit`] and back. Every
+//! decision (what a CPUID returns, which MSR faults) is made once, in the core.
+
+use super::{
+    exit::{Event, Exit},
+    regs::GuestRegs,
+    state::{CpuState, SegReg, Segment},
+};
+
+/// A backend's construction or entry error, as readable text.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct BackendError(pub &'static str);
+
+impl core::fmt::Display for BackendError {
+    fn fmt(&self, f: &mut core::fmt::Formatter<'_>) -> core::fmt::Result {
+        f.write_str(self.0)
+    }
+}
+
+/// One virtual CPU on one hardware backend.
+pub trait Backend {
+    /// Loads an architectural starting state (also used for resets).
+    fn load_state(&mut self, state: &CpuState);
+
+    /// Enters the guest with `regs` and runs it until the next exit. On return `regs`
+    /// holds the guest's registers at the exit and any pending event was delivered or is
+    /// still reported by [`Backend::event_pending`].
+    fn run(&mut self, regs: &mut GuestRegs) -> Exit;
+
+    fn rip(&self) -> u64;
+    fn set_rip(&mut self, rip: u64);
+    fn rflags(&self) -> u64;
+    fn set_rflags(&mut self, rflags: u64);
+    fn cr0(&self) -> u64;
+    fn cr3(&self) -> u64;
+    fn cr4(&self) -> u64;
+    fn efer(&self) -> u64;
+    /// Current privilege level (SS.DPL).
+    fn cpl(&self) -> u8;
+    fn segment(&self, seg: SegReg) -> Segment;
+
+    /// Queues `event` for delivery at the next entry (replacing none already queued: the
+    /// core checks [`Backend::event_pending`] first).
+    fn inject(&mut self, event: Event);
+    /// An event is queued and not yet delivered (including one re-queued because its
+    /// delivery was interrupted by an exit, SDM Vol. 3C §28.2.4 / APM §15.7.2 EXITINTINFO).
+    fn event_pending(&self) -> bool;
+    /// The guest would take a maskable interrupt now: RFLAGS.IF = 1 and no STI/MOV SS
+    /// interrupt shadow.
+    fn interruptible(&self) -> bool;
+    /// Asks for an [`super::exit::ExitKind::InterruptWindow`] exit as soon as the guest is
+    /// interruptible (VMX interrupt-window exiting; SVM V_IRQ with VINTR intercept).
+    fn set_interrupt_window(&mut self, enable: bool);
+    /// Bitmap of guest exception vectors that cause an `Exception` exit.
+    fn set_exception_intercepts(&mut self, vectors: u32);
+}

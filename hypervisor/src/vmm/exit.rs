@@ -1,0 +1,191 @@
+//! The one exit type both backends translate their hardware exits into.
+
+use core::fmt;
+
+/// How a hypercall was issued (Vireo accepts both instructions on both vendors).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum HypercallInsn {
+    /// 0F 01 C1 (Intel).
+    Vmcall,
+    /// 0F 01 D9 (AMD).
+    Vmmcall,
+}
+
+/// A port I/O access (IN/OUT/INS/OUTS).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct IoAccess {
+    pub port: u16,
+    /// 1, 2 or 4 bytes.
+    pub size: u8,
+    pub write: bool,
+    /// INS/OUTS.
+    pub string: bool,
+    /// REP prefix.
+    pub rep: bool,
+}
+
+/// A guest-physical access the nested page tables did not allow.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct NptAccess {
+    pub gpa: u64,
+    pub write: bool,
+    pub fetch: bool,
+    /// A translation existed (permission fault) rather than none at all.
+    pub present: bool,
+    /// Guest-linear address, where the hardware reports it.
+    pub gla: Option<u64>,
+}
+
+/// Why the guest stopped.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum ExitKind {
+    Cpuid,
+    /// RDMSR; the MSR number is in guest ECX.
+    Rdmsr,
+    /// WRMSR; MSR in ECX, value in EDX:EAX.
+    Wrmsr,
+    Io(IoAccess),
+    Hypercall(HypercallInsn),
+    Hlt,
+    /// XSETBV; XCR number in ECX, value in EDX:EAX.
+    Xsetbv,
+    NestedPageFault(NptAccess),
+    /// An intercepted guest exception (e.g. #UD, to accept the other vendor's hypercall).
+    Exception { vector: u8, error_code: Option<u32> },
+    /// The guest triple-faulted (SVM SHUTDOWN, VMX triple fault).
+    TripleFault,
+    /// A physical interrupt arrived while the guest ran.
+    ExternalInterrupt,
+    /// The guest became interruptible (requested with `Backend::set_interrupt_window`).
+    InterruptWindow,
+    Nmi,
+    Init,
+    Sipi { vector: u8 },
+    Pause,
+    /// VM entry failed: `reason` is readable text, `code` the hardware's number.
+    EntryFailed { reason: &'static str, code: u64 },
+    /// An exit Vireo does not handle (hardware code in `Exit::raw`).
+    Unhandled,
+}
+
+/// Number of [`ExitKind`] classes (for per-reason statistics).
+pub const EXIT_KINDS: usize = 19;
+
+impl ExitKind {
+    /// Dense index for statistics tables.
+    pub fn index(&self) -> usize {
+        match self {
+            ExitKind::Cpuid => 0,
+            ExitKind::Rdmsr => 1,
+            ExitKind::Wrmsr => 2,
+            ExitKind::Io(_) => 3,
+            ExitKind::Hypercall(_) => 4,
+            ExitKind::Hlt => 5,
+            ExitKind::Xsetbv => 6,
+            ExitKind::NestedPageFault(_) => 7,
+            ExitKind::Exception { .. } => 8,
+            ExitKind::TripleFault => 9,
+            ExitKind::ExternalInterrupt => 10,
+            ExitKind::InterruptWindow => 11,
+            ExitKind::Nmi => 12,
+            ExitKind::Init => 13,
+            ExitKind::Sipi { .. } => 14,
+            ExitKind::Pause => 15,
+            ExitKind::EntryFailed { .. } => 16,
+            ExitKind::Unhandled => 17,
+        }
+    }
+
+    /// Name of a statistics class.
+    pub fn class_name(index: usize) -> &'static str {
+        const NAMES: [&str; EXIT_KINDS] = [
+            "cpuid", "rdmsr", "wrmsr", "io", "hypercall", "hlt", "xsetbv", "npf", "exception", "triple_fault",
+            "external_interrupt", "interrupt_window", "nmi", "init", "sipi", "pause", "entry_failed", "unhandled",
+            "other",
+        ];
+        NAMES.get(index).copied().unwrap_or("other")
+    }
+}
+
+/// One exit, as the core sees it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Exit {
+    pub kind: ExitKind,
+    /// Guest RIP of the instruction that exited (or was interrupted).
+    pub rip: u64,
+    /// RIP after the intercepted instruction: valid for instruction exits (CPUID, RDMSR,
+    /// WRMSR, IN/OUT, VMCALL/VMMCALL, HLT, XSETBV). Backends fill it from the VMX
+    /// instruction-length field, SVM nRIP-save, the IOIO exit's EXITINFO2, or the known
+    /// length of the instruction when the CPU has no nRIP-save (QEMU TCG).
+    pub next_rip: u64,
+    /// The hardware's exit code (VMX basic exit reason, SVM EXITCODE), for reports.
+    pub raw: u64,
+    /// TSC read right after the exit, for the exit statistics.
+    pub tsc: u64,
+}
+
+impl fmt::Display for Exit {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{:?} rip={:#x} raw={:#x}", self.kind, self.rip, self.raw)
+    }
+}
+
+/// An event to deliver to the guest at the next entry.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Event {
+    /// A hardware exception (vector < 32), with its error code where the architecture
+    /// defines one (#DF, #TS, #NP, #SS, #GP, #PF, #AC).
+    Exception { vector: u8, error_code: Option<u32> },
+    /// An external (maskable) interrupt.
+    Interrupt { vector: u8 },
+    Nmi,
+}
+
+pub const VECTOR_DE: u8 = 0;
+pub const VECTOR_DB: u8 = 1;
+pub const VECTOR_BP: u8 = 3;
+pub const VECTOR_UD: u8 = 6;
+pub const VECTOR_DF: u8 = 8;
+pub const VECTOR_GP: u8 = 13;
+pub const VECTOR_PF: u8 = 14;
+pub const VECTOR_AC: u8 = 17;
+pub const VECTOR_MC: u8 = 18;
+
+impl Event {
+    /// #GP(0), the answer to an unknown MSR.
+    pub const GP0: Event = Event::Exception { vector: VECTOR_GP, error_code: Some(0) };
+    pub const UD: Event = Event::Exception { vector: VECTOR_UD, error_code: None };
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn indices_are_dense_and_named() {
+        let kinds = [
+            ExitKind::Cpuid,
+            ExitKind::Rdmsr,
+            ExitKind::Wrmsr,
+            ExitKind::Io(IoAccess { port: 0, size: 1, write: false, string: false, rep: false }),
+            ExitKind::Hypercall(HypercallInsn::Vmcall),
+            ExitKind::Hlt,
+            ExitKind::Xsetbv,
+            ExitKind::NestedPageFault(NptAccess { gpa: 0, write: false, fetch: false, present: false, gla: None }),
+            ExitKind::Exception { vector: 6, error_code: None },
+            ExitKind::TripleFault,
+            ExitKind::ExternalInterrupt,
+            ExitKind::InterruptWindow,
+            ExitKind::Nmi,
+            ExitKind::Init,
+            ExitKind::Sipi { vector: 0 },
+            ExitKind::Pause,
+            ExitKind::EntryFailed { reason: "", code: 0 },
+            ExitKind::Unhandled,
+        ];
+        for (i, k) in kinds.iter().enumerate() {
+            assert_eq!(k.index(), i);
+            assert_ne!(ExitKind::class_name(i), "other");
+        }
+    }
+}

@@ -1,0 +1,12 @@
+//! The vendor-neutral virtual-machine monitor: guest state, the exit type, the backend
+//! interface, and (in `vcpu`) the one run loop and exit dispatch both vendors share.
+
+pub mod backend;
+pub mod exit;
+pub mod regs;
+pub mod state;
+
+pub use backend::{Backend, BackendError};
+pub use exit::{Event, Exit, ExitKind};
+pub use regs::GuestRegs;
+pub use state::CpuState;

@@ -1,0 +1,1 @@
+//! Intel VMX backend (VMCS, EPT). See vmm::backend for the contract.
