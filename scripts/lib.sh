@@ -119,14 +119,16 @@ RUN_CMDLINE_SET=0
 
 RUN_COMMON_HELP='Common options:
   --headless            no terminal interaction: stdin from /dev/null, the serial log streamed
-                        to stdout, exit=EMU appended to the hypervisor command line, the
-                        emulator killed after --timeout seconds. Exit status: 0 only if the
+                        to stdout (carriage returns and terminal escapes removed), exit=EMU
+                        appended to the hypervisor command line (unless it has an exit= key),
+                        the emulator killed after --timeout seconds. Exit status: 0 only if the
                         serial log has the line "vireo: exit status=ok"; 124 on timeout;
                         1 otherwise (the last 40 serial lines go to stderr).
   --timeout SECONDS     kill the emulator after SECONDS (headless default: DEFAULT_TIMEOUT;
                         interactive default: none)
   --cmdline "ARGS"      the hypervisor command line (the rest of the GRUB multiboot2 line);
-                        words are split on blanks and passed literally
+                        words are split on blanks and passed literally, except that GRUB
+                        puts a backslash before each quote and backslash
   --module PATH[=ARGS]  add a multiboot2 module (copied to /boot/modules/ in the ISO) with
                         module command line ARGS; repeatable, order kept
   --test-build          build with --features test-hooks (into target/test-hooks)
@@ -136,7 +138,8 @@ RUN_COMMON_HELP='Common options:
   --mem MIB             guest memory in MiB (default 512)
   --log FILE            also keep the serial log in FILE (written when the run ends)
   -h, --help            this text
-  -- ARGS...            pass ARGS to the emulator as they are'
+  -- ARGS...            pass ARGS to the emulator as they are
+Environment: VIREO_KEEP_WORK=1 keeps the work directory of the run (ISO, logs, bochsrc).'
 
 # run_parse_common ARGS...: parses one common option. Sets RUN_SHIFT to how many words it
 # took; 0 if the option is not a common one.

@@ -22,6 +22,7 @@ Bochs options:
   --cpu vmx|svm         vmx (default): cpu model corei7_skylake_x (VMX with EPT, VPID,
                         unrestricted guest); svm: cpu model ryzen (SVM with nested paging,
                         nRIP save, flush-by-ASID)
+
 $(printf '%s\n' "$RUN_COMMON_HELP" | sed "s/DEFAULT_TIMEOUT/$RUN_TIMEOUT_DEFAULT/; s/exit=EMU/exit=bochs/; s/pass ARGS to the emulator as they are/more bochsrc lines for Bochs's command line, e.g. 'cpuid: x2apic=0'/")
 
 Bochs always exits with status 1, so in headless mode the verdict is the serial log's alone.

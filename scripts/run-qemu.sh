@@ -17,7 +17,7 @@ Usage: scripts/run-qemu.sh [OPTIONS] [-- QEMU ARGS...]
 Installs what is missing, builds Vireo (scripts/build.sh), makes a GRUB ISO
 (scripts/mkiso.sh) and boots it in qemu-system-x86_64 with
   -accel tcg -cpu qemu64,+svm,+npt -m MEM -no-reboot -nic none
-  -device isa-debug-exit,iobase=0xf4,iosize=0x04 -cdrom ISO
+  -device isa-debug-exit,iobase=0xf4,iosize=0x04 -cdrom ISO (as -drive, for odd paths)
 Interactive by default: the serial console (multiplexed with QEMU's monitor, Ctrl-A X quits,
 Ctrl-A C switches) is on the terminal.
 
@@ -29,6 +29,7 @@ QEMU options:
                         /dev/kvm is usable and nested virtualization is not switched off;
                         tcg otherwise. /dev/kvm alone proves nothing (it can belong to a
                         module that runs no ordinary guest).
+
 $(printf '%s\n' "$RUN_COMMON_HELP" | sed "s/DEFAULT_TIMEOUT/$RUN_TIMEOUT_DEFAULT/; s/exit=EMU/exit=qemu/")
 
 In headless mode success also needs QEMU's own exit status to be 1 (Vireo wrote 0 to the
@@ -104,7 +105,7 @@ qemu_path() {
 # add one after -- if a test needs it.
 QEMU=(qemu-system-x86_64 "${ACCEL_ARGS[@]}" -m "$RUN_MEM" -no-reboot -nic none
       -device "isa-debug-exit,iobase=0xf4,iosize=0x04"
-      -cdrom "$(qemu_path "$RUN_ISO_PATH")")
+      -drive "file=$(qemu_path "$RUN_ISO_PATH"),index=2,media=cdrom,if=ide")
 if [[ "$UEFI" == 1 ]]; then
     [[ -f "$OVMF" ]] || die "missing $OVMF (scripts/install-deps.sh qemu)"
     # -bios maps the firmware read-only: nothing of it is written, no copy needed.
@@ -116,7 +117,8 @@ FW=BIOS
 note "booting with QEMU ($FW, ${ACCEL_ARGS[*]}, ${RUN_MEM} MiB)${RUN_TIMEOUT:+, timeout $RUN_TIMEOUT s}"
 
 if [[ "$RUN_HEADLESS" == 1 ]]; then
-    QEMU+=(-display none -monitor none -parallel none -serial "file:$(qemu_path "$RUN_SERIAL")")
+    QEMU+=(-display none -monitor none -parallel none
+           -chardev "file,id=ser0,path=$(qemu_path "$RUN_SERIAL")" -serial chardev:ser0)
     RUN_EMU_START="$(now)"
     set +e
     timeout -k 5 "$RUN_TIMEOUT" "${QEMU[@]}" ${RUN_EXTRA[@]+"${RUN_EXTRA[@]}"} \

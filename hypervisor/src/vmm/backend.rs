@@ -36,6 +36,10 @@ pub trait Backend {
     fn cr3(&self) -> u64;
     fn cr4(&self) -> u64;
     fn efer(&self) -> u64;
+    /// Sets the guest-visible EFER (already validated by the core). The backend adds what
+    /// its hardware needs (SVM: EFER.SVME in the VMCB copy) and keeps it hidden from
+    /// [`Backend::efer`]; VMX updates the "IA-32e mode guest" entry control from LMA.
+    fn set_efer(&mut self, efer: u64);
     /// Current privilege level (SS.DPL).
     fn cpl(&self) -> u8;
     fn segment(&self, seg: SegReg) -> Segment;

@@ -66,6 +66,10 @@ pub enum ExitKind {
     EntryFailed { reason: &'static str, code: u64 },
     /// An exit Vireo does not handle (hardware code in `Exit::raw`).
     Unhandled,
+    /// A control-register access the backend already emulated in full (VMX CR0/CR4
+    /// guest/host-mask exits): an artifact of the hardware, reported only to be counted.
+    /// `next_rip` is already applied; the core does nothing else.
+    ControlRegister,
 }
 
 /// Number of [`ExitKind`] classes (for per-reason statistics).
@@ -93,6 +97,7 @@ impl ExitKind {
             ExitKind::Pause => 15,
             ExitKind::EntryFailed { .. } => 16,
             ExitKind::Unhandled => 17,
+            ExitKind::ControlRegister => 18,
         }
     }
 
@@ -101,7 +106,7 @@ impl ExitKind {
         const NAMES: [&str; EXIT_KINDS] = [
             "cpuid", "rdmsr", "wrmsr", "io", "hypercall", "hlt", "xsetbv", "npf", "exception", "triple_fault",
             "external_interrupt", "interrupt_window", "nmi", "init", "sipi", "pause", "entry_failed", "unhandled",
-            "other",
+            "cr_access",
         ];
         NAMES.get(index).copied().unwrap_or("other")
     }
@@ -182,6 +187,7 @@ mod tests {
             ExitKind::Pause,
             ExitKind::EntryFailed { reason: "", code: 0 },
             ExitKind::Unhandled,
+            ExitKind::ControlRegister,
         ];
         for (i, k) in kinds.iter().enumerate() {
             assert_eq!(k.index(), i);
