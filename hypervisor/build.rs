@@ -3,7 +3,7 @@ use std::{env, path::PathBuf};
 
 fn main() {
     let boot = PathBuf::from(env::var("CARGO_MANIFEST_DIR").unwrap()).join("../boot");
-    for f in ["linker.ld", "entry.S", "exceptions.S"] {
+    for f in ["linker.ld", "entry.S"] {
         println!("cargo:rerun-if-changed={}", boot.join(f).display());
     }
     if env::var("CARGO_CFG_TARGET_OS").as_deref() == Ok("none") {

@@ -35,7 +35,7 @@ set -e
 
 echo
 echo "===== summary ====="
-grep -E '^[[:space:]]*Running |^test result:' "$OUTPUT" | sed 's/^[[:space:]]*//' || true
+grep -E '^[[:space:]]*(Running|Doc-tests) |^test result:' "$OUTPUT" | sed 's/^[[:space:]]*//' || true
 if [[ "$rc" == 0 ]]; then
     echo "test.sh: cargo test passed in $(elapsed "$T0") s"
 else

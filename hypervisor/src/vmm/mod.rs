@@ -3,8 +3,10 @@
 
 pub mod backend;
 pub mod exit;
+pub mod guest_mem;
 pub mod regs;
 pub mod state;
+pub mod walk;
 
 pub use backend::{Backend, BackendError};
 pub use exit::{Event, Exit, ExitKind};
