@@ -109,6 +109,7 @@ RUN_HEADLESS=0
 RUN_TIMEOUT=""
 RUN_CMDLINE=""
 RUN_MODULES=()
+RUN_GUESTS=()
 RUN_TEST_BUILD=0
 RUN_ELF=""
 RUN_ISO=""
@@ -131,6 +132,10 @@ RUN_COMMON_HELP='Common options:
                         puts a backslash before each quote and backslash
   --module PATH[=ARGS]  add a multiboot2 module (copied to /boot/modules/ in the ISO) with
                         module command line ARGS; repeatable, order kept
+  --guest NAME[=ARGS]   build the guest in guests/NAME (crate vireo-NAME) and add it as a
+                        module with command line ARGS (default: NAME), i.e. a VM named by
+                        the first word of ARGS; e.g. --guest selftest,
+                        --guest "selftest=crasher mode=triple-fault"; repeatable
   --test-build          build with --features test-hooks (into target/test-hooks)
   --elf PATH            do not build; boot this multiboot2 ELF
   --iso PATH            do not build or make an ISO; boot this one (its grub.cfg is used as it
@@ -157,6 +162,9 @@ run_parse_common() {
         --module)
             need_arg "$1" "$#"
             RUN_MODULES+=("$2"); RUN_SHIFT=2 ;;
+        --guest)
+            need_arg "$1" "$#"
+            RUN_GUESTS+=("$2"); RUN_SHIFT=2 ;;
         --test-build) RUN_TEST_BUILD=1 ;;
         --elf)
             need_arg "$1" "$#"
@@ -181,7 +189,7 @@ run_check_common() {
         [[ -f "$RUN_ISO" ]] || die "--iso: no such file: $RUN_ISO"
         [[ -z "$RUN_ELF" ]] || usage_error "--iso and --elf exclude each other"
         [[ "$RUN_TEST_BUILD" == 0 ]] || usage_error "--iso and --test-build exclude each other"
-        [[ "$RUN_CMDLINE_SET" == 0 && ${#RUN_MODULES[@]} -eq 0 ]] ||
+        [[ "$RUN_CMDLINE_SET" == 0 && ${#RUN_MODULES[@]} -eq 0 && ${#RUN_GUESTS[@]} -eq 0 ]] ||
             usage_error "--cmdline and --module do not apply to a ready-made --iso"
         if [[ "$RUN_HEADLESS" == 1 ]]; then
             note "note: --iso is booted as it is; unless its cmdline has exit=$RUN_EXIT_KEY the run ends only at the timeout"
@@ -191,7 +199,10 @@ run_check_common() {
         [[ -f "$RUN_ELF" ]] || die "--elf: no such file: $RUN_ELF"
         [[ "$RUN_TEST_BUILD" == 0 ]] || usage_error "--elf and --test-build exclude each other"
     fi
-    local m path
+    local m path g
+    for g in ${RUN_GUESTS[@]+"${RUN_GUESTS[@]}"}; do
+        [[ -f "$VIREO_ROOT/guests/${g%%=*}/Cargo.toml" ]] || die "--guest: no guest crate guests/${g%%=*}"
+    done
     for m in ${RUN_MODULES[@]+"${RUN_MODULES[@]}"}; do
         path="${m%%=*}"
         [[ -f "$(abspath "$path")" ]] || die "--module: no such file: $path"
@@ -278,15 +289,32 @@ run_prepare_iso() {
         RUN_FULL_CMDLINE="${RUN_FULL_CMDLINE:+$RUN_FULL_CMDLINE }exit=$RUN_EXIT_KEY"
     fi
 
-    local margs=() m
+    local margs=() m g name gargs gelf
     for m in ${RUN_MODULES[@]+"${RUN_MODULES[@]}"}; do
         margs+=(--module "$(abspath "$m")")
+    done
+    for g in ${RUN_GUESTS[@]+"${RUN_GUESTS[@]}"}; do
+        name="${g%%=*}"
+        gargs="$name"
+        [[ "$g" != *=* ]] || gargs="${g#*=}"
+        gelf="$(run_build_guest "$name")"
+        margs+=(--module "$gelf=$gargs")
     done
     RUN_ISO_PATH="$RUN_WORK/vireo.iso"
     t0="$(now)"
     "$VIREO_ROOT/scripts/mkiso.sh" --quiet --elf "$elf" --out "$RUN_ISO_PATH" \
         --cmdline "$RUN_FULL_CMDLINE" ${margs[@]+"${margs[@]}"}
     note "made ISO in $(elapsed "$t0") s; hypervisor cmdline: '$RUN_FULL_CMDLINE'"
+}
+
+# run_build_guest NAME: builds guests/NAME for the bare-metal target; prints the ELF's path.
+run_build_guest() {
+    local name="$1" t0
+    t0="$(now)"
+    (cd "$VIREO_ROOT" && cargo build --release -q -p "vireo-$name" --target x86_64-unknown-none) >&2 ||
+        die "building guest $name failed"
+    note "built guest $name in $(elapsed "$t0") s"
+    echo "$VIREO_ROOT/target/x86_64-unknown-none/release/vireo-$name"
 }
 
 # run_verdict EMULATOR_RC OK_RC: the headless exit status. EMULATOR_RC 124/137 is a timeout.

@@ -38,6 +38,12 @@ pub const CONSOLE_WRITE_MAX: u64 = 4096;
 pub const TEST_DEVICE_PORT: u16 = 0x5649;
 pub const TEST_DEVICE_XOR: u32 = 0x5649_5649;
 
+/// The self-test interrupt source: a 32-bit write of `vector | (delay << 8)` makes Vireo
+/// raise external interrupt `vector` (>= 32) once the guest is interruptible, after
+/// `delay * TEST_IRQ_DELAY_UNIT` TSC ticks (0 = now). A halted vCPU is woken by it.
+pub const TEST_IRQ_PORT: u16 = 0x564A;
+pub const TEST_IRQ_DELAY_UNIT: u64 = 1024;
+
 /// Error numbers, returned negated in RAX (values follow Linux/KVM where they exist).
 pub mod errno {
     pub const EPERM: i64 = 1;

@@ -10,6 +10,8 @@ extern crate alloc;
 pub mod arch;
 pub mod bootinfo;
 pub mod console;
+pub mod devices;
+pub mod guest;
 pub mod mm;
 pub mod platform;
 pub mod start;

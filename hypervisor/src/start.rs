@@ -14,7 +14,12 @@ use crate::{
         FrameAllocator, MapFlags, PhysRange,
     },
     platform::exit,
-    report, TEST_HOOKS, VERSION,
+    report,
+    vmm::{
+        launch::{self, Hardware, TagAllocator},
+        spec,
+    },
+    TEST_HOOKS, VERSION,
 };
 
 /// Most ranges the frame allocator must keep out (image, boot information, modules).
@@ -154,7 +159,43 @@ pub fn kernel_main(magic: u32, mbi_addr: u32) -> ! {
     if let Some(fault) = config.test_fault {
         provoke(fault);
     }
+    arch::fpu::init();
+    let hardware = match Hardware::enable(&cpu.virt, &mut frames) {
+        Ok(hw) => {
+            report!("virt enabled backend={}", hw.name());
+            Some(hw)
+        }
+        Err(e) => {
+            report!("virt unavailable reason=\"{e}\"");
+            None
+        }
+    };
     report!("ready");
+
+    static RUNNING: &str = "running a guest";
+    static IDLE: &str = "between guests";
+    let mut tags = TagAllocator::default();
+    for m in info.modules() {
+        let spec = match spec::parse(m.cmdline) {
+            Ok(spec) => spec,
+            Err(e) => {
+                report!("vm module={} not started reason=\"{e}\"", m.index);
+                continue;
+            }
+        };
+        let Some(hw) = &hardware else {
+            report!("vm name={} not started reason=\"no usable virtualization hardware\"", spec.name);
+            continue;
+        };
+        // SAFETY: the module was validated to lie in available RAM, is reserved from the
+        // frame allocator, and is identity-mapped read/write by Vireo's page tables.
+        let image = unsafe { core::slice::from_raw_parts(m.range.start as *const u8, m.range.len() as usize) };
+        arch::idt::set_context(&RUNNING);
+        if let Err(e) = launch::run_guest(hw, &mut frames, &mut tags, &spec, image) {
+            report!("vm name={} not started reason=\"{e}\"", spec.name);
+        }
+        arch::idt::set_context(&IDLE);
+    }
     report!("nothing to run");
     exit::success()
 }

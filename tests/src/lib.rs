@@ -93,12 +93,21 @@ pub struct Boot {
     pub cmdline: String,
     /// (file, module command line)
     pub modules: Vec<(PathBuf, String)>,
+    /// `--guest` specs: `NAME[=MODULE CMDLINE]`.
+    pub guests: Vec<String>,
     pub timeout: Option<u64>,
 }
 
 impl Boot {
     pub fn new(machine: Machine) -> Self {
-        Self { machine, build: Build::Release, cmdline: String::new(), modules: Vec::new(), timeout: None }
+        Self {
+            machine,
+            build: Build::Release,
+            cmdline: String::new(),
+            modules: Vec::new(),
+            guests: Vec::new(),
+            timeout: None,
+        }
     }
 
     pub fn test_build(mut self) -> Self {
@@ -116,6 +125,12 @@ impl Boot {
         self
     }
 
+    /// Adds a guest built from guests/NAME: `spec` is `NAME` or `NAME=MODULE CMDLINE`.
+    pub fn guest(mut self, spec: &str) -> Self {
+        self.guests.push(spec.to_string());
+        self
+    }
+
     pub fn run(&self) -> Outcome {
         let elf = elf(self.build);
         let args = self.machine.script_args();
@@ -130,6 +145,9 @@ impl Boot {
             let spec =
                 if mcmd.is_empty() { path.display().to_string() } else { format!("{}={}", path.display(), mcmd) };
             cmd.args(["--module", &spec]);
+        }
+        for g in &self.guests {
+            cmd.args(["--guest", g]);
         }
         let start = Instant::now();
         let out = cmd.output().unwrap_or_else(|e| panic!("cannot run {}: {e}", args[0]));
@@ -174,6 +192,12 @@ impl Outcome {
     /// The structured lines, without the `vireo: ` prefix.
     pub fn reports(&self) -> impl Iterator<Item = &str> {
         self.serial.lines().filter_map(|l| l.trim_end().strip_prefix("vireo: "))
+    }
+
+    /// Lines a VM printed on its console (`[name] text`), without the prefix.
+    pub fn guest_lines(&self, vm: &str) -> Vec<&str> {
+        let prefix = format!("[{vm}] ");
+        self.serial.lines().filter_map(|l| l.trim_end().strip_prefix(prefix.as_str())).collect()
     }
 
     /// The first report line starting with `prefix` (e.g. `"cpu "`), or a panic with the log.

@@ -3,6 +3,7 @@
 //! Privileged instructions are wrapped here, once, so `unsafe` stays in this folder.
 
 pub mod cpu;
+pub mod fpu;
 pub mod gdt;
 pub mod idt;
 pub mod msr;

@@ -51,7 +51,10 @@ pub enum ExitKind {
     Xsetbv,
     NestedPageFault(NptAccess),
     /// An intercepted guest exception (e.g. #UD, to accept the other vendor's hypercall).
-    Exception { vector: u8, error_code: Option<u32> },
+    Exception {
+        vector: u8,
+        error_code: Option<u32>,
+    },
     /// The guest triple-faulted (SVM SHUTDOWN, VMX triple fault).
     TripleFault,
     /// A physical interrupt arrived while the guest ran.
@@ -60,10 +63,15 @@ pub enum ExitKind {
     InterruptWindow,
     Nmi,
     Init,
-    Sipi { vector: u8 },
+    Sipi {
+        vector: u8,
+    },
     Pause,
     /// VM entry failed: `reason` is readable text, `code` the hardware's number.
-    EntryFailed { reason: &'static str, code: u64 },
+    EntryFailed {
+        reason: &'static str,
+        code: u64,
+    },
     /// An exit Vireo does not handle (hardware code in `Exit::raw`).
     Unhandled,
     /// A control-register access the backend already emulated in full (VMX CR0/CR4
@@ -104,8 +112,24 @@ impl ExitKind {
     /// Name of a statistics class.
     pub fn class_name(index: usize) -> &'static str {
         const NAMES: [&str; EXIT_KINDS] = [
-            "cpuid", "rdmsr", "wrmsr", "io", "hypercall", "hlt", "xsetbv", "npf", "exception", "triple_fault",
-            "external_interrupt", "interrupt_window", "nmi", "init", "sipi", "pause", "entry_failed", "unhandled",
+            "cpuid",
+            "rdmsr",
+            "wrmsr",
+            "io",
+            "hypercall",
+            "hlt",
+            "xsetbv",
+            "npf",
+            "exception",
+            "triple_fault",
+            "external_interrupt",
+            "interrupt_window",
+            "nmi",
+            "init",
+            "sipi",
+            "pause",
+            "entry_failed",
+            "unhandled",
             "cr_access",
         ];
         NAMES.get(index).copied().unwrap_or("other")
@@ -140,9 +164,14 @@ impl fmt::Display for Exit {
 pub enum Event {
     /// A hardware exception (vector < 32), with its error code where the architecture
     /// defines one (#DF, #TS, #NP, #SS, #GP, #PF, #AC).
-    Exception { vector: u8, error_code: Option<u32> },
+    Exception {
+        vector: u8,
+        error_code: Option<u32>,
+    },
     /// An external (maskable) interrupt.
-    Interrupt { vector: u8 },
+    Interrupt {
+        vector: u8,
+    },
     Nmi,
 }
 

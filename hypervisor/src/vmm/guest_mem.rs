@@ -28,7 +28,10 @@ enum Tables {
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum GuestMemError {
     /// `[gpa, gpa + len)` is not inside guest RAM.
-    OutOfRange { gpa: u64, len: u64 },
+    OutOfRange {
+        gpa: u64,
+        len: u64,
+    },
     Frames(FrameError),
     Map(MapError),
 }
@@ -36,7 +39,9 @@ pub enum GuestMemError {
 impl fmt::Display for GuestMemError {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match self {
-            GuestMemError::OutOfRange { gpa, len } => write!(f, "guest-physical {gpa:#x}+{len:#x} is outside guest RAM"),
+            GuestMemError::OutOfRange { gpa, len } => {
+                write!(f, "guest-physical {gpa:#x}+{len:#x} is outside guest RAM")
+            }
             GuestMemError::Frames(e) => write!(f, "host memory: {e}"),
             GuestMemError::Map(e) => write!(f, "nested page tables: {e}"),
         }

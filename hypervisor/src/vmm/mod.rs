@@ -2,10 +2,18 @@
 //! interface, and (in `vcpu`) the one run loop and exit dispatch both vendors share.
 
 pub mod backend;
+pub mod cpuid;
 pub mod exit;
 pub mod guest_mem;
+pub mod hypercall;
+pub mod launch;
+pub mod mmio;
+pub mod msr;
 pub mod regs;
+pub mod spec;
 pub mod state;
+pub mod stats;
+pub mod vm;
 pub mod walk;
 
 pub use backend::{Backend, BackendError};

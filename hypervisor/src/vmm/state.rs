@@ -128,7 +128,11 @@ impl CpuState {
             base: 0,
             limit: 0xFFFF_FFFF,
             attr: SegAttr(
-                SegAttr::TYPE_CODE_RX_ACCESSED | SegAttr::S_CODE_DATA | SegAttr::PRESENT | SegAttr::LONG | SegAttr::GRANULARITY,
+                SegAttr::TYPE_CODE_RX_ACCESSED
+                    | SegAttr::S_CODE_DATA
+                    | SegAttr::PRESENT
+                    | SegAttr::LONG
+                    | SegAttr::GRANULARITY,
             ),
             unusable: false,
         };
@@ -137,7 +141,11 @@ impl CpuState {
             base: 0,
             limit: 0xFFFF_FFFF,
             attr: SegAttr(
-                SegAttr::TYPE_DATA_RW_ACCESSED | SegAttr::S_CODE_DATA | SegAttr::PRESENT | SegAttr::DB | SegAttr::GRANULARITY,
+                SegAttr::TYPE_DATA_RW_ACCESSED
+                    | SegAttr::S_CODE_DATA
+                    | SegAttr::PRESENT
+                    | SegAttr::DB
+                    | SegAttr::GRANULARITY,
             ),
             unusable: false,
         };
@@ -150,7 +158,13 @@ impl CpuState {
             attr: SegAttr(SegAttr::TYPE_TSS_BUSY | SegAttr::PRESENT),
             unusable: false,
         };
-        let ldtr = Segment { selector: 0, base: 0, limit: 0, attr: SegAttr(SegAttr::TYPE_LDT | SegAttr::PRESENT), unusable: true };
+        let ldtr = Segment {
+            selector: 0,
+            base: 0,
+            limit: 0,
+            attr: SegAttr(SegAttr::TYPE_LDT | SegAttr::PRESENT),
+            unusable: true,
+        };
         Self {
             rip,
             rsp,
@@ -181,7 +195,13 @@ mod tests {
 
     #[test]
     fn attr_conversions() {
-        let code = SegAttr(SegAttr::TYPE_CODE_RX_ACCESSED | SegAttr::S_CODE_DATA | SegAttr::PRESENT | SegAttr::LONG | SegAttr::GRANULARITY);
+        let code = SegAttr(
+            SegAttr::TYPE_CODE_RX_ACCESSED
+                | SegAttr::S_CODE_DATA
+                | SegAttr::PRESENT
+                | SegAttr::LONG
+                | SegAttr::GRANULARITY,
+        );
         assert_eq!(code.0, 0xA9B);
         assert_eq!(code.to_vmx(false), 0xA09B);
         assert_eq!(SegAttr::from_vmx(0xA09B), code);

@@ -1,0 +1,110 @@
+//! Vireo's self-test guest. Vireo starts it in 64-bit mode with RDI = RAM size and
+//! RSI = guest-physical address of its module command line (NUL-terminated). Modes:
+//! - (default) run every check, print `selftest: <check> ok|FAIL ...` lines and the summary
+//!   `selftest: N passed, M failed`, then end the VM with status M;
+//! - `bench=N`: N hypercall round trips, timed with the TSC;
+//! - `mode=triple-fault`: fault with no usable IDT, which triple-faults.
+#![cfg_attr(target_os = "none", no_std, no_main)]
+
+#[cfg(target_os = "none")]
+mod checks;
+#[cfg(target_os = "none")]
+mod console;
+#[cfg(target_os = "none")]
+mod traps;
+
+#[cfg(target_os = "none")]
+mod guest {
+    use core::fmt::Write;
+
+    use guest_abi::hypercall::{self, nr, Instruction};
+
+    use crate::{console::Console, traps};
+
+    core::arch::global_asm!(
+        ".section .text.entry, \"ax\"",
+        ".global _start",
+        "_start:",
+        "and rsp, -16",
+        "call selftest_main",
+        "2: hlt",
+        "jmp 2b",
+    );
+
+    /// The native hypercall instruction, from Vireo's version leaf (read once).
+    pub fn native() -> Instruction {
+        use core::sync::atomic::{AtomicU8, Ordering};
+        static NATIVE: AtomicU8 = AtomicU8::new(0);
+        let known = NATIVE.load(Ordering::Relaxed);
+        let hint = if known != 0 {
+            known as u32
+        } else {
+            let ecx = core::arch::x86_64::__cpuid(guest_abi::cpuid::LEAF_VERSION).ecx;
+            NATIVE.store(ecx as u8, Ordering::Relaxed);
+            ecx
+        };
+        if hint == guest_abi::cpuid::HYPERCALL_INSN_VMMCALL {
+            Instruction::Vmmcall
+        } else {
+            Instruction::Vmcall
+        }
+    }
+
+    pub fn call(nr: u64, args: [u64; 4]) -> i64 {
+        // SAFETY: we run in a Vireo guest at CPL 0; buffers passed are our own.
+        unsafe { hypercall::call(native(), nr, args) }
+    }
+
+    /// Ends the VM with `status`.
+    pub fn exit(status: u64) -> ! {
+        call(nr::VM_EXIT, [status, 0, 0, 0]);
+        loop {
+            // SAFETY: halting forever is all that is left.
+            unsafe { core::arch::asm!("cli", "hlt") };
+        }
+    }
+
+    #[no_mangle]
+    extern "C" fn selftest_main(ram: u64, cmdline: *const u8) -> ! {
+        // SAFETY: Vireo passes a NUL-terminated string inside our RAM (or null).
+        let args = unsafe { cstr(cmdline) };
+        let mut out = Console;
+        if args.split_whitespace().any(|a| a == "mode=triple-fault") {
+            let _ = writeln!(out, "selftest: about to triple-fault on purpose");
+            traps::triple_fault();
+        }
+        traps::install();
+        if let Some(n) = args.split_whitespace().find_map(|a| a.strip_prefix("bench=")) {
+            let n: u64 = n.parse().unwrap_or(100_000);
+            crate::checks::bench(n);
+            exit(0);
+        }
+        let failed = crate::checks::run_all(ram);
+        exit(failed as u64)
+    }
+
+    unsafe fn cstr(p: *const u8) -> &'static str {
+        if p.is_null() {
+            return "";
+        }
+        let mut len = 0;
+        // SAFETY: per caller, NUL-terminated; bounded at 255 bytes regardless.
+        while len < 255 && unsafe { *p.add(len) } != 0 {
+            len += 1;
+        }
+        // SAFETY: `len` bytes were just read.
+        core::str::from_utf8(unsafe { core::slice::from_raw_parts(p, len) }).unwrap_or("")
+    }
+
+    #[panic_handler]
+    fn panic(info: &core::panic::PanicInfo<'_>) -> ! {
+        let _ = writeln!(Console, "selftest: panic {info}");
+        exit(100)
+    }
+}
+
+#[cfg(not(target_os = "none"))]
+fn main() {
+    eprintln!("vireo-selftest is a guest kernel: build it with --target x86_64-unknown-none");
+    std::process::exit(1);
+}

@@ -1,0 +1,79 @@
+//! A VM's console: bytes from the guest (debug port 0xE9, the console hypercall) are
+//! collected into lines and printed on Vireo's serial port prefixed with the VM's name.
+
+use core::fmt::Write;
+
+const LINE_MAX: usize = 160;
+
+pub struct GuestConsole {
+    line: [u8; LINE_MAX],
+    len: usize,
+}
+
+impl Default for GuestConsole {
+    fn default() -> Self {
+        Self { line: [0; LINE_MAX], len: 0 }
+    }
+}
+
+impl GuestConsole {
+    /// Adds guest bytes; complete lines (and over-long ones) go to `out(line)`.
+    pub fn push(&mut self, bytes: &[u8], out: &mut dyn FnMut(&str)) {
+        for &b in bytes {
+            match b {
+                b'\n' => self.flush(out),
+                b'\r' => {}
+                // Printable ASCII and tab; anything else (escape sequences from a hostile
+                // guest) becomes '?', so the guest cannot forge Vireo's own lines.
+                0x20..=0x7E | b'\t' => {
+                    if self.len == LINE_MAX {
+                        self.flush(out);
+                    }
+                    self.line[self.len] = b;
+                    self.len += 1;
+                }
+                _ => {
+                    if self.len == LINE_MAX {
+                        self.flush(out);
+                    }
+                    self.line[self.len] = b'?';
+                    self.len += 1;
+                }
+            }
+        }
+    }
+
+    /// Emits a partial line, if any.
+    pub fn flush(&mut self, out: &mut dyn FnMut(&str)) {
+        if self.len > 0 {
+            out(core::str::from_utf8(&self.line[..self.len]).unwrap_or("?"));
+            self.len = 0;
+        }
+    }
+}
+
+/// Prints one guest line on Vireo's console: `[name] text`.
+pub fn print_line(vm: &str, line: &str) {
+    crate::console::serial::with_console(|c| {
+        let _ = write!(c, "[{vm}] {line}\r\n");
+    });
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn lines_and_sanitising() {
+        let mut c = GuestConsole::default();
+        let mut lines = Vec::new();
+        c.push(b"hello\r\nwor", &mut |l| lines.push(l.to_string()));
+        c.push(b"ld\n\x1b[2Jvireo: fake\n", &mut |l| lines.push(l.to_string()));
+        assert_eq!(lines, ["hello", "world", "?[2Jvireo: fake"]);
+        let long = vec![b'x'; LINE_MAX + 5];
+        c.push(&long, &mut |l| lines.push(l.to_string()));
+        c.flush(&mut |l| lines.push(l.to_string()));
+        assert_eq!(lines[3].len(), LINE_MAX);
+        assert_eq!(lines[4].len(), 5);
+    }
+}

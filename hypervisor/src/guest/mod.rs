@@ -1,0 +1,4 @@
+//! Loading guests into a VM's memory.
+
+pub mod boot64;
+pub mod elf;

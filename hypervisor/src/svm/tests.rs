@@ -1,0 +1,370 @@
+//! Host tests of the vCPU: frames come from host memory (the tests' "physical" addresses
+//! are host addresses, identity-mapped like Vireo's) and `run` goes through the simulated
+//! world switch of `run::sim`.
+
+use super::{
+    bitmap::{self, IOPM_SIZE, MSRPM_SIZE, PASS_THROUGH_MSRS},
+    check, event,
+    run::sim,
+    vcpu::{base_intercepts_misc1, base_intercepts_misc2},
+    vmcb::{tlb_control, vintr, InterceptMisc1, InterceptMisc2, Vmcb, INTERRUPT_SHADOW, NP_ENABLE},
+    SvmVcpu,
+};
+use crate::{
+    arch::cpu::SvmCaps,
+    mm::{FrameAllocator, PhysRange, PAGE_SIZE},
+    vmm::{
+        backend::Backend,
+        exit::{Event, ExitKind, HypercallInsn, IoAccess},
+        regs::GuestRegs,
+        state::{CpuState, DescriptorTable, SegReg, EFER_LMA, EFER_LME, EFER_NXE, EFER_SCE, EFER_SVME, RFLAGS_IF},
+    },
+};
+
+const NPT_ROOT: u64 = 0x1234_5000;
+
+/// A frame allocator over `pages` pages of leaked, 4 KiB-aligned host memory.
+fn host_frames(pages: usize) -> FrameAllocator {
+    let layout = std::alloc::Layout::from_size_align(pages * PAGE_SIZE as usize, PAGE_SIZE as usize).unwrap();
+    // SAFETY: the layout has a non-zero size.
+    let p = unsafe { std::alloc::alloc_zeroed(layout) } as u64;
+    assert!(p != 0 && p >= 0x10_0000);
+    FrameAllocator::new([PhysRange::new(p, p + layout.size() as u64)], &[]).unwrap()
+}
+
+fn caps() -> SvmCaps {
+    SvmCaps { npt: true, asids: 16, revision: 1, ..SvmCaps::default() }
+}
+
+fn long_mode() -> CpuState {
+    CpuState::long_mode_flat(0x40_1000, 0x8000, 0x10_0000, DescriptorTable { base: 0x5000, limit: 0x27 })
+}
+
+fn vcpu(caps: &SvmCaps) -> (SvmVcpu, FrameAllocator) {
+    let mut frames = host_frames(16);
+    let mut v = SvmVcpu::new(&mut frames, NPT_ROOT, 1, caps).unwrap();
+    v.load_state(&long_mode());
+    (v, frames)
+}
+
+fn enable_for_tests() {
+    super::vcpu::test_set_host_save(0x5000);
+}
+
+#[test]
+fn construction_refusals() {
+    let mut frames = host_frames(16);
+    let before = frames.free_bytes();
+    let disabled = SvmCaps { disabled_by_firmware: true, ..caps() };
+    let e = SvmVcpu::new(&mut frames, NPT_ROOT, 1, &disabled).unwrap_err();
+    assert!(e.0.contains("disabled by the firmware"), "{e}");
+    let no_npt = SvmCaps { npt: false, ..caps() };
+    assert!(SvmVcpu::new(&mut frames, NPT_ROOT, 1, &no_npt).unwrap_err().0.contains("nested paging"));
+    assert!(SvmVcpu::new(&mut frames, NPT_ROOT, 0, &caps()).unwrap_err().0.contains("ASID 0"));
+    assert!(SvmVcpu::new(&mut frames, NPT_ROOT, 16, &caps()).unwrap_err().0.contains("beyond"));
+    assert!(SvmVcpu::new(&mut frames, NPT_ROOT + 8, 1, &caps()).unwrap_err().0.contains("aligned"));
+    // enable() refuses before touching any MSR.
+    assert!(super::enable(&mut frames, &disabled).unwrap_err().0.contains("SVMDIS"));
+    assert!(super::enable(&mut frames, &no_npt).is_err());
+    assert_eq!(frames.free_bytes(), before);
+    // Out of memory part-way: nothing leaks.
+    let mut small = host_frames(3);
+    assert!(SvmVcpu::new(&mut small, NPT_ROOT, 1, &caps()).unwrap_err().0.contains("out of memory"));
+    assert_eq!(small.free_bytes(), 3 * PAGE_SIZE);
+}
+
+#[test]
+fn new_builds_the_vmcb_and_release_frees_it() {
+    let mut frames = host_frames(16);
+    let before = frames.free_bytes();
+    let v = SvmVcpu::new(&mut frames, NPT_ROOT, 7, &caps()).unwrap();
+    assert_eq!(frames.free_bytes(), before - (PAGE_SIZE + IOPM_SIZE as u64 + MSRPM_SIZE as u64));
+    let c = &v.vmcb().control;
+    assert_eq!(c.intercept_misc1, base_intercepts_misc1().bits());
+    let misc2 = InterceptMisc2::from_bits_retain(c.intercept_misc2);
+    assert!(misc2.contains(base_intercepts_misc2(false)));
+    assert!(misc2 == base_intercepts_misc2(false) || misc2 == base_intercepts_misc2(true));
+    for m in [InterceptMisc2::VMRUN, InterceptMisc2::VMMCALL, InterceptMisc2::XSETBV, InterceptMisc2::CLGI] {
+        assert!(misc2.contains(m));
+    }
+    let misc1 = InterceptMisc1::from_bits_retain(c.intercept_misc1);
+    assert!(misc1
+        .contains(InterceptMisc1::CPUID | InterceptMisc1::HLT | InterceptMisc1::IOIO_PROT | InterceptMisc1::MSR_PROT));
+    assert!(
+        misc1.contains(InterceptMisc1::INTR | InterceptMisc1::NMI | InterceptMisc1::INIT | InterceptMisc1::SHUTDOWN)
+    );
+    assert!(!misc1.contains(InterceptMisc1::VINTR), "VINTR only while a window is requested");
+    assert_eq!(c.intercept_exceptions, 0);
+    assert_eq!(c.guest_asid, 7);
+    assert_eq!(c.np_enable, NP_ENABLE);
+    assert_eq!(c.n_cr3, NPT_ROOT);
+    assert_eq!(c.tlb_control, tlb_control::FLUSH_ALL);
+    assert_eq!(c.v_intr, vintr::V_INTR_MASKING);
+    assert_eq!(c.iopm_base_pa % PAGE_SIZE, 0);
+    assert_eq!(c.msrpm_base_pa % PAGE_SIZE, 0);
+    // SAFETY: the maps are live host memory owned by `v`.
+    let (iopm, msrpm) =
+        unsafe { (&*(c.iopm_base_pa as *const [u8; IOPM_SIZE]), &*(c.msrpm_base_pa as *const [u8; MSRPM_SIZE])) };
+    assert!(iopm.iter().all(|&b| b == 0xFF));
+    for msr in PASS_THROUGH_MSRS {
+        assert!(!bitmap::msr_intercepted(msrpm, msr, false) && !bitmap::msr_intercepted(msrpm, msr, true));
+    }
+    assert!(bitmap::msr_intercepted(msrpm, 0xC000_0080, true), "EFER writes exit");
+    assert!(bitmap::msr_intercepted(msrpm, 0x277, true), "PAT writes exit");
+    // The reset state is a VMCB VMRUN accepts.
+    assert_eq!(v.rip(), 0xFFF0);
+    assert_eq!(v.segment(SegReg::Cs).base, 0xFFFF_0000);
+    assert_eq!(check::first_failure(v.vmcb()), None);
+    v.release(&mut frames);
+    assert_eq!(frames.free_bytes(), before);
+}
+
+#[test]
+fn load_state_and_accessors() {
+    let (mut v, _f) = vcpu(&caps());
+    let st = long_mode();
+    assert_eq!(check::first_failure(v.vmcb()), None);
+    assert_eq!(v.rip(), st.rip);
+    assert_eq!(v.cr0(), st.cr0);
+    assert_eq!(v.cr3(), st.cr3);
+    assert_eq!(v.cr4(), st.cr4);
+    assert_eq!(v.efer(), st.efer, "SVME hidden");
+    assert_eq!(v.vmcb().save.efer, st.efer | EFER_SVME);
+    assert_eq!(v.vmcb().save.g_pat, st.pat);
+    assert_eq!(v.pat(), st.pat);
+    assert_eq!(v.cpl(), 0);
+    let cs = v.segment(SegReg::Cs);
+    assert_eq!((cs.selector, cs.attr, cs.limit), (st.cs.selector, st.cs.attr, st.cs.limit));
+    assert_eq!(v.segment(SegReg::Tr).attr, st.tr.attr);
+    assert_eq!(v.vmcb().save.gdtr.base, 0x5000);
+    assert_eq!(v.vmcb().save.gdtr.limit, 0x27);
+    assert_eq!(v.vmcb().save.dr6, 0xFFFF_0FF0);
+    v.set_rip(0x42);
+    v.set_rflags(RFLAGS_IF);
+    assert_eq!((v.rip(), v.rflags()), (0x42, RFLAGS_IF | 2));
+    // A user-mode SS gives CPL 3.
+    let mut user = st;
+    user.ss.attr.0 |= 3 << 5;
+    v.load_state(&user);
+    assert_eq!(v.cpl(), 3);
+    v.set_exception_intercepts(1 << 6 | 1 << 14);
+    assert_eq!(v.vmcb().control.intercept_exceptions, 0x4040);
+}
+
+#[test]
+fn set_efer_forces_svme_and_derives_lma() {
+    let (mut v, _f) = vcpu(&caps());
+    v.set_efer(EFER_SCE | EFER_LME | EFER_NXE);
+    assert_eq!(v.efer(), EFER_SCE | EFER_LME | EFER_LMA | EFER_NXE, "paging is on: LMA follows LME");
+    assert_eq!(v.vmcb().save.efer & EFER_SVME, EFER_SVME);
+    let mut real = long_mode();
+    real.cr0 = 0x11;
+    real.efer = 0;
+    v.load_state(&real);
+    v.set_efer(EFER_LME | EFER_LMA);
+    assert_eq!(v.efer(), EFER_LME, "paging off: LMA stays clear");
+}
+
+#[test]
+fn injection_and_interruptibility() {
+    let (mut v, _f) = vcpu(&caps());
+    assert!(!v.event_pending());
+    v.inject(Event::GP0);
+    assert!(v.event_pending());
+    assert_eq!(v.vmcb().control.eventinj, event::encode(Event::GP0));
+    assert!(!v.interruptible(), "IF=0");
+    v.set_rflags(RFLAGS_IF | 2);
+    assert!(v.interruptible());
+    v.vmcb_mut().control.interrupt_shadow = INTERRUPT_SHADOW;
+    assert!(!v.interruptible(), "STI shadow");
+    // STI;HLT: the HLT exit reports the shadow; moving past the HLT ends it.
+    let rip = v.rip();
+    v.set_rip(rip);
+    assert!(!v.interruptible(), "same RIP: shadow kept");
+    v.set_rip(rip + 1);
+    assert!(v.interruptible(), "past the shadowed instruction");
+    v.vmcb_mut().control.interrupt_shadow = INTERRUPT_SHADOW;
+    v.set_interrupt_window(true);
+    let c = &v.vmcb().control;
+    assert_ne!(c.v_intr & vintr::V_IRQ, 0);
+    assert_ne!(c.v_intr & vintr::V_IGN_TPR, 0);
+    assert_ne!(c.v_intr & vintr::V_INTR_MASKING, 0);
+    assert_ne!(c.intercept_misc1 & InterceptMisc1::VINTR.bits(), 0);
+    v.set_interrupt_window(false);
+    let c = &v.vmcb().control;
+    assert_eq!(c.v_intr, vintr::V_INTR_MASKING);
+    assert_eq!(c.intercept_misc1 & InterceptMisc1::VINTR.bits(), 0);
+    // A reset drops the queued event.
+    v.load_state(&long_mode());
+    assert!(!v.event_pending());
+}
+
+fn exit_with(code: u64, info1: u64, info2: u64, nrip: u64) -> impl FnMut(&mut Vmcb, &mut GuestRegs) {
+    move |vmcb, _regs| {
+        vmcb.control.exitcode = code;
+        vmcb.control.exitinfo1 = info1;
+        vmcb.control.exitinfo2 = info2;
+        vmcb.control.next_rip = nrip;
+        vmcb.control.exitintinfo = 0;
+        vmcb.control.eventinj &= !event::VALID;
+    }
+}
+
+#[test]
+fn run_syncs_rax_rsp_and_decodes_without_nrip() {
+    enable_for_tests();
+    let (mut v, _f) = vcpu(&caps());
+    let mut regs = GuestRegs { rax: 1, rsp: 0x7000, rbx: 3, ..GuestRegs::default() };
+    sim::set(|vmcb, regs| {
+        assert_eq!(vmcb.save.rax, 1, "guest RAX loaded into the VMCB");
+        assert_eq!(vmcb.save.rsp, 0x7000);
+        assert_eq!(vmcb.control.tlb_control, tlb_control::FLUSH_ALL, "first run flushes");
+        vmcb.save.rax = 0x4000_0000; // the guest's CPUID leaf
+        vmcb.save.rsp = 0x6FF8;
+        regs.rbx = 0xB;
+        vmcb.control.exitcode = 0x72;
+        vmcb.control.next_rip = 0xDEAD; // not trusted without nRIP-save
+    });
+    let exit = v.run(&mut regs);
+    assert_eq!(exit.kind, ExitKind::Cpuid);
+    assert_eq!(exit.rip, 0x40_1000);
+    assert_eq!(exit.next_rip, 0x40_1002);
+    assert_eq!(exit.raw, 0x72);
+    assert_eq!(exit.tsc, 42);
+    assert_eq!((regs.rax, regs.rsp, regs.rbx), (0x4000_0000, 0x6FF8, 0xB));
+    sim::set(|vmcb, _| {
+        assert_eq!(vmcb.control.tlb_control, tlb_control::DO_NOTHING, "later runs do not flush");
+        vmcb.control.exitcode = 0x81;
+    });
+    let exit = v.run(&mut regs);
+    assert_eq!((exit.kind, exit.next_rip), (ExitKind::Hypercall(HypercallInsn::Vmmcall), 0x40_1003));
+    // After NPT changes: a full flush without flush-by-ASID.
+    v.flush_tlb();
+    sim::set(|vmcb, _| {
+        assert_eq!(vmcb.control.tlb_control, tlb_control::FLUSH_ALL);
+        vmcb.control.exitcode = 0x78;
+    });
+    assert_eq!(v.run(&mut regs).next_rip, 0x40_1001);
+}
+
+#[test]
+fn run_uses_nrip_and_flush_by_asid() {
+    enable_for_tests();
+    let c = SvmCaps { nrip: true, flush_by_asid: true, ..caps() };
+    let (mut v, _f) = vcpu(&c);
+    let mut regs = GuestRegs::default();
+    sim::set(exit_with(0x7C, 1, 0, 0x40_1004));
+    let exit = v.run(&mut regs);
+    assert_eq!((exit.kind, exit.next_rip), (ExitKind::Wrmsr, 0x40_1004));
+    v.flush_tlb();
+    sim::set(|vmcb, _| {
+        assert_eq!(vmcb.control.tlb_control, tlb_control::FLUSH_ASID);
+        vmcb.control.exitcode = 0x7B;
+        vmcb.control.exitinfo1 = (0x3F8 << 16) | (1 << 4);
+        vmcb.control.exitinfo2 = 0x40_1001;
+    });
+    let exit = v.run(&mut regs);
+    assert_eq!(exit.kind, ExitKind::Io(IoAccess { port: 0x3F8, size: 1, write: true, string: false, rep: false }));
+    assert_eq!(exit.next_rip, 0x40_1001);
+}
+
+#[test]
+fn delivered_events_clear_and_interrupted_ones_requeue() {
+    enable_for_tests();
+    let (mut v, _f) = vcpu(&caps());
+    let mut regs = GuestRegs::default();
+    // Delivered: the CPU leaves EVENTINJ with V clear (or not: Vireo clears it anyway).
+    v.inject(Event::Interrupt { vector: 0x30 });
+    sim::set(|vmcb, _| {
+        assert_eq!(vmcb.control.eventinj, 0x8000_0030);
+        vmcb.control.exitcode = 0x78;
+        vmcb.control.exitintinfo = 0;
+    });
+    v.run(&mut regs);
+    assert!(!v.event_pending());
+    // Interrupted by a nested page fault on the guest's stack: retried.
+    v.inject(Event::Exception { vector: 14, error_code: Some(2) });
+    sim::set(|vmcb, _| {
+        vmcb.control.exitintinfo = vmcb.control.eventinj;
+        vmcb.control.eventinj = 0;
+        vmcb.control.exitcode = 0x400;
+        vmcb.control.exitinfo1 = 0b110;
+        vmcb.control.exitinfo2 = 0x7000;
+    });
+    let exit = v.run(&mut regs);
+    assert!(matches!(exit.kind, ExitKind::NestedPageFault(n) if n.gpa == 0x7000 && n.write));
+    assert!(v.event_pending());
+    assert_eq!(v.vmcb().control.eventinj, event::encode(Event::Exception { vector: 14, error_code: Some(2) }));
+    // The guest's own INTn interrupted: re-executed, not re-injected.
+    sim::set(|vmcb, _| {
+        vmcb.control.eventinj = 0;
+        vmcb.control.exitintinfo = 0x8000_0480;
+        vmcb.control.exitcode = 0x400;
+    });
+    v.run(&mut regs);
+    assert!(!v.event_pending());
+}
+
+#[test]
+fn interrupt_window_exit_clears_the_request() {
+    enable_for_tests();
+    let (mut v, _f) = vcpu(&caps());
+    let mut regs = GuestRegs::default();
+    v.set_interrupt_window(true);
+    sim::set(exit_with(0x64, 0, 0, 0));
+    let exit = v.run(&mut regs);
+    assert_eq!(exit.kind, ExitKind::InterruptWindow);
+    assert_eq!(v.vmcb().control.v_intr & vintr::V_IRQ, 0);
+    assert_eq!(v.vmcb().control.intercept_misc1 & InterceptMisc1::VINTR.bits(), 0);
+}
+
+#[test]
+fn guest_svm_instructions_are_ud() {
+    enable_for_tests();
+    let (mut v, _f) = vcpu(&caps());
+    let mut regs = GuestRegs::default();
+    sim::set(exit_with(0x80, 0, 0, 0));
+    let exit = v.run(&mut regs);
+    assert_eq!(exit.kind, ExitKind::Exception { vector: 6, error_code: None });
+    assert_eq!(exit.next_rip, exit.rip);
+}
+
+#[test]
+fn vmexit_invalid_names_the_check_despite_overwritten_state() {
+    enable_for_tests();
+    let (mut v, _f) = vcpu(&caps());
+    let mut regs = GuestRegs { rax: 5, rsp: 0x9000, ..GuestRegs::default() };
+    // A guest CR0 with NW set and CD clear.
+    v.vmcb_mut().save.cr0 |= 1 << 29;
+    v.inject(Event::Nmi);
+    // Like QEMU TCG: on VMEXIT_INVALID the save area gets host values, EVENTINJ is cleared.
+    sim::set(|vmcb, _| {
+        vmcb.control.exitcode = u64::MAX;
+        vmcb.save.cr0 = 0x8000_0011;
+        vmcb.save.rip = 0xFFFF_8000_0000_1234;
+        vmcb.save.rax = 0xAAAA;
+        vmcb.control.exitintinfo = vmcb.control.eventinj;
+        vmcb.control.eventinj = 0;
+        vmcb.control.v_intr = 0;
+    });
+    let exit = v.run(&mut regs);
+    assert_eq!(v.vmcb().control.v_intr, vintr::V_INTR_MASKING);
+    let ExitKind::EntryFailed { reason, code } = exit.kind else { panic!("{exit}") };
+    assert_eq!(reason, "guest CR0.NW is set while CR0.CD is clear (APM §15.5.1)");
+    assert_eq!(code, u64::MAX);
+    assert_eq!(exit.rip, 0x40_1000);
+    assert_eq!(v.rip(), 0x40_1000, "guest state put back");
+    assert_eq!((regs.rax, regs.rsp), (5, 0x9000));
+    assert!(v.event_pending(), "the NMI was never delivered");
+    // The TLB flush is still due.
+    sim::set(|vmcb, _| {
+        assert_eq!(vmcb.control.tlb_control, tlb_control::FLUSH_ALL);
+        vmcb.control.exitcode = 0xFFFF_FFFF; // QEMU TCG's zero-extended VMEXIT_INVALID
+        vmcb.save.rip = 0x21_1334;
+    });
+    v.vmcb_mut().save.cr0 &= !(1 << 29);
+    v.vmcb_mut().control.guest_asid = 0;
+    let exit = v.run(&mut regs);
+    assert!(matches!(exit.kind, ExitKind::EntryFailed { reason, .. } if reason.contains("ASID is 0")));
+    assert_eq!((exit.raw, exit.rip), (u64::MAX, 0x40_1000));
+}

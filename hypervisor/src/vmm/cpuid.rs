@@ -1,0 +1,180 @@
+//! What a guest sees through CPUID: the host's answers, filtered per VM.
+//!
+//! Policy: pass through what the guest can use safely on this CPU, set the hypervisor bit
+//! (CPUID.1:ECX[31]), add Vireo's signature leaves (`guest_abi::cpuid`), and hide every
+//! feature Vireo does not virtualize: VMX/SVM (no nested virtualization), the local APIC,
+//! x2APIC and TSC-deadline (no APIC model yet), MONITOR/MWAIT, performance monitoring
+//! (no vPMU yet), thermal/power management, SGX, Intel PT, 5-level paging.
+
+use guest_abi::cpuid as abi;
+
+/// The four output registers.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct CpuidRegs {
+    pub eax: u32,
+    pub ebx: u32,
+    pub ecx: u32,
+    pub edx: u32,
+}
+
+/// Per-VM facts the answers depend on.
+#[derive(Clone, Copy, Debug)]
+pub struct CpuidContext {
+    /// Guest CR4.OSXSAVE (reflected in CPUID.1:ECX[27]).
+    pub osxsave: bool,
+    /// The vCPU's APIC ID (CPUID.1:EBX[31:24]).
+    pub apic_id: u8,
+    /// The CPU's native hypercall instruction (for Vireo's version leaf).
+    pub native_vmmcall: bool,
+}
+
+mod bit {
+    // CPUID.1:ECX
+    pub const MONITOR: u32 = 1 << 3;
+    pub const DS_CPL: u32 = 1 << 4;
+    pub const VMX: u32 = 1 << 5;
+    pub const SMX: u32 = 1 << 6;
+    pub const EST: u32 = 1 << 7;
+    pub const TM2: u32 = 1 << 8;
+    pub const SDBG: u32 = 1 << 11;
+    pub const PDCM: u32 = 1 << 15;
+    pub const DCA: u32 = 1 << 18;
+    pub const X2APIC: u32 = 1 << 21;
+    pub const TSC_DEADLINE: u32 = 1 << 24;
+    pub const OSXSAVE: u32 = 1 << 27;
+    pub const HYPERVISOR: u32 = 1 << 31;
+    // CPUID.1:EDX
+    pub const DS: u32 = 1 << 21;
+    pub const APIC: u32 = 1 << 9;
+    pub const ACPI: u32 = 1 << 22;
+    pub const TM: u32 = 1 << 29;
+    pub const PBE: u32 = 1 << 31;
+    // CPUID.7.0:EBX
+    pub const SGX: u32 = 1 << 2;
+    pub const PQM: u32 = 1 << 12;
+    pub const PQE: u32 = 1 << 15;
+    pub const INTEL_PT: u32 = 1 << 25;
+    // CPUID.7.0:ECX
+    pub const WAITPKG: u32 = 1 << 5;
+    pub const LA57: u32 = 1 << 16;
+    pub const SGX_LC: u32 = 1 << 30;
+    // CPUID.80000001H:ECX
+    pub const SVM: u32 = 1 << 2;
+    pub const SKINIT: u32 = 1 << 12;
+    pub const WDT: u32 = 1 << 13;
+    pub const PERFCTR_CORE: u32 = 1 << 23;
+    pub const PERFCTR_NB: u32 = 1 << 24;
+    pub const PERFCTR_LLC: u32 = 1 << 28;
+    pub const MONITORX: u32 = 1 << 29;
+}
+
+/// Computes the guest's answer for (`leaf`, `subleaf`) from the host's answer `host`.
+pub fn filter(leaf: u32, subleaf: u32, host: CpuidRegs, ctx: &CpuidContext) -> CpuidRegs {
+    let mut r = host;
+    match leaf {
+        1 => {
+            r.ecx &= !(bit::MONITOR
+                | bit::DS_CPL
+                | bit::VMX
+                | bit::SMX
+                | bit::EST
+                | bit::TM2
+                | bit::SDBG
+                | bit::PDCM
+                | bit::DCA
+                | bit::X2APIC
+                | bit::TSC_DEADLINE
+                | bit::OSXSAVE);
+            r.ecx |= bit::HYPERVISOR;
+            if ctx.osxsave {
+                r.ecx |= bit::OSXSAVE;
+            }
+            r.edx &= !(bit::DS | bit::APIC | bit::ACPI | bit::TM | bit::PBE);
+            // EBX: [31:24] initial APIC ID, [23:16] logical processors = 1.
+            r.ebx = (r.ebx & 0x0000_FFFF) | (1 << 16) | ((ctx.apic_id as u32) << 24);
+        }
+        // MONITOR/MWAIT, thermal/power, DCA, architectural PMU, Intel PT, SGX: hidden.
+        5 | 6 | 9 | 0xA | 0x12 | 0x14 => r = CpuidRegs::default(),
+        7 if subleaf == 0 => {
+            r.ebx &= !(bit::SGX | bit::PQM | bit::PQE | bit::INTEL_PT);
+            r.ecx &= !(bit::WAITPKG | bit::LA57 | bit::SGX_LC);
+        }
+        // Vireo's own leaves.
+        abi::LEAF_SIGNATURE => {
+            let [b, c, d] = abi::signature_registers();
+            r = CpuidRegs { eax: abi::LEAF_MAX, ebx: b, ecx: c, edx: d };
+        }
+        abi::LEAF_VERSION => {
+            r = CpuidRegs {
+                eax: guest_abi::ABI_VERSION,
+                ebx: abi::features::HYPERCALLS | abi::features::TEST_DEVICE,
+                ecx: if ctx.native_vmmcall { abi::HYPERCALL_INSN_VMMCALL } else { abi::HYPERCALL_INSN_VMCALL },
+                edx: 0,
+            }
+        }
+        // The rest of the hypervisor range (KVM's leaves come later) is empty.
+        0x4000_0000..=0x4FFF_FFFF => r = CpuidRegs::default(),
+        0x8000_0001 => {
+            r.ecx &= !(bit::SVM
+                | bit::SKINIT
+                | bit::WDT
+                | bit::PERFCTR_CORE
+                | bit::PERFCTR_NB
+                | bit::PERFCTR_LLC
+                | bit::MONITORX)
+        }
+        // SVM features, AMD PerfMonV2: hidden.
+        0x8000_000A | 0x8000_0022 => r = CpuidRegs::default(),
+        _ => {}
+    }
+    r
+}
+
+/// Reads the host's CPUID.
+#[cfg(target_arch = "x86_64")]
+pub fn host(leaf: u32, subleaf: u32) -> CpuidRegs {
+    let r = core::arch::x86_64::__cpuid_count(leaf, subleaf);
+    CpuidRegs { eax: r.eax, ebx: r.ebx, ecx: r.ecx, edx: r.edx }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const CTX: CpuidContext = CpuidContext { osxsave: false, apic_id: 0, native_vmmcall: true };
+
+    #[test]
+    fn leaf1_sets_hypervisor_and_hides_vmx_apic() {
+        let host = CpuidRegs { eax: 0x906ea, ebx: 0x0810_0800, ecx: 0xffff_ffff, edx: 0xffff_ffff };
+        let g = filter(1, 0, host, &CTX);
+        assert_ne!(g.ecx & bit::HYPERVISOR, 0);
+        assert_eq!(g.ecx & (bit::VMX | bit::X2APIC | bit::OSXSAVE | bit::MONITOR), 0);
+        assert_eq!(g.edx & bit::APIC, 0);
+        assert_eq!(g.eax, host.eax);
+        assert_eq!(g.ebx >> 16, 1);
+        let g = filter(1, 0, host, &CpuidContext { osxsave: true, apic_id: 3, ..CTX });
+        assert_ne!(g.ecx & bit::OSXSAVE, 0);
+        assert_eq!(g.ebx >> 24, 3);
+    }
+
+    #[test]
+    fn vireo_signature_and_version() {
+        let g = filter(abi::LEAF_SIGNATURE, 0, CpuidRegs::default(), &CTX);
+        assert!(abi::is_vireo(g.ebx, g.ecx, g.edx));
+        assert_eq!(g.eax, abi::LEAF_MAX);
+        let v = filter(abi::LEAF_VERSION, 0, CpuidRegs::default(), &CTX);
+        assert_eq!(v.eax, guest_abi::ABI_VERSION);
+        assert_eq!(v.ecx, abi::HYPERCALL_INSN_VMMCALL);
+        let other = filter(0x4000_0000, 0, CpuidRegs { eax: 1, ebx: 2, ecx: 3, edx: 4 }, &CTX);
+        assert_eq!(other, CpuidRegs::default());
+    }
+
+    #[test]
+    fn svm_and_pmu_hidden() {
+        let all = CpuidRegs { eax: !0, ebx: !0, ecx: !0, edx: !0 };
+        assert_eq!(filter(0x8000_0001, 0, all, &CTX).ecx & bit::SVM, 0);
+        assert_eq!(filter(0x8000_000A, 0, all, &CTX), CpuidRegs::default());
+        assert_eq!(filter(0xA, 0, all, &CTX), CpuidRegs::default());
+        assert_eq!(filter(7, 0, all, &CTX).ecx & bit::LA57, 0);
+    }
+}

@@ -1,0 +1,235 @@
+//! Starting VMs on this CPU's virtualization hardware: the only place that names both
+//! backends. Everything after construction runs through the shared `Vm::run`.
+
+use core::fmt;
+
+use super::{
+    backend::{Backend, BackendError},
+    exit::ExitKind,
+    guest_mem::{GuestMemError, GuestMemory, NestedFormat},
+    spec::VmSpec,
+    vm::{Vm, VmOutcome},
+};
+use crate::{
+    arch::cpu::{SvmCaps, Virtualization, VmxCaps},
+    console::Bytes,
+    guest::{
+        boot64,
+        elf::{self, ElfError},
+    },
+    mm::FrameAllocator,
+    report, svm, vmx,
+};
+
+/// The virtualization hardware Vireo drives on this CPU.
+#[derive(Clone, Copy, Debug)]
+pub enum Hardware {
+    Svm(SvmCaps),
+    Vmx(VmxCaps),
+}
+
+impl Hardware {
+    /// Turns on SVM or VMX on this CPU; `Err` says why it cannot be used.
+    pub fn enable(virt: &Virtualization, frames: &mut FrameAllocator) -> Result<Self, BackendError> {
+        match virt {
+            Virtualization::Svm(caps) => svm::enable(frames, caps).map(|()| Hardware::Svm(*caps)),
+            Virtualization::Vmx(caps) => vmx::enable(frames, caps).map(|()| Hardware::Vmx(*caps)),
+            Virtualization::None => Err(BackendError("this CPU offers neither VMX nor SVM")),
+        }
+    }
+
+    pub fn name(&self) -> &'static str {
+        match self {
+            Hardware::Svm(_) => "svm",
+            Hardware::Vmx(_) => "vmx",
+        }
+    }
+}
+
+#[derive(Clone, Copy, Debug)]
+pub enum LaunchError {
+    Memory(GuestMemError),
+    Image(ElfError),
+    NotAnImage,
+    Backend(BackendError),
+    OutOfHeap,
+}
+
+impl fmt::Display for LaunchError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            LaunchError::Memory(e) => write!(f, "guest memory: {e}"),
+            LaunchError::Image(e) => write!(f, "guest image: {e}"),
+            LaunchError::NotAnImage => {
+                f.write_str("module is not a guest image Vireo can load (expected an x86-64 ELF)")
+            }
+            LaunchError::Backend(e) => write!(f, "virtualization hardware: {e}"),
+            LaunchError::OutOfHeap => f.write_str("out of heap for the VM's state"),
+        }
+    }
+}
+
+/// Guest-physical address where the guest's argument string is placed (inside the area
+/// boot64 reserves).
+const ARGS_GPA: u64 = 0x8000;
+
+/// Tags for ASIDs (SVM) and VPIDs (VMX): 0 belongs to the host.
+pub struct TagAllocator(u32);
+
+impl Default for TagAllocator {
+    fn default() -> Self {
+        Self(1)
+    }
+}
+
+impl TagAllocator {
+    fn next(&mut self, limit: u32) -> u32 {
+        let tag = self.0;
+        self.0 = if self.0 + 1 >= limit { 1 } else { self.0 + 1 };
+        tag
+    }
+}
+
+/// Builds the VM for `spec` from `image`, runs it to its end, reports, and frees it.
+pub fn run_guest(
+    hw: &Hardware,
+    frames: &mut FrameAllocator,
+    tags: &mut TagAllocator,
+    spec: &VmSpec<'_>,
+    image: &[u8],
+) -> Result<VmOutcome, LaunchError> {
+    if !elf::is_elf(image) {
+        return Err(LaunchError::NotAnImage);
+    }
+    let format = match hw {
+        Hardware::Svm(_) => NestedFormat::Npt,
+        Hardware::Vmx(_) => NestedFormat::Ept,
+    };
+    let mut mem = GuestMemory::new(frames, spec.mem, format).map_err(LaunchError::Memory)?;
+    let prepared = (|| {
+        let entry = elf::load(image, &mut mem, boot64::RESERVED_END).map_err(LaunchError::Image)?;
+        let state = boot64::setup(&mut mem, entry).map_err(LaunchError::Memory)?;
+        let mut args = [0u8; 256];
+        let n = spec.args.len().min(255);
+        args[..n].copy_from_slice(&spec.args.as_bytes()[..n]);
+        mem.write(ARGS_GPA, &args).map_err(LaunchError::Memory)?;
+        Ok((entry, state))
+    })();
+    let (entry, state) = match prepared {
+        Ok(p) => p,
+        Err(e) => {
+            mem.release(frames);
+            return Err(e);
+        }
+    };
+    let root = mem.nested_root();
+    let size = mem.size();
+    let Some(mut vm) = Vm::new(spec.name, mem, matches!(hw, Hardware::Svm(_))) else {
+        return Err(LaunchError::OutOfHeap);
+    };
+    vm.regs.rdi = size;
+    vm.regs.rsi = ARGS_GPA;
+    report!("vm name={} start backend={} mem={} entry={:#x}", spec.name, hw.name(), Bytes(size), entry);
+    let outcome = match hw {
+        Hardware::Svm(caps) => {
+            let asid = tags.next(caps.asids.max(2));
+            match svm::SvmVcpu::new(frames, root, asid, caps) {
+                Ok(mut cpu) => {
+                    let o = start(&mut vm, &mut cpu, &state);
+                    cpu.release(frames);
+                    Ok(o)
+                }
+                Err(e) => Err(LaunchError::Backend(e)),
+            }
+        }
+        Hardware::Vmx(caps) => {
+            let vpid = tags.next(0xFFFF) as u16;
+            match vmx::VmxVcpu::new(frames, root, vpid, caps) {
+                Ok(mut cpu) => {
+                    let o = start(&mut vm, &mut cpu, &state);
+                    cpu.release(frames);
+                    Ok(o)
+                }
+                Err(e) => Err(LaunchError::Backend(e)),
+            }
+        }
+    };
+    if let Ok(o) = &outcome {
+        report_end(&vm, o);
+    }
+    vm.mem.release(frames);
+    outcome
+}
+
+fn start<B: Backend>(vm: &mut Vm, cpu: &mut B, state: &super::state::CpuState) -> VmOutcome {
+    cpu.load_state(state);
+    vm.regs.rsp = state.rsp;
+    vm.run(cpu)
+}
+
+/// The end-of-VM report: outcome, exit table, and for crashes the exits that led there.
+fn report_end(vm: &Vm, outcome: &VmOutcome) {
+    let name = &vm.name;
+    let total = vm.stats.total();
+    match outcome {
+        VmOutcome::Exited { status } => {
+            report!("vm name={name} end outcome=exited status={status} exits={}", total.count)
+        }
+        VmOutcome::TripleFault => report!("vm name={name} end outcome=triple-fault exits={}", total.count),
+        VmOutcome::Halted => report!("vm name={name} end outcome=halted exits={}", total.count),
+        VmOutcome::Fatal { reason } => {
+            report!("vm name={name} end outcome=fatal reason=\"{reason}\" exits={}", total.count)
+        }
+    }
+    for (class, s) in vm.stats.nonzero() {
+        report!(
+            "vm name={name} exit reason={class} count={} cycles={} avg_cycles={}",
+            s.count,
+            s.cycles,
+            s.cycles / s.count
+        );
+    }
+    if !matches!(outcome, VmOutcome::Exited { .. }) {
+        // Consecutive identical exits (same kind and RIP) are folded into one line.
+        let mut items: [(Option<super::exit::Exit>, u32); 8] = [(None, 0); 8];
+        let mut n = 0;
+        for e in vm.history() {
+            match items[..n].last_mut() {
+                Some((Some(prev), count)) if prev.kind == e.kind && prev.rip == e.rip => *count += 1,
+                _ => {
+                    items[n] = (Some(*e), 1);
+                    n += 1;
+                }
+            }
+        }
+        for (i, (e, count)) in items[..n].iter().enumerate() {
+            let Some(e) = e else { continue };
+            if let ExitKind::Exception { vector, error_code } = e.kind {
+                report!(
+                    "vm name={name} last-exit n={i} exception vector={vector} error={error_code:?} rip={:#x} raw={:#x} times={count}",
+                    e.rip,
+                    e.raw
+                );
+            } else {
+                report!(
+                    "vm name={name} last-exit n={i} kind={:?} rip={:#x} raw={:#x} times={count}",
+                    e.kind,
+                    e.rip,
+                    e.raw
+                );
+            }
+        }
+        let r = &vm.regs;
+        report!(
+            "vm name={name} regs rax={:#x} rbx={:#x} rcx={:#x} rdx={:#x} rsi={:#x} rdi={:#x} rsp={:#x} rbp={:#x}",
+            r.rax,
+            r.rbx,
+            r.rcx,
+            r.rdx,
+            r.rsi,
+            r.rdi,
+            r.rsp,
+            r.rbp
+        );
+    }
+}

@@ -1,0 +1,113 @@
+//! Guest MSR accesses that exit to Vireo, answered architecturally: the MSRs Vireo models
+//! behave as the SDM/APM say, every other MSR raises #GP(0) (what real hardware does for an
+//! MSR that does not exist, and KVM's default).
+//!
+//! MSRs the hardware switches per guest (FS/GS bases, SYSCALL/SYSENTER MSRs) are passed
+//! through by the backends and never reach this module.
+
+pub const IA32_TIME_STAMP_COUNTER: u32 = 0x10;
+pub const IA32_PAT: u32 = 0x277;
+pub const IA32_EFER: u32 = 0xC000_0080;
+
+/// EFER bits a guest may set (SDM Vol. 3A §2.2.1, APM Vol. 2 §3.1.7): SCE, LME, LMA
+/// (status, kept by the CPU), NXE. SVME is refused: Vireo offers no nested virtualization.
+pub const EFER_WRITABLE: u64 = (1 << 0) | (1 << 8) | (1 << 10) | (1 << 11);
+const EFER_LME: u64 = 1 << 8;
+const EFER_LMA: u64 = 1 << 10;
+const CR0_PG: u64 = 1 << 31;
+
+/// The outcome of a guest RDMSR/WRMSR.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum MsrOutcome {
+    /// RDMSR result / WRMSR accepted.
+    Ok(u64),
+    /// Raise #GP(0) in the guest.
+    Fault,
+}
+
+/// Per-vCPU MSR values Vireo keeps itself.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct MsrState {
+    pub pat: u64,
+}
+
+impl Default for MsrState {
+    fn default() -> Self {
+        Self { pat: super::state::PAT_POWER_ON }
+    }
+}
+
+/// Validates a guest write of `value` to EFER given the current EFER and CR0; returns the
+/// new EFER to load or `Fault`.
+pub fn write_efer(current: u64, value: u64, cr0: u64) -> MsrOutcome {
+    if value & !EFER_WRITABLE != 0 {
+        return MsrOutcome::Fault;
+    }
+    // Changing LME while paging is on is a #GP (SDM Vol. 3A §10.8.5).
+    if cr0 & CR0_PG != 0 && (value ^ current) & EFER_LME != 0 {
+        return MsrOutcome::Fault;
+    }
+    // LMA is a status bit: writes do not change it.
+    MsrOutcome::Ok((value & !EFER_LMA) | (current & EFER_LMA))
+}
+
+/// PAT entries must be valid memory types: UC 0, WC 1, WT 4, WP 5, WB 6, UC- 7 (SDM Vol. 3A
+/// §13.12.2); anything else is #GP.
+pub fn valid_pat(value: u64) -> bool {
+    value.to_le_bytes().iter().all(|b| matches!(b, 0 | 1 | 4 | 5 | 6 | 7))
+}
+
+/// RDMSR of an MSR that is neither EFER nor passed through.
+pub fn read(state: &MsrState, msr: u32, tsc: u64) -> MsrOutcome {
+    match msr {
+        IA32_TIME_STAMP_COUNTER => MsrOutcome::Ok(tsc),
+        IA32_PAT => MsrOutcome::Ok(state.pat),
+        _ => MsrOutcome::Fault,
+    }
+}
+
+/// WRMSR of an MSR that is neither EFER nor passed through.
+pub fn write(state: &mut MsrState, msr: u32, value: u64) -> MsrOutcome {
+    match msr {
+        IA32_PAT if valid_pat(value) => {
+            state.pat = value;
+            MsrOutcome::Ok(value)
+        }
+        // Writing the TSC is allowed; Vireo keeps the guest on the host TSC for now
+        // (TSC offsetting comes with the timekeeping work), so the write has no effect.
+        IA32_TIME_STAMP_COUNTER => MsrOutcome::Ok(value),
+        _ => MsrOutcome::Fault,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn unknown_msrs_fault() {
+        let mut s = MsrState::default();
+        for msr in [0, 0x1B, 0x3A, 0x4b56_4d00, 0xC001_0114, 0xFFFF_FFFF] {
+            assert_eq!(read(&s, msr, 0), MsrOutcome::Fault, "{msr:#x}");
+            assert_eq!(write(&mut s, msr, 1), MsrOutcome::Fault, "{msr:#x}");
+        }
+    }
+
+    #[test]
+    fn pat_validation() {
+        let mut s = MsrState::default();
+        assert_eq!(read(&s, IA32_PAT, 0), MsrOutcome::Ok(0x0007_0406_0007_0406));
+        assert_eq!(write(&mut s, IA32_PAT, 0x0007_0406_0007_0402), MsrOutcome::Fault);
+        assert_eq!(write(&mut s, IA32_PAT, 0x0606_0606_0606_0606), MsrOutcome::Ok(0x0606_0606_0606_0606));
+        assert_eq!(s.pat, 0x0606_0606_0606_0606);
+    }
+
+    #[test]
+    fn efer_rules() {
+        let lm = EFER_LME | EFER_LMA | 1 << 11 | 1;
+        assert_eq!(write_efer(lm, lm | (1 << 12), CR0_PG), MsrOutcome::Fault, "SVME refused");
+        assert_eq!(write_efer(lm, lm & !EFER_LME, CR0_PG), MsrOutcome::Fault, "LME flip under paging");
+        assert_eq!(write_efer(lm, lm & !1, CR0_PG), MsrOutcome::Ok(lm & !1));
+        assert_eq!(write_efer(0, EFER_LME | EFER_LMA, 0), MsrOutcome::Ok(EFER_LME), "LMA is status only");
+    }
+}

@@ -1,0 +1,78 @@
+//! A VM described by a multiboot2 module: the module holds the guest image, its command
+//! line names the VM and sets its options.
+//!
+//! Module command line: `<name> [mem=SIZE] [guest arguments...]`. The whole line is also
+//! handed to the guest (test guests read `bench=N`, `mode=...` from it). `name` is 1-32
+//! characters of `[A-Za-z0-9_-]`.
+
+use core::fmt;
+
+use crate::bootinfo::cmdline::parse_size;
+
+pub const DEFAULT_MEM: u64 = 64 << 20;
+pub const MIN_MEM: u64 = 4 << 20;
+pub const MAX_NAME: usize = 32;
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct VmSpec<'a> {
+    pub name: &'a str,
+    pub mem: u64,
+    /// The module's whole command line, passed to the guest.
+    pub args: &'a str,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum SpecError<'a> {
+    NoName,
+    BadName(&'a str),
+    BadMem(&'a str),
+    MemTooSmall(u64),
+}
+
+impl fmt::Display for SpecError<'_> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            SpecError::NoName => f.write_str("module command line names no VM (expected: <name> [mem=SIZE] ...)"),
+            SpecError::BadName(n) => write!(f, "bad VM name '{n}' (1-{MAX_NAME} characters of A-Z a-z 0-9 _ -)"),
+            SpecError::BadMem(v) => write!(f, "bad value '{v}' for key 'mem' (expected a size such as 64M)"),
+            SpecError::MemTooSmall(m) => write!(f, "mem={m} is below the minimum of 4M"),
+        }
+    }
+}
+
+pub fn parse(cmdline: &str) -> Result<VmSpec<'_>, SpecError<'_>> {
+    let mut words = cmdline.split_ascii_whitespace();
+    let name = words.next().ok_or(SpecError::NoName)?;
+    if name.is_empty()
+        || name.len() > MAX_NAME
+        || !name.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'_' || b == b'-')
+    {
+        return Err(SpecError::BadName(name));
+    }
+    let mut mem = DEFAULT_MEM;
+    for w in words {
+        if let Some(v) = w.strip_prefix("mem=") {
+            mem = parse_size(v).ok_or(SpecError::BadMem(v))?;
+            if mem < MIN_MEM {
+                return Err(SpecError::MemTooSmall(mem));
+            }
+        }
+    }
+    Ok(VmSpec { name, mem, args: cmdline })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn specs() {
+        assert_eq!(parse("selftest").unwrap(), VmSpec { name: "selftest", mem: DEFAULT_MEM, args: "selftest" });
+        assert_eq!(parse("t2 mem=32M bench=10").unwrap().mem, 32 << 20);
+        assert_eq!(parse(""), Err(SpecError::NoName));
+        assert_eq!(parse("bad/name"), Err(SpecError::BadName("bad/name")));
+        assert_eq!(parse("x mem=lots"), Err(SpecError::BadMem("lots")));
+        assert_eq!(parse("x mem=1M"), Err(SpecError::MemTooSmall(1 << 20)));
+        assert!(parse(&"n".repeat(33)).is_err());
+    }
+}

@@ -1,0 +1,990 @@
+//! One VMX virtual CPU: its VMCS and bitmaps, the host and guest state, and
+//! [`Backend`] on top (SDM Vol. 3C ch. 25-28).
+
+use x86_64::instructions::{
+    segmentation::{Segment as _, CS, DS, ES, FS, GS, SS},
+    tables::{sgdt, sidt},
+};
+use x86_64::registers::control::{Cr0, Cr3, Cr4};
+
+use super::{
+    check::{self, GuestSnapshot, SegFields},
+    controls::{self, entry, ept_vpid_cap, msr as vmx_msr, primary, secondary, CapMsrs, Controls},
+    cr::{self, CrAccess, CrContext, CrFixed, CrWrite, GpFault, CR4_PCIDE},
+    decode::{self, intr, reason, RawExit},
+    error::VmxFail,
+    guest_mem,
+    instr::{self, InveptType, InvvpidType, VmcsField},
+    msr_bitmap,
+    percpu::{self, GuestMsrs},
+    run::{self, Entered},
+    vmcs::{segment_fields, Field16, Field32, Field64, FieldNat, SEGMENTS},
+};
+use crate::{
+    arch::{cpu::VmxCaps, msr},
+    mm::{Ept, FrameAllocator, PAGE_SIZE},
+    vmm::{
+        backend::{Backend, BackendError},
+        exit::{Event, Exit, ExitKind},
+        regs::GuestRegs,
+        state::{
+            CpuState, DescriptorTable, SegAttr, SegReg, Segment, CR0_PE, EFER_LMA, PAT_POWER_ON, RFLAGS_IF,
+            RFLAGS_RESERVED_1,
+        },
+    },
+};
+
+/// Interruptibility state bits (SDM Vol. 3C §25.4.2, Table 25-3).
+const BLOCKING_BY_STI: u32 = 1 << 0;
+const BLOCKING_BY_MOV_SS: u32 = 1 << 1;
+
+/// Exit `raw` value for a VMLAUNCH/VMRESUME that failed outright (no exit reason exists).
+pub const RAW_ENTRY_INSTRUCTION_FAILED: u64 = u64::MAX;
+
+/// A VMX virtual CPU. Created and run on one physical CPU (see [`super::percpu`]).
+#[derive(Debug)]
+pub struct VmxVcpu {
+    vmcs: u64,
+    msr_bitmap: u64,
+    /// A frame holding this vCPU's [`GuestMsrs`].
+    msrs: u64,
+    /// Two consecutive frames (I/O bitmaps A and B, all ones) when the CPU lacks
+    /// unconditional I/O exiting.
+    io_bitmaps: Option<u64>,
+    cpu: usize,
+    launched: bool,
+    /// Current control values (interrupt-window and IA-32e mode bits included).
+    controls: Controls,
+    fixed: CrFixed,
+    ept_root: u64,
+    eptp: u64,
+    /// 0 = VPID off.
+    vpid: u16,
+    ept_vpid_cap: u64,
+    phys_bits: u8,
+    pending_event: bool,
+    /// GUEST_RSP as last written or read, to skip redundant VMWRITEs.
+    rsp_cache: u64,
+    last_external_vector: Option<u8>,
+}
+
+/// Architectural state after RESET (SDM Vol. 3A §10.1.1, Table 10-1): the vCPU's state
+/// until the core loads its own.
+pub fn reset_state() -> CpuState {
+    let data = Segment {
+        selector: 0,
+        base: 0,
+        limit: 0xFFFF,
+        attr: SegAttr(SegAttr::PRESENT | SegAttr::S_CODE_DATA | SegAttr::TYPE_DATA_RW_ACCESSED),
+        unusable: false,
+    };
+    CpuState {
+        rip: 0xFFF0,
+        rsp: 0,
+        rflags: RFLAGS_RESERVED_1,
+        cr0: 0x6000_0010,
+        cr3: 0,
+        cr4: 0,
+        efer: 0,
+        pat: PAT_POWER_ON,
+        dr7: 0x400,
+        es: data,
+        cs: Segment {
+            selector: 0xF000,
+            base: 0xFFFF_0000,
+            limit: 0xFFFF,
+            attr: SegAttr(SegAttr::PRESENT | SegAttr::S_CODE_DATA | SegAttr::TYPE_CODE_RX_ACCESSED),
+            unusable: false,
+        },
+        ss: data,
+        ds: data,
+        fs: data,
+        gs: data,
+        tr: Segment {
+            selector: 0,
+            base: 0,
+            limit: 0xFFFF,
+            attr: SegAttr(SegAttr::PRESENT | SegAttr::TYPE_TSS_BUSY),
+            unusable: false,
+        },
+        ldtr: Segment {
+            selector: 0,
+            base: 0,
+            limit: 0xFFFF,
+            attr: SegAttr(SegAttr::PRESENT | SegAttr::TYPE_LDT),
+            unusable: false,
+        },
+        gdtr: DescriptorTable { base: 0, limit: 0xFFFF },
+        idtr: DescriptorTable { base: 0, limit: 0xFFFF },
+    }
+}
+
+/// The base of a 16-byte system descriptor (TSS/LDT in 64-bit mode; SDM Vol. 3A §8.2.3):
+/// bits 15:0 in bytes 2-3, 23:16 in byte 4, 31:24 in byte 7, 63:32 in bytes 8-11.
+pub const fn system_descriptor_base(low: u64, high: u64) -> u64 {
+    ((low >> 16) & 0xFF_FFFF) | (((low >> 56) & 0xFF) << 24) | ((high & 0xFFFF_FFFF) << 32)
+}
+
+/// Vectors whose hardware-exception delivery pushes an error code (SDM Vol. 3C §27.2.1.3).
+const fn has_error_code(vector: u8) -> bool {
+    matches!(vector, 8 | 10..=14 | 17)
+}
+
+/// The VM-entry interruption-information value for `event` (SDM Vol. 3C §25.8.3), and the
+/// error code if one is delivered. `protected`: guest CR0.PE (an unrestricted guest in real
+/// mode must not deliver error codes).
+pub fn entry_interruption(event: Event, protected: bool) -> (u32, Option<u32>) {
+    let (vector, kind, error) = match event {
+        Event::Exception { vector, error_code } => (vector, intr::TYPE_HARDWARE_EXCEPTION, error_code),
+        Event::Interrupt { vector } => (vector, intr::TYPE_EXTERNAL, None),
+        Event::Nmi => (2, intr::TYPE_NMI, None),
+    };
+    let deliver = kind == intr::TYPE_HARDWARE_EXCEPTION && protected && has_error_code(vector);
+    let info =
+        intr::VALID | (kind << intr::TYPE_SHIFT) | vector as u32 | if deliver { intr::ERROR_CODE_VALID } else { 0 };
+    (info, deliver.then(|| error.unwrap_or(0)))
+}
+
+/// A VMX failure in a path that has no way to report it (an accessor): a Vireo bug.
+#[cold]
+fn vmx_bug(what: &str, e: VmxFail) -> ! {
+    panic!("vmx: {what}: {e}")
+}
+
+impl VmxVcpu {
+    /// Creates a vCPU on this CPU: VMCS (VMCLEAR, VMPTRLD), MSR bitmap, controls, host
+    /// state, EPTP and VPID, and the RESET guest state. `vpid` 0 (or a CPU without VPID or
+    /// INVVPID) runs without VPID: every entry and exit then flushes guest translations.
+    /// [`enable`](super::enable) must have succeeded on this CPU.
+    pub fn new(frames: &mut FrameAllocator, ept_root: u64, vpid: u16, caps: &VmxCaps) -> Result<VmxVcpu, BackendError> {
+        percpu::check_caps(caps)?;
+        let cpu = percpu::cpu_index();
+        if !percpu::slot(cpu).vmx_on() {
+            return Err(BackendError("VMX is not on for this CPU: call vmx::enable first"));
+        }
+        // SAFETY: CPUID reported VMX, so the capability MSRs exist; reads have no effect.
+        let cap = CapMsrs::read(|m| unsafe { msr::read(m) });
+        let invvpid_ok = cap.ept_vpid_cap & ept_vpid_cap::INVVPID != 0
+            && cap.ept_vpid_cap & (ept_vpid_cap::INVVPID_SINGLE_CONTEXT | ept_vpid_cap::INVVPID_ALL_CONTEXT) != 0;
+        let use_vpid = caps.vpid && vpid != 0 && invvpid_ok;
+        let controls = controls::compute(&cap, use_vpid)?;
+        let fixed = CrFixed {
+            cr0_fixed0: cap.cr0_fixed0,
+            cr0_fixed1: cap.cr0_fixed1,
+            cr4_fixed0: cap.cr4_fixed0,
+            cr4_fixed1: cap.cr4_fixed1,
+            unrestricted: true,
+        };
+        let phys_bits =
+            raw_cpuid::CpuId::new().get_processor_capacity_feature_info().map_or(36, |c| c.physical_address_bits());
+
+        let vmcs = percpu::alloc_vmx_frame(frames, cap.basic)?;
+        let mut vcpu = VmxVcpu {
+            vmcs,
+            msr_bitmap: 0,
+            msrs: 0,
+            io_bitmaps: None,
+            cpu,
+            launched: false,
+            controls,
+            fixed,
+            ept_root,
+            eptp: Ept::eptp(ept_root, caps.ept_ad),
+            vpid: if controls.secondary & secondary::ENABLE_VPID != 0 { vpid } else { 0 },
+            ept_vpid_cap: cap.ept_vpid_cap,
+            phys_bits,
+            pending_event: false,
+            rsp_cache: 0,
+            last_external_vector: None,
+        };
+        match vcpu.build(frames, &cap) {
+            Ok(()) => Ok(vcpu),
+            Err(e) => {
+                vcpu.release(frames);
+                Err(e)
+            }
+        }
+    }
+
+    /// Allocates the rest and sets up every VMCS field.
+    fn build(&mut self, frames: &mut FrameAllocator, cap: &CapMsrs) -> Result<(), BackendError> {
+        percpu::init_region(self.vmcs, cap.basic);
+        self.msr_bitmap = percpu::alloc_vmx_frame(frames, cap.basic)?;
+        // SAFETY: a frame just allocated, owned by this vCPU, identity-mapped.
+        msr_bitmap::build(unsafe { &mut *(self.msr_bitmap as *mut [u8; msr_bitmap::BITMAP_SIZE]) });
+        self.msrs = frames.alloc_frame().map_err(|_| BackendError("VMX: out of memory for VMX structures"))?;
+        percpu::fill_frame(self.msrs, 0, 1);
+        if self.controls.io_bitmaps {
+            let io = percpu::alloc_vmx_pages(frames, cap.basic, 2)?;
+            percpu::fill_frame(io, 0xFF, 2);
+            self.io_bitmaps = Some(io);
+        }
+        // SAFETY: VMX root operation (checked in `new`); the VMCS is ours and not active.
+        unsafe { instr::vmclear(self.vmcs) }.map_err(BackendError::from)?;
+        self.make_current().map_err(BackendError::from)?;
+        self.write_controls()?;
+        self.write_host_state()?;
+        self.load_state(&reset_state());
+        self.invalidate_ept();
+        self.flush_vpid();
+        Ok(())
+    }
+
+    /// Gives the vCPU's frames back (VMCLEAR first, so the CPU holds no part of the VMCS).
+    pub fn release(self, frames: &mut FrameAllocator) {
+        let slot = percpu::slot(self.cpu);
+        if slot.current_vmcs() == self.vmcs {
+            slot.set_current(0, core::ptr::null_mut());
+        }
+        // SAFETY: the VMCS is ours; VMCLEAR of a VMCS that is not current is allowed, and
+        // one that is current stops being so (the slot was cleared above).
+        if let Err(e) = unsafe { instr::vmclear(self.vmcs) } {
+            log::warn!("vmx: VMCLEAR at release failed: {e}");
+        }
+        for (addr, pages) in [(self.vmcs, 1), (self.msr_bitmap, 1), (self.msrs, 1), (self.io_bitmaps.unwrap_or(0), 2)] {
+            if addr != 0 {
+                if let Err(e) = frames.free(addr, pages * PAGE_SIZE) {
+                    log::warn!("vmx: freeing {addr:#x}: {e}");
+                }
+            }
+        }
+    }
+
+    /// The EPT pointer in this vCPU's VMCS.
+    pub fn eptp(&self) -> u64 {
+        self.eptp
+    }
+
+    /// The VPID, or `None` when VPID is off.
+    pub fn vpid(&self) -> Option<u16> {
+        (self.vpid != 0).then_some(self.vpid)
+    }
+
+    /// The vector of the last external-interrupt exit ("acknowledge interrupt on exit"
+    /// took it from the interrupt controller: the host must handle it, and EOI it).
+    pub fn last_external_vector(&self) -> Option<u8> {
+        self.last_external_vector
+    }
+
+    /// Drops cached EPT translations of this vCPU's EPTP: call after removing or narrowing
+    /// EPT mappings (SDM Vol. 3C §29.4.3.4).
+    pub fn invalidate_ept(&self) {
+        let cap = self.ept_vpid_cap;
+        let kind = if cap & ept_vpid_cap::INVEPT_SINGLE_CONTEXT != 0 {
+            InveptType::SingleContext
+        } else if cap & ept_vpid_cap::INVEPT_ALL_CONTEXT != 0 {
+            InveptType::AllContext
+        } else {
+            return;
+        };
+        // SAFETY: VMX root operation (the vCPU exists only after `enable`); the type is
+        // supported (checked).
+        if let Err(e) = unsafe { instr::invept(kind, self.eptp) } {
+            log::warn!("vmx: INVEPT failed: {e}");
+        }
+    }
+
+    /// Drops the guest's linear translations tagged with this vCPU's VPID (what a MOV to
+    /// CR3/CR0/CR4 would have done natively). Without VPID entries and exits flush anyway.
+    fn flush_vpid(&self) {
+        if self.vpid == 0 {
+            return;
+        }
+        let cap = self.ept_vpid_cap;
+        let kind = if cap & ept_vpid_cap::INVVPID_SINGLE_CONTEXT != 0 {
+            InvvpidType::SingleContext
+        } else {
+            InvvpidType::AllContext
+        };
+        // SAFETY: VMX root operation; VPID is enabled only with INVVPID single- or
+        // all-context support (checked in `new`).
+        if let Err(e) = unsafe { instr::invvpid(kind, self.vpid, 0) } {
+            log::warn!("vmx: INVVPID failed: {e}");
+        }
+    }
+
+    /// Makes this vCPU's VMCS current on its CPU, switching the guest-owned MSRs VMX does
+    /// not switch (save the outgoing vCPU's, load ours).
+    fn make_current(&self) -> Result<(), VmxFail> {
+        let slot = percpu::slot(self.cpu);
+        if slot.current_vmcs() == self.vmcs {
+            return Ok(());
+        }
+        // SAFETY: VMX root operation; the VMCS is ours, initialised and VMCLEARed at
+        // creation, and used only on this CPU.
+        unsafe { instr::vmptrld(self.vmcs) }?;
+        let outgoing = slot.current_msrs();
+        if !outgoing.is_null() {
+            // SAFETY: the slot holds the MSR frame of the vCPU whose VMCS was current; a
+            // vCPU clears the slot when released, so the frame is still its own.
+            unsafe { percpu::save_guest_msrs(outgoing) };
+        }
+        // SAFETY: our own MSR frame, holding values saved from the CPU or zeros.
+        unsafe { percpu::load_guest_msrs(self.msrs as *const GuestMsrs) };
+        slot.set_current(self.vmcs, self.msrs as *mut GuestMsrs);
+        Ok(())
+    }
+
+    fn current(&self) {
+        if let Err(e) = self.make_current() {
+            vmx_bug("VMPTRLD of the vCPU's VMCS", e);
+        }
+    }
+
+    /// VMREAD from this vCPU's VMCS (made current first).
+    fn read<F: VmcsField>(&self, field: F) -> F::Value {
+        self.current();
+        // SAFETY: VMX root operation with our VMCS current (above).
+        match unsafe { instr::vmread(field) } {
+            Ok(v) => v,
+            Err(e) => {
+                log::error!("vmx: VMREAD {field:?}: {e}");
+                vmx_bug("VMREAD", e)
+            }
+        }
+    }
+
+    /// VMWRITE to this vCPU's VMCS. Only guest-state and control fields that cannot point
+    /// into host memory go through here (host state and addresses are written in `build`).
+    fn write<F: VmcsField>(&mut self, field: F, value: F::Value) {
+        if let Err(e) = self.try_write(field, value) {
+            log::error!("vmx: VMWRITE {field:?}: {e}");
+            vmx_bug("VMWRITE", e)
+        }
+    }
+
+    fn try_write<F: VmcsField>(&self, field: F, value: F::Value) -> Result<(), VmxFail> {
+        self.make_current()?;
+        // SAFETY: our VMCS is current; callers write guest state, controls Vireo computed,
+        // or host state describing this CPU's own tables and stack.
+        unsafe { instr::vmwrite(field, value) }
+    }
+
+    /// `try_write` for setup, with the field name in the log.
+    fn setup<F: VmcsField>(&self, field: F, value: F::Value) -> Result<(), BackendError> {
+        self.try_write(field, value).map_err(|e| {
+            log::error!("vmx: VMWRITE {field:?} during setup: {e}");
+            BackendError::from(e)
+        })
+    }
+
+    fn write_controls(&mut self) -> Result<(), BackendError> {
+        let c = self.controls;
+        self.setup(Field32::PinBasedControls, c.pin)?;
+        self.setup(Field32::PrimaryProcBasedControls, c.primary)?;
+        self.setup(Field32::SecondaryProcBasedControls, c.secondary)?;
+        self.setup(Field32::VmExitControls, c.exit)?;
+        self.setup(Field32::VmEntryControls, c.entry)?;
+        self.setup(Field32::ExceptionBitmap, 0)?;
+        self.setup(Field32::PageFaultErrorCodeMask, 0)?;
+        self.setup(Field32::PageFaultErrorCodeMatch, 0)?;
+        self.setup(Field32::Cr3TargetCount, 0)?;
+        self.setup(Field32::VmExitMsrStoreCount, 0)?;
+        self.setup(Field32::VmExitMsrLoadCount, 0)?;
+        self.setup(Field32::VmEntryMsrLoadCount, 0)?;
+        self.setup(Field32::VmEntryInterruptionInfo, 0)?;
+        self.setup(Field64::MsrBitmap, self.msr_bitmap)?;
+        if let Some(io) = self.io_bitmaps {
+            self.setup(Field64::IoBitmapA, io)?;
+            self.setup(Field64::IoBitmapB, io + PAGE_SIZE)?;
+        }
+        self.setup(Field64::EptPointer, self.eptp)?;
+        if self.vpid != 0 {
+            self.setup(Field16::VirtualProcessorId, self.vpid)?;
+        }
+        if c.secondary & secondary::ENABLE_XSAVES_XRSTORS != 0 {
+            // No XSAVES/XRSTORS exits: IA32_XSS is the guest's concern (WRMSR exits).
+            self.setup(Field64::XssExitingBitmap, 0)?;
+        }
+        self.setup(FieldNat::Cr0GuestHostMask, self.fixed.cr0_mask())?;
+        self.setup(FieldNat::Cr4GuestHostMask, self.fixed.cr4_mask())?;
+        self.setup(Field64::VmcsLinkPointer, !0)?;
+        Ok(())
+    }
+
+    /// Host state: this CPU as it is now (SDM Vol. 3C §25.5, checks in §27.2.3).
+    fn write_host_state(&mut self) -> Result<(), BackendError> {
+        let (cr3_frame, cr3_flags) = Cr3::read_raw();
+        let cr3 = cr3_frame.start_address().as_u64() | cr3_flags as u64;
+        let selectors = [
+            (Field16::HostCsSelector, CS::get_reg().0),
+            (Field16::HostSsSelector, SS::get_reg().0),
+            (Field16::HostDsSelector, DS::get_reg().0),
+            (Field16::HostEsSelector, ES::get_reg().0),
+            (Field16::HostFsSelector, FS::get_reg().0),
+            (Field16::HostGsSelector, GS::get_reg().0),
+            (Field16::HostTrSelector, instr::read_tr()),
+        ];
+        for (field, sel) in selectors {
+            if sel & 7 != 0 {
+                log::error!("vmx: host {field:?} = {sel:#x} has RPL/TI bits");
+                return Err(BackendError("VMX: a host segment selector has RPL or TI set"));
+            }
+            self.setup(field, sel)?;
+        }
+        let tr = instr::read_tr();
+        if CS::get_reg().0 == 0 || tr == 0 {
+            return Err(BackendError("VMX: host CS or TR selector is null (GDT/TSS not loaded)"));
+        }
+        let gdtr = sgdt();
+        let idtr = sidt();
+        let gdt_base = gdtr.base.as_u64();
+        // SAFETY: TR selects a 16-byte TSS descriptor inside the loaded GDT, which lives in
+        // Vireo's memory (identity/kernel mapped); reading it has no side effect.
+        let tr_base = unsafe {
+            let p = (gdt_base + (tr & !7) as u64) as *const u64;
+            system_descriptor_base(p.read_volatile(), p.add(1).read_volatile())
+        };
+        self.setup(FieldNat::HostCr0, Cr0::read_raw())?;
+        self.setup(FieldNat::HostCr3, cr3)?;
+        self.setup(FieldNat::HostCr4, Cr4::read_raw())?;
+        // SAFETY (all MSR reads below): architectural MSRs of every x86-64 CPU.
+        let rd = |m: u32| unsafe { msr::read(m) };
+        self.setup(FieldNat::HostFsBase, rd(vmx_msr::IA32_FS_BASE))?;
+        self.setup(FieldNat::HostGsBase, rd(vmx_msr::IA32_GS_BASE))?;
+        self.setup(FieldNat::HostTrBase, tr_base)?;
+        self.setup(FieldNat::HostGdtrBase, gdt_base)?;
+        self.setup(FieldNat::HostIdtrBase, idtr.base.as_u64())?;
+        self.setup(Field32::HostIa32SysenterCs, rd(vmx_msr::IA32_SYSENTER_CS) as u32)?;
+        self.setup(FieldNat::HostIa32SysenterEsp, rd(vmx_msr::IA32_SYSENTER_ESP))?;
+        self.setup(FieldNat::HostIa32SysenterEip, rd(vmx_msr::IA32_SYSENTER_EIP))?;
+        self.setup(Field64::HostIa32Efer, rd(msr::IA32_EFER))?;
+        self.setup(Field64::HostIa32Pat, rd(vmx_msr::IA32_PAT))?;
+        self.setup(FieldNat::HostRip, run::exit_address())?;
+        // HOST_RSP is written by the trampoline at every entry.
+        Ok(())
+    }
+
+    fn set_entry_control(&mut self, bit: u32, on: bool) {
+        let new = if on { self.controls.entry | bit } else { self.controls.entry & !bit };
+        if new != self.controls.entry {
+            self.controls.entry = new;
+            self.write(Field32::VmEntryControls, new);
+        }
+    }
+
+    fn set_guest_efer(&mut self, efer: u64) {
+        self.write(Field64::GuestIa32Efer, efer);
+        self.set_entry_control(entry::IA32E_MODE_GUEST, efer & EFER_LMA != 0);
+    }
+
+    fn write_segment(&mut self, seg: SegReg, s: &Segment) {
+        let f = segment_fields(seg);
+        self.write(f.selector, s.selector);
+        self.write(f.base, s.base);
+        self.write(f.limit, s.limit);
+        self.write(f.access_rights, s.attr.to_vmx(s.unusable));
+    }
+
+    /// Loads the PDPTEs for PAE paging from guest memory at `cr3` into the VMCS.
+    fn load_pdptes(&mut self, cr3: u64) -> Result<(), GpFault> {
+        // SAFETY: EPT tables and guest RAM are host RAM frames, which Vireo identity-maps;
+        // reads have no side effect.
+        let read = |hpa: u64| unsafe { (hpa as *const u64).read_volatile() };
+        let Some(entries) = guest_mem::pdptes(self.ept_root, cr3, &read) else {
+            return Err(GpFault("PAE PDPT not in guest RAM"));
+        };
+        if entries.iter().any(|&e| cr::pdpte_reserved(e, self.phys_bits)) {
+            return Err(GpFault("PAE PDPTE with reserved bits set"));
+        }
+        for (field, e) in [Field64::GuestPdpte0, Field64::GuestPdpte1, Field64::GuestPdpte2, Field64::GuestPdpte3]
+            .into_iter()
+            .zip(entries)
+        {
+            self.write(field, e);
+        }
+        Ok(())
+    }
+
+    fn interruptibility(&self) -> u32 {
+        self.read(Field32::GuestInterruptibilityState)
+    }
+
+    /// The instruction at the old RIP completed: its STI/MOV SS shadow is over.
+    fn end_interrupt_shadow(&mut self) {
+        let s = self.interruptibility();
+        if s & (BLOCKING_BY_STI | BLOCKING_BY_MOV_SS) != 0 {
+            self.write(Field32::GuestInterruptibilityState, s & !(BLOCKING_BY_STI | BLOCKING_BY_MOV_SS));
+        }
+    }
+
+    fn cr_context(&self) -> CrContext {
+        CrContext {
+            cr0: self.cr0(),
+            cr4: self.cr4(),
+            cr3: self.cr3(),
+            efer: self.efer(),
+            cs_long: self.read(Field32::GuestCsAccessRights) & (1 << 13) != 0,
+        }
+    }
+
+    /// Commits an emulated CR0 (`cr == 0`) or CR4 write.
+    fn commit_cr(&mut self, cr: u8, w: CrWrite) -> Result<(), GpFault> {
+        if w.load_pdptes {
+            let cr3 = self.cr3();
+            self.load_pdptes(cr3)?;
+        }
+        if cr == 0 {
+            self.write(FieldNat::GuestCr0, w.real);
+            self.write(FieldNat::Cr0ReadShadow, w.shadow);
+            let old_efer = self.efer();
+            if w.efer != old_efer {
+                self.set_guest_efer(w.efer);
+            }
+            if w.efer & EFER_LMA != 0 && old_efer & EFER_LMA == 0 {
+                // VM entry in IA-32e mode wants a 64-bit busy TSS in TR (SDM Vol. 3C
+                // §27.3.1.2), which the CPU itself does not check when long mode turns on:
+                // a guest still holding a 16-bit TSS from real mode keeps running (as KVM).
+                let ar = self.read(Field32::GuestTrAccessRights);
+                if ar & 0xF != u32::from(SegAttr::TYPE_TSS_BUSY) {
+                    self.write(Field32::GuestTrAccessRights, (ar & !0xF) | u32::from(SegAttr::TYPE_TSS_BUSY));
+                }
+            }
+        } else {
+            self.write(FieldNat::GuestCr4, w.real);
+            self.write(FieldNat::Cr4ReadShadow, w.shadow);
+        }
+        if w.flush_tlb {
+            self.flush_vpid();
+        }
+        Ok(())
+    }
+
+    /// A control-register access exit: emulated here in full (SDM Vol. 3C §27.1.3).
+    fn emulate_cr(&mut self, qualification: u64, regs: &mut GuestRegs, next_rip: u64) -> ExitKind {
+        let access = CrAccess::decode(qualification);
+        let result = match access {
+            CrAccess::MovTo { cr: 0, gpr } => {
+                let ctx = self.cr_context();
+                cr::write_cr0(&self.fixed, &ctx, regs.get(gpr as usize)).and_then(|w| self.commit_cr(0, w))
+            }
+            CrAccess::MovTo { cr: 4, gpr } => {
+                let ctx = self.cr_context();
+                cr::write_cr4(&self.fixed, &ctx, regs.get(gpr as usize)).and_then(|w| self.commit_cr(4, w))
+            }
+            CrAccess::Clts => {
+                let ctx = self.cr_context();
+                cr::clts(&self.fixed, &ctx).and_then(|w| self.commit_cr(0, w))
+            }
+            CrAccess::Lmsw { source } => {
+                let ctx = self.cr_context();
+                cr::lmsw(&self.fixed, &ctx, source).and_then(|w| self.commit_cr(0, w))
+            }
+            // CR3 exits only when the CPU forces CR3-load/store exiting (no TRUE MSRs).
+            CrAccess::MovTo { cr: 3, gpr } => {
+                let pcide = self.cr4() & CR4_PCIDE != 0;
+                let value = regs.get(gpr as usize);
+                let no_flush = pcide && value & (1 << 63) != 0;
+                let value = value & !(1 << 63);
+                let pae = cr::pae_paging(self.cr0(), self.cr4(), self.efer());
+                let ok = if pae { self.load_pdptes(value) } else { Ok(()) };
+                ok.map(|()| {
+                    self.write(FieldNat::GuestCr3, value);
+                    if !no_flush {
+                        self.flush_vpid();
+                    }
+                })
+            }
+            CrAccess::MovFrom { cr: 3, gpr } => {
+                regs.set(gpr as usize, self.cr3());
+                Ok(())
+            }
+            other => {
+                log::warn!("vmx: unexpected control-register exit {other:?}");
+                return ExitKind::Unhandled;
+            }
+        };
+        match result {
+            Ok(()) => {
+                self.write(FieldNat::GuestRip, next_rip);
+                self.end_interrupt_shadow();
+            }
+            Err(GpFault(why)) => {
+                log::debug!("vmx: guest {access:?} faults: {why}");
+                self.inject(Event::GP0);
+            }
+        }
+        ExitKind::ControlRegister
+    }
+
+    /// Re-queues an event whose delivery the exit interrupted (SDM Vol. 3C §28.2.4,
+    /// §29.2.4 "Event delivery").
+    fn requeue_idt_vectoring(&mut self) {
+        let info = self.read(Field32::IdtVectoringInfo);
+        if info & intr::VALID == 0 {
+            return;
+        }
+        if info & intr::ERROR_CODE_VALID != 0 {
+            let code = self.read(Field32::IdtVectoringErrorCode);
+            self.write(Field32::VmEntryExceptionErrorCode, code);
+        }
+        if intr::needs_instruction_length(info) {
+            let len = self.read(Field32::VmExitInstructionLength);
+            self.write(Field32::VmEntryInstructionLength, len);
+        }
+        self.write(Field32::VmEntryInterruptionInfo, intr::requeue(info));
+        self.pending_event = true;
+    }
+
+    /// Reads the guest-state fields for [`check::check`].
+    fn snapshot(&self) -> GuestSnapshot {
+        let mut segs = [SegFields::default(); 8];
+        for (slot, seg) in segs.iter_mut().zip(SEGMENTS) {
+            let f = segment_fields(seg);
+            *slot = SegFields {
+                selector: self.read(f.selector),
+                base: self.read(f.base),
+                limit: self.read(f.limit),
+                ar: self.read(f.access_rights),
+            };
+        }
+        GuestSnapshot {
+            cr0: self.read(FieldNat::GuestCr0),
+            cr3: self.read(FieldNat::GuestCr3),
+            cr4: self.read(FieldNat::GuestCr4),
+            dr7: self.read(FieldNat::GuestDr7),
+            efer: self.read(Field64::GuestIa32Efer),
+            pat: self.read(Field64::GuestIa32Pat),
+            rflags: self.read(FieldNat::GuestRflags),
+            rip: self.read(FieldNat::GuestRip),
+            segs,
+            gdtr_base: self.read(FieldNat::GuestGdtrBase),
+            gdtr_limit: self.read(Field32::GuestGdtrLimit),
+            idtr_base: self.read(FieldNat::GuestIdtrBase),
+            idtr_limit: self.read(Field32::GuestIdtrLimit),
+            interruptibility: self.read(Field32::GuestInterruptibilityState),
+            activity: self.read(Field32::GuestActivityState),
+            link_pointer: self.read(Field64::VmcsLinkPointer),
+            entry_controls: self.read(Field32::VmEntryControls),
+            secondary_controls: self.read(Field32::SecondaryProcBasedControls),
+            entry_intr_info: self.read(Field32::VmEntryInterruptionInfo),
+        }
+    }
+
+    fn entry_instruction_failed(&self, entered: Entered, tsc: u64) -> Exit {
+        let fail = match entered {
+            Entered::FailInvalid => VmxFail::Invalid,
+            // SAFETY: VMfailValid means our VMCS is current; the error field is read-only.
+            _ => VmxFail::Valid(unsafe { instr::vmread(Field32::VmInstructionError) }.unwrap_or(0)),
+        };
+        log::error!("vmx: {} failed: {fail}", if self.launched { "VMRESUME" } else { "VMLAUNCH" });
+        if matches!(fail, VmxFail::Valid(7)) {
+            log::error!(
+                "vmx: controls pin={:#x} primary={:#x} secondary={:#x} exit={:#x} entry={:#x}",
+                self.controls.pin,
+                self.controls.primary,
+                self.controls.secondary,
+                self.controls.exit,
+                self.controls.entry
+            );
+        }
+        // SAFETY: reading a guest field of the current VMCS (or failing harmlessly).
+        let rip = unsafe { instr::vmread(FieldNat::GuestRip) }.unwrap_or(0);
+        Exit {
+            kind: ExitKind::EntryFailed { reason: fail.text(), code: fail.code() },
+            rip,
+            next_rip: rip,
+            raw: RAW_ENTRY_INSTRUCTION_FAILED,
+            tsc,
+        }
+    }
+}
+
+impl Backend for VmxVcpu {
+    fn load_state(&mut self, s: &CpuState) {
+        self.write(FieldNat::GuestCr0, self.fixed.cr0_real(s.cr0));
+        self.write(FieldNat::Cr0ReadShadow, s.cr0);
+        self.write(FieldNat::GuestCr4, self.fixed.cr4_real(s.cr4));
+        self.write(FieldNat::Cr4ReadShadow, s.cr4);
+        self.write(FieldNat::GuestCr3, s.cr3);
+        self.write(FieldNat::GuestDr7, s.dr7);
+        self.write(FieldNat::GuestRsp, s.rsp);
+        self.rsp_cache = s.rsp;
+        self.write(FieldNat::GuestRip, s.rip);
+        self.write(FieldNat::GuestRflags, s.rflags);
+        for (seg, st) in [
+            (SegReg::Es, &s.es),
+            (SegReg::Cs, &s.cs),
+            (SegReg::Ss, &s.ss),
+            (SegReg::Ds, &s.ds),
+            (SegReg::Fs, &s.fs),
+            (SegReg::Gs, &s.gs),
+            (SegReg::Tr, &s.tr),
+            (SegReg::Ldtr, &s.ldtr),
+        ] {
+            self.write_segment(seg, st);
+        }
+        self.write(FieldNat::GuestGdtrBase, s.gdtr.base);
+        self.write(Field32::GuestGdtrLimit, s.gdtr.limit as u32);
+        self.write(FieldNat::GuestIdtrBase, s.idtr.base);
+        self.write(Field32::GuestIdtrLimit, s.idtr.limit as u32);
+        self.set_guest_efer(s.efer);
+        self.write(Field64::GuestIa32Pat, s.pat);
+        self.write(Field64::GuestIa32Debugctl, 0);
+        self.write(Field32::GuestIa32SysenterCs, 0);
+        self.write(FieldNat::GuestIa32SysenterEsp, 0);
+        self.write(FieldNat::GuestIa32SysenterEip, 0);
+        self.write(Field32::GuestInterruptibilityState, 0);
+        self.write(Field32::GuestActivityState, 0);
+        self.write(FieldNat::GuestPendingDebugExceptions, 0);
+        self.write(Field32::VmEntryInterruptionInfo, 0);
+        self.pending_event = false;
+        if cr::pae_paging(s.cr0, s.cr4, s.efer) {
+            if let Err(GpFault(why)) = self.load_pdptes(s.cr3) {
+                log::warn!("vmx: initial PAE PDPTEs not loaded: {why}");
+            }
+        }
+    }
+
+    fn run(&mut self, regs: &mut GuestRegs) -> Exit {
+        if let Err(e) = self.make_current() {
+            return Exit {
+                kind: ExitKind::EntryFailed { reason: e.text(), code: e.code() },
+                rip: 0,
+                next_rip: 0,
+                raw: RAW_ENTRY_INSTRUCTION_FAILED,
+                tsc: instr::rdtsc(),
+            };
+        }
+        if regs.rsp != self.rsp_cache {
+            self.write(FieldNat::GuestRsp, regs.rsp);
+        }
+        // SAFETY: VMX root operation with this vCPU's fully set-up VMCS current (above);
+        // HOST_RIP is the trampoline's exit and the host state is this CPU's (`build` ran
+        // here and Vireo does not change its GDT, TSS, CR3 or segment bases afterwards);
+        // `launched` tracks the VMCS launch state.
+        let entered = unsafe { run::enter(regs, self.launched) };
+        let tsc = instr::rdtsc();
+        if entered != Entered::Exited {
+            return self.entry_instruction_failed(entered, tsc);
+        }
+
+        let mut raw = RawExit { reason: self.read(Field32::ExitReason), ..RawExit::default() };
+        let basic = raw.basic();
+        if !raw.entry_failed() {
+            self.launched = true;
+        }
+        regs.rsp = self.read(FieldNat::GuestRsp);
+        self.rsp_cache = regs.rsp;
+        raw.rip = self.read(FieldNat::GuestRip);
+        if decode::is_instruction_exit(basic) {
+            raw.instr_len = self.read(Field32::VmExitInstructionLength);
+        }
+        if matches!(basic, reason::SIPI | reason::CR_ACCESS | reason::IO | reason::EPT_VIOLATION) {
+            raw.qualification = self.read(FieldNat::ExitQualification);
+        }
+        if decode::needs_intr_info(basic) {
+            raw.intr_info = self.read(Field32::VmExitInterruptionInfo);
+            if raw.intr_info & intr::ERROR_CODE_VALID != 0 {
+                raw.intr_error = self.read(Field32::VmExitInterruptionErrorCode);
+            }
+        }
+        if decode::needs_gpa(basic) {
+            raw.gpa = self.read(Field64::GuestPhysicalAddress);
+            if basic == reason::EPT_VIOLATION && raw.qualification & (1 << 7) != 0 {
+                raw.gla = self.read(FieldNat::GuestLinearAddress);
+            }
+        }
+
+        // A failed entry delivered nothing: a queued event stays queued.
+        if !raw.entry_failed() {
+            self.pending_event = false;
+            self.requeue_idt_vectoring();
+        }
+
+        let (mut kind, next_rip) = decode::decode(&raw);
+        match basic {
+            _ if raw.entry_failed() => {
+                if basic == reason::INVALID_GUEST_STATE {
+                    let snap = self.snapshot();
+                    if let Some(why) = check::check(&snap, &self.fixed) {
+                        kind = ExitKind::EntryFailed { reason: why, code: basic as u64 };
+                    }
+                    log::error!(
+                        "vmx: VM entry failed: {kind:?} (qualification {:#x})",
+                        self.read(FieldNat::ExitQualification)
+                    );
+                } else {
+                    log::error!("vmx: VM entry failed: {kind:?}");
+                }
+            }
+            reason::CR_ACCESS => kind = self.emulate_cr(raw.qualification, regs, next_rip),
+            reason::EXTERNAL_INTERRUPT => {
+                self.last_external_vector =
+                    (raw.intr_info & intr::VALID != 0).then_some((raw.intr_info & intr::VECTOR_MASK) as u8);
+            }
+            reason::EPT_MISCONFIG => log::error!("vmx: EPT misconfiguration at guest-physical {:#x}", raw.gpa),
+            _ if kind == ExitKind::Unhandled => {
+                log::debug!("vmx: unhandled exit {} ({})", basic, super::error::exit_reason_name(basic));
+            }
+            _ => {}
+        }
+        let raw_code = if raw.entry_failed() { raw.reason as u64 } else { basic as u64 };
+        Exit { kind, rip: raw.rip, next_rip, raw: raw_code, tsc }
+    }
+
+    fn rip(&self) -> u64 {
+        self.read(FieldNat::GuestRip)
+    }
+
+    /// Also ends an STI/MOV SS interrupt shadow: the core moves RIP past an instruction it
+    /// emulated, which completes that instruction (as KVM's skip_emulated_instruction).
+    fn set_rip(&mut self, rip: u64) {
+        self.write(FieldNat::GuestRip, rip);
+        self.end_interrupt_shadow();
+    }
+
+    fn rflags(&self) -> u64 {
+        self.read(FieldNat::GuestRflags)
+    }
+
+    fn set_rflags(&mut self, rflags: u64) {
+        self.write(FieldNat::GuestRflags, rflags);
+    }
+
+    fn cr0(&self) -> u64 {
+        cr::guest_view(self.read(FieldNat::GuestCr0), self.read(FieldNat::Cr0ReadShadow), self.fixed.cr0_mask())
+    }
+
+    fn cr3(&self) -> u64 {
+        self.read(FieldNat::GuestCr3)
+    }
+
+    fn cr4(&self) -> u64 {
+        cr::guest_view(self.read(FieldNat::GuestCr4), self.read(FieldNat::Cr4ReadShadow), self.fixed.cr4_mask())
+    }
+
+    fn efer(&self) -> u64 {
+        self.read(Field64::GuestIa32Efer)
+    }
+
+    fn set_efer(&mut self, efer: u64) {
+        self.set_guest_efer(efer);
+    }
+
+    fn cpl(&self) -> u8 {
+        SegAttr::from_vmx(self.read(Field32::GuestSsAccessRights)).dpl()
+    }
+
+    fn segment(&self, seg: SegReg) -> Segment {
+        let f = segment_fields(seg);
+        let ar = self.read(f.access_rights);
+        Segment {
+            selector: self.read(f.selector),
+            base: self.read(f.base),
+            limit: self.read(f.limit),
+            attr: SegAttr::from_vmx(ar),
+            unusable: ar & (1 << 16) != 0,
+        }
+    }
+
+    fn inject(&mut self, event: Event) {
+        let protected = self.read(FieldNat::GuestCr0) & CR0_PE != 0;
+        let (info, error) = entry_interruption(event, protected);
+        if let Some(code) = error {
+            self.write(Field32::VmEntryExceptionErrorCode, code);
+        }
+        self.write(Field32::VmEntryInterruptionInfo, info);
+        self.pending_event = true;
+    }
+
+    fn event_pending(&self) -> bool {
+        self.pending_event
+    }
+
+    fn interruptible(&self) -> bool {
+        self.rflags() & RFLAGS_IF != 0 && self.interruptibility() & (BLOCKING_BY_STI | BLOCKING_BY_MOV_SS) == 0
+    }
+
+    fn set_interrupt_window(&mut self, enable: bool) {
+        if enable && !self.controls.window_allowed {
+            log::warn!("vmx: the CPU does not allow interrupt-window exiting");
+            return;
+        }
+        let bit = primary::INTERRUPT_WINDOW_EXITING;
+        let new = if enable { self.controls.primary | bit } else { self.controls.primary & !bit };
+        if new != self.controls.primary {
+            self.controls.primary = new;
+            self.write(Field32::PrimaryProcBasedControls, new);
+        }
+    }
+
+    fn set_exception_intercepts(&mut self, vectors: u32) {
+        self.write(Field32::ExceptionBitmap, vectors);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::vmm::exit::{VECTOR_DF, VECTOR_PF, VECTOR_UD};
+    use crate::vmx::check::{check, GuestSnapshot, SegFields};
+    use crate::vmx::controls::secondary;
+
+    #[test]
+    fn injection_encoding() {
+        // #PF with error code, protected mode.
+        let (info, err) = entry_interruption(Event::Exception { vector: VECTOR_PF, error_code: Some(2) }, true);
+        assert_eq!(info, 0x8000_0B0E);
+        assert_eq!(err, Some(2));
+        // #UD: no error code even if one is given.
+        let (info, err) = entry_interruption(Event::Exception { vector: VECTOR_UD, error_code: Some(9) }, true);
+        assert_eq!(info, 0x8000_0306);
+        assert_eq!(err, None);
+        // #DF in real mode (unrestricted guest): no error code may be delivered.
+        let (info, err) = entry_interruption(Event::Exception { vector: VECTOR_DF, error_code: Some(0) }, false);
+        assert_eq!(info, 0x8000_0308);
+        assert_eq!(err, None);
+        // #GP without a code from the core still delivers one in protected mode.
+        assert_eq!(entry_interruption(Event::Exception { vector: 13, error_code: None }, true), (0x8000_0B0D, Some(0)));
+        assert_eq!(entry_interruption(Event::Interrupt { vector: 0x30 }, true), (0x8000_0030, None));
+        assert_eq!(entry_interruption(Event::Nmi, true), (0x8000_0202, None));
+    }
+
+    #[test]
+    fn tss_descriptor_base() {
+        // Base 0x1122_3344_5566_7788 spread over the 16-byte descriptor.
+        let base: u64 = 0x1122_3344_5566_7788;
+        let low = 0x67 | ((base & 0xFF_FFFF) << 16) | (0x89u64 << 40) | (((base >> 24) & 0xFF) << 56);
+        let high = base >> 32;
+        assert_eq!(system_descriptor_base(low, high), base);
+    }
+
+    #[test]
+    fn reset_state_passes_entry_checks() {
+        let fixed = CrFixed {
+            cr0_fixed0: 0x8000_0021,
+            cr0_fixed1: 0xFFFF_FFFF,
+            cr4_fixed0: 0x2000,
+            cr4_fixed1: 0x3767FF,
+            unrestricted: true,
+        };
+        let s = reset_state();
+        let seg = |g: &Segment| SegFields {
+            selector: g.selector,
+            base: g.base,
+            limit: g.limit,
+            ar: g.attr.to_vmx(g.unusable),
+        };
+        let snap = GuestSnapshot {
+            cr0: fixed.cr0_real(s.cr0),
+            cr4: fixed.cr4_real(s.cr4),
+            dr7: s.dr7,
+            efer: s.efer,
+            pat: s.pat,
+            rflags: s.rflags,
+            rip: s.rip,
+            segs: [seg(&s.es), seg(&s.cs), seg(&s.ss), seg(&s.ds), seg(&s.fs), seg(&s.gs), seg(&s.ldtr), seg(&s.tr)],
+            gdtr_limit: 0xFFFF,
+            idtr_limit: 0xFFFF,
+            link_pointer: !0,
+            entry_controls: entry::LOAD_EFER | entry::LOAD_PAT,
+            secondary_controls: secondary::ENABLE_EPT | secondary::UNRESTRICTED_GUEST,
+            ..GuestSnapshot::default()
+        };
+        assert_eq!(check(&snap, &fixed), None);
+        // The guest sees CD/NW/ET as RESET leaves them, the real CR0 keeps caches on.
+        assert_eq!(cr::guest_view(snap.cr0, s.cr0, fixed.cr0_mask()), 0x6000_0010);
+        assert_eq!(snap.cr0, 0x30);
+    }
+}

@@ -1,0 +1,75 @@
+#!/usr/bin/env bash
+# Hypercall round-trip cost as a guest sees it, in each emulator configuration.
+#
+# The self-test guest in bench mode makes N PING hypercalls. Host time per round trip is
+# measured differentially: (wall time of a boot with N calls - wall time of a boot with 0
+# calls) / N, each the minimum of REPEATS boots, so boot and build time cancel out. (Guest
+# TSC figures are printed too, but Bochs's TSC counts emulated instructions, not time.)
+set -euo pipefail
+# shellcheck source=lib.sh
+source "$(dirname "${BASH_SOURCE[0]}")/lib.sh"
+
+N=300000
+REPEATS=3
+CONFIGS=(qemu-svm bochs-vmx bochs-svm)
+
+usage() {
+    cat <<EOF2
+Usage: scripts/bench-hypercall.sh [--calls N] [--repeats R] [--config qemu-svm|bochs-vmx|bochs-svm]...
+
+Prints, per configuration, microseconds of host time per hypercall round trip.
+Defaults: --calls $N --repeats $REPEATS, all configurations.
+EOF2
+}
+
+chosen=()
+while [[ $# -gt 0 ]]; do
+    case "$1" in
+        -h|--help) usage; exit 0 ;;
+        --calls) need_arg "$1" "$#"; N="$2"; shift ;;
+        --repeats) need_arg "$1" "$#"; REPEATS="$2"; shift ;;
+        --config) need_arg "$1" "$#"; chosen+=("$2"); shift ;;
+        *) usage_error "unknown option: $1" ;;
+    esac
+    shift
+done
+[[ ${#chosen[@]} -eq 0 ]] || CONFIGS=("${chosen[@]}")
+
+"$VIREO_ROOT/scripts/install-deps.sh" --quiet all
+ELF="$("$VIREO_ROOT/scripts/build.sh" --no-deps | tail -n 1)"
+
+run_once() { # CONFIG CALLS -> prints "seconds tsc_per_call"
+    local config="$1" calls="$2" cmd log t0 t1 tpc
+    case "$config" in
+        qemu-svm) cmd=("$VIREO_ROOT/scripts/run-qemu.sh" --accel tcg) ;;
+        bochs-vmx) cmd=("$VIREO_ROOT/scripts/run-bochs.sh" --cpu vmx) ;;
+        bochs-svm) cmd=("$VIREO_ROOT/scripts/run-bochs.sh" --cpu svm) ;;
+        *) die "unknown configuration $config" ;;
+    esac
+    log="$(mktemp)"
+    t0="$(date +%s.%N)"
+    "${cmd[@]}" --headless --timeout 600 --elf "$ELF" --guest "selftest=bench bench=$calls" >"$log" 2>/dev/null ||
+        { tail -20 "$log" >&2; die "$config run failed"; }
+    t1="$(date +%s.%N)"
+    tpc="$(sed -n 's/.*tsc_per_call=\([0-9]*\).*/\1/p' "$log" | head -n 1)"
+    rm -f "$log"
+    echo "$(awk -v a="$t1" -v b="$t0" 'BEGIN { printf "%.3f", a - b }') ${tpc:-0}"
+}
+
+min_of() { sort -g | head -n 1; }
+
+printf '%-10s %10s %12s %12s %14s\n' config calls base_s loaded_s us_per_call
+for config in "${CONFIGS[@]}"; do
+    base=() loaded=() tsc=()
+    for _ in $(seq "$REPEATS"); do
+        read -r s _ < <(run_once "$config" 0)
+        base+=("$s")
+        read -r s t < <(run_once "$config" "$N")
+        loaded+=("$s")
+        tsc+=("$t")
+    done
+    b="$(printf '%s\n' "${base[@]}" | min_of)"
+    l="$(printf '%s\n' "${loaded[@]}" | min_of)"
+    us="$(awk -v l="$l" -v b="$b" -v n="$N" 'BEGIN { printf "%.2f", (l - b) * 1000000 / n }')"
+    printf '%-10s %10d %12.2f %12.2f %14.2f   (guest tsc_per_call: %s)\n' "$config" "$N" "$b" "$l" "$us" "${tsc[*]}"
+done
