@@ -300,3 +300,86 @@ pub fn bench(n: u64) {
     let _ =
         writeln!(Console, "selftest: bench hypercalls={} tsc_total={} tsc_per_call={}", n, cycles, cycles / n.max(1));
 }
+
+/// A xorshift64 generator (the guest has no other randomness it needs).
+struct Rng(u64);
+
+impl Rng {
+    fn next(&mut self) -> u64 {
+        self.0 ^= self.0 << 13;
+        self.0 ^= self.0 >> 7;
+        self.0 ^= self.0 << 17;
+        self.0
+    }
+}
+
+/// `n` random hostile operations: wild MSRs, ports, hypercall numbers and pointers,
+/// accesses to unassigned memory. Each must get its architectural answer; Vireo must
+/// survive all of them. Returns the number of wrong answers.
+pub fn hostile(n: u64, ram: u64) -> u32 {
+    let mut rng = Rng(rdtsc() | 1);
+    let mut wrong = 0u32;
+    let mut faults = 0u64;
+    // Ports that would reset or power off the VM, or flood the console.
+    let spared = |p: u16| matches!(p, 0xE9 | 0x64 | 0x92 | 0xCF9 | 0x604 | 0xB004 | 0x4004);
+    for _ in 0..n {
+        let r = rng.next();
+        match r % 6 {
+            0 => {
+                if rdmsr(rng.next() as u32).is_err() {
+                    faults += 1;
+                }
+            }
+            1 => {
+                // Random MSR numbers; values random too.
+                if wrmsr(rng.next() as u32 | 0x4000_0000, rng.next()).is_some() {
+                    faults += 1;
+                }
+            }
+            2 => {
+                let port = rng.next() as u16;
+                if !spared(port) {
+                    let v = rng.next() as u32;
+                    // SAFETY: any port: Vireo decides what it does.
+                    unsafe {
+                        match r >> 8 & 3 {
+                            0 => asm!("out dx, al", in("dx") port, in("al") v as u8, options(nomem, nostack)),
+                            1 => asm!("out dx, ax", in("dx") port, in("ax") v as u16, options(nomem, nostack)),
+                            _ => asm!("out dx, eax", in("dx") port, in("eax") v, options(nomem, nostack)),
+                        }
+                    }
+                }
+            }
+            3 => {
+                let port = rng.next() as u16;
+                if !spared(port) && port != TEST_DEVICE_PORT {
+                    let v: u32;
+                    // SAFETY: as above.
+                    unsafe { asm!("in eax, dx", in("dx") port, out("eax") v, options(nomem, nostack)) };
+                    wrong += (v != u32::MAX) as u32;
+                }
+            }
+            4 => {
+                // Wild numbers and pointers outside RAM: -ENOSYS / -EFAULT / -E2BIG.
+                let bad_ptr = ram + (rng.next() % (u64::MAX - ram));
+                let len = rng.next() % 8192;
+                let (num, expect): (u64, &[i64]) = match r >> 8 & 3 {
+                    0 => (rng.next() | (1 << 40), &[-errno::ENOSYS]),
+                    1 => (nr::CONSOLE_WRITE, &[-errno::EFAULT, -errno::E2BIG]),
+                    2 => (nr::EXIT_STATS, &[-errno::EFAULT, -errno::E2BIG]),
+                    _ => (1 + rng.next() % 12, &[-errno::ENOSYS]),
+                };
+                let got = call(num, [bad_ptr, len, rng.next(), rng.next()]);
+                wrong += (!expect.contains(&got)) as u32;
+            }
+            _ => {
+                let gpa = ram + 0x1000 + (rng.next() % (0xF000_0000 - ram)) & !7;
+                // SAFETY: guest-physical space with no RAM (the boot tables map 4 GiB).
+                let v = unsafe { core::ptr::read_volatile(gpa as *const u64) };
+                wrong += (v != u64::MAX) as u32;
+            }
+        }
+    }
+    let _ = writeln!(Console, "selftest: hostile operations={n} faults={faults} wrong={wrong}");
+    wrong
+}

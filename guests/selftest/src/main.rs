@@ -3,6 +3,7 @@
 //! - (default) run every check, print `selftest: <check> ok|FAIL ...` lines and the summary
 //!   `selftest: N passed, M failed`, then end the VM with status M;
 //! - `bench=N`: N hypercall round trips, timed with the TSC;
+//! - `hostile=N`: N random hostile operations (wild MSRs, ports, hypercalls, pointers);
 //! - `mode=triple-fault`: fault with no usable IDT, which triple-faults.
 #![cfg_attr(target_os = "none", no_std, no_main)]
 
@@ -74,6 +75,10 @@ mod guest {
             traps::triple_fault();
         }
         traps::install();
+        if let Some(n) = args.split_whitespace().find_map(|a| a.strip_prefix("hostile=")) {
+            let wrong = crate::checks::hostile(n.parse().unwrap_or(10_000), ram);
+            exit(wrong as u64);
+        }
         if let Some(n) = args.split_whitespace().find_map(|a| a.strip_prefix("bench=")) {
             let n: u64 = n.parse().unwrap_or(100_000);
             crate::checks::bench(n);

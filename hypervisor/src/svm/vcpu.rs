@@ -581,6 +581,19 @@ impl Backend for SvmVcpu {
         self.injected = value;
     }
 
+    fn pending_event(&self) -> Option<Event> {
+        let e = self.vmcb().control.eventinj;
+        Event::decode(e as u32, (e >> 32) as u32)
+    }
+
+    fn pat(&self) -> u64 {
+        SvmVcpu::pat(self)
+    }
+
+    fn set_pat(&mut self, pat: u64) {
+        SvmVcpu::set_pat(self, pat)
+    }
+
     fn event_pending(&self) -> bool {
         event::is_valid(self.vmcb().control.eventinj)
     }

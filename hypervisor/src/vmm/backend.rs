@@ -40,6 +40,9 @@ pub trait Backend {
     /// its hardware needs (SVM: EFER.SVME in the VMCB copy) and keeps it hidden from
     /// [`Backend::efer`]; VMX updates the "IA-32e mode guest" entry control from LMA.
     fn set_efer(&mut self, efer: u64);
+    /// The guest's IA32_PAT as the hardware applies it (VMCB G_PAT / VMCS guest PAT).
+    fn pat(&self) -> u64;
+    fn set_pat(&mut self, pat: u64);
     /// Current privilege level (SS.DPL).
     fn cpl(&self) -> u8;
     fn segment(&self, seg: SegReg) -> Segment;
@@ -47,6 +50,8 @@ pub trait Backend {
     /// Queues `event` for delivery at the next entry (replacing none already queued: the
     /// core checks [`Backend::event_pending`] first).
     fn inject(&mut self, event: Event);
+    /// The queued event, if any (see [`Backend::event_pending`]).
+    fn pending_event(&self) -> Option<Event>;
     /// An event is queued and not yet delivered (including one re-queued because its
     /// delivery was interrupted by an exit, SDM Vol. 3C §28.2.4 / APM §15.7.2 EXITINTINFO).
     fn event_pending(&self) -> bool;

@@ -185,6 +185,61 @@ pub const VECTOR_PF: u8 = 14;
 pub const VECTOR_AC: u8 = 17;
 pub const VECTOR_MC: u8 = 18;
 
+/// Exception classes for delivering one exception while another is being delivered
+/// (SDM Vol. 3A §7.15, Tables 7-4 and 7-5).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Merge {
+    /// Deliver the second event; the first is handled serially afterwards.
+    Serial,
+    /// Deliver #DF(0) instead.
+    DoubleFault,
+    /// A fault while delivering #DF: the CPU shuts down (triple fault).
+    TripleFault,
+}
+
+fn contributory(vector: u8) -> bool {
+    matches!(vector, 0 | 10 | 11 | 12 | 13)
+}
+
+/// What the CPU does when exception `second` arises while delivering `first`.
+pub fn merge(first: Event, second: u8) -> Merge {
+    let Event::Exception { vector: first, .. } = first else { return Merge::Serial };
+    let second_bad = contributory(second) || second == VECTOR_PF;
+    match first {
+        VECTOR_DF if second_bad => Merge::TripleFault,
+        VECTOR_PF if second_bad => Merge::DoubleFault,
+        v if contributory(v) && contributory(second) => Merge::DoubleFault,
+        _ => Merge::Serial,
+    }
+}
+
+/// Bits of the event encoding VMX (VM-entry interruption information, SDM Vol. 3C §25.8.3)
+/// and SVM (EVENTINJ, APM Vol. 2 §15.20) share.
+pub mod encoding {
+    pub const VECTOR: u32 = 0xFF;
+    pub const TYPE_SHIFT: u32 = 8;
+    pub const TYPE_EXTERNAL: u32 = 0;
+    pub const TYPE_NMI: u32 = 2;
+    pub const ERROR_VALID: u32 = 1 << 11;
+    pub const VALID: u32 = 1 << 31;
+}
+
+impl Event {
+    /// Decodes the shared encoding (`info`, with the error code alongside).
+    pub fn decode(info: u32, error_code: u32) -> Option<Event> {
+        use encoding::*;
+        if info & VALID == 0 {
+            return None;
+        }
+        let vector = (info & VECTOR) as u8;
+        Some(match (info >> TYPE_SHIFT) & 7 {
+            TYPE_EXTERNAL => Event::Interrupt { vector },
+            TYPE_NMI => Event::Nmi,
+            _ => Event::Exception { vector, error_code: (info & ERROR_VALID != 0).then_some(error_code) },
+        })
+    }
+}
+
 impl Event {
     /// #GP(0), the answer to an unknown MSR.
     pub const GP0: Event = Event::Exception { vector: VECTOR_GP, error_code: Some(0) };
@@ -194,6 +249,28 @@ impl Event {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn double_fault_rules() {
+        let ex = |vector| Event::Exception { vector, error_code: None };
+        assert_eq!(merge(ex(VECTOR_GP), VECTOR_GP), Merge::DoubleFault);
+        assert_eq!(merge(ex(VECTOR_PF), VECTOR_PF), Merge::DoubleFault);
+        assert_eq!(merge(ex(VECTOR_PF), VECTOR_GP), Merge::DoubleFault);
+        assert_eq!(merge(ex(VECTOR_GP), VECTOR_PF), Merge::Serial);
+        assert_eq!(merge(ex(VECTOR_DF), VECTOR_GP), Merge::TripleFault);
+        assert_eq!(merge(ex(VECTOR_UD), VECTOR_GP), Merge::Serial);
+        assert_eq!(merge(Event::Interrupt { vector: 0x40 }, VECTOR_GP), Merge::Serial);
+        assert_eq!(merge(ex(VECTOR_DF), VECTOR_UD), Merge::Serial);
+    }
+
+    #[test]
+    fn shared_event_encoding() {
+        assert_eq!(Event::decode(0, 0), None);
+        assert_eq!(Event::decode(0x8000_0040, 0), Some(Event::Interrupt { vector: 0x40 }));
+        assert_eq!(Event::decode(0x8000_0202, 0), Some(Event::Nmi));
+        assert_eq!(Event::decode(0x8000_0B0D, 7), Some(Event::Exception { vector: 13, error_code: Some(7) }));
+        assert_eq!(Event::decode(0x8000_0306, 7), Some(Event::Exception { vector: 6, error_code: None }));
+    }
 
     #[test]
     fn indices_are_dense_and_named() {

@@ -25,17 +25,10 @@ pub enum MsrOutcome {
     Fault,
 }
 
-/// Per-vCPU MSR values Vireo keeps itself.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub struct MsrState {
-    pub pat: u64,
-}
-
-impl Default for MsrState {
-    fn default() -> Self {
-        Self { pat: super::state::PAT_POWER_ON }
-    }
-}
+/// Per-vCPU MSR values Vireo keeps itself (none yet: EFER and PAT live in the VMCB/VMCS
+/// and go through the backend).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct MsrState {}
 
 /// Validates a guest write of `value` to EFER given the current EFER and CR0; returns the
 /// new EFER to load or `Fault`.
@@ -57,22 +50,17 @@ pub fn valid_pat(value: u64) -> bool {
     value.to_le_bytes().iter().all(|b| matches!(b, 0 | 1 | 4 | 5 | 6 | 7))
 }
 
-/// RDMSR of an MSR that is neither EFER nor passed through.
-pub fn read(state: &MsrState, msr: u32, tsc: u64) -> MsrOutcome {
+/// RDMSR of an MSR that is neither EFER, PAT nor passed through.
+pub fn read(_state: &MsrState, msr: u32, tsc: u64) -> MsrOutcome {
     match msr {
         IA32_TIME_STAMP_COUNTER => MsrOutcome::Ok(tsc),
-        IA32_PAT => MsrOutcome::Ok(state.pat),
         _ => MsrOutcome::Fault,
     }
 }
 
-/// WRMSR of an MSR that is neither EFER nor passed through.
-pub fn write(state: &mut MsrState, msr: u32, value: u64) -> MsrOutcome {
+/// WRMSR of an MSR that is neither EFER, PAT nor passed through.
+pub fn write(_state: &mut MsrState, msr: u32, value: u64) -> MsrOutcome {
     match msr {
-        IA32_PAT if valid_pat(value) => {
-            state.pat = value;
-            MsrOutcome::Ok(value)
-        }
         // Writing the TSC is allowed; Vireo keeps the guest on the host TSC for now
         // (TSC offsetting comes with the timekeeping work), so the write has no effect.
         IA32_TIME_STAMP_COUNTER => MsrOutcome::Ok(value),
@@ -95,11 +83,10 @@ mod tests {
 
     #[test]
     fn pat_validation() {
-        let mut s = MsrState::default();
-        assert_eq!(read(&s, IA32_PAT, 0), MsrOutcome::Ok(0x0007_0406_0007_0406));
-        assert_eq!(write(&mut s, IA32_PAT, 0x0007_0406_0007_0402), MsrOutcome::Fault);
-        assert_eq!(write(&mut s, IA32_PAT, 0x0606_0606_0606_0606), MsrOutcome::Ok(0x0606_0606_0606_0606));
-        assert_eq!(s.pat, 0x0606_0606_0606_0606);
+        assert!(valid_pat(0x0007_0406_0007_0406));
+        assert!(valid_pat(0x0606_0606_0606_0606));
+        assert!(!valid_pat(0x0007_0406_0007_0402), "type 2 is reserved");
+        assert!(!valid_pat(0x0800_0000_0000_0000), "type 8 is reserved");
     }
 
     #[test]

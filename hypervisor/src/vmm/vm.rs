@@ -6,7 +6,7 @@ use alloc::string::String;
 use super::{
     backend::Backend,
     cpuid::{self, CpuidContext},
-    exit::{Event, Exit, ExitKind, IoAccess, NptAccess, VECTOR_UD},
+    exit::{merge, Event, Exit, ExitKind, IoAccess, Merge, NptAccess, VECTOR_DF, VECTOR_UD},
     guest_mem::GuestMemory,
     hypercall, mmio, msr,
     regs::GuestRegs,
@@ -158,10 +158,10 @@ impl Vm {
             }
             ExitKind::Rdmsr => {
                 let msr_index = self.regs.rcx as u32;
-                let outcome = if msr_index == msr::IA32_EFER {
-                    msr::MsrOutcome::Ok(cpu.efer())
-                } else {
-                    msr::read(&self.msrs, msr_index, rdtsc())
+                let outcome = match msr_index {
+                    msr::IA32_EFER => msr::MsrOutcome::Ok(cpu.efer()),
+                    msr::IA32_PAT => msr::MsrOutcome::Ok(cpu.pat()),
+                    _ => msr::read(&self.msrs, msr_index, rdtsc()),
                 };
                 match outcome {
                     msr::MsrOutcome::Ok(v) => {
@@ -175,14 +175,20 @@ impl Vm {
             ExitKind::Wrmsr => {
                 let msr_index = self.regs.rcx as u32;
                 let value = (self.regs.rdx << 32) | (self.regs.rax & 0xFFFF_FFFF);
-                let outcome = if msr_index == msr::IA32_EFER {
-                    let r = msr::write_efer(cpu.efer(), value, cpu.cr0());
-                    if let msr::MsrOutcome::Ok(efer) = r {
-                        cpu.set_efer(efer);
+                let outcome = match msr_index {
+                    msr::IA32_EFER => {
+                        let r = msr::write_efer(cpu.efer(), value, cpu.cr0());
+                        if let msr::MsrOutcome::Ok(efer) = r {
+                            cpu.set_efer(efer);
+                        }
+                        r
                     }
-                    r
-                } else {
-                    msr::write(&mut self.msrs, msr_index, value)
+                    msr::IA32_PAT if msr::valid_pat(value) => {
+                        cpu.set_pat(value);
+                        msr::MsrOutcome::Ok(value)
+                    }
+                    msr::IA32_PAT => msr::MsrOutcome::Fault,
+                    _ => msr::write(&mut self.msrs, msr_index, value),
                 };
                 match outcome {
                     msr::MsrOutcome::Ok(_) => cpu.set_rip(exit.next_rip),
@@ -204,9 +210,9 @@ impl Vm {
                 {
                     return self.hypercall(cpu, exit.rip.wrapping_add(3));
                 }
-                cpu.inject(Event::UD);
+                return self.reflect(cpu, VECTOR_UD, None);
             }
-            ExitKind::Exception { vector, error_code } => cpu.inject(Event::Exception { vector, error_code }),
+            ExitKind::Exception { vector, error_code } => return self.reflect(cpu, vector, error_code),
             ExitKind::TripleFault => return Flow::Stop(VmOutcome::TripleFault),
             // Nothing routes physical interrupts or NMIs to Vireo yet; the exit itself is
             // all that was needed.
@@ -218,6 +224,28 @@ impl Vm {
             ExitKind::EntryFailed { reason, .. } => return Flow::Stop(VmOutcome::Fatal { reason }),
             ExitKind::Unhandled => return Flow::Stop(VmOutcome::Fatal { reason: "exit Vireo does not handle" }),
         }
+        Flow::Continue
+    }
+
+    /// Delivers an intercepted exception to the guest. If the exit interrupted the delivery
+    /// of another event, the two combine as the CPU would combine them (#DF, or shutdown);
+    /// an interrupted external interrupt is kept pending and delivered after.
+    fn reflect<B: Backend>(&mut self, cpu: &mut B, vector: u8, error_code: Option<u32>) -> Flow {
+        if let Some(first) = cpu.pending_event() {
+            match merge(first, vector) {
+                Merge::TripleFault => return Flow::Stop(VmOutcome::TripleFault),
+                Merge::DoubleFault => {
+                    cpu.inject(Event::Exception { vector: VECTOR_DF, error_code: Some(0) });
+                    return Flow::Continue;
+                }
+                Merge::Serial => {
+                    if let Event::Interrupt { vector } = first {
+                        self.pending_irq = Some(vector);
+                    }
+                }
+            }
+        }
+        cpu.inject(Event::Exception { vector, error_code });
         Flow::Continue
     }
 

@@ -888,6 +888,22 @@ impl Backend for VmxVcpu {
         self.pending_event = true;
     }
 
+    fn pending_event(&self) -> Option<Event> {
+        if !self.pending_event {
+            return None;
+        }
+        let info = self.read(Field32::VmEntryInterruptionInfo);
+        Event::decode(info, self.read(Field32::VmEntryExceptionErrorCode))
+    }
+
+    fn pat(&self) -> u64 {
+        self.read(Field64::GuestIa32Pat)
+    }
+
+    fn set_pat(&mut self, pat: u64) {
+        self.write(Field64::GuestIa32Pat, pat);
+    }
+
     fn event_pending(&self) -> bool {
         self.pending_event
     }
