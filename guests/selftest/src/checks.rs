@@ -373,7 +373,7 @@ pub fn hostile(n: u64, ram: u64) -> u32 {
                 wrong += (!expect.contains(&got)) as u32;
             }
             _ => {
-                let gpa = ram + 0x1000 + (rng.next() % (0xF000_0000 - ram)) & !7;
+                let gpa = (ram + 0x1000 + (rng.next() % (0xF000_0000 - ram))) & !7;
                 // SAFETY: guest-physical space with no RAM (the boot tables map 4 GiB).
                 let v = unsafe { core::ptr::read_volatile(gpa as *const u64) };
                 wrong += (v != u64::MAX) as u32;
