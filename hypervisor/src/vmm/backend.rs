@@ -43,6 +43,12 @@ pub trait Backend {
     /// The guest's IA32_PAT as the hardware applies it (VMCB G_PAT / VMCS guest PAT).
     fn pat(&self) -> u64;
     fn set_pat(&mut self, pat: u64);
+    /// The guest runs 64-bit code: EFER.LMA and CS.L (backends may answer cheaper than
+    /// through [`Backend::segment`]).
+    fn long_mode(&self) -> bool {
+        use super::state::{SegAttr, EFER_LMA};
+        self.efer() & EFER_LMA != 0 && self.segment(SegReg::Cs).attr.0 & SegAttr::LONG != 0
+    }
     /// Current privilege level (SS.DPL).
     fn cpl(&self) -> u8;
     fn segment(&self, seg: SegReg) -> Segment;

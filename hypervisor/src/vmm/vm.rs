@@ -283,7 +283,7 @@ impl Vm {
 
     fn hypercall<B: Backend>(&mut self, cpu: &mut B, next_rip: u64) -> Flow {
         // Outside 64-bit mode only the low 32 bits of each register count.
-        let long = cpu.efer() & EFER_LMA != 0 && cpu.segment(SegReg::Cs).attr.0 & SegAttr::LONG != 0;
+        let long = cpu.long_mode();
         let t = |v: u64| if long { v } else { v & 0xFFFF_FFFF };
         let r = self.regs;
         let (number, args) = (t(r.rax), [t(r.rbx), t(r.rcx), t(r.rdx), t(r.rsi)]);

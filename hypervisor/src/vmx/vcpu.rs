@@ -786,10 +786,14 @@ impl Backend for VmxVcpu {
             }
         }
 
-        // A failed entry delivered nothing: a queued event stays queued.
+        // A failed entry delivered nothing: a queued event stays queued. IDT-vectoring
+        // information is valid only for exits during event delivery, which instruction
+        // exits never are (SDM Vol. 3C §28.2.4): skip the VMREAD for them.
         if !raw.entry_failed() {
             self.pending_event = false;
-            self.requeue_idt_vectoring();
+            if !decode::is_instruction_exit(basic) {
+                self.requeue_idt_vectoring();
+            }
         }
 
         let (mut kind, next_rip) = decode::decode(&raw);
@@ -860,6 +864,12 @@ impl Backend for VmxVcpu {
 
     fn set_efer(&mut self, efer: u64) {
         self.set_guest_efer(efer);
+    }
+
+    fn long_mode(&self) -> bool {
+        // CS access rights bit 13 is L (SDM Vol. 3C §25.4.1); L=1 implies IA-32e mode.
+        self.read(Field32::GuestCsAccessRights) & (1 << 13) != 0
+            && self.read(Field64::GuestIa32Efer) & crate::vmm::state::EFER_LMA != 0
     }
 
     fn cpl(&self) -> u8 {
