@@ -18,7 +18,7 @@ use crate::{
         regs::GuestRegs,
         state::{
             CpuState, DescriptorTable, SegAttr, SegReg, Segment, CR0_PE, CR0_PG, EFER_LMA, EFER_LME, EFER_SVME,
-            PAT_POWER_ON, RFLAGS_IF, RFLAGS_RESERVED_1,
+            RFLAGS_IF, RFLAGS_RESERVED_1,
         },
     },
 };
@@ -28,8 +28,6 @@ pub const MSR_VM_HSAVE_PA: u32 = 0xC001_0117;
 
 /// DR6 at reset (APM Vol. 2 §13.1.1.3).
 const DR6_INIT: u64 = 0xFFFF_0FF0;
-/// DR7 at reset.
-const DR7_INIT: u64 = 0x400;
 /// RFLAGS.VM (virtual-8086 mode).
 const RFLAGS_VM: u64 = 1 << 17;
 /// Vector V_INTR_VECTOR names while an interrupt window is requested. It is never
@@ -306,29 +304,7 @@ impl SvmVcpu {
 
     /// The architectural power-on state (APM Vol. 2 §14.1.3): real mode at F000:FFF0.
     fn load_reset_state(&mut self) {
-        let data = Segment { selector: 0, base: 0, limit: 0xFFFF, attr: SegAttr(0x93), unusable: false };
-        let state = CpuState {
-            rip: 0xFFF0,
-            rsp: 0,
-            rflags: RFLAGS_RESERVED_1,
-            cr0: 0x6000_0010,
-            cr3: 0,
-            cr4: 0,
-            efer: 0,
-            pat: PAT_POWER_ON,
-            dr7: DR7_INIT,
-            es: data,
-            cs: Segment { selector: 0xF000, base: 0xFFFF_0000, limit: 0xFFFF, attr: SegAttr(0x9B), unusable: false },
-            ss: data,
-            ds: data,
-            fs: data,
-            gs: data,
-            tr: Segment { selector: 0, base: 0, limit: 0xFFFF, attr: SegAttr(0x8B), unusable: false },
-            ldtr: Segment { selector: 0, base: 0, limit: 0xFFFF, attr: SegAttr(0x82), unusable: false },
-            gdtr: DescriptorTable { base: 0, limit: 0xFFFF },
-            idtr: DescriptorTable { base: 0, limit: 0xFFFF },
-        };
-        self.load_state(&state);
+        self.load_state(&CpuState::reset());
     }
 
     fn snapshot(&self) -> EntrySnapshot {

@@ -119,6 +119,57 @@ pub const FLAT_DATA_SELECTOR: u16 = 0x18;
 pub const FLAT_TSS_SELECTOR: u16 = 0x20;
 
 impl CpuState {
+    /// The architectural state after RESET or INIT (SDM Vol. 3A §10.1.1 Table 10-1;
+    /// APM Vol. 2 §14.1.3): real mode, CS:IP = F000:FFF0 with CS base FFFF_0000.
+    pub fn reset() -> Self {
+        let data = Segment {
+            selector: 0,
+            base: 0,
+            limit: 0xFFFF,
+            attr: SegAttr(SegAttr::PRESENT | SegAttr::S_CODE_DATA | SegAttr::TYPE_DATA_RW_ACCESSED),
+            unusable: false,
+        };
+        Self {
+            rip: 0xFFF0,
+            rsp: 0,
+            rflags: RFLAGS_RESERVED_1,
+            cr0: 0x6000_0010,
+            cr3: 0,
+            cr4: 0,
+            efer: 0,
+            pat: PAT_POWER_ON,
+            dr7: 0x400,
+            es: data,
+            cs: Segment {
+                selector: 0xF000,
+                base: 0xFFFF_0000,
+                limit: 0xFFFF,
+                attr: SegAttr(SegAttr::PRESENT | SegAttr::S_CODE_DATA | SegAttr::TYPE_CODE_RX_ACCESSED),
+                unusable: false,
+            },
+            ss: data,
+            ds: data,
+            fs: data,
+            gs: data,
+            tr: Segment {
+                selector: 0,
+                base: 0,
+                limit: 0xFFFF,
+                attr: SegAttr(SegAttr::PRESENT | SegAttr::TYPE_TSS_BUSY),
+                unusable: false,
+            },
+            ldtr: Segment {
+                selector: 0,
+                base: 0,
+                limit: 0xFFFF,
+                attr: SegAttr(SegAttr::PRESENT | SegAttr::TYPE_LDT),
+                unusable: false,
+            },
+            gdtr: DescriptorTable { base: 0, limit: 0xFFFF },
+            idtr: DescriptorTable { base: 0, limit: 0xFFFF },
+        }
+    }
+
     /// 64-bit mode, paging on with `cr3`, flat segments, interrupts off: the state Linux's
     /// 64-bit boot protocol and Vireo's test guests start in. `gdt` is the guest-physical
     /// address of a GDT with flat 64-bit code at 0x10 and data at 0x18.

@@ -27,10 +27,7 @@ use crate::{
         backend::{Backend, BackendError},
         exit::{Event, Exit, ExitKind},
         regs::GuestRegs,
-        state::{
-            CpuState, DescriptorTable, SegAttr, SegReg, Segment, CR0_PE, EFER_LMA, PAT_POWER_ON, RFLAGS_IF,
-            RFLAGS_RESERVED_1,
-        },
+        state::{CpuState, SegAttr, SegReg, Segment, CR0_PE, EFER_LMA, RFLAGS_IF},
     },
 };
 
@@ -68,55 +65,9 @@ pub struct VmxVcpu {
     last_external_vector: Option<u8>,
 }
 
-/// Architectural state after RESET (SDM Vol. 3A §10.1.1, Table 10-1): the vCPU's state
-/// until the core loads its own.
+/// Architectural state after RESET: the vCPU's state until the core loads its own.
 pub fn reset_state() -> CpuState {
-    let data = Segment {
-        selector: 0,
-        base: 0,
-        limit: 0xFFFF,
-        attr: SegAttr(SegAttr::PRESENT | SegAttr::S_CODE_DATA | SegAttr::TYPE_DATA_RW_ACCESSED),
-        unusable: false,
-    };
-    CpuState {
-        rip: 0xFFF0,
-        rsp: 0,
-        rflags: RFLAGS_RESERVED_1,
-        cr0: 0x6000_0010,
-        cr3: 0,
-        cr4: 0,
-        efer: 0,
-        pat: PAT_POWER_ON,
-        dr7: 0x400,
-        es: data,
-        cs: Segment {
-            selector: 0xF000,
-            base: 0xFFFF_0000,
-            limit: 0xFFFF,
-            attr: SegAttr(SegAttr::PRESENT | SegAttr::S_CODE_DATA | SegAttr::TYPE_CODE_RX_ACCESSED),
-            unusable: false,
-        },
-        ss: data,
-        ds: data,
-        fs: data,
-        gs: data,
-        tr: Segment {
-            selector: 0,
-            base: 0,
-            limit: 0xFFFF,
-            attr: SegAttr(SegAttr::PRESENT | SegAttr::TYPE_TSS_BUSY),
-            unusable: false,
-        },
-        ldtr: Segment {
-            selector: 0,
-            base: 0,
-            limit: 0xFFFF,
-            attr: SegAttr(SegAttr::PRESENT | SegAttr::TYPE_LDT),
-            unusable: false,
-        },
-        gdtr: DescriptorTable { base: 0, limit: 0xFFFF },
-        idtr: DescriptorTable { base: 0, limit: 0xFFFF },
-    }
+    CpuState::reset()
 }
 
 /// The base of a 16-byte system descriptor (TSS/LDT in 64-bit mode; SDM Vol. 3A §8.2.3):
