@@ -160,6 +160,9 @@ pub fn kernel_main(magic: u32, mbi_addr: u32) -> ! {
         provoke(fault);
     }
     arch::fpu::init();
+    let tsc_hz = arch::tsc::calibrate();
+    let lapic_hz = arch::lapic::init();
+    report!("time tsc_hz={} lapic_timer_hz={}", tsc_hz, lapic_hz.unwrap_or(0));
     let hardware = match Hardware::enable(&cpu.virt, &mut frames) {
         Ok(hw) => {
             report!("virt enabled backend={}", hw.name());

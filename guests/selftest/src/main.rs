@@ -4,7 +4,9 @@
 //!   `selftest: N passed, M failed`, then end the VM with status M;
 //! - `bench=N`: N hypercall round trips, timed with the TSC;
 //! - `hostile=N`: N random hostile operations (wild MSRs, ports, hypercalls, pointers);
-//! - `mode=triple-fault`: fault with no usable IDT, which triple-faults.
+//! - `mode=triple-fault`: fault with no usable IDT, which triple-faults;
+//! - `mode=spin` / `mode=spin-sti`: loop forever with interrupts off / on and no exits (a
+//!   runaway guest, for the VM time limit).
 #![cfg_attr(target_os = "none", no_std, no_main)]
 
 #[cfg(target_os = "none")]
@@ -70,6 +72,17 @@ mod guest {
         // SAFETY: Vireo passes a NUL-terminated string inside our RAM (or null).
         let args = unsafe { cstr(cmdline) };
         let mut out = Console;
+        if args.split_whitespace().any(|a| a == "mode=spin") {
+            let _ = writeln!(out, "selftest: spinning forever with interrupts off");
+            // SAFETY: a runaway guest on purpose: no exit ever again.
+            unsafe { core::arch::asm!("cli", "2: jmp 2b", options(noreturn)) };
+        }
+        if args.split_whitespace().any(|a| a == "mode=spin-sti") {
+            let _ = writeln!(out, "selftest: spinning forever with interrupts on");
+            // SAFETY: a runaway guest on purpose (its interrupts enabled, no IDT needed: every
+            // interrupt it could get comes from Vireo, which sends none).
+            unsafe { core::arch::asm!("sti", "2: jmp 2b", options(noreturn)) };
+        }
         if args.split_whitespace().any(|a| a == "mode=triple-fault") {
             let _ = writeln!(out, "selftest: about to triple-fault on purpose");
             traps::triple_fault();

@@ -236,7 +236,7 @@ extern "C" fn vireo_exception_dispatch(frame: &mut TrapFrame) {
     if frame.vector < 32 {
         crash(frame);
     }
-    log::warn!("unexpected interrupt vector {} ignored", frame.vector);
+    super::interrupts::handle(frame.vector as u8);
 }
 
 /// Stack ranges a frame-pointer walk may read.

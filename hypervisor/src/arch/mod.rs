@@ -6,8 +6,11 @@ pub mod cpu;
 pub mod fpu;
 pub mod gdt;
 pub mod idt;
+pub mod interrupts;
+pub mod lapic;
 pub mod msr;
 pub mod paging;
+pub mod tsc;
 
 /// Stops this CPU for good: interrupts off, `hlt` in a loop (an NMI returns into the loop).
 pub fn halt_forever() -> ! {

@@ -46,6 +46,10 @@ mod hw {
         "push rsi",
         "push rdi",
         "clgi",
+        // IF=1 for VMRUN: with V_INTR_MASKING the host's IF (saved as HIF) decides whether
+        // physical interrupts are taken, i.e. cause the INTR exit (APM Vol. 2 §15.21.1).
+        // GIF=0 holds them off until VMRUN sets GIF.
+        "sti",
         "mov rax, rdx",
         "vmsave rax",
         "mov rax, rdi",
@@ -89,6 +93,9 @@ mod hw {
         "vmsave rax",
         "mov rax, [rsp + 16]",
         "vmload rax",
+        // Back to IF=0 before GIF=1: a pending interrupt waits for the backend to let it
+        // in (interrupts::deliver_pending) instead of hitting a half-restored host.
+        "cli",
         "stgi",
         "mov rax, rdi",
         "add rsp, 24",

@@ -461,6 +461,11 @@ impl Backend for SvmVcpu {
             nrip: nrip.then_some(v.control.next_rip),
         };
         let (kind, next_rip) = decode::decode(&raw);
+        if kind == ExitKind::ExternalInterrupt {
+            // The interrupt is still pending in the APIC: take it through the IDT now.
+            crate::arch::interrupts::deliver_pending();
+        }
+        let v = self.vmcb_mut();
         // The injected event was delivered, or its delivery was interrupted and
         // EXITINTINFO says so (§15.7.2): retry it at the next entry.
         v.control.eventinj = 0;

@@ -129,6 +129,13 @@ pub fn run_guest(
     };
     vm.regs.rdi = size;
     vm.regs.rsi = ARGS_GPA;
+    if spec.timeout_s > 0 {
+        if !crate::arch::lapic::available() {
+            log::warn!("vm {}: timeout={} needs the host APIC timer, which is unavailable", spec.name, spec.timeout_s);
+        }
+        let ticks = crate::arch::tsc::from_nanos(spec.timeout_s.saturating_mul(1_000_000_000));
+        vm.deadline = Some(crate::arch::tsc::rdtsc().saturating_add(ticks));
+    }
     report!("vm name={} start backend={} mem={} entry={:#x}", spec.name, hw.name(), Bytes(size), entry);
     let outcome = match hw {
         Hardware::Svm(caps) => {
@@ -180,6 +187,7 @@ fn report_end(vm: &Vm, outcome: &VmOutcome) {
         VmOutcome::Fatal { reason } => {
             report!("vm name={name} end outcome=fatal reason=\"{reason}\" exits={}", total.count)
         }
+        VmOutcome::TimedOut => report!("vm name={name} end outcome=timed-out exits={}", total.count),
     }
     for (class, s) in vm.stats.nonzero() {
         report!(

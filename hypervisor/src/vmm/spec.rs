@@ -1,7 +1,8 @@
 //! A VM described by a multiboot2 module: the module holds the guest image, its command
 //! line names the VM and sets its options.
 //!
-//! Module command line: `<name> [mem=SIZE] [guest arguments...]`. The whole line is also
+//! Module command line: `<name> [mem=SIZE] [timeout=SECONDS] [guest arguments...]`;
+//! `timeout` stops the VM after that many seconds of running (default: no limit). The whole line is also
 //! handed to the guest (test guests read `bench=N`, `mode=...` from it). `name` is 1-32
 //! characters of `[A-Za-z0-9_-]`.
 
@@ -17,6 +18,8 @@ pub const MAX_NAME: usize = 32;
 pub struct VmSpec<'a> {
     pub name: &'a str,
     pub mem: u64,
+    /// Run-time limit in seconds (0 = none).
+    pub timeout_s: u64,
     /// The module's whole command line, passed to the guest.
     pub args: &'a str,
 }
@@ -27,6 +30,7 @@ pub enum SpecError<'a> {
     BadName(&'a str),
     BadMem(&'a str),
     MemTooSmall(u64),
+    BadTimeout(&'a str),
 }
 
 impl fmt::Display for SpecError<'_> {
@@ -36,6 +40,7 @@ impl fmt::Display for SpecError<'_> {
             SpecError::BadName(n) => write!(f, "bad VM name '{n}' (1-{MAX_NAME} characters of A-Z a-z 0-9 _ -)"),
             SpecError::BadMem(v) => write!(f, "bad value '{v}' for key 'mem' (expected a size such as 64M)"),
             SpecError::MemTooSmall(m) => write!(f, "mem={m} is below the minimum of 4M"),
+            SpecError::BadTimeout(v) => write!(f, "bad value '{v}' for key 'timeout' (expected 1-86400 seconds)"),
         }
     }
 }
@@ -50,7 +55,11 @@ pub fn parse(cmdline: &str) -> Result<VmSpec<'_>, SpecError<'_>> {
         return Err(SpecError::BadName(name));
     }
     let mut mem = DEFAULT_MEM;
+    let mut timeout_s = 0;
     for w in words {
+        if let Some(v) = w.strip_prefix("timeout=") {
+            timeout_s = v.parse().ok().filter(|t| (1..=86_400).contains(t)).ok_or(SpecError::BadTimeout(v))?;
+        }
         if let Some(v) = w.strip_prefix("mem=") {
             mem = parse_size(v).ok_or(SpecError::BadMem(v))?;
             if mem < MIN_MEM {
@@ -58,7 +67,7 @@ pub fn parse(cmdline: &str) -> Result<VmSpec<'_>, SpecError<'_>> {
             }
         }
     }
-    Ok(VmSpec { name, mem, args: cmdline })
+    Ok(VmSpec { name, mem, timeout_s, args: cmdline })
 }
 
 #[cfg(test)]
@@ -67,7 +76,13 @@ mod tests {
 
     #[test]
     fn specs() {
-        assert_eq!(parse("selftest").unwrap(), VmSpec { name: "selftest", mem: DEFAULT_MEM, args: "selftest" });
+        assert_eq!(
+            parse("selftest").unwrap(),
+            VmSpec { name: "selftest", mem: DEFAULT_MEM, timeout_s: 0, args: "selftest" }
+        );
+        assert_eq!(parse("s timeout=5").unwrap().timeout_s, 5);
+        assert_eq!(parse("s timeout=0"), Err(SpecError::BadTimeout("0")));
+        assert_eq!(parse("s timeout=x"), Err(SpecError::BadTimeout("x")));
         assert_eq!(parse("t2 mem=32M bench=10").unwrap().mem, 32 << 20);
         assert_eq!(parse(""), Err(SpecError::NoName));
         assert_eq!(parse("bad/name"), Err(SpecError::BadName("bad/name")));

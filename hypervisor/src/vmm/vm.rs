@@ -35,6 +35,8 @@ pub enum VmOutcome {
     /// Vireo could not go on with this guest (reason says why); the guest is stopped,
     /// Vireo and other VMs go on.
     Fatal { reason: &'static str },
+    /// The VM ran out of its time limit (`timeout=` on its module line).
+    TimedOut,
 }
 
 /// What the dispatch decided.
@@ -62,6 +64,10 @@ pub struct Vm {
     history: [Option<Exit>; HISTORY],
     history_next: usize,
     unassigned_reported: u32,
+    /// TSC at which the VM's time limit ends.
+    pub deadline: Option<u64>,
+    /// TSC deadline the host timer is armed for.
+    armed: Option<u64>,
 }
 
 /// Reads the TSC.
@@ -89,6 +95,8 @@ impl Vm {
             history: [None; HISTORY],
             history_next: 0,
             unassigned_reported: 0,
+            deadline: None,
+            armed: None,
         })
     }
 
@@ -104,18 +112,44 @@ impl Vm {
         cpu.set_exception_intercepts(1 << VECTOR_UD);
         let outcome = loop {
             self.deliver_events(cpu);
+            self.arm_host_timer();
             let exit = cpu.run(&mut self.regs);
+            if exit.kind == ExitKind::ExternalInterrupt {
+                // The one-shot host timer (or another interrupt) fired: re-arm if needed.
+                self.armed = None;
+            }
             self.history[self.history_next] = Some(exit);
             self.history_next = (self.history_next + 1) % HISTORY;
-            let flow = self.handle(cpu, &exit);
+            let flow = match self.deadline {
+                Some(d) if exit.tsc >= d => Flow::Stop(VmOutcome::TimedOut),
+                _ => self.handle(cpu, &exit),
+            };
             self.stats.record(&exit.kind, rdtsc().wrapping_sub(exit.tsc));
             if let Flow::Stop(outcome) = flow {
                 break outcome;
             }
         };
         self.console.flush(&mut |l| print_line(&self.name, l));
+        crate::arch::lapic::disarm();
+        self.armed = None;
         self.fpu.save();
         outcome
+    }
+
+    /// Keeps the host's one-shot timer at the earliest moment Vireo must regain control
+    /// from a guest that does not exit by itself: the VM's time limit or a device timer.
+    fn arm_host_timer(&mut self) {
+        let want = match (self.deadline, self.timer.map(|t| t.0)) {
+            (Some(a), Some(b)) => Some(a.min(b)),
+            (a, b) => a.or(b),
+        };
+        if want != self.armed {
+            match want {
+                Some(t) => crate::arch::lapic::arm(t),
+                None => crate::arch::lapic::disarm(),
+            }
+            self.armed = want;
+        }
     }
 
     /// Injects a pending interrupt if the guest can take it, else asks for a window.
@@ -311,8 +345,12 @@ impl Vm {
             return Flow::Continue;
         }
         if let Some((deadline, vector)) = self.timer.take() {
-            // The vCPU sleeps until its timer fires (the only vCPU on this CPU: wait here).
+            // The vCPU sleeps until its timer fires (the only vCPU on this CPU: wait here),
+            // or until the VM's time limit.
             while rdtsc() < deadline {
+                if self.deadline.is_some_and(|d| rdtsc() >= d) {
+                    return Flow::Stop(VmOutcome::TimedOut);
+                }
                 core::hint::spin_loop();
             }
             self.pending_irq = Some(vector);

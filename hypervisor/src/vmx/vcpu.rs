@@ -767,6 +767,10 @@ impl Backend for VmxVcpu {
             reason::EXTERNAL_INTERRUPT => {
                 self.last_external_vector =
                     (raw.intr_info & intr::VALID != 0).then_some((raw.intr_info & intr::VECTOR_MASK) as u8);
+                // "Acknowledge interrupt on exit" already took the vector from the APIC.
+                if let Some(vector) = self.last_external_vector {
+                    crate::arch::interrupts::handle(vector);
+                }
             }
             reason::EPT_MISCONFIG => log::error!("vmx: EPT misconfiguration at guest-physical {:#x}", raw.gpa),
             _ if kind == ExitKind::Unhandled => {

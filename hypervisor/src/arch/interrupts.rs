@@ -1,0 +1,39 @@
+//! Host interrupts. Vireo runs with interrupts off; physical interrupts reach it only as
+//! exits from guests (VMX external-interrupt exiting with acknowledge-on-exit; the SVM INTR
+//! intercept, after which the interrupt is still pending in the APIC) and are dispatched
+//! here, once, whichever way they arrived.
+
+use core::sync::atomic::{AtomicU64, Ordering};
+
+use super::lapic;
+
+static TIMER_INTERRUPTS: AtomicU64 = AtomicU64::new(0);
+static OTHER_INTERRUPTS: AtomicU64 = AtomicU64::new(0);
+
+/// Handles host interrupt `vector` (already acknowledged by the CPU).
+pub fn handle(vector: u8) {
+    match vector {
+        lapic::TIMER_VECTOR => {
+            TIMER_INTERRUPTS.fetch_add(1, Ordering::Relaxed);
+            lapic::eoi();
+        }
+        // Spurious interrupts need no EOI (SDM Vol. 3A §12.9).
+        lapic::SPURIOUS_VECTOR => {}
+        _ => {
+            OTHER_INTERRUPTS.fetch_add(1, Ordering::Relaxed);
+            lapic::eoi();
+        }
+    }
+}
+
+/// Lets an interrupt that is pending in the APIC be delivered through the IDT (one
+/// instruction with IF=1: STI's shadow covers the NOP, the interrupt is taken after it).
+pub fn deliver_pending() {
+    // SAFETY: Vireo's IDT handles every vector; interrupts are off again right after.
+    unsafe { core::arch::asm!("sti", "nop", "cli", options(nomem, nostack)) };
+}
+
+/// (timer interrupts, other interrupts) handled so far.
+pub fn counts() -> (u64, u64) {
+    (TIMER_INTERRUPTS.load(Ordering::Relaxed), OTHER_INTERRUPTS.load(Ordering::Relaxed))
+}
