@@ -178,7 +178,21 @@ pub fn kernel_main(magic: u32, mbi_addr: u32) -> ! {
     static RUNNING: &str = "running a guest";
     static IDLE: &str = "between guests";
     let mut tags = TagAllocator::default();
+    // Initramfs modules belong to the VM they name; one naming no VM is reported.
     for m in info.modules() {
+        if let Some(vm) = spec::initrd_of(m.cmdline) {
+            let owner = info
+                .modules()
+                .any(|k| spec::initrd_of(k.cmdline).is_none() && spec::parse(k.cmdline).is_ok_and(|s| s.name == vm));
+            if !owner {
+                report!("vm module={} not used reason=\"initrd for VM '{vm}', which no module describes\"", m.index);
+            }
+        }
+    }
+    for m in info.modules() {
+        if spec::initrd_of(m.cmdline).is_some() {
+            continue;
+        }
         let spec = match spec::parse(m.cmdline) {
             Ok(spec) => spec,
             Err(e) => {
@@ -192,9 +206,14 @@ pub fn kernel_main(magic: u32, mbi_addr: u32) -> ! {
         };
         // SAFETY: the module was validated to lie in available RAM, is reserved from the
         // frame allocator, and is identity-mapped read/write by Vireo's page tables.
-        let image = unsafe { core::slice::from_raw_parts(m.range.start as *const u8, m.range.len() as usize) };
+        let image = unsafe { module_bytes(m) };
+        let initrd = info
+            .modules()
+            .find(|k| spec::initrd_of(k.cmdline) == Some(spec.name))
+            // SAFETY: as for `image`.
+            .map(|k| unsafe { module_bytes(k) });
         arch::idt::set_context(&RUNNING);
-        if let Err(e) = launch::run_guest(hw, &mut frames, &mut tags, &spec, image) {
+        if let Err(e) = launch::run_guest(hw, &mut frames, &mut tags, &spec, image, initrd) {
             report!("vm name={} not started reason=\"{e}\"", spec.name);
         }
         arch::idt::set_context(&IDLE);
@@ -206,6 +225,16 @@ pub fn kernel_main(magic: u32, mbi_addr: u32) -> ! {
 fn fatal_boot_info(e: bootinfo::BootInfoError) -> ! {
     report!("fatal boot information: {e}");
     exit::fail("bad boot information")
+}
+
+/// A validated module's bytes.
+///
+/// # Safety
+/// The module must have passed boot-information validation (inside available RAM,
+/// reserved from the frame allocator) and Vireo's page tables must map it.
+unsafe fn module_bytes(m: &bootinfo::Module<'_>) -> &'static [u8] {
+    // SAFETY: per the caller, the range is mapped, never handed out, and never written.
+    unsafe { core::slice::from_raw_parts(m.range.start as *const u8, m.range.len() as usize) }
 }
 
 /// Builds Vireo's own page tables and switches to them; returns the number of tables.

@@ -97,9 +97,13 @@ pub fn run_guest(
     tags: &mut TagAllocator,
     spec: &VmSpec<'_>,
     image: &[u8],
+    initrd: Option<&[u8]>,
 ) -> Result<VmOutcome, LaunchError> {
     if !elf::is_elf(image) {
         return Err(LaunchError::NotAnImage);
+    }
+    if initrd.is_some() {
+        log::warn!("vm {}: an initrd is given but the guest is not a Linux kernel; ignored", spec.name);
     }
     let format = match hw {
         Hardware::Svm(_) => NestedFormat::Npt,

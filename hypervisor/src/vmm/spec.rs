@@ -1,8 +1,11 @@
 //! A VM described by a multiboot2 module: the module holds the guest image, its command
 //! line names the VM and sets its options.
 //!
-//! Module command line: `<name> [mem=SIZE] [timeout=SECONDS] [guest arguments...]`;
-//! `timeout` stops the VM after that many seconds of running (default: no limit). The whole line is also
+//! Module command line: `<name> [mem=SIZE] [cpus=N] [timeout=SECONDS] [guest arguments...]
+//! [-- kernel command line]`; `timeout` stops the VM after that many seconds of running
+//! (default: no limit); everything after ` -- ` is a Linux guest's kernel command line.
+//! A module whose line is `<name>:initrd` is the initramfs of VM `<name>`.
+//! Unknown `key=value` words are left to the guest (test guests read `bench=`, `mode=`). The whole line is also
 //! handed to the guest (test guests read `bench=N`, `mode=...` from it). `name` is 1-32
 //! characters of `[A-Za-z0-9_-]`.
 
@@ -20,6 +23,10 @@ pub struct VmSpec<'a> {
     pub mem: u64,
     /// Run-time limit in seconds (0 = none).
     pub timeout_s: u64,
+    /// vCPUs (only 1 today).
+    pub cpus: u32,
+    /// A Linux kernel's command line (after ` -- `), empty if none.
+    pub kernel_cmdline: &'a str,
     /// The module's whole command line, passed to the guest.
     pub args: &'a str,
 }
@@ -31,6 +38,7 @@ pub enum SpecError<'a> {
     BadMem(&'a str),
     MemTooSmall(u64),
     BadTimeout(&'a str),
+    BadCpus(&'a str),
 }
 
 impl fmt::Display for SpecError<'_> {
@@ -41,12 +49,24 @@ impl fmt::Display for SpecError<'_> {
             SpecError::BadMem(v) => write!(f, "bad value '{v}' for key 'mem' (expected a size such as 64M)"),
             SpecError::MemTooSmall(m) => write!(f, "mem={m} is below the minimum of 4M"),
             SpecError::BadTimeout(v) => write!(f, "bad value '{v}' for key 'timeout' (expected 1-86400 seconds)"),
+            SpecError::BadCpus(v) => write!(f, "bad value '{v}' for key 'cpus' (Vireo runs 1 vCPU per VM for now)"),
         }
     }
 }
 
-pub fn parse(cmdline: &str) -> Result<VmSpec<'_>, SpecError<'_>> {
+/// If the module line is `<name>:initrd`, the VM it belongs to.
+pub fn initrd_of(cmdline: &str) -> Option<&str> {
     let mut words = cmdline.split_ascii_whitespace();
+    let first = words.next()?;
+    first.strip_suffix(":initrd").filter(|_| words.next().is_none())
+}
+
+pub fn parse(cmdline: &str) -> Result<VmSpec<'_>, SpecError<'_>> {
+    let (options, kernel_cmdline) = match cmdline.split_once(" -- ") {
+        Some((o, k)) => (o, k.trim()),
+        None => (cmdline.strip_suffix(" --").unwrap_or(cmdline), ""),
+    };
+    let mut words = options.split_ascii_whitespace();
     let name = words.next().ok_or(SpecError::NoName)?;
     if name.is_empty()
         || name.len() > MAX_NAME
@@ -56,7 +76,11 @@ pub fn parse(cmdline: &str) -> Result<VmSpec<'_>, SpecError<'_>> {
     }
     let mut mem = DEFAULT_MEM;
     let mut timeout_s = 0;
+    let mut cpus = 1;
     for w in words {
+        if let Some(v) = w.strip_prefix("cpus=") {
+            cpus = v.parse().ok().filter(|&c| c == 1).ok_or(SpecError::BadCpus(v))?;
+        }
         if let Some(v) = w.strip_prefix("timeout=") {
             timeout_s = v.parse().ok().filter(|t| (1..=86_400).contains(t)).ok_or(SpecError::BadTimeout(v))?;
         }
@@ -67,7 +91,7 @@ pub fn parse(cmdline: &str) -> Result<VmSpec<'_>, SpecError<'_>> {
             }
         }
     }
-    Ok(VmSpec { name, mem, timeout_s, args: cmdline })
+    Ok(VmSpec { name, mem, timeout_s, cpus, kernel_cmdline, args: cmdline })
 }
 
 #[cfg(test)]
@@ -78,8 +102,14 @@ mod tests {
     fn specs() {
         assert_eq!(
             parse("selftest").unwrap(),
-            VmSpec { name: "selftest", mem: DEFAULT_MEM, timeout_s: 0, args: "selftest" }
+            VmSpec { name: "selftest", mem: DEFAULT_MEM, timeout_s: 0, cpus: 1, kernel_cmdline: "", args: "selftest" }
         );
+        let linux = parse("deb mem=256M cpus=1 -- console=ttyS0 quiet mem=1G").unwrap();
+        assert_eq!((linux.name, linux.mem, linux.kernel_cmdline), ("deb", 256 << 20, "console=ttyS0 quiet mem=1G"));
+        assert_eq!(parse("deb cpus=4"), Err(SpecError::BadCpus("4")));
+        assert_eq!(initrd_of("deb:initrd"), Some("deb"));
+        assert_eq!(initrd_of("deb:initrd extra"), None);
+        assert_eq!(initrd_of("deb"), None);
         assert_eq!(parse("s timeout=5").unwrap().timeout_s, 5);
         assert_eq!(parse("s timeout=0"), Err(SpecError::BadTimeout("0")));
         assert_eq!(parse("s timeout=x"), Err(SpecError::BadTimeout("x")));
