@@ -19,6 +19,9 @@ Installs what is missing for the given components (default: all of them):
   qemu    qemu-system-x86 and OVMF (ovmf) for --uefi
   bochs   bochs, bochs-term (a small display plugin, to satisfy bochs's dependency on one),
           bochsbios, vgabios
+  linux   what scripts/guest-linux.sh needs to make the Linux guest's initramfs images:
+          busybox-static (it replaces the dynamically linked busybox package where that one
+          is installed), cpio, gzip
   all     all of the above
 
 Debian packages are installed with apt-get (non-interactive, --no-install-recommends, after
@@ -39,14 +42,14 @@ while [[ $# -gt 0 ]]; do
         -h|--help) usage; exit 0 ;;
         --check) CHECK=1 ;;
         --quiet) QUIET=1 ;;
-        rust|host|iso|qemu|bochs) COMPONENTS+=("$1") ;;
-        all) COMPONENTS+=(rust host iso qemu bochs) ;;
+        rust|host|iso|qemu|bochs|linux) COMPONENTS+=("$1") ;;
+        all) COMPONENTS+=(rust host iso qemu bochs linux) ;;
         -*) usage_error "unknown option: $1" ;;
-        *) usage_error "unknown component: $1 (rust, host, iso, qemu, bochs, all)" ;;
+        *) usage_error "unknown component: $1 (rust, host, iso, qemu, bochs, linux, all)" ;;
     esac
     shift
 done
-[[ ${#COMPONENTS[@]} -gt 0 ]] || COMPONENTS=(rust host iso qemu bochs)
+[[ ${#COMPONENTS[@]} -gt 0 ]] || COMPONENTS=(rust host iso qemu bochs linux)
 
 has() {
     local c
@@ -79,6 +82,13 @@ apt_wanted() {
         echo "bochs bochs-term"
         echo "/usr/share/bochs/BIOS-bochs-latest bochsbios"
         echo "/usr/share/vgabios/vgabios.bin vgabios"
+    fi
+    if has linux; then
+        # The busybox package has /bin/busybox too, but dynamically linked: look for the
+        # static package's own file list instead.
+        echo "/var/lib/dpkg/info/busybox-static.list busybox-static"
+        echo "cpio cpio"
+        echo "gzip gzip"
     fi
 }
 

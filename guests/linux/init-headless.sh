@@ -1,0 +1,76 @@
+#!/bin/sh
+# /init of the headless Linux guest (initramfs-headless.cpio.gz, made by scripts/guest-linux.sh).
+# Prints what the guest sees, runs a small workload, then powers off. Every result line starts
+# with "linux-guest: " so that tests can grep the serial log for it. No `set -e`: PID 1 must
+# never exit (the kernel would panic), so every step carries on and the script always ends in
+# poweroff.
+export PATH=/bin:/sbin:/usr/bin:/usr/sbin
+
+mount -t proc proc /proc
+mount -t sysfs sysfs /sys
+mount -t devtmpfs devtmpfs /dev
+
+# up: seconds since boot from /proc/uptime (10 ms steps); `read` is a shell builtin, so taking
+# the time forks nothing.
+up() {
+    read -r up_s _ </proc/uptime || up_s=0
+    echo "$up_s"
+}
+
+# first_line FILE: the first line of FILE, or "unknown" if it cannot be read.
+first_line() {
+    line=unknown
+    [ -r "$1" ] && read -r line <"$1"
+    echo "${line:-unknown}"
+}
+
+t_init="$(up)"
+echo "linux-guest: init_uptime $t_init"
+echo "linux-guest: uname $(uname -a)"
+echo "linux-guest: cpus $(nproc)"
+echo "linux-guest: mem_kb $(awk '/^MemTotal:/ { print $2; exit }' /proc/meminfo)"
+echo "linux-guest: flags $(awk '/^flags[ \t]*:/ { sub(/^flags[ \t]*:[ \t]*/, ""); print; exit }' /proc/cpuinfo)"
+echo "linux-guest: clocksource $(first_line /sys/devices/system/clocksource/clocksource0/current_clocksource)"
+
+# The workload: a compute loop in shell arithmetic (user mode only, no system calls), then a
+# fork+exec loop (/bin/true is a link to busybox: each round forks, execs a static binary and
+# waits for it). Sizes: 1..200000 and 200 rounds, or what the kernel command line says with
+# linux_guest_compute=N and linux_guest_forks=N (the kernel hands such unknown key=value
+# parameters to init as environment variables).
+compute_n=200000
+fork_n=200
+case "${linux_guest_compute:-}" in '' | *[!0-9]*) ;; *) compute_n=$linux_guest_compute ;; esac
+case "${linux_guest_forks:-}" in '' | *[!0-9]*) ;; *) fork_n=$linux_guest_forks ;; esac
+
+t0="$(up)"
+i=1
+sum=0
+while [ "$i" -le "$compute_n" ]; do
+    sum=$((sum + i))
+    i=$((i + 1))
+done
+t1="$(up)"
+n=0
+forks=0
+while [ "$n" -lt "$fork_n" ]; do
+    if /bin/true; then
+        forks=$((forks + 1))
+    fi
+    n=$((n + 1))
+done
+t2="$(up)"
+
+echo "linux-guest: compute $sum fork $forks"
+echo "linux-guest: workload_ms $(awk -v a="$t0" -v b="$t2" 'BEGIN { printf "%d", (b - a) * 1000 + 0.5 }')"
+echo "linux-guest: compute_ms $(awk -v a="$t0" -v b="$t1" 'BEGIN { printf "%d", (b - a) * 1000 + 0.5 }')"
+echo "linux-guest: fork_ms $(awk -v a="$t1" -v b="$t2" 'BEGIN { printf "%d", (b - a) * 1000 + 0.5 }')"
+# Again at the end: early in boot it can still be tsc-early, or the kernel may have switched
+# since (e.g. its watchdog found the TSC unstable).
+echo "linux-guest: clocksource_end $(first_line /sys/devices/system/clocksource/clocksource0/current_clocksource)"
+echo "linux-guest: done"
+
+# -f: straight to the reboot(2) system call, no init to ask. The kernel powers off through
+# ACPI (S5) where it has an ACPI FADT; without one it halts the CPUs instead.
+poweroff -f
+# Not reached unless the system call failed; sleeping keeps PID 1 from exiting (a panic).
+while :; do sleep 3600; done

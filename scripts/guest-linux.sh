@@ -1,0 +1,286 @@
+#!/usr/bin/env bash
+# shellcheck source-path=SCRIPTDIR
+# Prepares the default Linux guest: Debian's cloud kernel (fetched by package name with apt and
+# cached) and two initramfs images built from busybox-static and the init scripts in
+# guests/linux/. Prints what it made as key=path lines on stdout.
+set -euo pipefail
+# shellcheck source=lib.sh
+source "$(dirname "${BASH_SOURCE[0]}")/lib.sh"
+
+usage() {
+    cat <<EOF
+Usage: scripts/guest-linux.sh [--out DIR] [--quiet]
+
+Prepares the default Linux guest in DIR (default: build/linux in the repository root):
+  vmlinuz                     Debian's cloud kernel (bzImage) from the package that
+                              linux-image-cloud-amd64 depends on, fetched with apt-get download
+  kernel.version              package, package version and kernel release of that vmlinuz
+  kernel.config               the kernel's build configuration
+  initramfs-headless.cpio.gz  /init = guests/linux/init-headless.sh: prints "linux-guest: ..."
+                              lines (uname, cpus, mem_kb, flags, clocksource, a small compute
+                              and fork workload with its time), then "linux-guest: done" and
+                              powers off
+  initramfs-shell.cpio.gz     /init = guests/linux/init-shell.sh: a root shell on the console;
+                              exiting it powers off
+
+Then prints, one per line on stdout:
+  kernel=DIR/vmlinuz
+  initrd_headless=DIR/initramfs-headless.cpio.gz
+  initrd_shell=DIR/initramfs-shell.cpio.gz
+  version=KERNEL_RELEASE          (what uname -r says in the guest)
+
+The kernel is downloaded only when DIR has no vmlinuz or kernel.version names another
+package or version than apt's current candidate; once there, it works offline (without apt
+package lists, or when the download fails, the cached kernel is used with a warning).
+apt-get update is run (as root, or through sudo) only when apt knows no
+linux-image-cloud-amd64 or the download fails. The initramfs images are rebuilt each time
+(under a second) and are reproducible: the same inputs give the same bytes, and a file is
+replaced only when its bytes change. Missing tools (busybox-static, cpio, gzip) are installed
+with scripts/install-deps.sh linux.
+
+Boot it, e.g. in QEMU without Vireo:
+  qemu-system-x86_64 -accel tcg -m 256 -nographic -no-reboot -nic none \\
+      -kernel DIR/vmlinuz -initrd DIR/initramfs-headless.cpio.gz -append "console=ttyS0 panic=-1"
+
+Options:
+  --out DIR   where to put everything (created if missing)
+  --quiet     no progress messages on stderr (errors and warnings still go there)
+  -h, --help  this text
+EOF
+}
+
+OUT="$VIREO_ROOT/build/linux"
+QUIET=0
+while [[ $# -gt 0 ]]; do
+    case "$1" in
+        -h|--help) usage; exit 0 ;;
+        --out)
+            need_arg "$1" "$#"
+            [[ -n "$2" ]] || usage_error "--out wants a directory"
+            OUT="$(abspath "$2")"; shift ;;
+        --quiet) QUIET=1 ;;
+        -*) usage_error "unknown option: $1" ;;
+        *) usage_error "unexpected argument: $1" ;;
+    esac
+    shift
+done
+
+# The metapackage that follows Debian's current cloud kernel, and where the init scripts are.
+META_PKG=linux-image-cloud-amd64
+INIT_DIR="$VIREO_ROOT/guests/linux"
+BUSYBOX=/bin/busybox
+# The applets the headless /init uses (the shell image gets every applet).
+HEADLESS_APPLETS=(sh mount uname nproc awk true poweroff sleep)
+# The fixed mtime of everything in the images (SOURCE_DATE_EPOCH if the caller sets one).
+EPOCH="${SOURCE_DATE_EPOCH:-0}"
+[[ "$EPOCH" =~ ^[0-9]+$ ]] || die "SOURCE_DATE_EPOCH must be a number of seconds, not '$EPOCH'"
+
+say() {
+    [[ "$QUIET" == 1 ]] || note "$@"
+}
+
+# quietly LOG COMMAND...: runs COMMAND with its output in LOG; shows LOG on stderr if it fails
+# (or always, without --quiet).
+quietly() {
+    local log="$1" rc=0
+    shift
+    "$@" >"$log" 2>&1 || rc=$?
+    if [[ "$rc" != 0 || "$QUIET" == 0 ]]; then
+        sed 's/^/    /' "$log" >&2
+    fi
+    return "$rc"
+}
+
+T_START="$(now)"
+"$VIREO_ROOT/scripts/install-deps.sh" --quiet linux >&2
+for f in init-headless.sh init-shell.sh; do
+    [[ -f "$INIT_DIR/$f" ]] || die "missing $INIT_DIR/$f"
+done
+[[ -x "$BUSYBOX" ]] || die "no $BUSYBOX (scripts/install-deps.sh linux installs busybox-static)"
+
+mkdir -p "$OUT"
+# One run at a time per DIR (parallel tests may all ask for the guest at once).
+exec 8>"$OUT/.lock"
+if command -v flock >/dev/null 2>&1; then
+    flock 8
+fi
+
+umask 022
+WORK="$(mktemp -d "${TMPDIR:-/tmp}/vireo-guest-linux.XXXXXX")"
+trap 'rm -rf "$WORK"' EXIT
+
+# --- the kernel ------------------------------------------------------------------------------
+
+# kernel_package: "PACKAGE VERSION" of the versioned kernel package that the metapackage's
+# candidate depends on, per apt's lists (as `apt-cache depends` and `apt-cache policy` would
+# say, in one apt-cache call: each takes about a second here); empty if apt does not know the
+# metapackage.
+kernel_package() {
+    command -v apt-cache >/dev/null 2>&1 || return 0
+    local pkg ver
+    read -r pkg ver < <(apt-cache show --no-all-versions "$META_PKG" 2>/dev/null |
+        awk '/^Depends:/ {
+                 sub(/^Depends:[ \t]*/, "")
+                 n = split($0, deps, /,[ \t]*/)
+                 for (i = 1; i <= n; i++)
+                     if (deps[i] ~ /^linux-image-/) {
+                         split(deps[i], w, /[ ()=]+/)
+                         print w[1], w[2]
+                         exit
+                     }
+             }') || true
+    [[ -n "${pkg:-}" ]] || return 0
+    if [[ -z "${ver:-}" ]]; then
+        ver="$(apt-cache policy "$pkg" 2>/dev/null | awk '/Candidate:/ { print $2; exit }')"
+    fi
+    echo "$pkg ${ver:-unknown}"
+}
+
+# version_field KEY: KEY's value in DIR/kernel.version (empty if none).
+version_field() {
+    [[ -f "$OUT/kernel.version" ]] || return 0
+    awk -F= -v k="$1" '$1 == k { sub(/^[^=]*=/, ""); print; exit }' "$OUT/kernel.version"
+}
+
+have_cached_kernel() {
+    [[ -s "$OUT/vmlinuz" && -n "$(version_field release)" ]]
+}
+
+apt_update() {
+    local sudo=()
+    command -v apt-get >/dev/null 2>&1 || die "no apt-get: this script fetches the kernel from Debian's archive"
+    if [[ "$(id -u)" != 0 ]]; then
+        command -v sudo >/dev/null 2>&1 || die "apt-get update needs root (or sudo)"
+        sudo=(sudo)
+    fi
+    say "apt-get update (for $META_PKG)"
+    quietly "$WORK/apt-update.log" ${sudo[@]+"${sudo[@]}"} env DEBIAN_FRONTEND=noninteractive \
+        apt-get -q -o DPkg::Lock::Timeout=600 -o Dpkg::Use-Pty=0 update
+}
+
+# download_kernel PACKAGE: apt-get download into WORK/deb; prints the .deb's path.
+download_kernel() {
+    local pkg="$1" dir="$WORK/deb" deb
+    rm -rf "$dir"
+    mkdir -p "$dir"
+    # apt drops root to its _apt user to download; let that user write here.
+    if [[ "$(id -u)" == 0 ]] && id _apt >/dev/null 2>&1; then
+        chmod 755 "$WORK"
+        chown _apt "$dir"
+    fi
+    (cd "$dir" && quietly "$WORK/apt-download.log" apt-get -q -o Dpkg::Use-Pty=0 download "$pkg") >&2 || return 1
+    deb="$(find "$dir" -maxdepth 1 -name '*.deb' | head -n 1)"
+    [[ -n "$deb" ]] || return 1
+    echo "$deb"
+}
+
+# install_kernel DEB VERSION: takes vmlinuz and its config out of DEB into DIR and writes
+# kernel.version (last, so that an interrupted run leaves no matching kernel.version) with
+# VERSION, the version apt named, which the next run compares (the .deb's own if "unknown").
+install_kernel() {
+    local deb="$1" ver="$2" x="$WORK/x" img release pkg
+    pkg="$(dpkg-deb -f "$deb" Package)"
+    [[ "$ver" != unknown ]] || ver="$(dpkg-deb -f "$deb" Version)"
+    mkdir -p "$x"
+    # Only boot/ is needed; the modules (most of the package) are not written anywhere.
+    dpkg-deb --fsys-tarfile "$deb" | tar -x -C "$x" --wildcards './boot/*' ||
+        die "cannot unpack boot/ from $deb"
+    img="$(find "$x/boot" -maxdepth 1 -name 'vmlinuz-*' | head -n 1)"
+    [[ -n "$img" ]] || die "$deb has no boot/vmlinuz-*"
+    release="${img##*/vmlinuz-}"
+    [[ "$(tail -c +515 "$img" | head -c 4)" == HdrS ]] || die "$img is not a bzImage (no HdrS at 0x202)"
+    rm -f "$OUT/kernel.version"
+    cp "$img" "$OUT/vmlinuz.tmp" && mv -f "$OUT/vmlinuz.tmp" "$OUT/vmlinuz"
+    if [[ -f "$x/boot/config-$release" ]]; then
+        cp "$x/boot/config-$release" "$OUT/kernel.config"
+    fi
+    printf 'package=%s\nversion=%s\nrelease=%s\n' "$pkg" "$ver" "$release" >"$OUT/kernel.version.tmp"
+    mv -f "$OUT/kernel.version.tmp" "$OUT/kernel.version"
+    rm -rf "$x"
+}
+
+prepare_kernel() {
+    local pkg ver deb t0
+    read -r pkg ver < <(kernel_package) || true
+    if [[ -z "${pkg:-}" ]]; then
+        if have_cached_kernel; then
+            note "warning: apt knows no $META_PKG; using the cached kernel $(version_field release)"
+            return
+        fi
+        apt_update
+        read -r pkg ver < <(kernel_package) || true
+        [[ -n "${pkg:-}" ]] || die "apt knows no $META_PKG even after apt-get update (is deb.debian.org bookworm main in the sources?)"
+    fi
+    if have_cached_kernel && [[ "$(version_field package)" == "$pkg" && "$(version_field version)" == "$ver" ]]; then
+        say "kernel: cached $pkg $ver"
+        return
+    fi
+    say "kernel: downloading $pkg $ver"
+    t0="$(now)"
+    if ! deb="$(download_kernel "$pkg")"; then
+        # The lists may be stale (the mirror dropped that version): refresh them once.
+        if apt_update && read -r pkg ver < <(kernel_package) && deb="$(download_kernel "$pkg")"; then
+            :
+        elif have_cached_kernel; then
+            note "warning: cannot download $pkg; using the cached kernel $(version_field release)"
+            return
+        else
+            die "cannot download $pkg (apt-get download failed; see above)"
+        fi
+    fi
+    install_kernel "$deb" "$ver"
+    rm -f "$deb"
+    say "kernel: $(version_field release) ($(stat -c %s "$OUT/vmlinuz") bytes) in $(elapsed "$t0") s"
+}
+
+# --- the initramfs images --------------------------------------------------------------------
+
+# make_initramfs NAME INIT_SCRIPT APPLET...: DIR/initramfs-NAME.cpio.gz with busybox, INIT_SCRIPT
+# as /init and a /bin link to busybox for each APPLET ("ALL": every applet busybox has, where
+# busybox --list-full puts it).
+make_initramfs() {
+    local name="$1" init="$2" stage out a link
+    stage="$WORK/stage-$name"
+    out="$OUT/initramfs-$name.cpio.gz"
+    shift 2
+    mkdir -p "$stage"/{bin,dev,proc,sys,tmp,root}
+    chmod 1777 "$stage/tmp"
+    chmod 700 "$stage/root"
+    cp "$BUSYBOX" "$stage/bin/busybox"
+    cp "$init" "$stage/init"
+    chmod 755 "$stage/bin/busybox" "$stage/init"
+    if [[ "$1" == ALL ]]; then
+        while read -r link; do
+            # linuxrc is busybox's init under another name; this image has its own /init.
+            [[ "$link" == */* ]] || continue
+            mkdir -p "$stage/${link%/*}"
+            [[ -e "$stage/$link" || -L "$stage/$link" ]] || ln -s /bin/busybox "$stage/$link"
+        done < <("$BUSYBOX" --list-full)
+    else
+        for a in "$@"; do
+            ln -s busybox "$stage/bin/$a"
+        done
+    fi
+    # Reproducible: fixed mtimes, owner root, sorted names, no device or inode numbers from
+    # this machine, no name or time in the gzip header.
+    find "$stage" -exec touch -h -d "@$EPOCH" {} +
+    (cd "$stage" && find . -mindepth 1 -printf '%P\n' | LC_ALL=C sort |
+        cpio -o -H newc --reproducible -R 0:0 --quiet) | gzip -9 -n >"$out.tmp"
+    if cmp -s "$out.tmp" "$out"; then
+        rm -f "$out.tmp"
+        say "initramfs-$name: unchanged ($(stat -c %s "$out") bytes)"
+    else
+        mv -f "$out.tmp" "$out"
+        say "initramfs-$name: written ($(stat -c %s "$out") bytes)"
+    fi
+}
+
+prepare_kernel
+make_initramfs headless "$INIT_DIR/init-headless.sh" "${HEADLESS_APPLETS[@]}"
+make_initramfs shell "$INIT_DIR/init-shell.sh" ALL
+say "ready in $(elapsed "$T_START") s: $OUT"
+
+echo "kernel=$OUT/vmlinuz"
+echo "initrd_headless=$OUT/initramfs-headless.cpio.gz"
+echo "initrd_shell=$OUT/initramfs-shell.cpio.gz"
+echo "version=$(version_field release)"
