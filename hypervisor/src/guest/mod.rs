@@ -2,3 +2,4 @@
 
 pub mod boot64;
 pub mod elf;
+pub mod linux;
