@@ -1,5 +1,13 @@
 //! Device models a VM reaches through port I/O (and, later, MMIO).
 
 pub mod console;
+pub mod pc;
+pub mod pci;
+pub mod pic;
+pub mod pit;
+pub mod pm;
 pub mod ports;
+pub mod rtc;
 pub mod testdev;
+pub mod time;
+pub mod uart;

@@ -1,5 +1,6 @@
 //! Loading guests into a VM's memory.
 
+pub mod acpi;
 pub mod boot64;
 pub mod elf;
 pub mod linux;

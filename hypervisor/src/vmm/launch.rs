@@ -16,7 +16,9 @@ use crate::{
     guest::{
         boot64,
         elf::{self, ElfError},
+        linux::{self, LinuxError, LinuxLayout},
     },
+    devices::pc::PcPlatform,
     mm::FrameAllocator,
     report, svm, vmx,
 };
@@ -51,6 +53,7 @@ pub enum LaunchError {
     Memory(GuestMemError),
     Image(ElfError),
     NotAnImage,
+    Kernel(LinuxError),
     Backend(BackendError),
     OutOfHeap,
 }
@@ -61,8 +64,9 @@ impl fmt::Display for LaunchError {
             LaunchError::Memory(e) => write!(f, "guest memory: {e}"),
             LaunchError::Image(e) => write!(f, "guest image: {e}"),
             LaunchError::NotAnImage => {
-                f.write_str("module is not a guest image Vireo can load (expected an x86-64 ELF)")
+                f.write_str("module is not a guest image Vireo can load (expected a Linux bzImage or an x86-64 ELF)")
             }
+            LaunchError::Kernel(e) => write!(f, "Linux kernel: {e}"),
             LaunchError::Backend(e) => write!(f, "virtualization hardware: {e}"),
             LaunchError::OutOfHeap => f.write_str("out of heap for the VM's state"),
         }
@@ -72,6 +76,12 @@ impl fmt::Display for LaunchError {
 /// Guest-physical address where the guest's argument string is placed (inside the area
 /// boot64 reserves).
 const ARGS_GPA: u64 = 0x8000;
+
+/// A Linux guest's kernel command line when its module line gives none.
+pub const DEFAULT_LINUX_CMDLINE: &str = "console=ttyS0 earlyprintk=serial,ttyS0,115200 panic=-1";
+
+/// Wall-clock time a VM's RTC starts at (2026-01-01T00:00:00Z) until Vireo reads the host's.
+const RTC_EPOCH: u64 = 1_767_225_600;
 
 /// Tags for ASIDs (SVM) and VPIDs (VMX): 0 belongs to the host.
 pub struct TagAllocator(u32);
@@ -99,10 +109,16 @@ pub fn run_guest(
     image: &[u8],
     initrd: Option<&[u8]>,
 ) -> Result<VmOutcome, LaunchError> {
-    if !elf::is_elf(image) {
+    // A Linux kernel is recognised by its setup header; anything that claims to be one and
+    // fails validation is reported as a bad kernel, not as an unknown file.
+    let kernel = if image.get(0x202..0x206) == Some(b"HdrS") {
+        Some(linux::parse(image).map_err(LaunchError::Kernel)?)
+    } else if elf::is_elf(image) {
+        None
+    } else {
         return Err(LaunchError::NotAnImage);
-    }
-    if initrd.is_some() {
+    };
+    if kernel.is_none() && initrd.is_some() {
         log::warn!("vm {}: an initrd is given but the guest is not a Linux kernel; ignored", spec.name);
     }
     let format = match hw {
@@ -110,16 +126,30 @@ pub fn run_guest(
         Hardware::Vmx(_) => NestedFormat::Ept,
     };
     let mut mem = GuestMemory::new(frames, spec.mem, format).map_err(LaunchError::Memory)?;
-    let prepared = (|| {
-        let entry = elf::load(image, &mut mem, boot64::RESERVED_END).map_err(LaunchError::Image)?;
-        let state = boot64::setup(&mut mem, entry).map_err(LaunchError::Memory)?;
-        let mut args = [0u8; 256];
-        let n = spec.args.len().min(255);
-        args[..n].copy_from_slice(&spec.args.as_bytes()[..n]);
-        mem.write(ARGS_GPA, &args).map_err(LaunchError::Memory)?;
-        Ok((entry, state))
+    let size = mem.size();
+    let prepared = (|| match &kernel {
+        Some(kernel) => {
+            // boot64's identity map and GDT are what the 64-bit boot protocol asks for;
+            // the zero page goes above them (guest/linux.rs layout).
+            let boot = boot64::setup(&mut mem, 0).map_err(LaunchError::Memory)?;
+            let cmdline = if spec.kernel_cmdline.is_empty() { DEFAULT_LINUX_CMDLINE } else { spec.kernel_cmdline };
+            let layout = LinuxLayout { ram: size, cmdline, initrd, rsdp: None, reserved: &[] };
+            let loaded = linux::load(kernel, &mut mem, &layout).map_err(LaunchError::Kernel)?;
+            let mut state = boot;
+            state.rip = loaded.entry;
+            Ok((loaded.entry, state, loaded.boot_params))
+        }
+        None => {
+            let entry = elf::load(image, &mut mem, boot64::RESERVED_END).map_err(LaunchError::Image)?;
+            let state = boot64::setup(&mut mem, entry).map_err(LaunchError::Memory)?;
+            let mut args = [0u8; 256];
+            let n = spec.args.len().min(255);
+            args[..n].copy_from_slice(&spec.args.as_bytes()[..n]);
+            mem.write(ARGS_GPA, &args).map_err(LaunchError::Memory)?;
+            Ok((entry, state, ARGS_GPA))
+        }
     })();
-    let (entry, state) = match prepared {
+    let (entry, state, rsi) = match prepared {
         Ok(p) => p,
         Err(e) => {
             mem.release(frames);
@@ -127,12 +157,15 @@ pub fn run_guest(
         }
     };
     let root = mem.nested_root();
-    let size = mem.size();
     let Some(mut vm) = Vm::new(spec.name, mem, matches!(hw, Hardware::Svm(_))) else {
         return Err(LaunchError::OutOfHeap);
     };
     vm.regs.rdi = size;
-    vm.regs.rsi = ARGS_GPA;
+    vm.regs.rsi = rsi;
+    if kernel.is_some() {
+        vm.platform = Some(PcPlatform::new(RTC_EPOCH));
+        vm.regs.rdi = 0;
+    }
     if spec.timeout_s > 0 {
         if !crate::arch::lapic::available() {
             log::warn!("vm {}: timeout={} needs the host APIC timer, which is unavailable", spec.name, spec.timeout_s);
@@ -192,6 +225,8 @@ fn report_end(vm: &Vm, outcome: &VmOutcome) {
             report!("vm name={name} end outcome=fatal reason=\"{reason}\" exits={}", total.count)
         }
         VmOutcome::TimedOut => report!("vm name={name} end outcome=timed-out exits={}", total.count),
+        VmOutcome::PoweredOff => report!("vm name={name} end outcome=powered-off exits={}", total.count),
+        VmOutcome::Reset => report!("vm name={name} end outcome=reset exits={}", total.count),
     }
     for (class, s) in vm.stats.nonzero() {
         report!(

@@ -15,8 +15,13 @@ use super::{
     walk::{self, GuestPaging},
 };
 use crate::{
-    arch::fpu::{self, FpuState},
+    arch::{
+        fpu::{self, FpuState},
+        tsc,
+    },
     devices::{
+        pc::{PcPlatform, PortEffect as PcEffect},
+        time::Nanos,
         console::{print_line, GuestConsole},
         ports::{self, PortEffect},
         testdev::{IrqRequest, TestDevice},
@@ -37,6 +42,11 @@ pub enum VmOutcome {
     Fatal { reason: &'static str },
     /// The VM ran out of its time limit (`timeout=` on its module line).
     TimedOut,
+    /// The guest powered its machine off (ACPI S5).
+    PoweredOff,
+    /// The guest reset its machine (reset register, keyboard controller); VM restart is not
+    /// implemented, so the VM ends.
+    Reset,
 }
 
 /// What the dispatch decided.
@@ -68,6 +78,10 @@ pub struct Vm {
     pub deadline: Option<u64>,
     /// TSC deadline the host timer is armed for.
     armed: Option<u64>,
+    /// The PC platform of a Linux VM (test guests have none).
+    pub platform: Option<PcPlatform>,
+    /// TSC when the VM started: guest time zero for the platform's devices.
+    start_tsc: u64,
 }
 
 /// Reads the TSC.
@@ -97,6 +111,8 @@ impl Vm {
             unassigned_reported: 0,
             deadline: None,
             armed: None,
+            platform: None,
+            start_tsc: rdtsc(),
         })
     }
 
@@ -136,13 +152,21 @@ impl Vm {
         outcome
     }
 
+    /// Guest time: nanoseconds since the VM started.
+    fn now(&self) -> Nanos {
+        Nanos(tsc::to_nanos(rdtsc().wrapping_sub(self.start_tsc)))
+    }
+
+    /// TSC value at guest time `t`.
+    fn tsc_at(&self, t: Nanos) -> u64 {
+        self.start_tsc.saturating_add(tsc::from_nanos(t.0))
+    }
+
     /// Keeps the host's one-shot timer at the earliest moment Vireo must regain control
     /// from a guest that does not exit by itself: the VM's time limit or a device timer.
     fn arm_host_timer(&mut self) {
-        let want = match (self.deadline, self.timer.map(|t| t.0)) {
-            (Some(a), Some(b)) => Some(a.min(b)),
-            (a, b) => a.or(b),
-        };
+        let device = self.platform.as_ref().and_then(|p| p.next_deadline()).map(|t| self.tsc_at(t));
+        let want = [self.deadline, self.timer.map(|t| t.0), device].into_iter().flatten().min();
         if want != self.armed {
             match want {
                 Some(t) => crate::arch::lapic::arm(t),
@@ -159,6 +183,20 @@ impl Vm {
                 self.pending_irq = Some(vector);
                 self.timer = None;
             }
+        }
+        if let Some(mut platform) = self.platform.take() {
+            platform.update(self.now());
+            if platform.pic.pending().is_some() && !cpu.event_pending() {
+                if cpu.interruptible() {
+                    if let Some(vector) = platform.pic.acknowledge() {
+                        cpu.inject(Event::Interrupt { vector });
+                    }
+                    cpu.set_interrupt_window(false);
+                } else {
+                    cpu.set_interrupt_window(true);
+                }
+            }
+            self.platform = Some(platform);
         }
         let Some(vector) = self.pending_irq else { return };
         if cpu.event_pending() {
@@ -292,6 +330,37 @@ impl Vm {
             2 => 0xFFFF,
             _ => 0xFFFF_FFFF,
         };
+        let now = self.now();
+        if let Some(platform) = self.platform.as_mut() {
+            let value = (self.regs.rax & mask) as u32;
+            let handled = if io.write {
+                platform.write(io.port, io.size, value, now).map(Some)
+            } else {
+                platform.read(io.port, io.size, now).map(|v| {
+                    let v = v as u64;
+                    self.regs.rax = if io.size == 4 { v } else { (self.regs.rax & !mask) | (v & mask) };
+                    None
+                })
+            };
+            match handled {
+                Some(Some(PcEffect::ConsoleByte(b))) => {
+                    let name = &self.name;
+                    self.console.push(&[b], &mut |l| print_line(name, l));
+                }
+                Some(Some(PcEffect::PowerOff)) => return Flow::Stop(VmOutcome::PoweredOff),
+                Some(Some(PcEffect::Reset)) => return Flow::Stop(VmOutcome::Reset),
+                Some(_) => {}
+                None => return self.simple_port_io(cpu, io, exit, mask),
+            }
+            cpu.set_rip(exit.next_rip);
+            return Flow::Continue;
+        }
+        self.simple_port_io(cpu, io, exit, mask)
+    }
+
+    /// Ports outside any platform device: Vireo's debug console and test devices; the
+    /// rest behave like an empty ISA bus.
+    fn simple_port_io<B: Backend>(&mut self, cpu: &mut B, io: IoAccess, exit: &Exit, mask: u64) -> Flow {
         if io.write {
             match ports::write(io.port, io.size, (self.regs.rax & mask) as u32) {
                 PortEffect::ConsoleByte(b) => {
@@ -343,6 +412,25 @@ impl Vm {
         }
         if self.pending_irq.is_some() {
             return Flow::Continue;
+        }
+        if self.platform.is_some() {
+            // Sleep until a device has an interrupt for the guest (or the time limit).
+            loop {
+                let now = self.now();
+                let Some(platform) = self.platform.as_mut() else { break };
+                platform.update(now);
+                if platform.pic.pending().is_some() {
+                    return Flow::Continue;
+                }
+                let Some(next) = platform.next_deadline() else { return Flow::Stop(VmOutcome::Halted) };
+                let until = self.tsc_at(next);
+                while rdtsc() < until {
+                    if self.deadline.is_some_and(|d| rdtsc() >= d) {
+                        return Flow::Stop(VmOutcome::TimedOut);
+                    }
+                    core::hint::spin_loop();
+                }
+            }
         }
         if let Some((deadline, vector)) = self.timer.take() {
             // The vCPU sleeps until its timer fires (the only vCPU on this CPU: wait here),
