@@ -3,7 +3,8 @@
 
 use core::fmt::Write;
 
-const LINE_MAX: usize = 160;
+/// Longest line kept whole (Linux prints CPU flag lists of several hundred bytes).
+const LINE_MAX: usize = 1024;
 
 pub struct GuestConsole {
     line: [u8; LINE_MAX],
