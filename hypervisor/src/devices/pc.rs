@@ -3,9 +3,11 @@
 //! accesses ask the VM to do. Time is the host TSC since the VM started, in nanoseconds.
 
 use super::{
+    pci::PciBus,
     pic::Pic8259Pair,
     pit::{Pit8254, PIT_IRQ},
-    rtc::Mc146818,
+    pm::{Pm, PmConfig, PmEffect, S5_SLP_TYP, SCI_IRQ},
+    rtc::{Mc146818, RTC_IRQ},
     time::{earliest, Nanos},
     uart::{Uart16550, COM1_BASE, COM1_IRQ},
 };
@@ -25,17 +27,31 @@ pub struct PcPlatform {
     pub pic: Pic8259Pair,
     pub pit: Pit8254,
     pub rtc: Mc146818,
+    pub pci: PciBus,
+    pub pm: Pm,
 }
 
 impl PcPlatform {
     /// `unix_secs`: wall-clock time the RTC starts at.
     pub fn new(unix_secs: u64) -> Self {
-        Self { uart: Uart16550::new(COM1_BASE), pic: Pic8259Pair::new(), pit: Pit8254::new(), rtc: Mc146818::new(unix_secs) }
+        Self {
+            uart: Uart16550::new(COM1_BASE),
+            pic: Pic8259Pair::new(),
+            pit: Pit8254::new(),
+            rtc: Mc146818::new(unix_secs),
+            pci: PciBus::new(),
+            pm: Pm::new(PmConfig::default()),
+        }
     }
 
     /// An IN; `None` if no device here claims the port.
     pub fn read(&mut self, port: u16, size: u8, now: Nanos) -> Option<u32> {
-        let v = if self.uart.contains(port) {
+        // PCI first: 0xCF8 dword and 0xCFC-0xCFF; 0xCF9 bytes belong to the reset register.
+        let v = if self.pci.handles(port, size) {
+            self.pci.read(port, size)
+        } else if self.pm.contains(port) {
+            self.pm.read(port, size, now)
+        } else if self.uart.contains(port) {
             self.uart.read(port, size)
         } else if self.pic.contains(port) {
             self.pic.read(port, size)
@@ -52,7 +68,17 @@ impl PcPlatform {
 
     /// An OUT; `None` if no device here claims the port.
     pub fn write(&mut self, port: u16, size: u8, value: u32, now: Nanos) -> Option<PortEffect> {
-        let effect = if self.uart.contains(port) {
+        let effect = if self.pci.handles(port, size) {
+            self.pci.write(port, size, value);
+            PortEffect::None
+        } else if self.pm.contains(port) {
+            match self.pm.write(port, size, value, now) {
+                // Sleep states other than S5 (the DSDT offers only S0 and S5) are ignored.
+                PmEffect::PowerOff { slp_typ } if slp_typ == S5_SLP_TYP => PortEffect::PowerOff,
+                PmEffect::Reset => PortEffect::Reset,
+                _ => PortEffect::None,
+            }
+        } else if self.uart.contains(port) {
             self.uart.write(port, size, value).map_or(PortEffect::None, PortEffect::ConsoleByte)
         } else if self.pic.contains(port) {
             self.pic.write(port, size, value);
@@ -79,11 +105,14 @@ impl PcPlatform {
             self.pic.set_irq(PIT_IRQ, false);
         }
         self.rtc.tick(now);
+        self.pm.tick(now);
         self.pic.set_irq(COM1_IRQ, self.uart.irq_level());
+        self.pic.set_irq(RTC_IRQ, self.rtc.irq_level());
+        self.pic.set_irq(SCI_IRQ, self.pm.sci_level());
     }
 
     /// The earliest guest time a device needs attention.
     pub fn next_deadline(&self) -> Option<Nanos> {
-        earliest(self.pit.next_deadline(), None)
+        earliest(earliest(self.pit.next_deadline(), self.rtc.next_deadline()), self.pm.next_deadline())
     }
 }

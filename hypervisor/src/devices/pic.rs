@@ -320,7 +320,7 @@ impl Pic8259Pair {
                 } else if chip.read_isr {
                     chip.isr
                 } else if index == 0 {
-                    self.master_requests() | (chip.irr & !(1 << CASCADE_IRQ))
+                    self.master_requests()
                 } else {
                     chip.irr
                 }

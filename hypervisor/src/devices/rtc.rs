@@ -7,8 +7,10 @@
 //!   from the wall clock, in BCD or binary per status B DM (bit 2), hours in 24- or 12-hour
 //!   form per status B bit 1 (12-hour: bit 7 = PM).
 //! - 0x01, 0x03, 0x05 seconds/minutes/hours alarm (0xC0-0xFF = don't care).
-//! - 0x0A status A: UIP (bit 7) always reads 0 (the update cycle is instantaneous, so readers
-//!   never wait), DV (bits 6:4) and RS (bits 3:0) stored.
+//! - 0x0A status A: UIP (bit 7) reads 1 during the last 244 us before each second's update
+//!   (the datasheet's tBUC; the update itself is instantaneous, so UIP is never high for
+//!   longer and readers that wait for it to drop wait at most 244 us), 0 while SET is 1 or
+//!   the divider is held in reset; DV (bits 6:4) and RS (bits 3:0) are stored.
 //! - 0x0B status B: SET, PIE, AIE, UIE, SQWE, DM, 24/12, DSE (DSE is stored, no DST jumps).
 //! - 0x0C status C: IRQF, PF, AF, UF; reading clears it.
 //! - 0x0D status D: VRT (0x80, the battery is good).
@@ -52,6 +54,7 @@ const REG_B: u8 = 0x0B;
 const REG_C: u8 = 0x0C;
 const REG_D: u8 = 0x0D;
 
+const A_UIP: u8 = 0x80;
 const B_SET: u8 = 0x80;
 const B_UIE: u8 = 0x10;
 const B_DM_BINARY: u8 = 0x04;
@@ -64,6 +67,8 @@ const C_AF: u8 = 0x20;
 const C_UF: u8 = 0x10;
 const D_VRT: u8 = 0x80;
 
+/// How long before each update UIP is set (tBUC, MC146818A datasheet).
+const UIP_LEAD_NS: u64 = 244_000;
 /// The time base the periodic rates divide.
 const TIME_BASE_HZ: u64 = 32_768;
 const SECS_PER_DAY: i64 = 86_400;
@@ -347,7 +352,7 @@ impl Mc146818 {
                     _ => self.encode(f.century),
                 }
             }
-            REG_A => self.ram[REG_A as usize] & 0x7F,
+            REG_A => (self.ram[REG_A as usize] & 0x7F) | if self.update_in_progress(now) { A_UIP } else { 0 },
             REG_C => {
                 self.advance(now);
                 let irqf = if self.irq_level() { C_IRQF } else { 0 };
@@ -402,6 +407,12 @@ impl Mc146818 {
             REG_C | REG_D => {}
             _ => self.ram[(index & 0x7F) as usize] = v,
         }
+    }
+
+    /// Whether UIP reads 1 at `now`: within tBUC before the next second's update.
+    fn update_in_progress(&self, now: Nanos) -> bool {
+        let divider_reset = (self.ram[REG_A as usize] >> 4) & 6 == 6;
+        self.frozen.is_none() && !divider_reset && now.since(self.base) % NANOS_PER_SEC >= NANOS_PER_SEC - UIP_LEAD_NS
     }
 
     /// The periodic interrupt's period in time-base cycles, if it runs.
@@ -515,7 +526,7 @@ mod tests {
         assert_eq!(cmos_read(&mut r, REG_D, now) & 0x40, 0, "RTC_VALID bit 6 must be 0");
         assert_eq!(cmos_read(&mut r, REG_D, now), 0x80);
         let sec = cmos_read(&mut r, REG_SECONDS, now);
-        assert_eq!(cmos_read(&mut r, REG_A, now) & 0x80, 0, "UIP never set");
+        assert_eq!(cmos_read(&mut r, REG_A, now) & 0x80, 0, "UIP clear mid-second");
         assert_eq!(cmos_read(&mut r, REG_SECONDS, now), sec);
         let min = cmos_read(&mut r, REG_MINUTES, now);
         let hour = cmos_read(&mut r, REG_HOURS, now);
@@ -528,6 +539,12 @@ mod tests {
         assert_eq!((sec, min, hour, mday, mon, year, century), (0x50, 0x14, 0x22, 0x14, 0x11, 0x23, 0x20));
         assert_eq!(cmos_read(&mut r, REG_DAY_OF_WEEK, now), 3, "Tuesday (Sunday = 1)");
         assert_eq!(r.wall_time(now), START as i64 + 90);
+        // UIP rises 244 us before the update and is gone with it.
+        assert_eq!(cmos_read(&mut r, REG_A, Nanos(90_999_755_999)), 0x26);
+        assert_eq!(cmos_read(&mut r, REG_A, Nanos(90_999_756_000)), 0xA6);
+        assert_eq!(cmos_read(&mut r, REG_SECONDS, Nanos(90_999_999_999)), 0x50);
+        assert_eq!(cmos_read(&mut r, REG_A, Nanos(91_000_000_000)), 0x26);
+        assert_eq!(cmos_read(&mut r, REG_SECONDS, Nanos(91_000_000_000)), 0x51);
         // Time runs on with `now`, across midnight and the month.
         let now = Nanos::from_secs(90 + 16 * 86_400 + 2 * 3600);
         assert_eq!(cmos_read(&mut r, REG_DAY, now), 0x01);

@@ -25,8 +25,25 @@
 //! fixed power or sleep button, a reset register in system I/O space, and a dual 8259 and an
 //! 8042 present. The module only builds bytes; emulating those registers is the caller's.
 //!
-//! Section numbers cite the ACPI Specification 6.3 (the FADT and MADT revisions written here
-//! are those of 6.3); the AML encodings are from its chapter 20.
+//! What the VMM must provide for Linux to use these tables (checked by booting Debian's Linux
+//! 6.1 cloud kernel in QEMU q35 on them; see the dump test):
+//! - boot_params.acpi_rsdp_addr = the returned RSDP address, and the buffer's range reported
+//!   as E820 ACPI (type 3) or NVS (type 4) memory.
+//! - PM1a control (`pm1a_cnt`, 16 bits): SCI_EN reads 1; a write with SLP_EN set and SLP_TYP
+//!   = [`SLP_TYP_S5`] powers off ([`sleep_request`] decodes it).
+//! - PM1a status/enable (`pm1a_evt`, two 16-bit registers): status is write-1-to-clear,
+//!   enable is plain read/write. ACPICA enables GBL_EN and rtc-cmos toggles RTC_EN and reads
+//!   them back; bits that do not stick give "Could not enable GlobalLock event" and similar
+//!   errors.
+//! - PM timer (`pm_tmr`, 32-bit reads): a free-running 24-bit count at [`PM_TIMER_HZ`].
+//! - The SCI: I/O APIC pin `sci_irq`, level-triggered, active-high, asserted while
+//!   PM1 status & enable is non-zero. IRQ 0 (the 8254) is I/O APIC pin 2.
+//! - `reset_value` written to `reset_port` (one byte) resets the VM.
+//! - The DSDT declares no PCI host bridge, and with ACPI Linux then scans no PCI bus; boot
+//!   with `pci=lastbus=1` (the peer-bus scan then finds bus 0) until it declares one.
+//!
+//! Section numbers cite the ACPI Specification 6.3, whose FADT (6.3) and MADT (5) revisions
+//! are written here; the AML encodings are from its chapter 20.
 
 use alloc::vec::Vec;
 use core::fmt;
@@ -160,7 +177,7 @@ pub const PM_TIMER_HZ: u32 = 3_579_545;
 /// TMR_STS is set whenever bit 23 changes.
 pub const PM_TIMER_MASK: u32 = if FADT_FIXED_FLAGS & fadt::TMR_VAL_EXT != 0 { u32::MAX } else { 0x00FF_FFFF };
 
-/// FADT Fixed Feature Flags (ACPI 6.3 §5.2.9, Table 5-35) whatever the configuration:
+/// FADT Fixed Feature Flags (ACPI 6.3 §5.2.9) whatever the configuration:
 /// - WBINVD: WBINVD works (flushes and invalidates all caches); PROC_C1: HLT on every CPU.
 /// - PWR_BUTTON, SLP_BUTTON: no fixed-hardware buttons, so the OS installs no handler for
 ///   PWRBTN_STS/SLPBTN_STS and no button device appears.
@@ -270,7 +287,7 @@ mod rsdt {
     pub const ENTRY_LEN: usize = 4;
 }
 
-/// Fixed ACPI Description Table, ACPI 6.3 §5.2.9 (Table 5-33).
+/// Fixed ACPI Description Table, ACPI 6.3 §5.2.9: its field table gives these byte offsets.
 mod fadt {
     pub const REVISION: u8 = 6;
     pub const MINOR_REVISION: u8 = 3;
@@ -302,7 +319,7 @@ mod fadt {
     pub const X_PM_TMR_BLK: usize = 208;
     pub const HYPERVISOR_VENDOR_IDENTITY: usize = 268;
 
-    /// Fixed Feature Flags (Table 5-35).
+    /// Fixed Feature Flags (§5.2.9).
     pub const WBINVD: u32 = 1 << 0; // WBINVD flushes all caches
     pub const PROC_C1: u32 = 1 << 2; // C1 (HLT) on all processors
     pub const PWR_BUTTON: u32 = 1 << 4; // 1: no fixed-hardware power button
@@ -312,7 +329,7 @@ mod fadt {
     pub const RESET_REG_SUP: u32 = 1 << 10;
     pub const FORCE_APIC_PHYSICAL_DESTINATION_MODE: u32 = 1 << 19;
 
-    /// IA-PC Boot Architecture Flags, §5.2.9.3 (Table 5-36).
+    /// IA-PC Boot Architecture Flags, §5.2.9.3.
     pub const LEGACY_DEVICES: u16 = 1 << 0; // ISA-style devices not enumerated in ACPI
     pub const I8042: u16 = 1 << 1; // an 8042 keyboard controller at ports 0x60/0x64
 
@@ -359,7 +376,7 @@ mod madt {
 
     /// Local APIC / x2APIC flags: the processor is usable.
     pub const ENABLED: u32 = 1 << 0;
-    /// MPS INTI flags (Table 5-47): polarity in bits 1:0, trigger mode in bits 3:2.
+    /// MPS INTI flags (§5.2.12.5): polarity in bits 1:0, trigger mode in bits 3:2.
     pub const INTI_CONFORMS: u16 = 0;
     pub const INTI_ACTIVE_HIGH: u16 = 0b01;
     pub const INTI_EDGE: u16 = 0b01 << 2;
@@ -1068,7 +1085,7 @@ mod tests {
     fn fadt_fields_at_spec_offsets() {
         let (_, p) = build_vec(&AcpiConfig::pc(4), BASE);
         let f = &p.fadt;
-        // Offsets from ACPI 6.3 Table 5-33 (written out, not taken from the module).
+        // Offsets from the FADT field table of ACPI 6.3 §5.2.9 (written out, not taken from the module).
         assert_eq!(u32_at(f, 36), addr32(p.facs_gpa), "FIRMWARE_CTRL");
         assert_eq!(u64_at(f, 132), 0, "X_FIRMWARE_CTRL is 0 when FIRMWARE_CTRL is used");
         assert_eq!(u64::from(u32_at(f, 40)), p.dsdt_gpa, "DSDT");

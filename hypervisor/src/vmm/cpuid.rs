@@ -26,6 +26,8 @@ pub struct CpuidContext {
     pub apic_id: u8,
     /// The CPU's native hypercall instruction (for Vireo's version leaf).
     pub native_vmmcall: bool,
+    /// The TSC frequency Vireo measured, in kHz (0 if unknown).
+    pub tsc_khz: u64,
 }
 
 mod bit {
@@ -44,20 +46,34 @@ mod bit {
     pub const OSXSAVE: u32 = 1 << 27;
     pub const HYPERVISOR: u32 = 1 << 31;
     // CPUID.1:EDX
+    pub const MCE: u32 = 1 << 7;
+    pub const MTRR: u32 = 1 << 12;
+    pub const MCA: u32 = 1 << 14;
     pub const DS: u32 = 1 << 21;
     pub const APIC: u32 = 1 << 9;
     pub const ACPI: u32 = 1 << 22;
     pub const TM: u32 = 1 << 29;
     pub const PBE: u32 = 1 << 31;
     // CPUID.7.0:EBX
+    pub const TSC_ADJUST: u32 = 1 << 1;
     pub const SGX: u32 = 1 << 2;
     pub const PQM: u32 = 1 << 12;
     pub const PQE: u32 = 1 << 15;
     pub const INTEL_PT: u32 = 1 << 25;
+    // CPUID.7.0:EDX: speculation-control MSRs and ARCH_CAPABILITIES.
+    pub const MD_CLEAR: u32 = 1 << 10;
+    pub const IBRS_IBPB: u32 = 1 << 26;
+    pub const STIBP: u32 = 1 << 27;
+    pub const L1D_FLUSH: u32 = 1 << 28;
+    pub const ARCH_CAPABILITIES: u32 = 1 << 29;
+    pub const CORE_CAPABILITIES: u32 = 1 << 30;
+    pub const SSBD: u32 = 1 << 31;
     // CPUID.7.0:ECX
     pub const WAITPKG: u32 = 1 << 5;
     pub const LA57: u32 = 1 << 16;
     pub const SGX_LC: u32 = 1 << 30;
+    // CPUID.80000001H:EDX
+    pub const RDTSCP: u32 = 1 << 27;
     // CPUID.80000001H:ECX
     pub const SVM: u32 = 1 << 2;
     pub const SKINIT: u32 = 1 << 12;
@@ -89,15 +105,24 @@ pub fn filter(leaf: u32, subleaf: u32, host: CpuidRegs, ctx: &CpuidContext) -> C
             if ctx.osxsave {
                 r.ecx |= bit::OSXSAVE;
             }
-            r.edx &= !(bit::DS | bit::APIC | bit::ACPI | bit::TM | bit::PBE);
+            // Features whose MSRs Vireo does not model yet: MCE/MCA banks, MTRRs.
+            r.edx &= !(bit::DS | bit::APIC | bit::ACPI | bit::TM | bit::PBE | bit::MCE | bit::MCA | bit::MTRR);
             // EBX: [31:24] initial APIC ID, [23:16] logical processors = 1.
             r.ebx = (r.ebx & 0x0000_FFFF) | (1 << 16) | ((ctx.apic_id as u32) << 24);
         }
         // MONITOR/MWAIT, thermal/power, DCA, architectural PMU, Intel PT, SGX: hidden.
         5 | 6 | 9 | 0xA | 0x12 | 0x14 => r = CpuidRegs::default(),
         7 if subleaf == 0 => {
-            r.ebx &= !(bit::SGX | bit::PQM | bit::PQE | bit::INTEL_PT);
+            // TSC_ADJUST: the MSR is not modelled yet.
+            r.ebx &= !(bit::TSC_ADJUST | bit::SGX | bit::PQM | bit::PQE | bit::INTEL_PT);
             r.ecx &= !(bit::WAITPKG | bit::LA57 | bit::SGX_LC);
+            r.edx &= !(bit::MD_CLEAR
+                | bit::IBRS_IBPB
+                | bit::STIBP
+                | bit::L1D_FLUSH
+                | bit::ARCH_CAPABILITIES
+                | bit::CORE_CAPABILITIES
+                | bit::SSBD);
         }
         // Vireo's own leaves.
         abi::LEAF_SIGNATURE => {
@@ -121,7 +146,19 @@ pub fn filter(leaf: u32, subleaf: u32, host: CpuidRegs, ctx: &CpuidContext) -> C
                 | bit::PERFCTR_CORE
                 | bit::PERFCTR_NB
                 | bit::PERFCTR_LLC
-                | bit::MONITORX)
+                | bit::MONITORX);
+            // RDTSCP needs IA32_TSC_AUX per vCPU, not modelled yet.
+            r.edx &= !bit::RDTSCP;
+        }
+        // TSC/crystal ratio: unknown here; leaf 0x16 says the TSC frequency instead.
+        0x15 => r = CpuidRegs::default(),
+        // Base/maximum/bus frequency in MHz. The host's figures are the CPU's nominal ones,
+        // not the TSC rate a guest measures against (in an emulator they differ by orders of
+        // magnitude): report the TSC frequency Vireo calibrated. Linux derives its TSC
+        // frequency from this leaf on Intel CPUs.
+        0x16 => {
+            let mhz = (ctx.tsc_khz / 1000) as u32;
+            r = if mhz == 0 { CpuidRegs::default() } else { CpuidRegs { eax: mhz, ebx: mhz, ecx: 100, edx: 0 } };
         }
         // SVM features, AMD PerfMonV2: hidden.
         0x8000_000A | 0x8000_0022 => r = CpuidRegs::default(),
@@ -141,7 +178,15 @@ pub fn host(leaf: u32, subleaf: u32) -> CpuidRegs {
 mod tests {
     use super::*;
 
-    const CTX: CpuidContext = CpuidContext { osxsave: false, apic_id: 0, native_vmmcall: true };
+    const CTX: CpuidContext = CpuidContext { osxsave: false, apic_id: 0, native_vmmcall: true, tsc_khz: 2_500_000 };
+
+    #[test]
+    fn frequency_leaves_follow_the_measured_tsc() {
+        let host = CpuidRegs { eax: 3500, ebx: 3500, ecx: 100, edx: 0 };
+        assert_eq!(filter(0x16, 0, host, &CTX), CpuidRegs { eax: 2500, ebx: 2500, ecx: 100, edx: 0 });
+        assert_eq!(filter(0x15, 0, CpuidRegs { eax: 2, ebx: 200, ecx: 0, edx: 0 }, &CTX), CpuidRegs::default());
+        assert_eq!(filter(0x8000_0001, 0, CpuidRegs { edx: !0, ..host }, &CTX).edx & bit::RDTSCP, 0);
+    }
 
     #[test]
     fn leaf1_sets_hypervisor_and_hides_vmx_apic() {

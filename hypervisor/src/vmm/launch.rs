@@ -13,12 +13,12 @@ use super::{
 use crate::{
     arch::cpu::{SvmCaps, Virtualization, VmxCaps},
     console::Bytes,
+    devices::pc::PcPlatform,
     guest::{
-        boot64,
+        acpi, boot64,
         elf::{self, ElfError},
         linux::{self, LinuxError, LinuxLayout},
     },
-    devices::pc::PcPlatform,
     mm::FrameAllocator,
     report, svm, vmx,
 };
@@ -54,6 +54,7 @@ pub enum LaunchError {
     Image(ElfError),
     NotAnImage,
     Kernel(LinuxError),
+    Acpi(acpi::AcpiError),
     Backend(BackendError),
     OutOfHeap,
 }
@@ -67,6 +68,7 @@ impl fmt::Display for LaunchError {
                 f.write_str("module is not a guest image Vireo can load (expected a Linux bzImage or an x86-64 ELF)")
             }
             LaunchError::Kernel(e) => write!(f, "Linux kernel: {e}"),
+            LaunchError::Acpi(e) => write!(f, "ACPI tables: {e}"),
             LaunchError::Backend(e) => write!(f, "virtualization hardware: {e}"),
             LaunchError::OutOfHeap => f.write_str("out of heap for the VM's state"),
         }
@@ -76,6 +78,9 @@ impl fmt::Display for LaunchError {
 /// Guest-physical address where the guest's argument string is placed (inside the area
 /// boot64 reserves).
 const ARGS_GPA: u64 = 0x8000;
+
+/// Where a Linux VM's ACPI tables live (the BIOS area, reserved in its e820 map).
+const ACPI_GPA: u64 = 0xE_0000;
 
 /// A Linux guest's kernel command line when its module line gives none.
 pub const DEFAULT_LINUX_CMDLINE: &str = "console=ttyS0 earlyprintk=serial,ttyS0,115200 panic=-1";
@@ -133,7 +138,13 @@ pub fn run_guest(
             // the zero page goes above them (guest/linux.rs layout).
             let boot = boot64::setup(&mut mem, 0).map_err(LaunchError::Memory)?;
             let cmdline = if spec.kernel_cmdline.is_empty() { DEFAULT_LINUX_CMDLINE } else { spec.kernel_cmdline };
-            let layout = LinuxLayout { ram: size, cmdline, initrd, rsdp: None, reserved: &[] };
+            // ACPI tables in the BIOS area, reported to Linux through the zero page.
+            let mut tables = alloc::vec![0u8; acpi::MAX_LEN];
+            let (rsdp, used) =
+                acpi::build(&acpi::AcpiConfig::pc(spec.cpus), ACPI_GPA, &mut tables).map_err(LaunchError::Acpi)?;
+            mem.write(ACPI_GPA, &tables[..used]).map_err(LaunchError::Memory)?;
+            let reserved = [linux::ReservedRange::acpi(ACPI_GPA, ACPI_GPA + used as u64)];
+            let layout = LinuxLayout { ram: size, cmdline, initrd, rsdp: Some(rsdp), reserved: &reserved };
             let loaded = linux::load(kernel, &mut mem, &layout).map_err(LaunchError::Kernel)?;
             let mut state = boot;
             state.rip = loaded.entry;

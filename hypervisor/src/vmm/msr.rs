@@ -6,6 +6,17 @@
 //! through by the backends and never reach this module.
 
 pub const IA32_TIME_STAMP_COUNTER: u32 = 0x10;
+pub const IA32_PLATFORM_ID: u32 = 0x17;
+pub const IA32_BIOS_SIGN_ID: u32 = 0x8B;
+pub const IA32_MISC_ENABLE: u32 = 0x1A0;
+/// AMD K8 "interrupt pending message" (C1E), read by Linux's E400 idle routine on family
+/// 0xF/0x10 models; 0 = no C1E (as KVM answers).
+pub const AMD_INT_PENDING_MSG: u32 = 0xC001_0055;
+/// MISC_ENABLE bits Vireo reports (SDM Vol. 4 Table 2-2): fast strings on, BTS and PEBS
+/// unavailable (no PMU for guests yet).
+pub const MISC_ENABLE_FAST_STRING: u64 = 1 << 0;
+pub const MISC_ENABLE_BTS_UNAVAIL: u64 = 1 << 11;
+pub const MISC_ENABLE_PEBS_UNAVAIL: u64 = 1 << 12;
 pub const IA32_PAT: u32 = 0x277;
 pub const IA32_EFER: u32 = 0xC000_0080;
 
@@ -25,10 +36,20 @@ pub enum MsrOutcome {
     Fault,
 }
 
-/// Per-vCPU MSR values Vireo keeps itself (none yet: EFER and PAT live in the VMCB/VMCS
-/// and go through the backend).
+/// Per-vCPU MSR values Vireo keeps itself (EFER and PAT live in the VMCB/VMCS and go
+/// through the backend).
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
-pub struct MsrState {}
+pub struct MsrState {
+    /// The CPU model is Intel: the Intel-only architectural MSRs below exist.
+    pub intel: bool,
+    pub misc_enable: u64,
+}
+
+impl MsrState {
+    pub fn new(intel: bool) -> Self {
+        Self { intel, misc_enable: MISC_ENABLE_FAST_STRING | MISC_ENABLE_BTS_UNAVAIL | MISC_ENABLE_PEBS_UNAVAIL }
+    }
+}
 
 /// Validates a guest write of `value` to EFER given the current EFER and CR0; returns the
 /// new EFER to load or `Fault`.
@@ -51,16 +72,30 @@ pub fn valid_pat(value: u64) -> bool {
 }
 
 /// RDMSR of an MSR that is neither EFER, PAT nor passed through.
-pub fn read(_state: &MsrState, msr: u32, tsc: u64) -> MsrOutcome {
+pub fn read(state: &MsrState, msr: u32, tsc: u64) -> MsrOutcome {
     match msr {
         IA32_TIME_STAMP_COUNTER => MsrOutcome::Ok(tsc),
+        // Linux's verify_cpu reads MISC_ENABLE on Intel before it has an IDT.
+        IA32_MISC_ENABLE if state.intel => MsrOutcome::Ok(state.misc_enable),
+        // No microcode update facility: revision 0, platform ID 0.
+        IA32_BIOS_SIGN_ID | IA32_PLATFORM_ID if state.intel => MsrOutcome::Ok(0),
+        AMD_INT_PENDING_MSG if !state.intel => MsrOutcome::Ok(0),
         _ => MsrOutcome::Fault,
     }
 }
 
 /// WRMSR of an MSR that is neither EFER, PAT nor passed through.
-pub fn write(_state: &mut MsrState, msr: u32, value: u64) -> MsrOutcome {
+pub fn write(state: &mut MsrState, msr: u32, value: u64) -> MsrOutcome {
     match msr {
+        // Guests toggle a few MISC_ENABLE bits (fast strings, XD disable); the ones Vireo
+        // reports as fixed (BTS/PEBS unavailable) stay as they are.
+        IA32_MISC_ENABLE if state.intel => {
+            let fixed = MISC_ENABLE_BTS_UNAVAIL | MISC_ENABLE_PEBS_UNAVAIL;
+            state.misc_enable = (value & !fixed) | (state.misc_enable & fixed);
+            MsrOutcome::Ok(value)
+        }
+        // Writing 0 before CPUID to read the microcode revision (SDM Vol. 3A §10.11.7).
+        IA32_BIOS_SIGN_ID if state.intel => MsrOutcome::Ok(value),
         // Writing the TSC is allowed; Vireo keeps the guest on the host TSC for now
         // (TSC offsetting comes with the timekeeping work), so the write has no effect.
         IA32_TIME_STAMP_COUNTER => MsrOutcome::Ok(value),
@@ -79,6 +114,19 @@ mod tests {
             assert_eq!(read(&s, msr, 0), MsrOutcome::Fault, "{msr:#x}");
             assert_eq!(write(&mut s, msr, 1), MsrOutcome::Fault, "{msr:#x}");
         }
+    }
+
+    #[test]
+    fn intel_only_msrs() {
+        let mut intel = MsrState::new(true);
+        let mut amd = MsrState::new(false);
+        assert_eq!(read(&intel, IA32_MISC_ENABLE, 0), MsrOutcome::Ok(0x1801));
+        assert_eq!(read(&amd, IA32_MISC_ENABLE, 0), MsrOutcome::Fault);
+        assert_eq!(write(&mut intel, IA32_MISC_ENABLE, 0), MsrOutcome::Ok(0));
+        assert_eq!(read(&intel, IA32_MISC_ENABLE, 0), MsrOutcome::Ok(0x1800), "fast strings off, BTS/PEBS stay");
+        assert_eq!(write(&mut intel, IA32_BIOS_SIGN_ID, 0), MsrOutcome::Ok(0));
+        assert_eq!(read(&intel, IA32_BIOS_SIGN_ID, 0), MsrOutcome::Ok(0));
+        assert_eq!(write(&mut amd, IA32_BIOS_SIGN_ID, 0), MsrOutcome::Fault);
     }
 
     #[test]

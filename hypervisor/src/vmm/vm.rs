@@ -20,11 +20,11 @@ use crate::{
         tsc,
     },
     devices::{
-        pc::{PcPlatform, PortEffect as PcEffect},
-        time::Nanos,
         console::{print_line, GuestConsole},
+        pc::{PcPlatform, PortEffect as PcEffect},
         ports::{self, PortEffect},
         testdev::{IrqRequest, TestDevice},
+        time::Nanos,
     },
 };
 
@@ -103,7 +103,7 @@ impl Vm {
             testdev: TestDevice::default(),
             pending_irq: None,
             timer: None,
-            msrs: msr::MsrState::default(),
+            msrs: msr::MsrState::new(!native_vmmcall),
             fpu: FpuState::new()?,
             native_vmmcall,
             history: [None; HISTORY],
@@ -220,6 +220,7 @@ impl Vm {
                     osxsave: cpu.cr4() & CR4_OSXSAVE != 0,
                     apic_id: 0,
                     native_vmmcall: self.native_vmmcall,
+                    tsc_khz: tsc::hz() / 1000,
                 };
                 let r = cpuid::filter(leaf, subleaf, cpuid::host(leaf, subleaf), &ctx);
                 self.regs.rax = r.eax as u64;
