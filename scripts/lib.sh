@@ -110,6 +110,7 @@ RUN_TIMEOUT=""
 RUN_CMDLINE=""
 RUN_MODULES=()
 RUN_GUESTS=()
+RUN_DEFAULT_GUEST=1
 RUN_TEST_BUILD=0
 RUN_ELF=""
 RUN_ISO=""
@@ -136,6 +137,10 @@ RUN_COMMON_HELP='Common options:
                         module with command line ARGS (default: NAME), i.e. a VM named by
                         the first word of ARGS; e.g. --guest selftest,
                         --guest "selftest=crasher mode=triple-fault"; repeatable
+  --no-default-guest    boot Vireo with no VM when no --module/--guest is given (without
+                        this, the default guest runs: the Debian cloud kernel with a busybox
+                        initramfs from scripts/guest-linux.sh; a shell on the console, or
+                        under --headless a short self-check that powers off)
   --test-build          build with --features test-hooks (into target/test-hooks)
   --elf PATH            do not build; boot this multiboot2 ELF
   --iso PATH            do not build or make an ISO; boot this one (its grub.cfg is used as it
@@ -165,6 +170,7 @@ run_parse_common() {
         --guest)
             need_arg "$1" "$#"
             RUN_GUESTS+=("$2"); RUN_SHIFT=2 ;;
+        --no-default-guest) RUN_DEFAULT_GUEST=0 ;;
         --test-build) RUN_TEST_BUILD=1 ;;
         --elf)
             need_arg "$1" "$#"
@@ -290,6 +296,9 @@ run_prepare_iso() {
     fi
 
     local margs=() m g name gargs gelf
+    if [[ "$RUN_DEFAULT_GUEST" == 1 && ${#RUN_MODULES[@]} -eq 0 && ${#RUN_GUESTS[@]} -eq 0 ]]; then
+        run_default_linux_modules
+    fi
     for m in ${RUN_MODULES[@]+"${RUN_MODULES[@]}"}; do
         margs+=(--module "$(abspath "$m")")
     done
@@ -305,6 +314,25 @@ run_prepare_iso() {
     "$VIREO_ROOT/scripts/mkiso.sh" --quiet --elf "$elf" --out "$RUN_ISO_PATH" \
         --cmdline "$RUN_FULL_CMDLINE" ${margs[@]+"${margs[@]}"}
     note "made ISO in $(elapsed "$t0") s; hypervisor cmdline: '$RUN_FULL_CMDLINE'"
+}
+
+# The default guest's kernel command line: serial console, and a light workload so the
+# headless self-check also finishes quickly in Bochs.
+RUN_LINUX_CMDLINE="console=ttyS0 panic=-1 linux_guest_compute=20000 linux_guest_forks=50"
+
+# run_default_linux_modules: adds the default Linux guest (kernel + initramfs) to RUN_MODULES.
+run_default_linux_modules() {
+    local out kernel initrd
+    out="$("$VIREO_ROOT/scripts/guest-linux.sh" --quiet)" || die "preparing the default Linux guest failed"
+    kernel="$(sed -n 's/^kernel=//p' <<<"$out")"
+    if [[ "$RUN_HEADLESS" == 1 ]]; then
+        initrd="$(sed -n 's/^initrd_headless=//p' <<<"$out")"
+    else
+        initrd="$(sed -n 's/^initrd_shell=//p' <<<"$out")"
+    fi
+    [[ -f "$kernel" && -f "$initrd" ]] || die "guest-linux.sh gave no kernel/initramfs"
+    RUN_MODULES+=("$kernel=linux mem=256M -- $RUN_LINUX_CMDLINE" "$initrd=linux:initrd")
+    note "default guest: Debian Linux $(sed -n 's/^version=//p' <<<"$out") ($(basename "$initrd"))"
 }
 
 # run_build_guest NAME: builds guests/NAME for the bare-metal target; prints the ELF's path.

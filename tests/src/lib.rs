@@ -149,6 +149,8 @@ impl Boot {
         for g in &self.guests {
             cmd.args(["--guest", g]);
         }
+        // Every test says exactly which VMs it wants.
+        cmd.arg("--no-default-guest");
         let start = Instant::now();
         let out = cmd.output().unwrap_or_else(|e| panic!("cannot run {}: {e}", args[0]));
         let elapsed = start.elapsed();

@@ -53,6 +53,11 @@ pub fn flush() {
     });
 }
 
+/// A byte typed on Vireo's console, if one is waiting (never blocks).
+pub fn try_read_byte() -> Option<u8> {
+    with_console(|c| c.uart.as_mut().and_then(|u| u.try_receive_byte().ok()))
+}
+
 /// Runs `f` with the console locked.
 pub fn with_console<R>(f: impl FnOnce(&mut Console) -> R) -> R {
     f(&mut CONSOLE.lock())

@@ -157,7 +157,7 @@ pub fn filter(leaf: u32, subleaf: u32, host: CpuidRegs, ctx: &CpuidContext) -> C
         // magnitude): report the TSC frequency Vireo calibrated. Linux derives its TSC
         // frequency from this leaf on Intel CPUs.
         0x16 => {
-            let mhz = (ctx.tsc_khz / 1000) as u32;
+            let mhz = ((ctx.tsc_khz + 500) / 1000) as u32;
             r = if mhz == 0 { CpuidRegs::default() } else { CpuidRegs { eax: mhz, ebx: mhz, ecx: 100, edx: 0 } };
         }
         // SVM features, AMD PerfMonV2: hidden.

@@ -82,6 +82,8 @@ pub struct Vm {
     pub platform: Option<PcPlatform>,
     /// TSC when the VM started: guest time zero for the platform's devices.
     start_tsc: u64,
+    /// TSC of the last poll of Vireo's console for input to this VM.
+    input_polled: u64,
 }
 
 /// Reads the TSC.
@@ -113,6 +115,7 @@ impl Vm {
             armed: None,
             platform: None,
             start_tsc: rdtsc(),
+            input_polled: 0,
         })
     }
 
@@ -152,6 +155,20 @@ impl Vm {
         outcome
     }
 
+    /// Moves bytes typed on Vireo's console into the VM's UART (the VM that runs has the
+    /// console's focus), at most every millisecond so the host UART is not polled per exit.
+    fn poll_console_input(&mut self, platform: &mut PcPlatform) {
+        let now = rdtsc();
+        if now.wrapping_sub(self.input_polled) < tsc::hz() / 1000 {
+            return;
+        }
+        self.input_polled = now;
+        while platform.uart.rx_space() > 0 {
+            let Some(byte) = crate::console::serial::try_read_byte() else { break };
+            platform.uart.push_input(byte);
+        }
+    }
+
     /// Guest time: nanoseconds since the VM started.
     fn now(&self) -> Nanos {
         Nanos(tsc::to_nanos(rdtsc().wrapping_sub(self.start_tsc)))
@@ -185,6 +202,7 @@ impl Vm {
             }
         }
         if let Some(mut platform) = self.platform.take() {
+            self.poll_console_input(&mut platform);
             platform.update(self.now());
             if platform.pic.pending().is_some() && !cpu.event_pending() {
                 if cpu.interruptible() {
@@ -415,16 +433,24 @@ impl Vm {
             return Flow::Continue;
         }
         if self.platform.is_some() {
-            // Sleep until a device has an interrupt for the guest (or the time limit).
+            // Sleep until a device has an interrupt for the guest: a timer, or a key typed on
+            // the console (a tickless guest waiting at its shell may have no timer at all);
+            // or until the VM's time limit. An idle guest may be waiting at a prompt: show it.
+            let name = &self.name;
+            self.console.flush(&mut |l| print_line(name, l));
             loop {
                 let now = self.now();
-                let Some(platform) = self.platform.as_mut() else { break };
+                let Some(mut platform) = self.platform.take() else { break };
+                self.poll_console_input(&mut platform);
                 platform.update(now);
-                if platform.pic.pending().is_some() {
+                let pending = platform.pic.pending().is_some();
+                let until = platform.next_deadline().map(|t| self.tsc_at(t));
+                self.platform = Some(platform);
+                if pending {
                     return Flow::Continue;
                 }
-                let Some(next) = platform.next_deadline() else { return Flow::Stop(VmOutcome::Halted) };
-                let until = self.tsc_at(next);
+                // Re-check the console about every millisecond while no timer is due.
+                let until = until.unwrap_or(u64::MAX).min(rdtsc().saturating_add(tsc::hz() / 1000));
                 while rdtsc() < until {
                     if self.deadline.is_some_and(|d| rdtsc() >= d) {
                         return Flow::Stop(VmOutcome::TimedOut);
