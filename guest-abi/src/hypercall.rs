@@ -40,7 +40,8 @@ pub const TEST_DEVICE_XOR: u32 = 0x5649_5649;
 
 /// The self-test interrupt source: a 32-bit write of `vector | (delay << 8)` makes Vireo
 /// raise external interrupt `vector` (>= 32) once the guest is interruptible, after
-/// `delay * TEST_IRQ_DELAY_UNIT` TSC ticks (0 = now). A halted vCPU is woken by it.
+/// `delay * TEST_IRQ_DELAY_UNIT` TSC ticks (0 = now), at the guest's next exit or HLT after
+/// the delay. A halted vCPU is woken by it.
 pub const TEST_IRQ_PORT: u16 = 0x564A;
 pub const TEST_IRQ_DELAY_UNIT: u64 = 1024;
 
