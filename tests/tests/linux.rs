@@ -88,3 +88,13 @@ fn corrupt_kernel_is_refused() {
     // The other VM still ran.
     assert_eq!(out.field("vm name=selftest end", "outcome"), "exited", "{out:?}");
 }
+
+#[test]
+fn linux_bochs_vmx() {
+    check_userspace(&boot_linux(Machine::BochsVmx, 600));
+}
+
+#[test]
+fn linux_bochs_svm() {
+    check_userspace(&boot_linux(Machine::BochsSvm, 600));
+}

@@ -160,8 +160,9 @@ pub fn filter(leaf: u32, subleaf: u32, host: CpuidRegs, ctx: &CpuidContext) -> C
             let mhz = ((ctx.tsc_khz + 500) / 1000) as u32;
             r = if mhz == 0 { CpuidRegs::default() } else { CpuidRegs { eax: mhz, ebx: mhz, ecx: 100, edx: 0 } };
         }
-        // SVM features, AMD PerfMonV2: hidden.
-        0x8000_000A | 0x8000_0022 => r = CpuidRegs::default(),
+        // SVM features, AMD memory encryption (SME/SEV: Linux's decompressor reads the
+        // SEV status MSR without a fault handler when this leaf advertises it), PerfMonV2.
+        0x8000_000A | 0x8000_001F | 0x8000_0022 => r = CpuidRegs::default(),
         _ => {}
     }
     r
