@@ -45,6 +45,7 @@
 //! Section numbers cite the ACPI Specification 6.3, whose FADT (6.3) and MADT (5) revisions
 //! are written here; the AML encodings are from its chapter 20.
 
+use super::le::PutLe;
 use alloc::vec::Vec;
 use core::fmt;
 
@@ -470,11 +471,7 @@ const DSDT_REVISION: u8 = 2;
 /// cover whatever is written.
 struct Bytes(Vec<u8>);
 
-impl Bytes {
-    fn zeroed(len: usize) -> Bytes {
-        Bytes(alloc::vec![0; len])
-    }
-
+impl PutLe for Bytes {
     fn put(&mut self, off: usize, bytes: &[u8]) {
         let end = off.saturating_add(bytes.len());
         if self.0.len() < end {
@@ -484,21 +481,11 @@ impl Bytes {
             dst.copy_from_slice(bytes);
         }
     }
+}
 
-    fn put_u8(&mut self, off: usize, v: u8) {
-        self.put(off, &[v]);
-    }
-
-    fn put_u16(&mut self, off: usize, v: u16) {
-        self.put(off, &v.to_le_bytes());
-    }
-
-    fn put_u32(&mut self, off: usize, v: u32) {
-        self.put(off, &v.to_le_bytes());
-    }
-
-    fn put_u64(&mut self, off: usize, v: u64) {
-        self.put(off, &v.to_le_bytes());
+impl Bytes {
+    fn zeroed(len: usize) -> Bytes {
+        Bytes(alloc::vec![0; len])
     }
 
     fn append(&mut self, bytes: &[u8]) {

@@ -21,6 +21,7 @@
 //! Vireo's own boot structures (boot64: 0x1000-0xFFFF) and whatever the caller lists in
 //! [`LinuxLayout::reserved`] are left alone; the caller's ranges also go into the e820 map.
 
+use super::le::PutLe;
 use alloc::vec::Vec;
 use core::fmt;
 
@@ -543,29 +544,15 @@ impl GuestWrite for GuestMemory {
 /// The zero page under construction (zero-page.rst), written to the guest in one piece.
 struct ZeroPage([u8; zp::SIZE]);
 
-impl ZeroPage {
+impl PutLe for ZeroPage {
     fn put(&mut self, off: usize, bytes: &[u8]) {
         if let Some(dst) = self.0.get_mut(off..off + bytes.len()) {
             dst.copy_from_slice(bytes);
         }
     }
+}
 
-    fn put_u8(&mut self, off: usize, v: u8) {
-        self.put(off, &[v]);
-    }
-
-    fn put_u16(&mut self, off: usize, v: u16) {
-        self.put(off, &v.to_le_bytes());
-    }
-
-    fn put_u32(&mut self, off: usize, v: u32) {
-        self.put(off, &v.to_le_bytes());
-    }
-
-    fn put_u64(&mut self, off: usize, v: u64) {
-        self.put(off, &v.to_le_bytes());
-    }
-
+impl ZeroPage {
     fn get_u8(&self, off: usize) -> u8 {
         self.0.get(off).copied().unwrap_or(0)
     }

@@ -3,4 +3,5 @@
 pub mod acpi;
 pub mod boot64;
 pub mod elf;
+pub mod le;
 pub mod linux;

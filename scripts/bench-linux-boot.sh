@@ -1,0 +1,75 @@
+#!/usr/bin/env bash
+# Boot-to-userspace time of the default Debian guest under Vireo against the same kernel and
+# initramfs booted directly by the same emulator, as a ratio over several runs; plus the
+# exit table of one boot under Vireo.
+#
+# Both sides are timed from the emulator's start to the guest's `linux-guest: init_uptime`
+# line (its /init running) by timestamping the serial output as it streams. The workload
+# after that point is excluded: it measures the guest, not the boot.
+set -euo pipefail
+# shellcheck source=lib.sh
+source "$(dirname "${BASH_SOURCE[0]}")/lib.sh"
+
+RUNS=3
+usage() {
+    cat <<EOF2
+Usage: scripts/bench-linux-boot.sh [--runs N]
+
+QEMU TCG SVM only (the native side needs an emulator that boots Linux directly: QEMU's
+-kernel). Prints the native and Vireo times (median), the ratio, and Vireo's exit table.
+EOF2
+}
+while [[ $# -gt 0 ]]; do
+    case "$1" in
+        -h|--help) usage; exit 0 ;;
+        --runs) need_arg "$1" "$#"; RUNS="$2"; shift ;;
+        *) usage_error "unknown option: $1" ;;
+    esac
+    shift
+done
+
+"$VIREO_ROOT/scripts/install-deps.sh" --quiet all
+out="$("$VIREO_ROOT/scripts/guest-linux.sh" --quiet)"
+KERNEL="$(sed -n 's/^kernel=//p' <<<"$out")"
+INITRD="$(sed -n 's/^initrd_headless=//p' <<<"$out")"
+ELF="$("$VIREO_ROOT/scripts/build.sh" --no-deps | tail -n 1)"
+APPEND="console=ttyS0 panic=-1 linux_guest_compute=20000 linux_guest_forks=50"
+
+# time_to_init CMD...: seconds from start to the first 'linux-guest: init_uptime' line.
+time_to_init() {
+    python3 - "$@" <<'PY'
+import subprocess, sys, time
+t0 = time.time()
+p = subprocess.Popen(sys.argv[1:], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, text=True, errors="replace")
+hit = None
+log = []
+for line in p.stdout:
+    log.append(line)
+    if hit is None and "linux-guest: init_uptime" in line:
+        hit = time.time() - t0
+p.wait()
+if hit is None:
+    sys.stderr.write("".join(log[-30:]))
+    sys.exit("no linux-guest: init_uptime line")
+print(f"{hit:.3f}")
+with open("/tmp/vireo-bench-linux-last.log", "w") as f:
+    f.write("".join(log))
+PY
+}
+
+median() { sort -g | awk '{a[NR]=$1} END {print (NR % 2) ? a[(NR+1)/2] : (a[NR/2] + a[NR/2+1]) / 2}'; }
+
+native=() vireo=()
+for _ in $(seq "$RUNS"); do
+    native+=("$(time_to_init timeout 300 qemu-system-x86_64 -accel tcg -cpu qemu64,+svm,+npt -m 512 -display none \
+        -serial stdio -no-reboot -nic none -kernel "$KERNEL" -initrd "$INITRD" -append "$APPEND")")
+    vireo+=("$(time_to_init timeout 300 "$VIREO_ROOT/scripts/run-qemu.sh" --headless --timeout 280 --elf "$ELF" \
+        --module "$KERNEL=linux mem=256M -- $APPEND" --module "$INITRD=linux:initrd")")
+done
+n="$(printf '%s\n' "${native[@]}" | median)"
+v="$(printf '%s\n' "${vireo[@]}" | median)"
+echo "native (QEMU -kernel):  ${native[*]}  median $n s"
+echo "under Vireo:            ${vireo[*]}  median $v s"
+awk -v n="$n" -v v="$v" 'BEGIN { printf "ratio (Vireo / native): %.2f\n", v / n }'
+echo "exit table of the last boot under Vireo:"
+grep -E "vireo: vm name=linux (end|exit reason)" /tmp/vireo-bench-linux-last.log || true
