@@ -86,6 +86,21 @@ pub struct Vm {
     input_polled: u64,
 }
 
+/// Moves bytes typed on Vireo's console into the VM's UART (the VM that runs has the
+/// console's focus), at most every millisecond (`last_poll`, in TSC ticks) so the host UART
+/// is not polled on every exit.
+fn poll_console_input(last_poll: &mut u64, platform: &mut PcPlatform) {
+    let now = rdtsc();
+    if now.wrapping_sub(*last_poll) < tsc::hz() / 1000 {
+        return;
+    }
+    *last_poll = now;
+    while platform.uart.rx_space() > 0 {
+        let Some(byte) = crate::console::serial::try_read_byte() else { break };
+        platform.uart.push_input(byte);
+    }
+}
+
 /// Reads the TSC.
 #[inline]
 pub fn rdtsc() -> u64 {
@@ -155,20 +170,6 @@ impl Vm {
         outcome
     }
 
-    /// Moves bytes typed on Vireo's console into the VM's UART (the VM that runs has the
-    /// console's focus), at most every millisecond so the host UART is not polled per exit.
-    fn poll_console_input(&mut self, platform: &mut PcPlatform) {
-        let now = rdtsc();
-        if now.wrapping_sub(self.input_polled) < tsc::hz() / 1000 {
-            return;
-        }
-        self.input_polled = now;
-        while platform.uart.rx_space() > 0 {
-            let Some(byte) = crate::console::serial::try_read_byte() else { break };
-            platform.uart.push_input(byte);
-        }
-    }
-
     /// Guest time: nanoseconds since the VM started.
     fn now(&self) -> Nanos {
         Nanos(tsc::to_nanos(rdtsc().wrapping_sub(self.start_tsc)))
@@ -205,9 +206,10 @@ impl Vm {
                 self.timer = None;
             }
         }
-        if let Some(mut platform) = self.platform.take() {
-            self.poll_console_input(&mut platform);
-            platform.update(self.now());
+        let now = self.now();
+        if let Some(platform) = self.platform.as_mut() {
+            poll_console_input(&mut self.input_polled, platform);
+            platform.update(now);
             if platform.pic.pending().is_some() && !cpu.event_pending() {
                 if cpu.interruptible() {
                     if let Some(vector) = platform.pic.acknowledge() {
@@ -218,7 +220,6 @@ impl Vm {
                     cpu.set_interrupt_window(true);
                 }
             }
-            self.platform = Some(platform);
         }
         let Some(vector) = self.pending_irq else { return };
         if cpu.event_pending() {
@@ -444,12 +445,12 @@ impl Vm {
             self.console.flush(&mut |l| print_line(name, l));
             loop {
                 let now = self.now();
-                let Some(mut platform) = self.platform.take() else { break };
-                self.poll_console_input(&mut platform);
+                let start = self.start_tsc;
+                let Some(platform) = self.platform.as_mut() else { break };
+                poll_console_input(&mut self.input_polled, platform);
                 platform.update(now);
                 let pending = platform.pic.pending().is_some();
-                let until = platform.next_deadline().map(|t| self.tsc_at(t));
-                self.platform = Some(platform);
+                let until = platform.next_deadline().map(|t| start.saturating_add(tsc::from_nanos(t.0)));
                 if pending {
                     return Flow::Continue;
                 }
