@@ -1,6 +1,8 @@
 //! Device models a VM reaches through port I/O (and, later, MMIO).
 
 pub mod console;
+pub mod ioapic;
+pub mod lapic;
 pub mod pc;
 pub mod pci;
 pub mod pic;
