@@ -28,9 +28,16 @@ fn linux_guest() -> &'static (PathBuf, PathBuf) {
 }
 
 fn boot_linux(machine: Machine, timeout: u64) -> Outcome {
+    boot_linux_with(machine, timeout, "")
+}
+
+/// `options`: extra VM-line keys (e.g. `apic=on`).
+fn boot_linux_with(machine: Machine, timeout: u64, options: &str) -> Outcome {
     let (kernel, initrd) = linux_guest();
     // A light workload, so that the Bochs boots stay within the suite's budget.
-    let line = "linux mem=256M -- console=ttyS0 panic=-1 linux_guest_compute=20000 linux_guest_forks=50";
+    let line =
+        format!("linux mem=256M {options} -- console=ttyS0 panic=-1 linux_guest_compute=20000 linux_guest_forks=50");
+    let line = line.as_str();
     let mut boot = Boot::new(machine).module(kernel, line).module(initrd, "linux:initrd");
     boot.timeout = Some(timeout);
     let out = boot.run();
@@ -64,7 +71,11 @@ fn check_userspace(out: &Outcome) {
 
 #[test]
 fn linux_qemu_tcg_svm() {
-    check_userspace(&boot_linux(Machine::QemuSvm, 240));
+    let out = boot_linux(Machine::QemuSvm, 240);
+    check_userspace(&out);
+    check_apic_mode(&out);
+    let lines = out.guest_lines("linux");
+    assert!(lines.iter().any(|l| l.contains("..TIMER: vector=0x30 apic1=0 pin1=2")), "{out:?}");
 }
 
 #[test]
@@ -91,10 +102,30 @@ fn corrupt_kernel_is_refused() {
 
 #[test]
 fn linux_bochs_vmx() {
-    check_userspace(&boot_linux(Machine::BochsVmx, 600));
+    let out = boot_linux(Machine::BochsVmx, 600);
+    check_userspace(&out);
+    check_apic_mode(&out);
 }
 
 #[test]
 fn linux_bochs_svm() {
-    check_userspace(&boot_linux(Machine::BochsSvm, 600));
+    let out = boot_linux(Machine::BochsSvm, 600);
+    check_userspace(&out);
+    check_apic_mode(&out);
+}
+
+/// Linux VMs get a local APIC and I/O APIC by default and route interrupts through them.
+fn check_apic_mode(out: &Outcome) {
+    let lines = out.guest_lines("linux");
+    assert!(lines.iter().any(|l| l.contains("IOAPIC[0]: apic_id 0")), "{out:?}");
+    assert!(lines.iter().any(|l| l.contains("Using IOAPIC for interrupt routing")), "{out:?}");
+}
+
+/// `apic=off`: no local APIC in CPUID, Linux stays on the 8259 pair.
+#[test]
+fn linux_qemu_tcg_svm_pic_mode() {
+    let out = boot_linux_with(Machine::QemuSvm, 240, "apic=off");
+    check_userspace(&out);
+    let lines = out.guest_lines("linux");
+    assert!(lines.iter().any(|l| l.contains("APIC: Keep in PIC mode(8259)")), "{out:?}");
 }

@@ -28,6 +28,8 @@ pub struct CpuidContext {
     pub native_vmmcall: bool,
     /// The TSC frequency Vireo measured, in kHz (0 if unknown).
     pub tsc_khz: u64,
+    /// The VM has a local APIC (x2APIC-capable, with TSC-deadline timer).
+    pub apic: bool,
 }
 
 mod bit {
@@ -107,6 +109,10 @@ pub fn filter(leaf: u32, subleaf: u32, host: CpuidRegs, ctx: &CpuidContext) -> C
             }
             // Features whose MSRs Vireo does not model yet: MCE/MCA banks, MTRRs.
             r.edx &= !(bit::DS | bit::APIC | bit::ACPI | bit::TM | bit::PBE | bit::MCE | bit::MCA | bit::MTRR);
+            if ctx.apic {
+                r.edx |= bit::APIC;
+                r.ecx |= bit::X2APIC | bit::TSC_DEADLINE;
+            }
             // EBX: [31:24] initial APIC ID, [23:16] logical processors = 1.
             r.ebx = (r.ebx & 0x0000_FFFF) | (1 << 16) | ((ctx.apic_id as u32) << 24);
         }
@@ -179,7 +185,8 @@ pub fn host(leaf: u32, subleaf: u32) -> CpuidRegs {
 mod tests {
     use super::*;
 
-    const CTX: CpuidContext = CpuidContext { osxsave: false, apic_id: 0, native_vmmcall: true, tsc_khz: 2_500_000 };
+    const CTX: CpuidContext =
+        CpuidContext { osxsave: false, apic_id: 0, native_vmmcall: true, tsc_khz: 2_500_000, apic: false };
 
     #[test]
     fn frequency_leaves_follow_the_measured_tsc() {

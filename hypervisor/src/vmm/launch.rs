@@ -174,7 +174,7 @@ pub fn run_guest(
     vm.regs.rdi = size;
     vm.regs.rsi = rsi;
     if kernel.is_some() {
-        vm.platform = Some(PcPlatform::new(RTC_EPOCH));
+        vm.platform = Some(PcPlatform::new(RTC_EPOCH, spec.apic));
         vm.regs.rdi = 0;
     }
     if spec.timeout_s > 0 {

@@ -1,7 +1,7 @@
 //! A VM described by a multiboot2 module: the module holds the guest image, its command
 //! line names the VM and sets its options.
 //!
-//! Module command line: `<name> [mem=SIZE] [cpus=N] [timeout=SECONDS] [guest arguments...]
+//! Module command line: `<name> [mem=SIZE] [cpus=N] [apic=on|off] [timeout=SECONDS] [guest arguments...]
 //! [-- kernel command line]`; `timeout` stops the VM after that many seconds of running
 //! (default: no limit); everything after ` -- ` is a Linux guest's kernel command line.
 //! A module whose line is `<name>:initrd` is the initramfs of VM `<name>`.
@@ -27,6 +27,8 @@ pub struct VmSpec<'a> {
     pub cpus: u32,
     /// A Linux kernel's command line (after ` -- `), empty if none.
     pub kernel_cmdline: &'a str,
+    /// A Linux VM's local APIC and I/O APIC (`apic=off`: 8259 PIC mode only).
+    pub apic: bool,
     /// The module's whole command line, passed to the guest.
     pub args: &'a str,
 }
@@ -39,6 +41,7 @@ pub enum SpecError<'a> {
     MemTooSmall(u64),
     BadTimeout(&'a str),
     BadCpus(&'a str),
+    BadApic(&'a str),
 }
 
 impl fmt::Display for SpecError<'_> {
@@ -49,6 +52,7 @@ impl fmt::Display for SpecError<'_> {
             SpecError::BadMem(v) => write!(f, "bad value '{v}' for key 'mem' (expected a size such as 64M)"),
             SpecError::MemTooSmall(m) => write!(f, "mem={m} is below the minimum of 4M"),
             SpecError::BadTimeout(v) => write!(f, "bad value '{v}' for key 'timeout' (expected 1-86400 seconds)"),
+            SpecError::BadApic(v) => write!(f, "bad value '{v}' for key 'apic' (expected on or off)"),
             SpecError::BadCpus(v) => write!(f, "bad value '{v}' for key 'cpus' (Vireo runs 1 vCPU per VM for now)"),
         }
     }
@@ -77,7 +81,15 @@ pub fn parse(cmdline: &str) -> Result<VmSpec<'_>, SpecError<'_>> {
     let mut mem = DEFAULT_MEM;
     let mut timeout_s = 0;
     let mut cpus = 1;
+    let mut apic = true;
     for w in words {
+        if let Some(v) = w.strip_prefix("apic=") {
+            apic = match v {
+                "on" => true,
+                "off" => false,
+                _ => return Err(SpecError::BadApic(v)),
+            };
+        }
         if let Some(v) = w.strip_prefix("cpus=") {
             cpus = v.parse().ok().filter(|&c| c == 1).ok_or(SpecError::BadCpus(v))?;
         }
@@ -91,7 +103,7 @@ pub fn parse(cmdline: &str) -> Result<VmSpec<'_>, SpecError<'_>> {
             }
         }
     }
-    Ok(VmSpec { name, mem, timeout_s, cpus, kernel_cmdline, args: cmdline })
+    Ok(VmSpec { name, mem, timeout_s, cpus, kernel_cmdline, apic, args: cmdline })
 }
 
 #[cfg(test)]
@@ -102,7 +114,15 @@ mod tests {
     fn specs() {
         assert_eq!(
             parse("selftest").unwrap(),
-            VmSpec { name: "selftest", mem: DEFAULT_MEM, timeout_s: 0, cpus: 1, kernel_cmdline: "", args: "selftest" }
+            VmSpec {
+                name: "selftest",
+                mem: DEFAULT_MEM,
+                timeout_s: 0,
+                cpus: 1,
+                kernel_cmdline: "",
+                apic: true,
+                args: "selftest"
+            }
         );
         let linux = parse("deb mem=256M cpus=1 -- console=ttyS0 quiet mem=1G").unwrap();
         assert_eq!((linux.name, linux.mem, linux.kernel_cmdline), ("deb", 256 << 20, "console=ttyS0 quiet mem=1G"));

@@ -210,9 +210,9 @@ impl Vm {
         if let Some(platform) = self.platform.as_mut() {
             poll_console_input(&mut self.input_polled, platform);
             platform.update(now);
-            if platform.pic.pending().is_some() && !cpu.event_pending() {
+            if platform.pending_interrupt().is_some() && !cpu.event_pending() {
                 if cpu.interruptible() {
-                    if let Some(vector) = platform.pic.acknowledge() {
+                    if let Some(vector) = platform.acknowledge() {
                         cpu.inject(Event::Interrupt { vector });
                     }
                     cpu.set_interrupt_window(false);
@@ -244,6 +244,7 @@ impl Vm {
                     apic_id: 0,
                     native_vmmcall: self.native_vmmcall,
                     tsc_khz: tsc::hz() / 1000,
+                    apic: self.platform.as_ref().is_some_and(|p| p.apic.is_some()),
                 };
                 let r = cpuid::filter(leaf, subleaf, cpuid::host(leaf, subleaf), &ctx);
                 self.regs.rax = r.eax as u64;
@@ -254,7 +255,13 @@ impl Vm {
             }
             ExitKind::Rdmsr => {
                 let msr_index = self.regs.rcx as u32;
+                let now = self.now();
+                let apic = self.platform.as_mut().and_then(|p| p.msr_read(msr_index, now));
                 let outcome = match msr_index {
+                    _ if apic.is_some() => match apic {
+                        Some(Ok(v)) => msr::MsrOutcome::Ok(v),
+                        _ => msr::MsrOutcome::Fault,
+                    },
                     msr::IA32_EFER => msr::MsrOutcome::Ok(cpu.efer()),
                     msr::IA32_PAT => msr::MsrOutcome::Ok(cpu.pat()),
                     _ => msr::read(&self.msrs, msr_index, rdtsc()),
@@ -271,7 +278,15 @@ impl Vm {
             ExitKind::Wrmsr => {
                 let msr_index = self.regs.rcx as u32;
                 let value = (self.regs.rdx << 32) | (self.regs.rax & 0xFFFF_FFFF);
+                let now = self.now();
+                // A TSC_DEADLINE value is a TSC reading (the guest runs on the host TSC).
+                let at = Nanos(tsc::to_nanos(value.saturating_sub(self.start_tsc)));
+                let apic = self.platform.as_mut().and_then(|p| p.msr_write(msr_index, value, at, now));
                 let outcome = match msr_index {
+                    _ if apic.is_some() => match apic {
+                        Some(Ok(())) => msr::MsrOutcome::Ok(value),
+                        _ => msr::MsrOutcome::Fault,
+                    },
                     msr::IA32_EFER => {
                         let r = msr::write_efer(cpu.efer(), value, cpu.cr0());
                         if let msr::MsrOutcome::Ok(efer) = r {
@@ -449,7 +464,7 @@ impl Vm {
                 let Some(platform) = self.platform.as_mut() else { break };
                 poll_console_input(&mut self.input_polled, platform);
                 platform.update(now);
-                let pending = platform.pic.pending().is_some();
+                let pending = platform.pending_interrupt().is_some();
                 let until = platform.next_deadline().map(|t| start.saturating_add(tsc::from_nanos(t.0)));
                 if pending {
                     return Flow::Continue;
@@ -540,7 +555,17 @@ impl Vm {
                 return Flow::Stop(VmOutcome::Fatal { reason: "cannot emulate the instruction of an MMIO access" });
             }
         };
-        if self.unassigned_reported < 4 {
+        // A device there (local APIC, I/O APIC) answers; otherwise the empty bus does.
+        let now = self.now();
+        let (size, value) = match decoded.access {
+            mmio::Access::Load { size, .. } => (size, None),
+            mmio::Access::Store { size, value } => (size, Some(value as u32)),
+        };
+        let device = self.platform.as_mut().and_then(|p| p.mmio(access.gpa, size, value, now));
+        if let mmio::Access::Load { size, dest } = decoded.access {
+            mmio::complete_load(&mut self.regs, size, dest, device.map_or(u64::MAX, u64::from));
+        }
+        if device.is_none() && self.unassigned_reported < 4 {
             self.unassigned_reported += 1;
             log::info!(
                 "vm {}: {} unassigned guest-physical {:#x} at rip {:#x}: {}",
@@ -550,9 +575,6 @@ impl Vm {
                 exit.rip,
                 if access.write { "dropped" } else { "reads all ones" }
             );
-        }
-        if let mmio::Access::Load { size, dest } = decoded.access {
-            mmio::complete_load(&mut self.regs, size, dest, u64::MAX);
         }
         cpu.set_rip(exit.rip.wrapping_add(decoded.len as u64));
         Flow::Continue
