@@ -71,35 +71,13 @@ pub const RTE_LOGICAL: u64 = 1 << 11;
 /// mode, mask and destination.
 const RTE_WRITABLE: u64 = 0xFF00_0000_0001_AFFF;
 
-/// How a local APIC is to handle an interrupt (redirection entry bits 10:8).
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum DeliveryMode {
-    Fixed,
-    LowestPriority,
-    Smi,
-    Nmi,
-    Init,
-    ExtInt,
-}
+pub use super::irq::DeliveryMode;
+use super::irq::{Destination, Message};
 
-impl DeliveryMode {
-    /// Decodes bits 10:8 of a redirection entry; `None` for the reserved encodings.
-    pub fn from_bits(bits: u8) -> Option<Self> {
-        match bits & 7 {
-            0b000 => Some(Self::Fixed),
-            0b001 => Some(Self::LowestPriority),
-            0b010 => Some(Self::Smi),
-            0b100 => Some(Self::Nmi),
-            0b101 => Some(Self::Init),
-            0b111 => Some(Self::ExtInt),
-            _ => None,
-        }
-    }
-
-    /// Whether the mode can be level-triggered (and so uses remote IRR).
-    fn allows_level(self) -> bool {
-        matches!(self, Self::Fixed | Self::LowestPriority)
-    }
+/// Whether a redirection entry's delivery mode can be level-triggered (and so uses remote
+/// IRR): Fixed and Lowest Priority only.
+fn allows_level(mode: DeliveryMode) -> bool {
+    mode.is_fixed()
 }
 
 /// An interrupt message for the local APIC(s).
@@ -113,6 +91,18 @@ pub struct Delivery {
     /// Level-triggered: the local APIC sets the vector's TMR bit and its EOI must reach
     /// [`IoApic::eoi`].
     pub level: bool,
+}
+
+impl Delivery {
+    /// The message on the APIC bus, for routing to any vCPU's local APIC
+    /// ([`super::irq::route`]): the entry's destination field as a physical APIC ID or a
+    /// logical MDA per its destination mode (bit 11), 8 bits wide (xAPIC format; physical
+    /// 0xFF is the xAPIC broadcast), with the entry's trigger mode.
+    pub fn message(&self) -> Message {
+        let dest =
+            if self.logical { Destination::Logical(self.dest.into()) } else { Destination::Physical(self.dest.into()) };
+        Message { mode: self.mode, vector: self.vector, level_assert: true, trigger_level: self.level, dest }
+    }
 }
 
 pub struct IoApic {
@@ -215,7 +205,7 @@ impl IoApic {
             }
             let i = pin as usize;
             let e = self.entries[i];
-            let Some(mode) = DeliveryMode::from_bits((e >> 8) as u8) else {
+            let Some(mode) = DeliveryMode::from_rte_bits((e >> 8) as u8) else {
                 // Reserved mode: a latched edge is dropped; a level stays pending (and
                 // harmless) until the entry is fixed.
                 self.latched &= !(1 << pin);
@@ -251,7 +241,7 @@ impl IoApic {
     /// Whether `pin` is edge-triggered (trigger mode bit, or a mode that is always edge).
     fn is_edge(&self, pin: u8) -> bool {
         let e = self.entries[pin as usize];
-        e & RTE_LEVEL == 0 || !DeliveryMode::from_bits((e >> 8) as u8).is_some_and(DeliveryMode::allows_level)
+        e & RTE_LEVEL == 0 || !DeliveryMode::from_rte_bits((e >> 8) as u8).is_some_and(allows_level)
     }
 
     /// Whether `pin` has an interrupt to deliver now (reported as delivery status).
@@ -552,8 +542,54 @@ mod tests {
         io.set_irq(8, true);
         assert!(take(&mut io).is_empty());
         for (bits, mode) in [(1, DeliveryMode::LowestPriority), (2, DeliveryMode::Smi), (5, DeliveryMode::Init)] {
-            assert_eq!(DeliveryMode::from_bits(bits), Some(mode));
+            assert_eq!(DeliveryMode::from_rte_bits(bits), Some(mode));
         }
+    }
+
+    #[test]
+    fn deliveries_route_to_any_local_apic() {
+        use crate::devices::irq::{route, Destination, Message};
+        use crate::devices::lapic::{reg, LocalApic, DEFAULT_TIMER_HZ};
+        use crate::devices::time::Nanos;
+        let mut apics: Vec<LocalApic> = (0..4).map(|i| LocalApic::new(i, i == 0, DEFAULT_TIMER_HZ)).collect();
+        for (i, a) in apics.iter_mut().enumerate() {
+            a.mmio_write(reg::SVR, 0x1FF, Nanos::ZERO);
+            a.mmio_write(reg::LDR, 1 << (24 + i), Nanos::ZERO); // flat: CPU n has bit n
+        }
+        let mut io = IoApic::new(IOAPIC_BASE, 0);
+        // Pin 3: physical APIC 2, edge. Pin 9: logical MDA 0b1010 (CPUs 1 and 3), level.
+        write_entry(&mut io, 3, (2u64 << 56) | 0x33);
+        write_entry(&mut io, 9, (0b1010u64 << 56) | RTE_LOGICAL | RTE_LEVEL | 0x39);
+        io.set_irq(3, true);
+        io.set_irq(9, true);
+        let d = take(&mut io);
+        let msgs: Vec<Message> = d.iter().map(Delivery::message).collect();
+        assert_eq!(msgs[0].dest, Destination::Physical(2));
+        assert_eq!(msgs[1].dest, Destination::Logical(0b1010));
+        assert!(!msgs[0].trigger_level && msgs[1].trigger_level);
+        assert_eq!(route(&msgs[0], None, &apics), 0b0100);
+        assert_eq!(route(&msgs[1], None, &apics), 0b1010);
+        for m in &msgs {
+            let mask = route(m, None, &apics);
+            for (i, a) in apics.iter_mut().enumerate() {
+                if mask & 1 << i != 0 {
+                    a.accept(m);
+                }
+            }
+        }
+        assert_eq!(apics[2].acknowledge(), Some(0x33));
+        assert_eq!(apics[0].pending(), None);
+        assert_eq!(apics[1].acknowledge(), Some(0x39));
+        // The level-triggered EOI comes back from the APIC that took it.
+        apics[1].eoi();
+        assert_eq!(apics[1].eoi_broadcast_vector(), Some(0x39));
+        io.eoi(0x39);
+        assert_eq!(take(&mut io).len(), 1, "still asserted: delivered again");
+        // Physical 0xFF is the xAPIC broadcast.
+        write_entry(&mut io, 4, (0xFFu64 << 56) | 0x34);
+        io.set_irq(4, true);
+        let m = take(&mut io)[0].message();
+        assert_eq!(route(&m, None, &apics), 0b1111);
     }
 
     #[test]

@@ -35,13 +35,31 @@
 //! timer vector in the IRR unless the LVT entry is masked; expiries while masked are lost;
 //! several periodic expiries between two ticks coalesce into one IRR bit, as in hardware.
 //!
-//! IPIs: there are no other vCPUs yet. A fixed (or lowest-priority) IPI whose destination
-//! includes this APIC (shorthand self or all-including-self, physical destination = own ID or
-//! broadcast, logical destination matching the LDR/DFR) is accepted into the own IRR as an
-//! edge-triggered interrupt; IPIs that (also) address other APICs are counted in
-//! [`LocalApic::ipis_to_others`]; other delivery modes to self (NMI, INIT, SIPI, SMI) are
-//! counted in [`LocalApic::ipis_dropped`] and ignored. The ICR's delivery status always
-//! reads idle.
+//! IPIs (SDM §12.6): a write of the ICR low half (xAPIC, after the high half at 0x310 set the
+//! destination), of the 64-bit x2APIC ICR (MSR 0x830), is decoded into an
+//! [`irq::Message`] and queued for the owner, who collects it with [`LocalApic::take_ipi`]
+//! and routes it to every addressed APIC ([`irq::route`], [`LocalApic::matches`]) — the
+//! sender included, when it is addressed. Only the "self" shorthand with Fixed mode and the
+//! x2APIC SELF IPI register (MSR 0x83F) are delivered into the own IRR at once, without a
+//! message. Fixed/Lowest Priority IPIs with a vector below 16 set ESR bit 5 and are not
+//! sent; reserved delivery modes (011b, 111b), non-Fixed modes with the self shorthand
+//! (invalid, SDM Table 12-3) and messages beyond a full queue ([`IPI_QUEUE_LEN`]; the owner
+//! drains it after every exit) are counted in [`LocalApic::ipis_dropped`]. The ICR's
+//! delivery status always reads idle.
+//!
+//! Receiving ([`LocalApic::accept`]): Fixed and Lowest Priority set the IRR (TMR as the
+//! message's trigger mode); NMI sets a flag for [`LocalApic::take_nmi`]; INIT resets the
+//! APIC to its INIT state (SDM §12.4.7.3: like power-up, but the APIC ID, IA32_APIC_BASE
+//! and the x2APIC mode are kept) and sets a flag for [`LocalApic::take_init`]; a non-BSP
+//! APIC then waits for a STARTUP, whose vector [`LocalApic::take_sipi`] returns (the owner
+//! starts the vCPU at `CpuState::sipi(vector)`). A STARTUP outside wait-for-SIPI is ignored
+//! (SDM §9.4.4). The wait-for-SIPI state lives here ([`LocalApic::waiting_for_sipi`]): APs
+//! (`bsp == false` at construction) start in it, as on a PC after the firmware's INIT; the
+//! BSP never enters it (an INIT to the BSP is reported by `take_init` and the owner restarts
+//! it at the reset vector). While waiting for SIPI, NMIs and SMIs are blocked (dropped); the
+//! software-disabled APIC refuses fixed vectors anyway. INIT level de-assert and SMI are
+//! ignored; ExtINT sets a flag for [`LocalApic::take_extint`] (the owner acknowledges the
+//! 8259). A hardware-disabled APIC matches no destination and so receives nothing.
 //!
 //! Simplifications: no arbitration priority (APR reads 0), no remote read, no CMCI LVT (the
 //! version register says 6 LVT entries), thermal/performance/LINT LVT entries are stored but
@@ -53,6 +71,7 @@
 //! never goes backwards (a smaller value counts as the last one seen), and nothing panics on
 //! any guest input.
 
+use super::irq::{self, DeliveryMode, Destination, Message};
 use super::time::{earliest, Nanos, NANOS_PER_SEC};
 
 /// IA32_APIC_BASE.
@@ -156,9 +175,22 @@ const LVT_WRITABLE: [u32; 6] = [0x600FF | LVT_MASKED, 0x107FF, 0x107FF, 0x1A7FF,
 /// remote IRR); others are reserved (#GP in x2APIC mode).
 const LVT_DEFINED: [u32; 6] = [0x710FF, 0x117FF, 0x117FF, 0x1F7FF, 0x1F7FF, 0x110FF];
 
-/// ICR low fields.
-const ICR_DELIVERY_STATUS: u32 = 1 << 12;
+/// ICR low fields (SDM Figure 12-12): vector 7:0, delivery mode 10:8, destination mode 11,
+/// delivery status 12, level 14, trigger mode 15, destination shorthand 19:18.
+const ICR_DELIVERY_MODE_SHIFT: u32 = 8;
 const ICR_LOGICAL: u32 = 1 << 11;
+const ICR_DELIVERY_STATUS: u32 = 1 << 12;
+const ICR_LEVEL_ASSERT: u32 = 1 << 14;
+const ICR_TRIGGER_LEVEL: u32 = 1 << 15;
+const ICR_SHORTHAND_SHIFT: u32 = 18;
+/// Destination shorthand values (ICR bits 19:18).
+const SHORTHAND_NONE: u32 = 0;
+const SHORTHAND_SELF: u32 = 1;
+const SHORTHAND_ALL_INCLUDING_SELF: u32 = 2;
+/// The xAPIC ICR high half's destination field (bits 63:56 of the ICR).
+const ICR_HIGH_XAPIC_DEST_SHIFT: u32 = 24;
+/// How many sent IPIs wait for [`LocalApic::take_ipi`] at most; more are dropped (counted).
+pub const IPI_QUEUE_LEN: usize = 8;
 /// ICR low bits that are defined in x2APIC mode (vector, delivery mode, destination mode,
 /// delivery status, level, trigger mode, shorthand).
 const ICR_LOW_DEFINED: u32 = 0x000C_DFFF;
@@ -265,14 +297,24 @@ pub struct LocalApic {
     timer: Timer,
     /// The latest guest time processed by `tick`.
     processed: Nanos,
-    ipis_to_others: u64,
+    /// Sent IPIs not yet taken by the owner (FIFO: `outbox[..outbox_len]`).
+    outbox: [Option<Message>; IPI_QUEUE_LEN],
+    outbox_len: usize,
+    ipis_sent: u64,
     ipis_dropped: u64,
+    /// Received and not yet taken: an NMI, an INIT, a STARTUP vector, an ExtINT.
+    nmi_pending: bool,
+    init_pending: bool,
+    sipi_vector: Option<u8>,
+    extint_pending: bool,
+    /// The vCPU waits for a STARTUP IPI (after INIT; APs from power-up).
+    wait_for_sipi: bool,
 }
 
 impl LocalApic {
     /// A local APIC in its power-up state (SDM §12.4.7.1): base 0xFEE0_0000, globally enabled,
     /// xAPIC mode, software-disabled (SVR 0xFF), all LVT entries masked, DFR all ones,
-    /// everything else 0. `timer_hz` is the frequency the timer counts at before the divider
+    /// everything else 0. An AP (`bsp == false`) starts waiting for a STARTUP IPI. `timer_hz` is the frequency the timer counts at before the divider
     /// ([`DEFAULT_TIMER_HZ`]; 0 counts as 1 Hz).
     pub fn new(apic_id: u32, bsp: bool, timer_hz: u64) -> Self {
         let mut apic = Self {
@@ -300,8 +342,15 @@ impl LocalApic {
             lvt: [LVT_MASKED; 6],
             timer: Timer::default(),
             processed: Nanos::ZERO,
-            ipis_to_others: 0,
+            outbox: [None; IPI_QUEUE_LEN],
+            outbox_len: 0,
+            ipis_sent: 0,
             ipis_dropped: 0,
+            nmi_pending: false,
+            init_pending: false,
+            sipi_vector: None,
+            extint_pending: false,
+            wait_for_sipi: !bsp,
         };
         apic.reset_registers();
         apic
@@ -322,6 +371,12 @@ impl LocalApic {
     /// The register state after reset or a hardware disable (SDM §12.4.7.1).
     fn reset_registers(&mut self) {
         self.xapic_id = self.initial_id as u8;
+        self.init_registers();
+    }
+
+    /// The register state after INIT (SDM §12.4.7.3): as after power-up, but the APIC ID
+    /// (and IA32_APIC_BASE, which the caller leaves alone) are kept.
+    fn init_registers(&mut self) {
         self.tpr = 0;
         self.ldr = 0;
         self.dfr = u32::MAX;
@@ -423,14 +478,64 @@ impl LocalApic {
         !self.enabled || (lint0 & LVT_MASKED == 0 && (lint0 >> 8) & 7 == DELIVERY_EXTINT)
     }
 
-    /// IPIs sent to APICs other than this one (ignored: there are no other vCPUs).
-    pub fn ipis_to_others(&self) -> u64 {
-        self.ipis_to_others
+    /// Whether this is the bootstrap processor's APIC (IA32_APIC_BASE.BSP).
+    pub fn is_bsp(&self) -> bool {
+        self.bsp
     }
 
-    /// IPIs to this APIC with a delivery mode other than fixed/lowest priority (ignored).
+    /// IPIs queued for [`Self::take_ipi`] so far (self IPIs delivered at once not counted).
+    pub fn ipis_sent(&self) -> u64 {
+        self.ipis_sent
+    }
+
+    /// IPIs not sent (reserved delivery mode, invalid with the self shorthand, queue full)
+    /// and messages received but not modelled (SMI; NMI/SMI while waiting for SIPI).
     pub fn ipis_dropped(&self) -> u64 {
         self.ipis_dropped
+    }
+
+    fn drop_ipi(&mut self) {
+        self.ipis_dropped = self.ipis_dropped.saturating_add(1);
+    }
+
+    /// The oldest IPI this APIC sent that the owner has not routed yet.
+    pub fn take_ipi(&mut self) -> Option<Message> {
+        if self.outbox_len == 0 {
+            return None;
+        }
+        let msg = self.outbox[0].take();
+        self.outbox.rotate_left(1);
+        self.outbox_len -= 1;
+        msg
+    }
+
+    /// Whether a received NMI waits for injection (clears it).
+    pub fn take_nmi(&mut self) -> bool {
+        core::mem::take(&mut self.nmi_pending)
+    }
+
+    /// Whether an INIT was received since the last call (clears it): the owner resets the
+    /// vCPU (to wait-for-SIPI if [`Self::waiting_for_sipi`], else — the BSP — to
+    /// `CpuState::reset()`).
+    pub fn take_init(&mut self) -> bool {
+        core::mem::take(&mut self.init_pending)
+    }
+
+    /// The vector of a STARTUP IPI accepted in wait-for-SIPI (clears it): the owner starts
+    /// the vCPU at `CpuState::sipi(vector)`.
+    pub fn take_sipi(&mut self) -> Option<u8> {
+        self.sipi_vector.take()
+    }
+
+    /// Whether an ExtINT message arrived (clears it): the owner takes the vector from the
+    /// 8259's INTA cycle.
+    pub fn take_extint(&mut self) -> bool {
+        core::mem::take(&mut self.extint_pending)
+    }
+
+    /// Whether the vCPU waits for a STARTUP IPI (it must not run).
+    pub fn waiting_for_sipi(&self) -> bool {
+        self.wait_for_sipi
     }
 
     // ---- interrupt acceptance and priority ----------------------------------------------
@@ -516,57 +621,111 @@ impl LocalApic {
         ((self.initial_id >> 4) << 16) | (1 << (self.initial_id & 0xF))
     }
 
-    /// Whether a destination field (without shorthand) addresses this APIC.
-    fn addressed(&self, dest: u32, logical: bool) -> bool {
-        match (self.x2apic, logical) {
-            (true, false) => dest == self.initial_id,
-            (false, false) => dest as u8 == self.xapic_id,
-            (true, true) => {
+    /// Whether a message to `dest` reaches this APIC (SDM §12.6.2; the rules are in the
+    /// [`irq`] module documentation). `is_sender`: this APIC sent the message (for the
+    /// shorthands). A hardware-disabled APIC matches nothing.
+    pub fn matches(&self, dest: Destination, is_sender: bool) -> bool {
+        if !self.enabled {
+            return false;
+        }
+        match dest {
+            Destination::SelfOnly => is_sender,
+            Destination::AllIncludingSelf => true,
+            Destination::AllExcludingSelf => !is_sender,
+            Destination::Physical(id) if self.x2apic => id == irq::X2APIC_BROADCAST || id == self.initial_id,
+            Destination::Physical(id) => id == irq::XAPIC_BROADCAST || id == self.xapic_id as u32,
+            Destination::Logical(mda) if self.x2apic => {
                 let ldr = self.x2apic_ldr();
-                dest >> 16 == ldr >> 16 && dest & ldr & 0xFFFF != 0
+                mda == irq::X2APIC_BROADCAST || (mda >> 16 == ldr >> 16 && mda & ldr & 0xFFFF != 0)
             }
-            (false, true) => {
-                let (dest, ldr) = (dest as u8, (self.ldr >> 24) as u8);
-                if self.dfr >> 28 == 0xF {
-                    dest & ldr != 0
+            Destination::Logical(mda) => {
+                let ldr = (self.ldr >> 24) as u8;
+                if mda == irq::XAPIC_BROADCAST {
+                    true
+                } else if mda > 0xFF {
+                    false
+                } else if self.dfr >> 28 == 0xF {
+                    mda as u8 & ldr != 0
                 } else {
-                    dest >> 4 == ldr >> 4 && dest & ldr & 0xF != 0
+                    let mda = mda as u8;
+                    mda >> 4 == ldr >> 4 && mda & ldr & 0xF != 0
                 }
             }
         }
     }
 
-    /// Sends the IPI described by ICR low bits `low` to destination `dest` (SDM §12.6.1).
+    /// Receives a message addressed to this APIC (the caller checked [`Self::matches`], or
+    /// [`irq::route`] chose it). See the module documentation for what each mode does.
+    pub fn accept(&mut self, msg: &Message) {
+        match msg.mode {
+            DeliveryMode::Fixed | DeliveryMode::LowestPriority => self.set_irr(msg.vector, msg.trigger_level),
+            DeliveryMode::Nmi if !self.wait_for_sipi => self.nmi_pending = true,
+            DeliveryMode::Nmi | DeliveryMode::Smi => self.drop_ipi(),
+            DeliveryMode::Init => self.init(),
+            DeliveryMode::InitDeassert => {}
+            DeliveryMode::Startup => {
+                if self.wait_for_sipi {
+                    self.wait_for_sipi = false;
+                    self.sipi_vector = Some(msg.vector);
+                }
+            }
+            DeliveryMode::ExtInt => self.extint_pending = true,
+        }
+    }
+
+    /// An INIT (SDM §12.4.7.3): the registers go to their INIT state, received events are
+    /// forgotten, and an AP waits for SIPI.
+    fn init(&mut self) {
+        self.init_registers();
+        self.nmi_pending = false;
+        self.extint_pending = false;
+        self.sipi_vector = None;
+        self.init_pending = true;
+        self.wait_for_sipi = !self.bsp;
+    }
+
+    /// Sends the IPI described by ICR low bits `low` to destination field `dest` (SDM
+    /// §12.6.1): queued for [`Self::take_ipi`], except Fixed to the self shorthand.
     fn send_ipi(&mut self, low: u32, dest: u32) {
         let vector = low as u8;
-        let mode = (low >> 8) & 7;
-        let logical = low & ICR_LOGICAL != 0;
-        let broadcast = if self.x2apic { u32::MAX } else { 0xFF };
-        let (to_self, to_others) = match (low >> 18) & 3 {
-            1 => (true, false),
-            2 => (true, true),
-            3 => (false, true),
-            _ if dest == broadcast => (true, true),
-            _ => {
-                let me = self.addressed(dest, logical);
-                (me, !me)
-            }
+        let level_assert = low & ICR_LEVEL_ASSERT != 0;
+        let trigger_level = low & ICR_TRIGGER_LEVEL != 0;
+        let Some(mode) =
+            DeliveryMode::from_icr_bits((low >> ICR_DELIVERY_MODE_SHIFT) as u8, level_assert, trigger_level)
+        else {
+            self.drop_ipi();
+            return;
         };
-        let fixed = mode == 0 || mode == 1;
-        if fixed && vector < 16 {
+        if mode.is_fixed() && vector < 16 {
             self.error(ESR_SEND_ILLEGAL_VECTOR);
             return;
         }
-        if to_others {
-            self.ipis_to_others = self.ipis_to_others.saturating_add(1);
-        }
-        if to_self {
-            if fixed {
-                self.set_irr(vector, false);
-            } else {
-                self.ipis_dropped = self.ipis_dropped.saturating_add(1);
+        let dest = match (low >> ICR_SHORTHAND_SHIFT) & 3 {
+            SHORTHAND_NONE if low & ICR_LOGICAL != 0 => Destination::Logical(dest),
+            SHORTHAND_NONE => Destination::Physical(dest),
+            SHORTHAND_SELF => {
+                if mode == DeliveryMode::Fixed {
+                    self.set_irr(vector, false);
+                } else {
+                    self.drop_ipi();
+                }
+                return;
             }
+            SHORTHAND_ALL_INCLUDING_SELF => Destination::AllIncludingSelf,
+            _ => Destination::AllExcludingSelf,
+        };
+        // The level and trigger bits only qualify INIT (SDM §12.6.1): every other IPI is an
+        // asserting edge.
+        let init = matches!(mode, DeliveryMode::Init | DeliveryMode::InitDeassert);
+        let msg =
+            Message { mode, vector, level_assert: level_assert || !init, trigger_level: trigger_level && init, dest };
+        if self.outbox_len == IPI_QUEUE_LEN {
+            self.drop_ipi();
+            return;
         }
+        self.outbox[self.outbox_len] = Some(msg);
+        self.outbox_len += 1;
+        self.ipis_sent = self.ipis_sent.saturating_add(1);
     }
 
     // ---- timer ------------------------------------------------------------------------
@@ -753,7 +912,7 @@ impl LocalApic {
             }
             0x30 if !x2 => {
                 self.icr_low = value & ICR_LOW_DEFINED & !ICR_DELIVERY_STATUS;
-                self.send_ipi(self.icr_low, self.icr_high >> 24);
+                self.send_ipi(self.icr_low, self.icr_high >> ICR_HIGH_XAPIC_DEST_SHIFT);
             }
             0x31 if !x2 => self.icr_high = value & 0xFF00_0000,
             0x32..=0x37 => {
@@ -776,7 +935,7 @@ impl LocalApic {
             }
             0x3F if x2 => {
                 check(0xFF)?;
-                self.send_ipi(value & 0xFF, self.initial_id);
+                self.send_ipi(value & 0xFF | SHORTHAND_SELF << ICR_SHORTHAND_SHIFT, 0);
             }
             _ => return Err(ApicError::ReservedRegister),
         }
@@ -1280,65 +1439,164 @@ mod tests {
         assert_eq!(a.next_deadline(), None);
     }
 
+    fn msg(mode: DeliveryMode, vector: u8, dest: Destination) -> Message {
+        Message { mode, vector, level_assert: true, trigger_level: false, dest }
+    }
+
     #[test]
-    fn self_ipis() {
+    fn sending_ipis() {
         let mut a = enabled();
         a.mmio_write(reg::ID, 0x0200_0000, T0);
-        // Shorthand self.
+        // Shorthand self, Fixed: straight into the own IRR, no message.
         a.mmio_write(reg::ICR_LOW, 1 << 18 | 0x41, T0);
         assert_eq!(a.mmio_read(reg::ICR_LOW, T0), 1 << 18 | 0x41, "delivery status idle");
         assert_eq!(a.acknowledge(), Some(0x41));
         a.eoi();
-        // Physical destination = own ID; another ID is counted and dropped.
-        a.mmio_write(reg::ICR_HIGH, 0x0200_0000, T0);
-        a.mmio_write(reg::ICR_LOW, 0x42, T0);
-        assert_eq!(a.acknowledge(), Some(0x42));
-        a.eoi();
+        assert_eq!(a.take_ipi(), None);
+        // Physical destination from ICR high bits 31:24; the low write sends.
         a.mmio_write(reg::ICR_HIGH, 0x0300_0000, T0);
+        assert_eq!(a.take_ipi(), None, "the high half alone sends nothing");
         a.mmio_write(reg::ICR_LOW, 0x43, T0);
-        assert_eq!(a.pending(), None);
-        assert_eq!(a.ipis_to_others(), 1);
-        // All excluding self; all including self; broadcast.
+        assert_eq!(a.take_ipi(), Some(msg(DeliveryMode::Fixed, 0x43, Destination::Physical(3))));
+        assert_eq!(a.pending(), None, "not to itself");
+        // Shorthands, logical, broadcast.
         a.mmio_write(reg::ICR_LOW, 3 << 18 | 0x44, T0);
-        assert_eq!(a.pending(), None);
         a.mmio_write(reg::ICR_LOW, 2 << 18 | 0x45, T0);
-        assert_eq!(a.acknowledge(), Some(0x45));
-        a.eoi();
-        a.mmio_write(reg::ICR_HIGH, 0xFF00_0000, T0);
-        a.mmio_write(reg::ICR_LOW, 0x46, T0);
-        assert_eq!(a.acknowledge(), Some(0x46));
-        a.eoi();
-        assert_eq!(a.ipis_to_others(), 4);
-        // Logical flat mode.
-        a.mmio_write(reg::LDR, 0x0400_0000, T0);
         a.mmio_write(reg::ICR_HIGH, 0x0600_0000, T0);
-        a.mmio_write(reg::ICR_LOW, ICR_LOGICAL | 0x47, T0);
-        assert_eq!(a.acknowledge(), Some(0x47));
-        a.eoi();
-        // NMI to self: dropped and counted; an illegal vector sets ESR bit 5.
+        a.mmio_write(reg::ICR_LOW, ICR_LOGICAL | 1 << 8 | 0x47, T0);
+        a.mmio_write(reg::ICR_HIGH, 0xFF00_0000, T0);
+        a.mmio_write(reg::ICR_LOW, 4 << 8, T0);
+        assert_eq!(a.take_ipi(), Some(msg(DeliveryMode::Fixed, 0x44, Destination::AllExcludingSelf)));
+        assert_eq!(a.take_ipi(), Some(msg(DeliveryMode::Fixed, 0x45, Destination::AllIncludingSelf)));
+        assert_eq!(a.take_ipi(), Some(msg(DeliveryMode::LowestPriority, 0x47, Destination::Logical(6))));
+        assert_eq!(a.take_ipi(), Some(msg(DeliveryMode::Nmi, 0, Destination::Physical(0xFF))));
+        assert_eq!(a.take_ipi(), None);
+        assert_eq!(a.ipis_sent(), 5);
+        // Linux's AP start: INIT assert (level), INIT de-assert, STARTUP twice.
+        a.mmio_write(reg::ICR_HIGH, 0x0100_0000, T0);
+        for low in [0xC500, 0x8500, 0x0609, 0x0609] {
+            a.mmio_write(reg::ICR_LOW, low, T0);
+        }
+        let init = Message { trigger_level: true, ..msg(DeliveryMode::Init, 0, Destination::Physical(1)) };
+        assert_eq!(a.take_ipi(), Some(init));
+        let deassert = Message { level_assert: false, ..init };
+        assert_eq!(a.take_ipi(), Some(Message { mode: DeliveryMode::InitDeassert, ..deassert }));
+        let sipi = msg(DeliveryMode::Startup, 9, Destination::Physical(1));
+        assert_eq!(a.take_ipi(), Some(sipi));
+        assert_eq!(a.take_ipi(), Some(sipi));
+        // Fixed IPIs are asserting edges whatever the level and trigger bits say.
+        a.mmio_write(reg::ICR_LOW, 0xC000 | 0x50, T0);
+        assert_eq!(a.take_ipi().map(|m| m.trigger_level), Some(false));
+        // Dropped: reserved modes, non-Fixed with the self shorthand, a full queue; an
+        // illegal vector sets ESR bit 5.
+        a.mmio_write(reg::ICR_LOW, 3 << 8 | 0x40, T0);
+        a.mmio_write(reg::ICR_LOW, 7 << 8 | 0x40, T0);
         a.mmio_write(reg::ICR_LOW, 1 << 18 | 4 << 8, T0);
-        assert_eq!(a.ipis_dropped(), 1);
-        a.mmio_write(reg::ICR_LOW, 1 << 18 | 0x05, T0);
+        assert_eq!(a.ipis_dropped(), 3);
+        a.mmio_write(reg::ICR_LOW, 0x05, T0);
         a.mmio_write(reg::ESR, 0, T0);
         assert_eq!(a.mmio_read(reg::ESR, T0), ESR_SEND_ILLEGAL_VECTOR);
+        assert_eq!(a.take_ipi(), None);
+        for v in 0..IPI_QUEUE_LEN as u32 + 2 {
+            a.mmio_write(reg::ICR_LOW, 0x60 + v, T0);
+        }
+        assert_eq!(a.ipis_dropped(), 5);
+        for v in 0..IPI_QUEUE_LEN as u8 {
+            assert_eq!(a.take_ipi().map(|m| m.vector), Some(0x60 + v), "FIFO order");
+        }
+        assert_eq!(a.take_ipi(), None);
         assert_eq!(a.pending(), None);
 
-        // x2APIC: 64-bit ICR, 32-bit destinations, SELF IPI MSR.
+        // x2APIC: one 64-bit ICR write with a 32-bit destination; SELF IPI MSR is local.
         let mut b = x2(0x300);
-        b.msr_write(0x830, 0x300 << 32 | 0x51, T0).unwrap();
-        assert_eq!(b.msr_read(0x830, T0), Ok(0x300 << 32 | 0x51));
-        assert_eq!(b.acknowledge(), Some(0x51));
-        b.eoi();
-        b.msr_write(0x830, 0x52, T0).unwrap();
-        assert_eq!(b.pending(), None);
-        assert_eq!(b.ipis_to_others(), 1);
+        b.msr_write(0x830, 0x301 << 32 | 0x51, T0).unwrap();
+        assert_eq!(b.msr_read(0x830, T0), Ok(0x301 << 32 | 0x51));
+        assert_eq!(b.take_ipi(), Some(msg(DeliveryMode::Fixed, 0x51, Destination::Physical(0x301))));
         b.msr_write(reg::msr(reg::SELF_IPI), 0x53, T0).unwrap();
         assert_eq!(b.acknowledge(), Some(0x53));
-        assert_eq!(b.msr_read(0x830, T0), Ok(0x52), "SELF IPI leaves the ICR alone");
+        assert_eq!(b.take_ipi(), None);
+        assert_eq!(b.msr_read(0x830, T0), Ok(0x301 << 32 | 0x51), "SELF IPI leaves the ICR alone");
         b.eoi();
-        // x2APIC logical: cluster 0x30, bit 0.
         b.msr_write(0x830, (0x30 << 16 | 1) << 32 | ICR_LOGICAL as u64 | 0x54, T0).unwrap();
-        assert_eq!(b.acknowledge(), Some(0x54));
+        assert_eq!(b.take_ipi(), Some(msg(DeliveryMode::Fixed, 0x54, Destination::Logical(0x30 << 16 | 1))));
+        b.msr_write(0x830, u64::MAX << 32 | 0x0500, T0).unwrap();
+        let init = b.take_ipi().unwrap();
+        assert_eq!((init.mode, init.dest), (DeliveryMode::Init, Destination::Physical(u32::MAX)));
+        // A sent IPI that addresses the sender reaches it through the owner.
+        let m = msg(DeliveryMode::Fixed, 0x55, Destination::Physical(0x300));
+        assert!(b.matches(m.dest, true));
+        b.accept(&m);
+        assert_eq!(b.acknowledge(), Some(0x55));
+    }
+
+    #[test]
+    fn receiving_nmi_init_sipi() {
+        let t = Nanos(100);
+        let mut ap = LocalApic::new(1, false, DEFAULT_TIMER_HZ);
+        assert!(ap.waiting_for_sipi(), "an AP starts waiting for SIPI");
+        assert!(!LocalApic::new(0, true, 1).waiting_for_sipi(), "the BSP runs");
+        // STARTUP leaves wait-for-SIPI once; a second one is ignored.
+        ap.accept(&msg(DeliveryMode::Startup, 0x9A, Destination::Physical(1)));
+        assert!(!ap.waiting_for_sipi());
+        ap.accept(&msg(DeliveryMode::Startup, 0x10, Destination::Physical(1)));
+        assert_eq!(ap.take_sipi(), Some(0x9A));
+        assert_eq!(ap.take_sipi(), None);
+        // The AP's OS sets the APIC up.
+        ap.mmio_write(reg::ID, 0x0700_0000, t);
+        ap.mmio_write(reg::SVR, 0x1FF, t);
+        ap.mmio_write(reg::TPR, 0x20, t);
+        ap.mmio_write(reg::LDR, 0x0200_0000, t);
+        ap.mmio_write(reg::DFR, 0x0FFF_FFFF, t);
+        ap.mmio_write(reg::LVT_TIMER, 1 << 17 | 0xEC, t);
+        ap.mmio_write(reg::TIMER_INITIAL, 1000, t);
+        ap.accept(&Message { trigger_level: true, ..msg(DeliveryMode::Fixed, 0x70, Destination::Physical(7)) });
+        assert_eq!(ap.acknowledge(), Some(0x70));
+        ap.accept(&msg(DeliveryMode::Fixed, 0x71, Destination::Physical(7)));
+        // NMI, SMI, INIT de-assert, ExtINT.
+        ap.accept(&msg(DeliveryMode::Nmi, 0, Destination::AllExcludingSelf));
+        assert!(ap.take_nmi());
+        assert!(!ap.take_nmi());
+        ap.accept(&msg(DeliveryMode::Smi, 0, Destination::AllExcludingSelf));
+        assert_eq!(ap.ipis_dropped(), 1);
+        ap.accept(&msg(DeliveryMode::InitDeassert, 0, Destination::AllIncludingSelf));
+        assert!(!ap.take_init());
+        ap.accept(&msg(DeliveryMode::ExtInt, 0, Destination::Physical(7)));
+        assert!(ap.take_extint());
+        assert!(!ap.take_extint());
+        // INIT: registers to their INIT state, the APIC ID and base kept, wait for SIPI.
+        ap.accept(&msg(DeliveryMode::Nmi, 0, Destination::AllExcludingSelf));
+        ap.accept(&msg(DeliveryMode::Init, 0, Destination::Physical(7)));
+        assert!(ap.take_init());
+        assert!(!ap.take_init());
+        assert!(!ap.take_nmi(), "INIT discards a pending NMI");
+        assert!(ap.waiting_for_sipi());
+        assert_eq!(ap.mmio_read(reg::ID, t), 0x0700_0000, "the APIC ID survives INIT");
+        assert_eq!(ap.apic_base(), DEFAULT_APIC_BASE | APIC_BASE_EN);
+        assert_eq!(ap.mmio_read(reg::SVR, t), 0xFF);
+        assert_eq!(ap.mmio_read(reg::DFR, t), 0xFFFF_FFFF);
+        for off in [reg::TPR, reg::LDR, reg::TIMER_INITIAL, reg::TMR + 0x30, reg::ISR + 0x30, reg::IRR + 0x30] {
+            assert_eq!(ap.mmio_read(off, t), 0, "{off:#x}");
+        }
+        assert_eq!(ap.mmio_read(reg::LVT_TIMER, t), LVT_MASKED);
+        assert_eq!(ap.pending(), None);
+        assert_eq!(ap.next_deadline(), None);
+        // In wait-for-SIPI NMIs are blocked; fixed vectors are refused (software-disabled).
+        ap.accept(&msg(DeliveryMode::Nmi, 0, Destination::Physical(7)));
+        assert!(!ap.take_nmi());
+        ap.accept(&msg(DeliveryMode::Fixed, 0x80, Destination::Physical(7)));
+        assert_eq!(ap.mmio_read(reg::IRR + 0x40, t), 0);
+        ap.accept(&msg(DeliveryMode::Startup, 0x9B, Destination::Physical(7)));
+        assert_eq!(ap.take_sipi(), Some(0x9B));
+        // x2APIC mode survives INIT; the BSP does not wait for SIPI after INIT.
+        let mut bsp = LocalApic::new(0, true, DEFAULT_TIMER_HZ);
+        bsp.set_apic_base(X2).unwrap();
+        bsp.msr_write(reg::msr(reg::TPR), 0x30, t).unwrap();
+        bsp.accept(&msg(DeliveryMode::Init, 0, Destination::AllIncludingSelf));
+        assert!(bsp.take_init());
+        assert!(bsp.x2apic() && !bsp.waiting_for_sipi());
+        assert_eq!(bsp.msr_read(reg::msr(reg::TPR), t), Ok(0));
+        bsp.accept(&msg(DeliveryMode::Startup, 0x10, Destination::AllIncludingSelf));
+        assert_eq!(bsp.take_sipi(), None);
     }
 
     #[test]
@@ -1419,6 +1677,20 @@ mod tests {
                     5 => a.set_irr(v as u8, v & 256 != 0),
                     6 => _ = (a.acknowledge(), a.eoi_broadcast_vector(), a.pending()),
                     7 => a.write_tsc_deadline(v, Nanos(v >> (r >> 58)), t),
+                    _ if r & 1 << 41 != 0 => {
+                        let modes = [DeliveryMode::Fixed, DeliveryMode::Nmi, DeliveryMode::Init, DeliveryMode::Startup];
+                        let m = Message {
+                            mode: modes[(v >> 8) as usize % modes.len()],
+                            vector: v as u8,
+                            level_assert: v & 1 << 20 != 0,
+                            trigger_level: v & 1 << 21 != 0,
+                            dest: Destination::Physical(v as u32 >> 24),
+                        };
+                        if a.matches(m.dest, v & 1 << 22 != 0) {
+                            a.accept(&m);
+                        }
+                        _ = (a.take_ipi(), a.take_init(), a.take_sipi(), a.take_nmi(), a.take_extint());
+                    }
                     _ => {
                         a.tick(t);
                         _ = a.next_deadline();

@@ -2,6 +2,7 @@
 
 pub mod console;
 pub mod ioapic;
+pub mod irq;
 pub mod lapic;
 pub mod pc;
 pub mod pci;

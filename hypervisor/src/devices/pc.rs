@@ -143,6 +143,12 @@ impl PcPlatform {
         while let Some(vector) = lapic.eoi_broadcast_vector() {
             ioapic.eoi(vector);
         }
+        // IPIs the one vCPU sent: only those that address it arrive.
+        while let Some(msg) = lapic.take_ipi() {
+            if lapic.matches(msg.dest, true) {
+                lapic.accept(&msg);
+            }
+        }
         ioapic.take_deliveries(&mut |d| {
             if matches!(d.mode, DeliveryMode::Fixed | DeliveryMode::LowestPriority) {
                 lapic.set_irr(d.vector, d.level);
