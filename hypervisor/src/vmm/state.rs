@@ -94,6 +94,9 @@ pub struct CpuState {
 }
 
 pub const CR0_PE: u64 = 1 << 0;
+/// CR0 not-write-through and cache-disable (kept by INIT, SDM Vol. 3A Table 10-1).
+pub const CR0_NW: u64 = 1 << 29;
+pub const CR0_CD: u64 = 1 << 30;
 pub const CR0_MP: u64 = 1 << 1;
 pub const CR0_ET: u64 = 1 << 4;
 pub const CR0_NE: u64 = 1 << 5;
@@ -170,6 +173,35 @@ impl CpuState {
         }
     }
 
+    /// The state an application processor starts in after INIT and a STARTUP IPI with
+    /// `vector` (SDM Vol. 3A §9.4.4.1, §12.6.1; APM Vol. 2 §14.1.3 for the INIT state): the INIT
+    /// state ([`CpuState::reset`]) with CS.selector = `vector` << 8, CS.base = `vector` << 12
+    /// and RIP = 0, i.e. real mode at physical address `vector` * 4 KiB.
+    ///
+    /// This is an AP's first start after power-up. For a vCPU that ran before its INIT use
+    /// [`CpuState::after_init`] and [`CpuState::at_sipi`]: INIT keeps what RESET clears.
+    pub fn sipi(vector: u8) -> Self {
+        Self::reset().at_sipi(vector)
+    }
+
+    /// This state with CS:IP moved to the STARTUP vector `vector` (see [`CpuState::sipi`]).
+    pub fn at_sipi(self, vector: u8) -> Self {
+        let page = u64::from(vector);
+        Self { rip: 0, cs: Segment { selector: (page << 8) as u16, base: page << 12, ..self.cs }, ..self }
+    }
+
+    /// The state after an INIT of a vCPU that was in state `self` (SDM Vol. 3A §10.1.1,
+    /// Table 10-1, INIT column): [`CpuState::reset`], except that CR0.CD and CR0.NW and
+    /// IA32_PAT keep their values. What INIT also keeps but this type does not hold (x87,
+    /// SSE and AVX state, MXCSR, MTRRs, the TSC, the other MSRs, caches) is the owner's to
+    /// leave alone; what it clears outside this type is too (the general registers are 0,
+    /// except RDX = the CPUID.1:EAX signature; DR0-DR3 = 0, DR6 = 0xFFFF_0FF0).
+    pub fn after_init(&self) -> Self {
+        let reset = Self::reset();
+        let cr0 = (reset.cr0 & !(CR0_CD | CR0_NW)) | (self.cr0 & (CR0_CD | CR0_NW));
+        Self { cr0, pat: self.pat, ..reset }
+    }
+
     /// 64-bit mode, paging on with `cr3`, flat segments, interrupts off: the state Linux's
     /// 64-bit boot protocol and Vireo's test guests start in. `gdt` is the guest-physical
     /// address of a GDT with flat 64-bit code at 0x10 and data at 0x18.
@@ -243,6 +275,44 @@ impl CpuState {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn reset_and_sipi_states() {
+        let r = CpuState::reset();
+        assert_eq!((r.cs.selector, r.cs.base, r.rip), (0xF000, 0xFFFF_0000, 0xFFF0));
+        assert_eq!(r.cr0, 0x6000_0010);
+        for v in [0u8, 0x08, 0x9A, 0xFF] {
+            let s = CpuState::sipi(v);
+            assert_eq!(s.cs.selector, (v as u16) << 8);
+            assert_eq!(s.cs.base, (v as u64) << 12);
+            assert_eq!(s.rip, 0);
+            assert_eq!(s.cs.base + s.rip, v as u64 * 4096, "starts at the vector's page");
+            assert_eq!(s.cs.limit, 0xFFFF);
+            assert_eq!(s.cs.attr, r.cs.attr);
+            // Everything else is the INIT state: real mode, no paging, interrupts off.
+            assert_eq!(CpuState { rip: r.rip, cs: r.cs, ..s }, r);
+            assert_eq!(s.cr0 & (CR0_PE | CR0_PG), 0);
+            assert_eq!(s.rflags, RFLAGS_RESERVED_1);
+            assert_eq!(s.efer, 0);
+        }
+        // Linux's trampoline page, e.g. 0x9A000: CS = 9A00, IP = 0.
+        assert_eq!(CpuState::sipi(0x9A).cs.selector, 0x9A00);
+    }
+
+    #[test]
+    fn init_keeps_cache_control_and_pat() {
+        let gdt = DescriptorTable { base: 0x1000, limit: 0x27 };
+        let mut running = CpuState::long_mode_flat(0xFFFF_8000_0000_0000, 0x8000, 0x5000, gdt);
+        running.pat = 0x0007_0106_0007_0106;
+        running.cr0 |= CR0_CD;
+        let i = running.after_init();
+        assert_eq!(i.cr0, 0x4000_0010, "CD kept, NW kept clear, ET set, the rest cleared");
+        assert_eq!(i.pat, 0x0007_0106_0007_0106);
+        assert_eq!(CpuState { cr0: 0x6000_0010, pat: PAT_POWER_ON, ..i }, CpuState::reset());
+        assert_eq!(CpuState::reset().after_init(), CpuState::reset());
+        let s = i.at_sipi(0x10);
+        assert_eq!((s.cs.selector, s.cs.base, s.rip, s.cr0), (0x1000, 0x1_0000, 0, 0x4000_0010));
+    }
 
     #[test]
     fn attr_conversions() {
