@@ -124,10 +124,17 @@ fn guests_bochs_svm() {
 /// A bad VM description is refused by name; the rest still runs.
 #[test]
 fn bad_vm_spec_is_refused() {
-    let out =
-        Boot::new(Machine::QemuSvm).guest("selftest=bad/name").guest("selftest=small mem=1M").guest("selftest").run();
+    let out = Boot::new(Machine::QemuSvm)
+        .guest("selftest=bad/name")
+        .guest("selftest=small mem=1M")
+        .guest("selftest=many cpus=17")
+        .guest("selftest=crowded mem=8M cpus=16")
+        .guest("selftest")
+        .run();
     out.assert_exit_ok();
     assert!(out.line("vm module=0 not started").contains("bad VM name"), "{out:?}");
     assert!(out.line("vm module=1 not started").contains("below the minimum"), "{out:?}");
+    assert!(out.line("vm module=2 not started").contains("bad value '17' for key 'cpus' (expected 1-16)"), "{out:?}");
+    assert!(out.line("vm module=3 not started").contains("mem=8M is too small for cpus=16"), "{out:?}");
     assert_eq!(out.field("vm name=selftest end", "outcome"), "exited", "{out:?}");
 }

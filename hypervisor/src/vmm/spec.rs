@@ -4,6 +4,8 @@
 //! Module command line: `<name> [mem=SIZE] [cpus=N] [apic=on|off] [timeout=SECONDS] [guest arguments...]
 //! [-- kernel command line]`; `timeout` stops the VM after that many seconds of running
 //! (default: no limit); everything after ` -- ` is a Linux guest's kernel command line.
+//! `cpus` is 1..=[`MAX_VCPUS`] (default 1), and `mem` must hold them: at least [`MIN_MEM`]
+//! plus [`MEM_PER_EXTRA_VCPU`] for every vCPU beyond the first ([`min_mem_for`]).
 //! A module whose line is `<name>:initrd` is the initramfs of VM `<name>`.
 //! Unknown `key=value` words are left to the guest (test guests read `bench=`, `mode=`). The whole line is also
 //! handed to the guest (test guests read `bench=N`, `mode=...` from it). `name` is 1-32
@@ -15,6 +17,18 @@ use crate::bootinfo::cmdline::parse_size;
 
 pub const DEFAULT_MEM: u64 = 64 << 20;
 pub const MIN_MEM: u64 = 4 << 20;
+/// The most vCPUs a VM may have (the MADT lists them as xAPIC IDs 0..N-1).
+pub const MAX_VCPUS: u32 = 16;
+/// RAM each vCPU beyond the first adds to the minimum: room for a guest's per-CPU data,
+/// its kernel and interrupt stacks and page tables (Linux takes a few hundred KiB per CPU;
+/// 2 MiB leaves margin without making small test VMs large).
+pub const MEM_PER_EXTRA_VCPU: u64 = 2 << 20;
+
+/// The least RAM a VM with `cpus` vCPUs may have: [`MIN_MEM`] + [`MEM_PER_EXTRA_VCPU`] for
+/// each vCPU beyond the first.
+pub const fn min_mem_for(cpus: u32) -> u64 {
+    MIN_MEM + cpus.saturating_sub(1) as u64 * MEM_PER_EXTRA_VCPU
+}
 pub const MAX_NAME: usize = 32;
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -23,7 +37,7 @@ pub struct VmSpec<'a> {
     pub mem: u64,
     /// Run-time limit in seconds (0 = none).
     pub timeout_s: u64,
-    /// vCPUs (only 1 today).
+    /// vCPUs, 1..=[`MAX_VCPUS`].
     pub cpus: u32,
     /// A Linux kernel's command line (after ` -- `), empty if none.
     pub kernel_cmdline: &'a str,
@@ -39,6 +53,11 @@ pub enum SpecError<'a> {
     BadName(&'a str),
     BadMem(&'a str),
     MemTooSmall(u64),
+    /// `mem` (bytes) is below [`min_mem_for`] `cpus`.
+    MemTooSmallForCpus {
+        mem: u64,
+        cpus: u32,
+    },
     BadTimeout(&'a str),
     BadCpus(&'a str),
     BadApic(&'a str),
@@ -53,7 +72,26 @@ impl fmt::Display for SpecError<'_> {
             SpecError::MemTooSmall(m) => write!(f, "mem={m} is below the minimum of 4M"),
             SpecError::BadTimeout(v) => write!(f, "bad value '{v}' for key 'timeout' (expected 1-86400 seconds)"),
             SpecError::BadApic(v) => write!(f, "bad value '{v}' for key 'apic' (expected on or off)"),
-            SpecError::BadCpus(v) => write!(f, "bad value '{v}' for key 'cpus' (Vireo runs 1 vCPU per VM for now)"),
+            SpecError::BadCpus(v) => write!(f, "bad value '{v}' for key 'cpus' (expected 1-{MAX_VCPUS})"),
+            SpecError::MemTooSmallForCpus { mem, cpus } => write!(
+                f,
+                "mem={} is too small for cpus={cpus} (at least {}: 4M + 2M per vCPU beyond the first)",
+                Size(*mem),
+                Size(min_mem_for(*cpus))
+            ),
+        }
+    }
+}
+
+/// A size in bytes as the VM line writes it: `64M` when a whole number of MiB, else bytes.
+struct Size(u64);
+
+impl fmt::Display for Size {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        if self.0 != 0 && self.0.is_multiple_of(1 << 20) {
+            write!(f, "{}M", self.0 >> 20)
+        } else {
+            write!(f, "{}", self.0)
         }
     }
 }
@@ -91,7 +129,11 @@ pub fn parse(cmdline: &str) -> Result<VmSpec<'_>, SpecError<'_>> {
             };
         }
         if let Some(v) = w.strip_prefix("cpus=") {
-            cpus = v.parse().ok().filter(|&c| c == 1).ok_or(SpecError::BadCpus(v))?;
+            cpus = Some(v)
+                .filter(|v| v.bytes().all(|b| b.is_ascii_digit()))
+                .and_then(|v| v.parse().ok())
+                .filter(|c| (1..=MAX_VCPUS).contains(c))
+                .ok_or(SpecError::BadCpus(v))?;
         }
         if let Some(v) = w.strip_prefix("timeout=") {
             timeout_s = v.parse().ok().filter(|t| (1..=86_400).contains(t)).ok_or(SpecError::BadTimeout(v))?;
@@ -102,6 +144,9 @@ pub fn parse(cmdline: &str) -> Result<VmSpec<'_>, SpecError<'_>> {
                 return Err(SpecError::MemTooSmall(mem));
             }
         }
+    }
+    if mem < min_mem_for(cpus) {
+        return Err(SpecError::MemTooSmallForCpus { mem, cpus });
     }
     Ok(VmSpec { name, mem, timeout_s, cpus, kernel_cmdline, apic, args: cmdline })
 }
@@ -126,7 +171,7 @@ mod tests {
         );
         let linux = parse("deb mem=256M cpus=1 -- console=ttyS0 quiet mem=1G").unwrap();
         assert_eq!((linux.name, linux.mem, linux.kernel_cmdline), ("deb", 256 << 20, "console=ttyS0 quiet mem=1G"));
-        assert_eq!(parse("deb cpus=4"), Err(SpecError::BadCpus("4")));
+        assert_eq!(parse("deb cpus=4").unwrap().cpus, 4);
         assert_eq!(initrd_of("deb:initrd"), Some("deb"));
         assert_eq!(initrd_of("deb:initrd extra"), None);
         assert_eq!(initrd_of("deb"), None);
@@ -139,5 +184,34 @@ mod tests {
         assert_eq!(parse("x mem=lots"), Err(SpecError::BadMem("lots")));
         assert_eq!(parse("x mem=1M"), Err(SpecError::MemTooSmall(1 << 20)));
         assert!(parse(&"n".repeat(33)).is_err());
+    }
+
+    #[test]
+    fn cpus() {
+        for n in 1..=MAX_VCPUS {
+            assert_eq!(parse(&format!("v cpus={n}")).unwrap().cpus, n);
+        }
+        for bad in ["0", "17", "4294967296", "-1", "two", "", "1.5", "+2"] {
+            let line = format!("v cpus={bad}");
+            let err = parse(&line).unwrap_err();
+            assert_eq!(err, SpecError::BadCpus(bad));
+            assert_eq!(err.to_string(), format!("bad value '{bad}' for key 'cpus' (expected 1-16)"));
+        }
+        assert_eq!(parse("v").unwrap().cpus, 1, "default");
+        // The memory has to hold the vCPUs, whichever comes first on the line.
+        assert_eq!(min_mem_for(1), 4 << 20);
+        assert_eq!(min_mem_for(16), 34 << 20);
+        assert_eq!(parse("v mem=4M").unwrap().mem, 4 << 20);
+        assert_eq!(parse("v mem=34M cpus=16").unwrap().cpus, 16);
+        let err = parse("v cpus=16 mem=33M").unwrap_err();
+        assert_eq!(err, SpecError::MemTooSmallForCpus { mem: 33 << 20, cpus: 16 });
+        assert_eq!(
+            err.to_string(),
+            "mem=33M is too small for cpus=16 (at least 34M: 4M + 2M per vCPU beyond the first)"
+        );
+        let err = parse("v mem=5000K cpus=2").unwrap_err();
+        assert!(err.to_string().starts_with("mem=5120000 is too small for cpus=2 (at least 6M"), "{err}");
+        assert!(parse("v cpus=16").is_ok(), "the 64M default holds 16 vCPUs");
+        assert_eq!(parse("v mem=1M cpus=2"), Err(SpecError::MemTooSmall(1 << 20)));
     }
 }
