@@ -41,6 +41,11 @@
 //! - `reset_value` written to `reset_port` (one byte) resets the VM.
 //! - The DSDT declares no PCI host bridge, and with ACPI Linux then scans no PCI bus; boot
 //!   with `pci=lastbus=1` (the peer-bus scan then finds bus 0) until it declares one.
+//! - The DSDT declares no processor objects (`Processor`/`Device (ACPI0007)`): Linux counts
+//!   and starts CPUs from the MADT alone (arch/x86/kernel/acpi/boot.c); processor objects
+//!   only serve the ACPI processor driver (idle states, performance states, throttling),
+//!   which then stays unbound. Every vCPU is an enabled type-0 entry (APIC ID = UID = index),
+//!   up to the VM line's 16 vCPUs; type-9 x2APIC entries only with `x2apic`.
 //!
 //! Section numbers cite the ACPI Specification 6.3, whose FADT (6.3) and MADT (5) revisions
 //! are written here; the AML encodings are from its chapter 20.
@@ -1030,6 +1035,28 @@ mod tests {
             assert_eq!(isos[1], &vec![2, 10, 0, 9, 9, 0, 0, 0, 0x0D, 0x00]);
             let (_, nmi) = e.iter().find(|(t, _)| *t == 4).unwrap();
             assert_eq!(nmi, &vec![4, 6, 0xFF, 0, 0, 1]);
+        }
+    }
+
+    #[test]
+    fn madt_for_every_vm_line_cpu_count() {
+        use crate::vmm::spec::MAX_VCPUS;
+        assert!(MAX_VCPUS <= MAX_CPUS && MAX_VCPUS < 255, "xAPIC IDs 0..N-1 fit type-0 entries");
+        for cpus in 1..=MAX_VCPUS {
+            let (_, p) = build_vec(&AcpiConfig::pc(cpus), BASE);
+            // Header length and checksum (parse checks every table's checksum too).
+            assert_eq!(u32_at(&p.madt, 4) as usize, p.madt.len());
+            assert_eq!(p.madt.iter().fold(0u8, |a, &b| a.wrapping_add(b)), 0, "MADT checksum");
+            assert_eq!(p.madt.len(), 44 + cpus as usize * 8 + 12 + 20 + 6);
+            let e = madt_entries(&p.madt);
+            assert_eq!(e.len(), cpus as usize + 4, "N local APICs, the I/O APIC, 2 overrides, LINT1 NMI");
+            let lapics: Vec<&Vec<u8>> = e.iter().filter(|(t, _)| *t == 0).map(|(_, b)| b).collect();
+            assert_eq!(lapics.len(), cpus as usize);
+            for (i, l) in lapics.iter().enumerate() {
+                assert_eq!((l[2], l[3]), (i as u8, i as u8), "UID and APIC ID");
+                assert_eq!(u32_at(l, 4), 1, "enabled");
+            }
+            assert_eq!(count(&e, 9), 0, "no x2APIC entries below ID 255");
         }
     }
 
