@@ -155,6 +155,18 @@ pub fn route<'a>(msg: &Message, sender: Option<usize>, apics: impl IntoIterator<
     }
 }
 
+/// Routes `msg` ([`route`]) and hands it to every selected APIC's
+/// [`LocalApic::accept`]; returns the selection (the vCPUs to wake or kick).
+pub fn deliver(msg: &Message, sender: Option<usize>, apics: &mut [LocalApic]) -> u64 {
+    let mask = route(msg, sender, apics.iter());
+    for (i, apic) in apics.iter_mut().enumerate().take(MAX_ROUTED) {
+        if mask & 1 << i != 0 {
+            apic.accept(msg);
+        }
+    }
+    mask
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -178,6 +190,34 @@ mod tests {
 
     fn fixed(dest: Destination) -> Message {
         Message { mode: DeliveryMode::Fixed, vector: 0x40, level_assert: true, trigger_level: false, dest }
+    }
+
+    /// Linux's AP bring-up through the ICR of CPU 0: INIT, INIT de-assert, STARTUP, STARTUP,
+    /// then a reschedule IPI to all but self.
+    #[test]
+    fn ap_startup_sequence() {
+        let mut apics =
+            [xapic(0), LocalApic::new(1, false, DEFAULT_TIMER_HZ), LocalApic::new(2, false, DEFAULT_TIMER_HZ)];
+        apics[0].mmio_write(reg::ICR_HIGH, 2 << 24, T0);
+        for low in [0xC500, 0x8500, 0x0699, 0x0699] {
+            apics[0].mmio_write(reg::ICR_LOW, low, T0);
+            while let Some(msg) = apics[0].take_ipi() {
+                assert_eq!(deliver(&msg, Some(0), &mut apics), 0b100);
+            }
+        }
+        assert!(apics[2].take_init());
+        assert_eq!(apics[2].take_sipi(), Some(0x99), "the second STARTUP is ignored");
+        assert_eq!(apics[2].take_sipi(), None);
+        assert!(apics[1].waiting_for_sipi() && !apics[2].waiting_for_sipi());
+        assert_eq!(apics[1].take_sipi(), None);
+        // The AP enables its APIC; a fixed IPI to all but self reaches it only.
+        apics[2].mmio_write(reg::SVR, 0x1FF, T0);
+        apics[0].mmio_write(reg::ICR_LOW, 3 << 18 | 0xFD, T0);
+        let msg = apics[0].take_ipi().unwrap();
+        assert_eq!(deliver(&msg, Some(0), &mut apics), 0b110);
+        assert_eq!(apics[2].acknowledge(), Some(0xFD));
+        assert_eq!(apics[1].pending(), None, "software-disabled APIC refuses fixed vectors");
+        assert_eq!(apics[0].pending(), None);
     }
 
     #[test]
@@ -264,7 +304,12 @@ mod tests {
         assert_eq!(route(&msg, None, &apics), 0b001);
         let msg = Message { dest: Destination::Physical(1), ..msg };
         assert_eq!(route(&msg, None, &apics), 0);
+        // deliver() accepts it at the chosen APIC.
+        let msg = Message { dest: Destination::AllIncludingSelf, ..msg };
+        assert_eq!(deliver(&msg, None, &mut apics), 0b001);
+        assert_eq!(apics[0].pending(), Some(0x40));
         // Slices of references work too.
+
         let refs: [&LocalApic; 2] = [&apics[0], &apics[2]];
         assert_eq!(route(&fixed(Destination::Physical(2)), None, refs.iter().copied()), 0b10);
     }
