@@ -1041,7 +1041,7 @@ mod tests {
     #[test]
     fn madt_for_every_vm_line_cpu_count() {
         use crate::vmm::spec::MAX_VCPUS;
-        assert!(MAX_VCPUS <= MAX_CPUS && MAX_VCPUS < 255, "xAPIC IDs 0..N-1 fit type-0 entries");
+        const { assert!(MAX_VCPUS <= MAX_CPUS && MAX_VCPUS < 255, "xAPIC IDs 0..N-1 fit type-0 entries") };
         for cpus in 1..=MAX_VCPUS {
             let (_, p) = build_vec(&AcpiConfig::pc(cpus), BASE);
             // Header length and checksum (parse checks every table's checksum too).
