@@ -14,9 +14,9 @@ use crate::{
         FrameAllocator, MapFlags, PhysRange,
     },
     platform::exit,
-    report,
+    report, sched,
     vmm::{
-        launch::{self, Hardware, TagAllocator},
+        launch::{self, Hardware},
         spec,
     },
     TEST_HOOKS, VERSION,
@@ -175,9 +175,13 @@ pub fn kernel_main(magic: u32, mbi_addr: u32) -> ! {
     };
     report!("ready");
 
-    static RUNNING: &str = "running a guest";
-    static IDLE: &str = "between guests";
-    let mut tags = TagAllocator::default();
+    // Hand the frame allocator to every CPU.
+    mm::set_frames(frames);
+    let bsp_apic_id = raw_cpuid::CpuId::new().get_feature_info().map_or(0, |f| f.initial_local_apic_id() as u32);
+    sched::configure(&[bsp_apic_id], sched::DEFAULT_SLICE_US);
+
+    static BUILDING: &str = "building VMs";
+    arch::idt::set_context(&BUILDING);
     // Initramfs modules belong to the VM they name; one naming no VM is reported.
     for m in info.modules() {
         if let Some(vm) = spec::initrd_of(m.cmdline) {
@@ -189,6 +193,8 @@ pub fn kernel_main(magic: u32, mbi_addr: u32) -> ! {
             }
         }
     }
+    // Every VM is built first, then all start together.
+    let mut vms = alloc::vec::Vec::new();
     for m in info.modules() {
         if spec::initrd_of(m.cmdline).is_some() {
             continue;
@@ -197,11 +203,13 @@ pub fn kernel_main(magic: u32, mbi_addr: u32) -> ! {
             Ok(spec) => spec,
             Err(e) => {
                 report!("vm module={} not started reason=\"{e}\"", m.index);
+                sched::note_refused();
                 continue;
             }
         };
         let Some(hw) = &hardware else {
             report!("vm name={} not started reason=\"no usable virtualization hardware\"", spec.name);
+            sched::note_refused();
             continue;
         };
         // SAFETY: the module was validated to lie in available RAM, is reserved from the
@@ -212,14 +220,26 @@ pub fn kernel_main(magic: u32, mbi_addr: u32) -> ! {
             .find(|k| spec::initrd_of(k.cmdline) == Some(spec.name))
             // SAFETY: as for `image`.
             .map(|k| unsafe { module_bytes(k) });
-        arch::idt::set_context(&RUNNING);
-        if let Err(e) = launch::run_guest(hw, &mut frames, &mut tags, &spec, image, initrd) {
-            report!("vm name={} not started reason=\"{e}\"", spec.name);
+        match launch::build_vm(hw, &mut mm::frames(), &spec, image, initrd, sched::kick) {
+            Ok(vm) => vms.push(vm),
+            Err(e) => {
+                report!("vm name={} not started reason=\"{e}\"", spec.name);
+                sched::note_refused();
+            }
         }
-        arch::idt::set_context(&IDLE);
     }
-    report!("nothing to run");
-    exit::success()
+    static RUNNING: &str = "running guests";
+    arch::idt::set_context(&RUNNING);
+    for vm in vms {
+        sched::start_vm(vm);
+    }
+    match hardware {
+        Some(hw) => sched::cpu_main(0, hw),
+        None => {
+            report!("nothing to run");
+            exit::success()
+        }
+    }
 }
 
 fn fatal_boot_info(e: bootinfo::BootInfoError) -> ! {

@@ -8,14 +8,29 @@ use vireo_tests::{field, scratch_file, Boot, Machine, Outcome};
 fn boot_guests(machine: Machine) -> Outcome {
     let garbage = scratch_file("not-a-guest.bin", b"this is not an ELF file");
     let out = Boot::new(machine)
-        .guest("selftest=spinner mode=spin timeout=1")
-        .guest("selftest=crasher mode=triple-fault")
+        .guest("selftest=spinner mode=spin timeout=1 expect=timed-out")
+        .guest("selftest=crasher mode=triple-fault expect=triple-fault")
         .guest("selftest")
         .guest("selftest=hostile hostile=3000")
         .module(&garbage, "garbage")
         .run();
-    out.assert_exit_ok();
+    check_verdict(&out, 4, 1);
     out
+}
+
+/// Every VM that ran ended as its line expected; `refused` lines were refused, so the run
+/// as a whole is not a plain success.
+fn check_verdict(out: &Outcome, as_expected: u32, refused: u32) {
+    let line = out.line("vms ended ");
+    assert_eq!(field(line, "as_expected"), Some(as_expected.to_string()), "{out:?}");
+    assert_eq!(field(line, "unexpected").as_deref(), Some("0"), "{out:?}");
+    assert_eq!(field(line, "refused"), Some(refused.to_string()), "{out:?}");
+    if refused == 0 {
+        out.assert_exit_ok();
+    } else {
+        out.assert_exit_fail();
+        assert!(out.line("exit status=fail").contains("a VM line was refused"), "{out:?}");
+    }
 }
 
 fn check_selftest(out: &Outcome) {
@@ -44,8 +59,9 @@ fn check_crasher_contained(out: &Outcome) {
     assert_eq!(field(end, "outcome").as_deref(), Some("triple-fault"), "{out:?}");
     assert!(!out.lines("vm name=crasher last-exit ").is_empty(), "the exits that led there\n{out:?}");
     assert_eq!(out.lines("vm name=crasher regs ").len(), 1, "{out:?}");
-    // Vireo went on: the next VM ran.
+    // Vireo and the other VMs went on.
     assert!(out.lines("vm name=selftest start ").len() == 1, "{out:?}");
+    assert_eq!(out.field("vm name=crasher result", "result"), "as-expected", "{out:?}");
     assert!(out.lines("crash").is_empty(), "Vireo itself must not crash\n{out:?}");
 }
 
@@ -108,12 +124,12 @@ fn guests_bochs_vmx() {
 fn guests_bochs_svm() {
     let garbage = scratch_file("not-a-guest-svm.bin", b"this is not an ELF file either");
     let out = Boot::new(Machine::BochsSvm)
-        .guest("selftest=spinner mode=spin-sti timeout=1")
+        .guest("selftest=spinner mode=spin-sti timeout=1 expect=timed-out")
         .guest("selftest")
         .guest("selftest=hostile hostile=3000")
         .module(&garbage, "garbage")
         .run();
-    out.assert_exit_ok();
+    check_verdict(&out, 3, 1);
     assert_eq!(out.field("virt enabled", "backend"), "svm", "{out:?}");
     check_spinner_stopped(&out);
     check_selftest(&out);
@@ -131,7 +147,7 @@ fn bad_vm_spec_is_refused() {
         .guest("selftest=crowded mem=8M cpus=16")
         .guest("selftest")
         .run();
-    out.assert_exit_ok();
+    check_verdict(&out, 1, 4);
     assert!(out.line("vm module=0 not started").contains("bad VM name"), "{out:?}");
     assert!(out.line("vm module=1 not started").contains("below the minimum"), "{out:?}");
     assert!(out.line("vm module=2 not started").contains("bad value '17' for key 'cpus' (expected 1-16)"), "{out:?}");

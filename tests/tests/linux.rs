@@ -93,7 +93,8 @@ fn corrupt_kernel_is_refused() {
         .module(&old, "old mem=128M")
         .guest("selftest")
         .run();
-    out.assert_exit_ok();
+    out.assert_exit_fail();
+    assert_eq!(out.field("vms ended", "refused"), "2", "{out:?}");
     assert!(out.line("vm name=halved not started").contains("Linux kernel: image is truncated"), "{out:?}");
     assert!(out.line("vm name=old not started").contains("older than 2.12"), "{out:?}");
     // The other VM still ran.

@@ -1,8 +1,10 @@
 //! Device models a VM reaches through port I/O (and, later, MMIO).
 
+pub mod bus;
 pub mod console;
 pub mod ioapic;
 pub mod irq;
+pub mod irqchip;
 pub mod lapic;
 pub mod pc;
 pub mod pci;

@@ -259,6 +259,28 @@ impl PciBus {
     }
 }
 
+impl PciBus {
+    /// Bus ranges: CONFIG_ADDRESS (only its first port: 0xCF9 is the reset register) and
+    /// CONFIG_DATA.
+    pub const RANGES: [super::bus::Range; 2] =
+        [super::bus::Range::port(CONFIG_ADDRESS_PORT, 1), super::bus::Range::port(CONFIG_DATA_PORT, 4)];
+}
+
+impl super::bus::Device for PciBus {
+    fn name(&self) -> &'static str {
+        "pci"
+    }
+
+    fn read(&mut self, addr: u64, size: u8, _cx: &super::bus::Ctx<'_>) -> u64 {
+        PciBus::read(self, addr as u16, size) as u64
+    }
+
+    fn write(&mut self, addr: u64, size: u8, value: u64, _cx: &super::bus::Ctx<'_>) -> super::bus::BusEffect {
+        PciBus::write(self, addr as u16, size, value as u32);
+        super::bus::BusEffect::None
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

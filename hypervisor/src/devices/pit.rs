@@ -487,6 +487,55 @@ impl Pit8254 {
     }
 }
 
+/// The PIT on the bus, driving IRQ0.
+pub struct PitDevice {
+    pub pit: Pit8254,
+    irq0: super::irqchip::IrqLine,
+}
+
+impl PitDevice {
+    pub fn new(irq0: super::irqchip::IrqLine) -> Self {
+        Self { pit: Pit8254::new(), irq0 }
+    }
+
+    pub const RANGES: [super::bus::Range; 2] =
+        [super::bus::Range::port(COUNTER0_PORT, 4), super::bus::Range::port(PORT_B, 1)];
+
+    fn sync(&mut self, now: Nanos) {
+        // Edge-triggered IRQ0: one rising edge latches the request (several coalesce, as on
+        // real hardware when ticks are missed).
+        if self.pit.tick(now) > 0 {
+            self.irq0.pulse();
+        }
+    }
+}
+
+impl super::bus::Device for PitDevice {
+    fn name(&self) -> &'static str {
+        "pit"
+    }
+
+    fn read(&mut self, addr: u64, size: u8, cx: &super::bus::Ctx<'_>) -> u64 {
+        let v = self.pit.read(addr as u16, size, cx.now);
+        self.sync(cx.now);
+        v as u64
+    }
+
+    fn write(&mut self, addr: u64, size: u8, value: u64, cx: &super::bus::Ctx<'_>) -> super::bus::BusEffect {
+        self.pit.write(addr as u16, size, value as u32, cx.now);
+        self.sync(cx.now);
+        super::bus::BusEffect::None
+    }
+
+    fn tick(&mut self, cx: &super::bus::Ctx<'_>) {
+        self.sync(cx.now);
+    }
+
+    fn next_deadline(&self) -> Option<Nanos> {
+        self.pit.next_deadline()
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

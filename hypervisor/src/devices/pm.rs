@@ -263,6 +263,66 @@ enum Block {
     Tmr,
 }
 
+/// ACPI fixed hardware and the reset paths on the bus, driving the SCI.
+pub struct PmDevice {
+    pub pm: Pm,
+    sci: super::irqchip::IrqLine,
+}
+
+impl PmDevice {
+    pub fn new(config: PmConfig, sci: super::irqchip::IrqLine) -> Self {
+        Self { pm: Pm::new(config), sci }
+    }
+
+    /// PM1 event, control and timer blocks; reset control, keyboard controller, port 92h.
+    pub fn ranges(&self) -> [super::bus::Range; 7] {
+        use super::bus::Range;
+        let c = self.pm.config();
+        [
+            Range::port(c.pm1a_evt, 4),
+            Range::port(c.pm1a_cnt, 2),
+            Range::port(c.pm_tmr, 4),
+            Range::port(RESET_CONTROL_PORT, 1),
+            Range::port(KBC_DATA_PORT, 1),
+            Range::port(KBC_COMMAND_PORT, 1),
+            Range::port(SYSTEM_CONTROL_A_PORT, 1),
+        ]
+    }
+}
+
+impl super::bus::Device for PmDevice {
+    fn name(&self) -> &'static str {
+        "pm"
+    }
+
+    fn read(&mut self, addr: u64, size: u8, cx: &super::bus::Ctx<'_>) -> u64 {
+        let v = self.pm.read(addr as u16, size, cx.now);
+        self.sci.set(self.pm.sci_level());
+        v as u64
+    }
+
+    fn write(&mut self, addr: u64, size: u8, value: u64, cx: &super::bus::Ctx<'_>) -> super::bus::BusEffect {
+        use super::bus::BusEffect;
+        let effect = match self.pm.write(addr as u16, size, value as u32, cx.now) {
+            // Sleep states other than S5 (the DSDT offers only S0 and S5) are ignored.
+            PmEffect::PowerOff { slp_typ } if slp_typ == S5_SLP_TYP => BusEffect::PowerOff,
+            PmEffect::Reset => BusEffect::Reset,
+            _ => BusEffect::None,
+        };
+        self.sci.set(self.pm.sci_level());
+        effect
+    }
+
+    fn tick(&mut self, cx: &super::bus::Ctx<'_>) {
+        self.pm.tick(cx.now);
+        self.sci.set(self.pm.sci_level());
+    }
+
+    fn next_deadline(&self) -> Option<Nanos> {
+        self.pm.next_deadline()
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

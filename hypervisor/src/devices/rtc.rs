@@ -501,6 +501,47 @@ impl Mc146818 {
     }
 }
 
+/// The RTC on the bus, driving IRQ8.
+pub struct RtcDevice {
+    pub rtc: Mc146818,
+    irq8: super::irqchip::IrqLine,
+}
+
+impl RtcDevice {
+    pub fn new(unix_secs: u64, irq8: super::irqchip::IrqLine) -> Self {
+        Self { rtc: Mc146818::new(unix_secs), irq8 }
+    }
+
+    pub const RANGES: [super::bus::Range; 1] = [super::bus::Range::port(INDEX_PORT, 2)];
+}
+
+impl super::bus::Device for RtcDevice {
+    fn name(&self) -> &'static str {
+        "rtc"
+    }
+
+    fn read(&mut self, addr: u64, size: u8, cx: &super::bus::Ctx<'_>) -> u64 {
+        let v = self.rtc.read(addr as u16, size, cx.now);
+        self.irq8.set(self.rtc.irq_level());
+        v as u64
+    }
+
+    fn write(&mut self, addr: u64, size: u8, value: u64, cx: &super::bus::Ctx<'_>) -> super::bus::BusEffect {
+        self.rtc.write(addr as u16, size, value as u32, cx.now);
+        self.irq8.set(self.rtc.irq_level());
+        super::bus::BusEffect::None
+    }
+
+    fn tick(&mut self, cx: &super::bus::Ctx<'_>) {
+        self.rtc.tick(cx.now);
+        self.irq8.set(self.rtc.irq_level());
+    }
+
+    fn next_deadline(&self) -> Option<Nanos> {
+        self.rtc.next_deadline()
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

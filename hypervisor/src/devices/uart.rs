@@ -361,6 +361,65 @@ impl Uart16550 {
     }
 }
 
+/// COM1 of a VM on the bus: the UART, its IRQ line, and the console its output goes to
+/// (`[name] line` on Vireo's console).
+pub struct ConsoleUart {
+    pub uart: Uart16550,
+    line: super::irqchip::IrqLine,
+    console: super::console::GuestConsole,
+    vm: alloc::string::String,
+}
+
+impl ConsoleUart {
+    pub fn new(base: u16, line: super::irqchip::IrqLine, vm: &str) -> Self {
+        Self {
+            uart: Uart16550::new(base),
+            line,
+            console: super::console::GuestConsole::default(),
+            vm: alloc::string::String::from(vm),
+        }
+    }
+
+    /// Bus ranges: the eight registers.
+    pub fn ranges(&self) -> [super::bus::Range; 1] {
+        [super::bus::Range::port(self.uart.base(), 8)]
+    }
+
+    /// Queues bytes typed on Vireo's console; returns how many fit.
+    pub fn push_input(&mut self, bytes: &[u8]) -> usize {
+        let n = bytes.iter().take_while(|&&b| self.uart.push_input(b)).count();
+        self.line.set(self.uart.irq_level());
+        n
+    }
+
+    /// Prints a partial line (the guest may be waiting at a prompt).
+    pub fn flush(&mut self) {
+        let vm = &self.vm;
+        self.console.flush(&mut |l| super::console::print_line(vm, l));
+    }
+}
+
+impl super::bus::Device for ConsoleUart {
+    fn name(&self) -> &'static str {
+        "uart"
+    }
+
+    fn read(&mut self, addr: u64, size: u8, _cx: &super::bus::Ctx<'_>) -> u64 {
+        let v = self.uart.read(addr as u16, size);
+        self.line.set(self.uart.irq_level());
+        v as u64
+    }
+
+    fn write(&mut self, addr: u64, size: u8, value: u64, _cx: &super::bus::Ctx<'_>) -> super::bus::BusEffect {
+        if let Some(b) = self.uart.write(addr as u16, size, value as u32) {
+            let vm = &self.vm;
+            self.console.push(&[b], &mut |l| super::console::print_line(vm, l));
+        }
+        self.line.set(self.uart.irq_level());
+        super::bus::BusEffect::None
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -24,7 +24,7 @@ const PS: u64 = 0x80;
 
 /// Writes page tables and GDT; returns the state to start the vCPU in at `entry`, with
 /// RSP at the top of RAM and RDI = RAM size (the test guests' one argument).
-pub fn setup(mem: &mut GuestMemory, entry: u64) -> Result<CpuState, GuestMemError> {
+pub fn setup(mem: &GuestMemory, entry: u64) -> Result<CpuState, GuestMemError> {
     mem.zero(0, RESERVED_END)?;
     mem.write_u64(PML4, PDPT | P_RW)?;
     for i in 0..4 {

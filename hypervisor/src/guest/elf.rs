@@ -49,7 +49,7 @@ pub fn is_elf(bytes: &[u8]) -> bool {
 }
 
 /// Loads `image`; segments must lie in `[low_limit, mem.size())`. Returns the entry point.
-pub fn load(image: &[u8], mem: &mut GuestMemory, low_limit: u64) -> Result<u64, ElfError> {
+pub fn load(image: &[u8], mem: &GuestMemory, low_limit: u64) -> Result<u64, ElfError> {
     let file = ElfBytes::<LittleEndian>::minimal_parse(image).map_err(|e| ElfError::Parse(parse_error(&e)))?;
     let hdr = &file.ehdr;
     if hdr.class != elf::file::Class::ELF64 || hdr.e_machine != abi::EM_X86_64 {

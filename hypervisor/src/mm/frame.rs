@@ -414,6 +414,25 @@ fn first_reserved_overlap(rest: PhysRange, reserved: &[PhysRange]) -> Option<Phy
         .min_by_key(|r| r.start)
 }
 
+/// Host unit tests: an allocator over `bytes` (rounded to 2 MiB) of leaked, 2 MiB-aligned
+/// host memory, so code that dereferences frames (identity-mapped on bare metal) works.
+#[cfg(test)]
+impl FrameAllocator {
+    pub fn for_tests_bytes(bytes: usize) -> FrameAllocator {
+        let size = bytes.div_ceil(2 << 20).max(1) * (2 << 20);
+        let layout = std::alloc::Layout::from_size_align(size, 2 << 20).unwrap();
+        // SAFETY: the layout has a non-zero size.
+        let p = unsafe { std::alloc::alloc_zeroed(layout) } as u64;
+        assert!(p != 0 && p >= 0x10_0000);
+        FrameAllocator::new([PhysRange::new(p, p + size as u64)], &[]).unwrap()
+    }
+
+    /// 8 MiB: one small VM's RAM and tables.
+    pub fn for_tests() -> FrameAllocator {
+        Self::for_tests_bytes(8 << 20)
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -16,6 +16,35 @@ pub use paging::{
     EntryFormat, Ept, EptMemType, LongMode, MapError, MapFlags, Npt, PageSize, PageTableMemory, PageTables, Translation,
 };
 
+/// The frame allocator, shared by every CPU (VMs are built on one CPU, their vCPUs'
+/// hardware state on others, and released wherever they end).
+static FRAMES: spin::Mutex<Option<FrameAllocator>> = spin::Mutex::new(None);
+
+/// Hands the frame allocator over to [`frames`] (once, at boot).
+pub fn set_frames(frames: FrameAllocator) {
+    *FRAMES.lock() = Some(frames);
+}
+
+/// The shared frame allocator, locked.
+pub fn frames() -> FramesGuard {
+    FramesGuard(FRAMES.lock())
+}
+
+pub struct FramesGuard(spin::MutexGuard<'static, Option<FrameAllocator>>);
+
+impl core::ops::Deref for FramesGuard {
+    type Target = FrameAllocator;
+    fn deref(&self) -> &FrameAllocator {
+        self.0.as_ref().expect("the frame allocator is set at boot, before any use")
+    }
+}
+
+impl core::ops::DerefMut for FramesGuard {
+    fn deref_mut(&mut self) -> &mut FrameAllocator {
+        self.0.as_mut().expect("the frame allocator is set at boot, before any use")
+    }
+}
+
 /// Size of the smallest x86-64 page and of one physical frame (SDM Vol. 3A §4.5).
 pub const PAGE_SIZE: u64 = 4096;
 /// `log2(PAGE_SIZE)`.

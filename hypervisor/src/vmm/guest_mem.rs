@@ -148,15 +148,17 @@ impl GuestMemory {
     pub fn read(&self, gpa: u64, buf: &mut [u8]) -> Result<(), GuestMemError> {
         let src = self.check(gpa, buf.len())?;
         // SAFETY: `check` proved the range lies inside this VM's host allocation, which is
-        // identity-mapped and owned by this VM. Volatile-free copy: the guest is not running
-        // concurrently (one vCPU, stopped at an exit).
+        // identity-mapped and owned by this VM for its whole life. Guest RAM is never
+        // borrowed as a Rust reference, only copied through raw pointers: other vCPUs may
+        // write it at the same time, as other CPUs or DMA do on real hardware (the guest
+        // sees a torn copy at worst, never Vireo memory).
         unsafe { core::ptr::copy_nonoverlapping(src, buf.as_mut_ptr(), buf.len()) };
         Ok(())
     }
 
-    pub fn write(&mut self, gpa: u64, data: &[u8]) -> Result<(), GuestMemError> {
+    pub fn write(&self, gpa: u64, data: &[u8]) -> Result<(), GuestMemError> {
         let dst = self.check(gpa, data.len())?;
-        // SAFETY: as in `read`; `&mut self` serialises writers.
+        // SAFETY: as in `read`.
         unsafe { core::ptr::copy_nonoverlapping(data.as_ptr(), dst, data.len()) };
         Ok(())
     }
@@ -167,16 +169,31 @@ impl GuestMemory {
         Ok(u64::from_le_bytes(b))
     }
 
-    pub fn write_u64(&mut self, gpa: u64, value: u64) -> Result<(), GuestMemError> {
+    pub fn write_u64(&self, gpa: u64, value: u64) -> Result<(), GuestMemError> {
         self.write(gpa, &value.to_le_bytes())
     }
 
     /// Fills `[gpa, gpa + len)` with zeros.
-    pub fn zero(&mut self, gpa: u64, len: u64) -> Result<(), GuestMemError> {
+    pub fn zero(&self, gpa: u64, len: u64) -> Result<(), GuestMemError> {
         let dst = self.check(gpa, len as usize)?;
         // SAFETY: as in `write`.
         unsafe { core::ptr::write_bytes(dst, 0, len as usize) };
         Ok(())
+    }
+}
+
+// SAFETY: the RAM and table frames belong to this VM for its whole life and are reached only
+// through the checked copies above (raw pointers, no references into guest RAM); the
+// tables are changed only through `&mut self`.
+unsafe impl Send for GuestMemory {}
+// SAFETY: as for `Send`: shared access is the raw-pointer copies of `read`/`write`.
+unsafe impl Sync for GuestMemory {}
+
+#[cfg(test)]
+impl GuestMemory {
+    /// 2 MiB of NPT-mapped RAM from `frames` (see `FrameAllocator::for_tests`).
+    pub fn for_tests(frames: &mut FrameAllocator) -> Self {
+        Self::new(frames, 2 << 20, NestedFormat::Npt).unwrap()
     }
 }
 

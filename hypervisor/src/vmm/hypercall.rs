@@ -17,7 +17,7 @@ pub enum Outcome {
 
 /// Everything a hypercall may touch.
 pub struct Context<'a> {
-    pub mem: &'a mut GuestMemory,
+    pub mem: &'a GuestMemory,
     pub stats: &'a ExitStats,
     /// Where CONSOLE_WRITE bytes go.
     pub console: &'a mut dyn FnMut(&[u8]),

@@ -1,19 +1,26 @@
-//! Starting VMs on this CPU's virtualization hardware: the only place that names both
-//! backends. Everything after construction runs through the shared `Vm::run`.
+//! Building VMs and vCPU backends on the virtualization hardware: the only place that names
+//! both backends. Everything after construction runs through the shared `Vcpu::run`.
 
-use core::fmt;
+use core::{fmt, sync::atomic::AtomicBool};
+
+use alloc::vec::Vec;
 
 use super::{
-    backend::{Backend, BackendError},
-    exit::ExitKind,
+    backend::BackendError,
     guest_mem::{GuestMemError, GuestMemory, NestedFormat},
     spec::VmSpec,
-    vm::{Vm, VmOutcome},
+    vcpu::{SliceEnd, Vcpu},
+    vm::Vm,
 };
 use crate::{
     arch::cpu::{SvmCaps, Virtualization, VmxCaps},
     console::Bytes,
-    devices::pc::PcPlatform,
+    devices::{
+        bus::Bus,
+        irqchip::{Interrupts, KickFn},
+        lapic::DEFAULT_TIMER_HZ,
+        pc,
+    },
     guest::{
         acpi, boot64,
         elf::{self, ElfError},
@@ -57,6 +64,7 @@ pub enum LaunchError {
     Acpi(acpi::AcpiError),
     Backend(BackendError),
     OutOfHeap,
+    Devices,
 }
 
 impl fmt::Display for LaunchError {
@@ -71,6 +79,7 @@ impl fmt::Display for LaunchError {
             LaunchError::Acpi(e) => write!(f, "ACPI tables: {e}"),
             LaunchError::Backend(e) => write!(f, "virtualization hardware: {e}"),
             LaunchError::OutOfHeap => f.write_str("out of heap for the VM's state"),
+            LaunchError::Devices => f.write_str("the VM's devices overlap (a bug in Vireo)"),
         }
     }
 }
@@ -88,32 +97,57 @@ pub const DEFAULT_LINUX_CMDLINE: &str = "console=ttyS0 earlyprintk=serial,ttyS0,
 /// Wall-clock time a VM's RTC starts at (2026-01-01T00:00:00Z) until Vireo reads the host's.
 const RTC_EPOCH: u64 = 1_767_225_600;
 
-/// Tags for ASIDs (SVM) and VPIDs (VMX): 0 belongs to the host.
-pub struct TagAllocator(u32);
+/// Tags for ASIDs (SVM) and VPIDs (VMX): 0 belongs to the host. One counter for all host
+/// CPUs: a tag is unique per vCPU until the counter wraps.
+static NEXT_TAG: core::sync::atomic::AtomicU32 = core::sync::atomic::AtomicU32::new(1);
 
-impl Default for TagAllocator {
-    fn default() -> Self {
-        Self(1)
+fn next_tag(limit: u32) -> u32 {
+    let limit = limit.max(2);
+    let n = NEXT_TAG.fetch_add(1, core::sync::atomic::Ordering::Relaxed);
+    1 + n.wrapping_sub(1) % (limit - 1)
+}
+
+/// A vCPU's hardware half on this CPU's virtualization hardware.
+pub enum AnyBackend {
+    Svm(svm::SvmVcpu),
+    Vmx(vmx::VmxVcpu),
+}
+
+impl AnyBackend {
+    /// Builds the backend for a vCPU of a VM whose nested tables are at `root`, on this
+    /// host CPU (VMX: the VMCS becomes active here; it stays on this CPU).
+    pub fn new(hw: &Hardware, frames: &mut FrameAllocator, root: u64) -> Result<Self, BackendError> {
+        match hw {
+            Hardware::Svm(caps) => svm::SvmVcpu::new(frames, root, next_tag(caps.asids), caps).map(AnyBackend::Svm),
+            Hardware::Vmx(caps) => vmx::VmxVcpu::new(frames, root, next_tag(0xFFFF) as u16, caps).map(AnyBackend::Vmx),
+        }
+    }
+
+    /// Runs `vcpu` of `vm` for a slice ending at TSC `slice_end`.
+    pub fn run(&mut self, vcpu: &mut Vcpu, vm: &Vm, slice_end: u64, yield_now: &AtomicBool) -> SliceEnd {
+        match self {
+            AnyBackend::Svm(b) => vcpu.run(vm, b, slice_end, yield_now),
+            AnyBackend::Vmx(b) => vcpu.run(vm, b, slice_end, yield_now),
+        }
+    }
+
+    pub fn release(self, frames: &mut FrameAllocator) {
+        match self {
+            AnyBackend::Svm(b) => b.release(frames),
+            AnyBackend::Vmx(b) => b.release(frames),
+        }
     }
 }
 
-impl TagAllocator {
-    fn next(&mut self, limit: u32) -> u32 {
-        let tag = self.0;
-        self.0 = if self.0 + 1 >= limit { 1 } else { self.0 + 1 };
-        tag
-    }
-}
-
-/// Builds the VM for `spec` from `image`, runs it to its end, reports, and frees it.
-pub fn run_guest(
+/// Builds the VM for `spec` from `image` (its memory, devices and vCPUs), ready to run.
+pub fn build_vm(
     hw: &Hardware,
     frames: &mut FrameAllocator,
-    tags: &mut TagAllocator,
     spec: &VmSpec<'_>,
     image: &[u8],
     initrd: Option<&[u8]>,
-) -> Result<VmOutcome, LaunchError> {
+    kick: KickFn,
+) -> Result<Vm, LaunchError> {
     // A Linux kernel is recognised by its setup header; anything that claims to be one and
     // fails validation is reported as a bad kernel, not as an unknown file.
     let kernel = if image.get(0x202..0x206) == Some(b"HdrS") {
@@ -136,7 +170,7 @@ pub fn run_guest(
         Some(kernel) => {
             // boot64's identity map and GDT are what the 64-bit boot protocol asks for;
             // the zero page goes above them (guest/linux.rs layout).
-            let boot = boot64::setup(&mut mem, 0).map_err(LaunchError::Memory)?;
+            let boot = boot64::setup(&mem, 0).map_err(LaunchError::Memory)?;
             let cmdline = if spec.kernel_cmdline.is_empty() { DEFAULT_LINUX_CMDLINE } else { spec.kernel_cmdline };
             // ACPI tables in the BIOS area, reported to Linux through the zero page.
             let mut tables = alloc::vec![0u8; acpi::MAX_LEN];
@@ -151,8 +185,8 @@ pub fn run_guest(
             Ok((loaded.entry, state, loaded.boot_params))
         }
         None => {
-            let entry = elf::load(image, &mut mem, boot64::RESERVED_END).map_err(LaunchError::Image)?;
-            let state = boot64::setup(&mut mem, entry).map_err(LaunchError::Memory)?;
+            let entry = elf::load(image, &mem, boot64::RESERVED_END).map_err(LaunchError::Image)?;
+            let state = boot64::setup(&mem, entry).map_err(LaunchError::Memory)?;
             let mut args = [0u8; 256];
             let n = spec.args.len().min(255);
             args[..n].copy_from_slice(&spec.args.as_bytes()[..n]);
@@ -167,16 +201,39 @@ pub fn run_guest(
             return Err(e);
         }
     };
-    let root = mem.nested_root();
-    let Some(mut vm) = Vm::new(spec.name, mem, matches!(hw, Hardware::Svm(_))) else {
-        return Err(LaunchError::OutOfHeap);
+    let linux = kernel.is_some();
+    let cpus = spec.cpus.max(1) as usize;
+    let irq = Interrupts::new(cpus, linux && spec.apic, DEFAULT_TIMER_HZ, kick);
+    let mut bus = Bus::new();
+    let uart = if linux {
+        match pc::build(&mut bus, &irq, spec.name, RTC_EPOCH) {
+            Ok(uart) => Some(uart),
+            Err(e) => {
+                log::warn!("vm {}: {e}", spec.name);
+                mem.release(frames);
+                return Err(LaunchError::Devices);
+            }
+        }
+    } else {
+        None
     };
-    vm.regs.rdi = size;
-    vm.regs.rsi = rsi;
-    if kernel.is_some() {
-        vm.platform = Some(PcPlatform::new(RTC_EPOCH, spec.apic));
-        vm.regs.rdi = 0;
+    let intel = matches!(hw, Hardware::Vmx(_));
+    let mut vcpus = Vec::with_capacity(cpus);
+    for i in 0..cpus {
+        // vCPU 0 starts at the entry point; the others wait for SIPI, as APs do.
+        let Some(mut v) = Vcpu::new(i, (i == 0).then_some(state), intel) else {
+            mem.release(frames);
+            return Err(LaunchError::OutOfHeap);
+        };
+        if i == 0 {
+            v.regs.rdi = if linux { 0 } else { size };
+            v.regs.rsi = rsi;
+        }
+        vcpus.push(v);
     }
+    let mut vm = Vm::new(spec.name, mem, bus, irq, vcpus, linux, !intel);
+    vm.uart = uart;
+    vm.expect = spec.expect;
     if spec.timeout_s > 0 {
         if !crate::arch::lapic::available() {
             log::warn!("vm {}: timeout={} needs the host APIC timer, which is unavailable", spec.name, spec.timeout_s);
@@ -184,110 +241,6 @@ pub fn run_guest(
         let ticks = crate::arch::tsc::from_nanos(spec.timeout_s.saturating_mul(1_000_000_000));
         vm.deadline = Some(crate::arch::tsc::rdtsc().saturating_add(ticks));
     }
-    report!("vm name={} start backend={} mem={} entry={:#x}", spec.name, hw.name(), Bytes(size), entry);
-    let outcome = match hw {
-        Hardware::Svm(caps) => {
-            let asid = tags.next(caps.asids.max(2));
-            match svm::SvmVcpu::new(frames, root, asid, caps) {
-                Ok(mut cpu) => {
-                    let o = start(&mut vm, &mut cpu, &state);
-                    cpu.release(frames);
-                    Ok(o)
-                }
-                Err(e) => Err(LaunchError::Backend(e)),
-            }
-        }
-        Hardware::Vmx(caps) => {
-            let vpid = tags.next(0xFFFF) as u16;
-            match vmx::VmxVcpu::new(frames, root, vpid, caps) {
-                Ok(mut cpu) => {
-                    let o = start(&mut vm, &mut cpu, &state);
-                    cpu.release(frames);
-                    Ok(o)
-                }
-                Err(e) => Err(LaunchError::Backend(e)),
-            }
-        }
-    };
-    if let Ok(o) = &outcome {
-        report_end(&vm, o);
-    }
-    vm.mem.release(frames);
-    outcome
-}
-
-fn start<B: Backend>(vm: &mut Vm, cpu: &mut B, state: &super::state::CpuState) -> VmOutcome {
-    cpu.load_state(state);
-    vm.regs.rsp = state.rsp;
-    vm.run(cpu)
-}
-
-/// The end-of-VM report: outcome, exit table, and for crashes the exits that led there.
-fn report_end(vm: &Vm, outcome: &VmOutcome) {
-    let name = &vm.name;
-    let total = vm.stats.total();
-    match outcome {
-        VmOutcome::Exited { status } => {
-            report!("vm name={name} end outcome=exited status={status} exits={}", total.count)
-        }
-        VmOutcome::TripleFault => report!("vm name={name} end outcome=triple-fault exits={}", total.count),
-        VmOutcome::Halted => report!("vm name={name} end outcome=halted exits={}", total.count),
-        VmOutcome::Fatal { reason } => {
-            report!("vm name={name} end outcome=fatal reason=\"{reason}\" exits={}", total.count)
-        }
-        VmOutcome::TimedOut => report!("vm name={name} end outcome=timed-out exits={}", total.count),
-        VmOutcome::PoweredOff => report!("vm name={name} end outcome=powered-off exits={}", total.count),
-        VmOutcome::Reset => report!("vm name={name} end outcome=reset exits={}", total.count),
-    }
-    for (class, s) in vm.stats.nonzero() {
-        report!(
-            "vm name={name} exit reason={class} count={} cycles={} avg_cycles={}",
-            s.count,
-            s.cycles,
-            s.cycles / s.count
-        );
-    }
-    if !matches!(outcome, VmOutcome::Exited { .. }) {
-        // Consecutive identical exits (same kind and RIP) are folded into one line.
-        let mut items: [(Option<super::exit::Exit>, u32); 8] = [(None, 0); 8];
-        let mut n = 0;
-        for e in vm.history() {
-            match items[..n].last_mut() {
-                Some((Some(prev), count)) if prev.kind == e.kind && prev.rip == e.rip => *count += 1,
-                _ => {
-                    items[n] = (Some(*e), 1);
-                    n += 1;
-                }
-            }
-        }
-        for (i, (e, count)) in items[..n].iter().enumerate() {
-            let Some(e) = e else { continue };
-            if let ExitKind::Exception { vector, error_code } = e.kind {
-                report!(
-                    "vm name={name} last-exit n={i} exception vector={vector} error={error_code:?} rip={:#x} raw={:#x} times={count}",
-                    e.rip,
-                    e.raw
-                );
-            } else {
-                report!(
-                    "vm name={name} last-exit n={i} kind={:?} rip={:#x} raw={:#x} times={count}",
-                    e.kind,
-                    e.rip,
-                    e.raw
-                );
-            }
-        }
-        let r = &vm.regs;
-        report!(
-            "vm name={name} regs rax={:#x} rbx={:#x} rcx={:#x} rdx={:#x} rsi={:#x} rdi={:#x} rsp={:#x} rbp={:#x}",
-            r.rax,
-            r.rbx,
-            r.rcx,
-            r.rdx,
-            r.rsi,
-            r.rdi,
-            r.rsp,
-            r.rbp
-        );
-    }
+    report!("vm name={} start backend={} mem={} cpus={} entry={:#x}", spec.name, hw.name(), Bytes(size), cpus, entry);
+    Ok(vm)
 }

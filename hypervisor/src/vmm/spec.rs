@@ -31,6 +31,9 @@ pub const fn min_mem_for(cpus: u32) -> u64 {
 }
 pub const MAX_NAME: usize = 32;
 
+/// Outcomes a VM line may expect (`expect=`), as the `end` line names them.
+pub const EXPECTABLE: [&str; 7] = ["exited", "triple-fault", "halted", "fatal", "timed-out", "powered-off", "reset"];
+
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct VmSpec<'a> {
     pub name: &'a str,
@@ -43,6 +46,9 @@ pub struct VmSpec<'a> {
     pub kernel_cmdline: &'a str,
     /// A Linux VM's local APIC and I/O APIC (`apic=off`: 8259 PIC mode only).
     pub apic: bool,
+    /// How the VM is expected to end (`expect=` with an outcome name); `None`: powered off
+    /// or exited with status 0. Vireo's exit status says whether every VM met its expectation.
+    pub expect: Option<&'static str>,
     /// The module's whole command line, passed to the guest.
     pub args: &'a str,
 }
@@ -61,6 +67,7 @@ pub enum SpecError<'a> {
     BadTimeout(&'a str),
     BadCpus(&'a str),
     BadApic(&'a str),
+    BadExpect(&'a str),
 }
 
 impl fmt::Display for SpecError<'_> {
@@ -72,6 +79,9 @@ impl fmt::Display for SpecError<'_> {
             SpecError::MemTooSmall(m) => write!(f, "mem={m} is below the minimum of 4M"),
             SpecError::BadTimeout(v) => write!(f, "bad value '{v}' for key 'timeout' (expected 1-86400 seconds)"),
             SpecError::BadApic(v) => write!(f, "bad value '{v}' for key 'apic' (expected on or off)"),
+            SpecError::BadExpect(v) => {
+                write!(f, "bad value '{v}' for key 'expect' (expected one of: {})", EXPECTABLE.join(" "))
+            }
             SpecError::BadCpus(v) => write!(f, "bad value '{v}' for key 'cpus' (expected 1-{MAX_VCPUS})"),
             SpecError::MemTooSmallForCpus { mem, cpus } => write!(
                 f,
@@ -120,7 +130,11 @@ pub fn parse(cmdline: &str) -> Result<VmSpec<'_>, SpecError<'_>> {
     let mut timeout_s = 0;
     let mut cpus = 1;
     let mut apic = true;
+    let mut expect = None;
     for w in words {
+        if let Some(v) = w.strip_prefix("expect=") {
+            expect = Some(EXPECTABLE.iter().copied().find(|e| *e == v).ok_or(SpecError::BadExpect(v))?);
+        }
         if let Some(v) = w.strip_prefix("apic=") {
             apic = match v {
                 "on" => true,
@@ -148,7 +162,7 @@ pub fn parse(cmdline: &str) -> Result<VmSpec<'_>, SpecError<'_>> {
     if mem < min_mem_for(cpus) {
         return Err(SpecError::MemTooSmallForCpus { mem, cpus });
     }
-    Ok(VmSpec { name, mem, timeout_s, cpus, kernel_cmdline, apic, args: cmdline })
+    Ok(VmSpec { name, mem, timeout_s, cpus, kernel_cmdline, apic, expect, args: cmdline })
 }
 
 #[cfg(test)]
@@ -166,6 +180,7 @@ mod tests {
                 cpus: 1,
                 kernel_cmdline: "",
                 apic: true,
+                expect: None,
                 args: "selftest"
             }
         );
@@ -184,6 +199,8 @@ mod tests {
         assert_eq!(parse("x mem=lots"), Err(SpecError::BadMem("lots")));
         assert_eq!(parse("x mem=1M"), Err(SpecError::MemTooSmall(1 << 20)));
         assert!(parse(&"n".repeat(33)).is_err());
+        assert_eq!(parse("c expect=triple-fault").unwrap().expect, Some("triple-fault"));
+        assert_eq!(parse("c expect=crash"), Err(SpecError::BadExpect("crash")));
     }
 
     #[test]

@@ -30,6 +30,14 @@ impl ExitStats {
         c.cycles = c.cycles.wrapping_add(cycles);
     }
 
+    /// Adds `other`'s counts (VM-wide totals from per-vCPU statistics).
+    pub fn add(&mut self, other: &ExitStats) {
+        for (a, b) in self.classes.iter_mut().zip(other.classes.iter()) {
+            a.count += b.count;
+            a.cycles = a.cycles.wrapping_add(b.cycles);
+        }
+    }
+
     pub fn total(&self) -> ExitClassStats {
         self.classes.iter().fold(ExitClassStats::default(), |a, c| ExitClassStats {
             count: a.count + c.count,

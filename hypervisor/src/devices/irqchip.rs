@@ -1,0 +1,302 @@
+//! A VM's interrupt routing: the 8259 pair and the I/O APIC (behind one lock, the "chip"),
+//! the vCPUs' local APICs (each behind its own lock), and [`IrqLine`], the object a device
+//! drives to raise an ISA interrupt. Whatever the source (a pin through the I/O APIC, an IPI
+//! from another local APIC, an MSI later), a delivery ends in [`Interrupts::deliver`], which
+//! finds the destination local APICs, sets their request and wakes their vCPUs.
+//!
+//! Lock order: a device's lock, then the chip, then a local APIC. Nobody takes the chip while
+//! holding a local APIC (an EOI broadcast is collected under the APIC lock and handed to
+//! [`Interrupts::eoi`] after it is released).
+
+use alloc::{sync::Arc, vec::Vec};
+use core::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+
+use spin::Mutex;
+
+use super::{
+    bus::{BusEffect, Ctx, Device},
+    ioapic::{IoApic, IOAPIC_BASE},
+    irq::{self, Message},
+    lapic::LocalApic,
+    pic::Pic8259Pair,
+};
+
+/// How a vCPU is woken: called with the host CPU the vCPU is assigned to.
+pub type KickFn = fn(host_cpu: usize);
+
+/// A kick that does nothing (host tests, a VM on one CPU that polls).
+pub fn no_kick(_host_cpu: usize) {}
+
+/// ISA IRQ -> I/O APIC pin, as the MADT's interrupt source override says (IRQ0 -> GSI 2).
+pub const fn isa_pin(irq: u8) -> u8 {
+    if irq == 0 {
+        2
+    } else {
+        irq
+    }
+}
+
+/// One vCPU's local APIC as interrupt sources see it.
+pub struct VcpuApic {
+    pub lapic: Mutex<LocalApic>,
+    /// Something arrived for the vCPU (interrupt, NMI, INIT, SIPI): its host CPU must look.
+    pub attention: AtomicBool,
+    /// The host CPU the vCPU is assigned to.
+    pub host_cpu: AtomicUsize,
+}
+
+struct Chip {
+    pic: Pic8259Pair,
+    ioapic: Option<IoApic>,
+}
+
+pub struct Interrupts {
+    chip: Mutex<Chip>,
+    /// Index = vCPU index = APIC ID.
+    apics: Vec<VcpuApic>,
+    /// Whether the VM has local APICs and an I/O APIC (else: 8259 PIC mode, vCPU 0 only).
+    apic_mode: bool,
+    kick: KickFn,
+}
+
+impl Interrupts {
+    /// Routing for `vcpus` vCPUs; `apic_mode`: local APICs and an I/O APIC (else the PIC pair
+    /// only, still with local APICs for IPIs when there are several vCPUs).
+    pub fn new(vcpus: usize, apic_mode: bool, timer_hz: u64, kick: KickFn) -> Arc<Self> {
+        let apics = (0..vcpus.max(1))
+            .map(|i| VcpuApic {
+                lapic: Mutex::new(LocalApic::new(i as u32, i == 0, timer_hz)),
+                attention: AtomicBool::new(false),
+                host_cpu: AtomicUsize::new(0),
+            })
+            .collect();
+        Arc::new(Self {
+            chip: Mutex::new(Chip { pic: Pic8259Pair::new(), ioapic: apic_mode.then(|| IoApic::new(IOAPIC_BASE, 0)) }),
+            apics,
+            apic_mode,
+            kick,
+        })
+    }
+
+    pub fn apic_mode(&self) -> bool {
+        self.apic_mode
+    }
+
+    /// Whether vCPUs have a local APIC (APIC mode, or several vCPUs).
+    pub fn has_lapics(&self) -> bool {
+        self.apic_mode || self.apics.len() > 1
+    }
+
+    pub fn vcpus(&self) -> usize {
+        self.apics.len()
+    }
+
+    pub fn apic(&self, vcpu: usize) -> &VcpuApic {
+        &self.apics[vcpu]
+    }
+
+    /// Marks vCPU `vcpu` as needing attention and kicks its host CPU.
+    pub fn notify(&self, vcpu: usize) {
+        let a = &self.apics[vcpu];
+        a.attention.store(true, Ordering::Release);
+        (self.kick)(a.host_cpu.load(Ordering::Relaxed));
+    }
+
+    /// Drives ISA line `irq` into the PIC and the I/O APIC.
+    pub fn set_isa_irq(&self, irq: u8, level: bool) {
+        let mut chip = self.chip.lock();
+        let before = chip.pic.int_output();
+        chip.pic.set_irq(irq, level);
+        let pic_rose = !before && chip.pic.int_output();
+        if let Some(io) = chip.ioapic.as_mut() {
+            io.set_irq(isa_pin(irq), level);
+        }
+        self.route_ioapic(&mut chip);
+        drop(chip);
+        if pic_rose {
+            // The PIC's INT output goes to vCPU 0's LINT0 (virtual wire, or PIC mode).
+            self.notify(0);
+        }
+    }
+
+    /// Hands the I/O APIC's ready interrupts to their local APICs (chip lock held).
+    fn route_ioapic(&self, chip: &mut Chip) {
+        let Some(io) = chip.ioapic.as_mut() else { return };
+        io.take_deliveries(&mut |d| self.deliver(None, &d.message()));
+    }
+
+    /// Delivers an interrupt message from vCPU `from` (an IPI) or from a device (`None`) to
+    /// every local APIC it names (lowest priority: one of them, see `irq::route`).
+    pub fn deliver(&self, from: Option<usize>, msg: &Message) {
+        // All local APICs are locked in index order (one order everywhere: no deadlock) so
+        // lowest-priority arbitration sees a consistent picture.
+        let mut locked: Vec<_> = self.apics.iter().map(|a| a.lapic.lock()).collect();
+        let mask = irq::route(msg, from, locked.iter().map(|g| &**g));
+        let mut wake = 0u64;
+        for (i, lapic) in locked.iter_mut().enumerate() {
+            if mask & (1 << i) != 0 {
+                lapic.accept(msg);
+                wake |= 1 << i;
+            }
+        }
+        drop(locked);
+        for i in 0..self.apics.len().min(64) {
+            if wake & (1 << i) != 0 {
+                self.notify(i);
+            }
+        }
+    }
+
+    /// End of interrupt for a level-triggered `vector` (a local APIC's EOI broadcast):
+    /// clears the I/O APIC's remote IRR; a line still asserted is delivered again.
+    pub fn eoi(&self, vector: u8) {
+        let mut chip = self.chip.lock();
+        if let Some(io) = chip.ioapic.as_mut() {
+            io.eoi(vector);
+        }
+        self.route_ioapic(&mut chip);
+    }
+
+    /// The PIC's pending vector (for vCPU 0 in PIC mode or with LINT0 in ExtINT mode).
+    pub fn pic_pending(&self) -> Option<u8> {
+        self.chip.lock().pic.pending()
+    }
+
+    /// The PIC's interrupt acknowledge cycle.
+    pub fn pic_acknowledge(&self) -> Option<u8> {
+        self.chip.lock().pic.acknowledge()
+    }
+}
+
+/// An ISA interrupt line a device drives (into the PIC and, with APICs, the I/O APIC).
+pub struct IrqLine {
+    irq: Arc<Interrupts>,
+    isa: u8,
+    level: bool,
+}
+
+impl IrqLine {
+    pub fn new(irq: Arc<Interrupts>, isa: u8) -> Self {
+        Self { irq, isa, level: false }
+    }
+
+    /// Sets the line's level (a no-op when unchanged).
+    pub fn set(&mut self, level: bool) {
+        if level != self.level {
+            self.level = level;
+            self.irq.set_isa_irq(self.isa, level);
+        }
+    }
+
+    /// One rising and falling edge (an edge-triggered request, e.g. the PIT's IRQ0).
+    pub fn pulse(&mut self) {
+        self.set(true);
+        self.set(false);
+    }
+}
+
+/// The 8259 pair's ports on the bus.
+pub struct PicPorts(pub Arc<Interrupts>);
+
+impl Device for PicPorts {
+    fn name(&self) -> &'static str {
+        "pic"
+    }
+
+    fn read(&mut self, addr: u64, size: u8, _cx: &Ctx<'_>) -> u64 {
+        self.0.chip.lock().pic.read(addr as u16, size) as u64
+    }
+
+    fn write(&mut self, addr: u64, size: u8, value: u64, _cx: &Ctx<'_>) -> BusEffect {
+        let before;
+        let after;
+        {
+            let mut chip = self.0.chip.lock();
+            before = chip.pic.int_output();
+            chip.pic.write(addr as u16, size, value as u32);
+            after = chip.pic.int_output();
+        }
+        if after && !before {
+            self.0.notify(0);
+        }
+        BusEffect::None
+    }
+}
+
+/// The I/O APIC's page on the bus.
+pub struct IoApicMmio(pub Arc<Interrupts>);
+
+impl Device for IoApicMmio {
+    fn name(&self) -> &'static str {
+        "ioapic"
+    }
+
+    fn read(&mut self, addr: u64, size: u8, _cx: &Ctx<'_>) -> u64 {
+        let mut chip = self.0.chip.lock();
+        match chip.ioapic.as_mut() {
+            Some(io) => io.mmio_read(addr - io.base(), size) as u64,
+            None => u64::MAX,
+        }
+    }
+
+    fn write(&mut self, addr: u64, size: u8, value: u64, _cx: &Ctx<'_>) -> BusEffect {
+        let mut chip = self.0.chip.lock();
+        if let Some(io) = chip.ioapic.as_mut() {
+            let base = io.base();
+            io.mmio_write(addr - base, size, value as u32);
+        }
+        self.0.route_ioapic(&mut chip);
+        BusEffect::None
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::devices::ioapic::{IOREGSEL, IOWIN, REG_REDTBL};
+
+    fn write_rte(irq: &Interrupts, pin: u8, value: u64) {
+        let mut chip = irq.chip.lock();
+        let io = chip.ioapic.as_mut().unwrap();
+        io.mmio_write(IOREGSEL, 4, (REG_REDTBL + 2 * pin) as u32);
+        io.mmio_write(IOWIN, 4, value as u32);
+        io.mmio_write(IOREGSEL, 4, (REG_REDTBL + 2 * pin + 1) as u32);
+        io.mmio_write(IOWIN, 4, (value >> 32) as u32);
+    }
+
+    fn enable(irq: &Interrupts, vcpu: usize) {
+        let mut l = irq.apic(vcpu).lapic.lock();
+        l.mmio_write(0xF0, 0x1FF, crate::devices::time::Nanos::ZERO);
+    }
+
+    #[test]
+    fn ioapic_pin_reaches_the_named_vcpu() {
+        let irq = Interrupts::new(2, true, 1_000_000_000, no_kick);
+        enable(&irq, 0);
+        enable(&irq, 1);
+        // IRQ4 -> vector 0x34, physical destination APIC 1, edge.
+        write_rte(&irq, 4, 0x34 | (1u64 << 56));
+        let mut line = IrqLine::new(irq.clone(), 4);
+        line.set(true);
+        assert_eq!(irq.apic(1).lapic.lock().pending(), Some(0x34));
+        assert_eq!(irq.apic(0).lapic.lock().pending(), None);
+        assert!(irq.apic(1).attention.load(Ordering::Relaxed));
+        assert!(!irq.apic(0).attention.load(Ordering::Relaxed));
+    }
+
+    #[test]
+    fn pic_mode_wakes_vcpu0() {
+        let irq = Interrupts::new(1, false, 1_000_000_000, no_kick);
+        // ICW1-4 on the master: vectors 0x20.., then unmask IRQ 1.
+        let mut pic = PicPorts(irq.clone());
+        let mut frames = crate::mm::FrameAllocator::for_tests();
+        let mem = crate::vmm::guest_mem::GuestMemory::for_tests(&mut frames);
+        let cx = Ctx { now: crate::devices::time::Nanos::ZERO, mem: &mem };
+        for (port, v) in [(0x20, 0x11), (0x21, 0x20), (0x21, 4), (0x21, 1), (0x21, 0xFD)] {
+            pic.write(port, 1, v, &cx);
+        }
+        IrqLine::new(irq.clone(), 1).set(true);
+        assert_eq!(irq.pic_pending(), Some(0x21));
+        assert!(irq.apic(0).attention.load(Ordering::Relaxed));
+    }
+}

@@ -1,0 +1,310 @@
+//! The vCPU scheduler: every host CPU runs [`cpu_main`], which time-slices the vCPUs
+//! assigned to it. vCPUs are spread over the host CPUs when their VM starts and stay there
+//! (a VMX VMCS is active on one CPU; a vCPU that never moves needs no VMCLEAR/VMPTRLD
+//! migration and no TLB flush). A blocked vCPU (HLT, wait-for-SIPI) costs no CPU: its host
+//! CPU halts with its timer armed for the earliest deadline, and whoever wakes the vCPU
+//! (an IPI from another vCPU, a device interrupt) kicks the host CPU with a host IPI.
+//!
+//! The time a vCPU was runnable but not running (waiting for its host CPU) is its steal
+//! time, recorded per vCPU.
+
+use alloc::{sync::Arc, vec::Vec};
+use core::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, AtomicUsize, Ordering};
+
+use spin::Mutex;
+
+use crate::{
+    arch::tsc,
+    mm, report,
+    vmm::{
+        launch::{AnyBackend, Hardware},
+        vcpu::{SliceEnd, VcpuState},
+        vm::{rdtsc, Vm, VmOutcome},
+    },
+};
+
+pub mod focus;
+
+/// Most host CPUs the scheduler drives.
+pub const MAX_CPUS: usize = 64;
+
+/// Default time slice.
+pub const DEFAULT_SLICE_US: u64 = 5_000;
+
+/// One vCPU as its host CPU holds it.
+struct Task {
+    vm: Arc<Vm>,
+    vcpu: usize,
+    /// Built on first run, on this CPU, and released here.
+    backend: Option<AnyBackend>,
+}
+
+/// Tasks handed to a CPU (at VM start); the CPU moves them into its own list.
+static INBOX: [Mutex<Vec<Task>>; MAX_CPUS] = [const { Mutex::new(Vec::new()) }; MAX_CPUS];
+/// Set to make a CPU's running vCPU give up its slice (another vCPU there was woken).
+static YIELD: [AtomicBool; MAX_CPUS] = [const { AtomicBool::new(false) }; MAX_CPUS];
+/// The local APIC ID of each scheduler CPU (for kicks).
+static APIC_ID: [AtomicU32; MAX_CPUS] = [const { AtomicU32::new(0) }; MAX_CPUS];
+/// How many host CPUs run the scheduler (indices 0..ONLINE).
+static ONLINE: AtomicUsize = AtomicUsize::new(1);
+static NEXT_CPU: AtomicUsize = AtomicUsize::new(0);
+static SLICE_US: AtomicU64 = AtomicU64::new(DEFAULT_SLICE_US);
+/// VMs started and not yet finished; VMs that ended as expected / not.
+static LIVE_VMS: AtomicUsize = AtomicUsize::new(0);
+static VMS_OK: AtomicUsize = AtomicUsize::new(0);
+static VMS_FAILED: AtomicUsize = AtomicUsize::new(0);
+/// VM lines refused before start.
+static VMS_REFUSED: AtomicUsize = AtomicUsize::new(0);
+
+/// The scheduler's view of the host: how many CPUs run vCPUs and their APIC IDs (index 0
+/// is the boot CPU), and the time slice.
+pub fn configure(apic_ids: &[u32], slice_us: u64) {
+    let n = apic_ids.len().clamp(1, MAX_CPUS);
+    for (slot, id) in APIC_ID.iter().zip(apic_ids) {
+        slot.store(*id, Ordering::Relaxed);
+    }
+    ONLINE.store(n, Ordering::Release);
+    SLICE_US.store(slice_us.max(100), Ordering::Relaxed);
+}
+
+pub fn online() -> usize {
+    ONLINE.load(Ordering::Acquire)
+}
+
+/// This host CPU's scheduler index.
+fn this_cpu() -> usize {
+    0
+}
+
+/// Wakes host CPU `cpu`: its running vCPU gives up the slice, a halted CPU leaves HLT.
+pub fn kick(cpu: usize) {
+    let cpu = cpu % MAX_CPUS;
+    YIELD[cpu].store(true, Ordering::Release);
+    if cpu != this_cpu() {
+        let _ = APIC_ID[cpu].load(Ordering::Relaxed);
+    }
+}
+
+/// A VM line was refused: the run is not a plain success.
+pub fn note_refused() {
+    VMS_REFUSED.fetch_add(1, Ordering::Relaxed);
+}
+
+/// Starts `vm`: its vCPUs are spread over the host CPUs, round robin across all VMs.
+pub fn start_vm(vm: Vm) {
+    let vm = Arc::new(vm);
+    LIVE_VMS.fetch_add(1, Ordering::AcqRel);
+    if vm.uart.is_some() {
+        focus::add(Arc::downgrade(&vm));
+    }
+    let n = online();
+    let mut placed = [0usize; 16];
+    for i in 0..vm.vcpus.len() {
+        let cpu = NEXT_CPU.fetch_add(1, Ordering::Relaxed) % n;
+        vm.irq.apic(i).host_cpu.store(cpu, Ordering::Relaxed);
+        if let Some(p) = placed.get_mut(i) {
+            *p = cpu;
+        }
+        INBOX[cpu].lock().push(Task { vm: vm.clone(), vcpu: i, backend: None });
+        kick(cpu);
+    }
+    let shown = vm.vcpus.len().min(placed.len());
+    report!("vm name={} placed host_cpus={}", vm.name, CpuList(&placed[..shown]));
+}
+
+struct CpuList<'a>(&'a [usize]);
+
+impl core::fmt::Display for CpuList<'_> {
+    fn fmt(&self, f: &mut core::fmt::Formatter<'_>) -> core::fmt::Result {
+        for (i, c) in self.0.iter().enumerate() {
+            if i > 0 {
+                f.write_str(",")?;
+            }
+            write!(f, "{c}")?;
+        }
+        Ok(())
+    }
+}
+
+/// What a VM's end says about the run: powered off or exited with status 0 is as expected,
+/// unless the VM line expects something else (`expect=` on the VM line).
+fn as_expected(vm: &Vm, outcome: VmOutcome) -> bool {
+    match vm.expect {
+        Some(want) => want == outcome.name(),
+        None => matches!(outcome, VmOutcome::PoweredOff | VmOutcome::Exited { status: 0 }),
+    }
+}
+
+/// Reports a VM whose vCPUs are all retired and gives its memory back.
+fn finish(vm: Arc<Vm>) {
+    vm.report_end();
+    let outcome = vm.outcome().map(|(o, _)| o).unwrap_or(VmOutcome::Halted);
+    let ok = as_expected(&vm, outcome);
+    report!("vm name={} result={}", vm.name, if ok { "as-expected" } else { "unexpected" });
+    if ok {
+        VMS_OK.fetch_add(1, Ordering::Relaxed);
+    } else {
+        VMS_FAILED.fetch_add(1, Ordering::Relaxed);
+    }
+    match Arc::try_unwrap(vm) {
+        Ok(vm) => vm.mem.release(&mut mm::frames()),
+        Err(vm) => log::warn!("vm {}: still referenced at its end; its memory is not reused", vm.name),
+    }
+    if LIVE_VMS.fetch_sub(1, Ordering::AcqRel) == 1 {
+        kick(0);
+    }
+}
+
+/// Whether a task can run now (polling a blocked vCPU for wake-ups).
+fn runnable(t: &Task) -> bool {
+    let Some(mut v) = t.vm.vcpus[t.vcpu].try_lock() else { return false };
+    match v.state {
+        VcpuState::Runnable => true,
+        VcpuState::Stopped => false,
+        _ => v.poll(&t.vm),
+    }
+}
+
+/// The host loop of scheduler CPU `cpu` on hardware `hw`. CPU 0 also polls the console for
+/// keyboard input and ends the run when every VM has ended.
+pub fn cpu_main(cpu: usize, hw: Hardware) -> ! {
+    let mut tasks: Vec<Task> = Vec::new();
+    let mut next = 0usize;
+    loop {
+        tasks.append(&mut INBOX[cpu].lock());
+        YIELD[cpu].store(false, Ordering::Release);
+        if cpu == 0 {
+            focus::poll_input();
+            if LIVE_VMS.load(Ordering::Acquire) == 0 && tasks.is_empty() {
+                all_ended();
+            }
+        }
+        // Retire the vCPUs of VMs that ended (on this CPU: the backend lives here).
+        let mut i = 0;
+        while i < tasks.len() {
+            if !tasks[i].vm.ended() {
+                i += 1;
+                continue;
+            }
+            let mut t = tasks.swap_remove(i);
+            {
+                let mut v = t.vm.vcpus[t.vcpu].lock();
+                t.vm.set_state(&mut v, VcpuState::Stopped);
+            }
+            if let Some(b) = t.backend.take() {
+                b.release(&mut mm::frames());
+            }
+            let vm = t.vm;
+            if vm.live_vcpus.fetch_sub(1, Ordering::AcqRel) == 1 {
+                finish(vm);
+            }
+        }
+        let now = rdtsc();
+        let count = tasks.len();
+        let mut picked = None;
+        for k in 0..count {
+            let i = (next + k) % count;
+            if runnable(&tasks[i]) {
+                picked = Some(i);
+                break;
+            }
+        }
+        let Some(i) = picked else {
+            idle(cpu, &tasks);
+            continue;
+        };
+        next = i + 1;
+        // Runnable vCPUs left waiting accrue steal time from now.
+        for (k, t) in tasks.iter().enumerate() {
+            if k != i {
+                if let Some(mut v) = t.vm.vcpus[t.vcpu].try_lock() {
+                    if v.state == VcpuState::Runnable && v.sched.runnable_since.is_none() {
+                        v.sched.runnable_since = Some(now);
+                    }
+                }
+            }
+        }
+        // The slice ends early if a blocked vCPU here has a timer due before it.
+        let slice = tsc::from_nanos(SLICE_US.load(Ordering::Relaxed) * 1000);
+        let others = tasks
+            .iter()
+            .enumerate()
+            .filter(|(k, _)| *k != i)
+            .filter_map(|(_, t)| t.vm.vcpus[t.vcpu].try_lock().and_then(|v| v.wake_deadline(&t.vm)))
+            .min();
+        let slice_end = others.map_or(now + slice, |d| d.min(now + slice)).max(now + slice / 16);
+        let t = &mut tasks[i];
+        let vm = t.vm.clone();
+        let mut v = vm.vcpus[t.vcpu].lock();
+        if t.backend.is_none() {
+            match AnyBackend::new(&hw, &mut mm::frames(), vm.mem.nested_root()) {
+                Ok(b) => t.backend = Some(b),
+                Err(e) => {
+                    report!("vm name={} vcpu={} not started reason=\"{e}\"", vm.name, v.index);
+                    drop(v);
+                    vm.stop(VmOutcome::Fatal { reason: "cannot create a vCPU on this host CPU" });
+                    continue;
+                }
+            }
+        }
+        if let Some(since) = v.sched.runnable_since.take() {
+            v.sched.steal += now.saturating_sub(since);
+        }
+        v.sched.slices += 1;
+        let Some(backend) = t.backend.as_mut() else { continue };
+        let end = backend.run(&mut v, &vm, slice_end, &YIELD[cpu]);
+        v.sched.run += rdtsc().saturating_sub(now);
+        if end == SliceEnd::Preempted {
+            v.sched.runnable_since = Some(rdtsc());
+        }
+    }
+}
+
+/// Nothing to run here: halt until the earliest deadline of a blocked vCPU (or a kick).
+fn idle(cpu: usize, tasks: &[Task]) {
+    let mut until =
+        tasks.iter().filter_map(|t| t.vm.vcpus[t.vcpu].try_lock().and_then(|v| v.wake_deadline(&t.vm))).min();
+    if cpu == 0 && focus::wants_polling() {
+        // Keyboard input is polled about every millisecond.
+        let poll = rdtsc() + tsc::hz() / 1000;
+        until = Some(until.map_or(poll, |u| u.min(poll)));
+    }
+    if until.is_some_and(|u| u <= rdtsc()) {
+        return;
+    }
+    match until {
+        Some(t) => crate::arch::lapic::arm(t),
+        None => crate::arch::lapic::disarm(),
+    }
+    if YIELD[cpu].load(Ordering::Acquire) || !INBOX[cpu].lock().is_empty() {
+        return;
+    }
+    halt_until_interrupt();
+}
+
+/// Halts until an interrupt (the host timer, a kick) arrives; interrupts are off again after.
+fn halt_until_interrupt() {
+    // SAFETY: Vireo's IDT handles every vector (the timer and wake-up IPI handlers only EOI);
+    // STI's one-instruction shadow covers HLT, so an interrupt already pending ends the HLT
+    // instead of being taken before it (no lost wake-up).
+    #[cfg(target_os = "none")]
+    unsafe {
+        core::arch::asm!("sti", "hlt", "cli", options(nomem, nostack))
+    };
+}
+
+/// Every VM has ended: the run's verdict, then Vireo ends.
+fn all_ended() -> ! {
+    let ok = VMS_OK.load(Ordering::Relaxed);
+    let failed = VMS_FAILED.load(Ordering::Relaxed);
+    let refused = VMS_REFUSED.load(Ordering::Relaxed);
+    report!("vms ended as_expected={ok} unexpected={failed} refused={refused}");
+    report!("nothing to run");
+    if failed == 0 && refused == 0 {
+        crate::platform::exit::success()
+    } else if failed > 0 {
+        crate::platform::exit::fail("a VM did not end as expected")
+    } else {
+        crate::platform::exit::fail("a VM line was refused")
+    }
+}

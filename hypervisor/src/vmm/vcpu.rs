@@ -1,0 +1,752 @@
+//! A vCPU and the one run loop both vendors share: "what happens on a CPUID exit" (and every
+//! other exit) is decided here, once, in `Vcpu::handle`.
+//!
+//! A vCPU owns its registers, FPU state, MSRs, pending events, exit history and statistics;
+//! its local APIC lives in the VM's interrupt routing (`devices::irqchip`) so other vCPUs and
+//! devices can deliver to it. A vCPU runs on one host CPU at a time, for a slice: [`Vcpu::run`]
+//! returns when the slice ends, when the vCPU blocks (HLT, wait-for-SIPI) or when its VM ends.
+
+use core::sync::atomic::{AtomicBool, Ordering};
+
+use super::{
+    backend::Backend,
+    cpuid::{self, CpuidContext},
+    exit::{merge, Event, Exit, ExitKind, IoAccess, Merge, NptAccess, VECTOR_DF, VECTOR_UD},
+    hypercall, mmio, msr,
+    regs::GuestRegs,
+    state::{CpuState, SegAttr, SegReg, CR4_OSXSAVE, EFER_LMA, RFLAGS_IF},
+    stats::ExitStats,
+    vm::{rdtsc, Vm, VmOutcome},
+    walk::{self, GuestPaging},
+};
+use crate::{
+    arch::{
+        fpu::{self, FpuState},
+        tsc,
+    },
+    devices::{
+        bus::{BusEffect, Space},
+        lapic::{LocalApic, MSR_APIC_BASE, MSR_TSC_DEADLINE, X2APIC_MSR_FIRST, X2APIC_MSR_LAST},
+        ports::{self, PortEffect},
+        testdev::IrqRequest,
+        time::Nanos,
+    },
+};
+
+/// Exits remembered for crash reports ("the exit that led there").
+pub const HISTORY: usize = 8;
+
+/// Where a vCPU stands.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum VcpuState {
+    /// Runs when its host CPU gives it a slice.
+    Runnable,
+    /// Executed HLT: waits for an interrupt (`if_off`: with RFLAGS.IF = 0, so only an NMI,
+    /// INIT or SIPI can wake it).
+    Halted { if_off: bool },
+    /// After INIT (or at power-on, for APs): waits for a STARTUP IPI.
+    WaitForSipi,
+    /// Its VM ended.
+    Stopped,
+}
+
+/// Why [`Vcpu::run`] returned.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum SliceEnd {
+    /// The slice is used up; the vCPU is still runnable.
+    Preempted,
+    /// The vCPU halted or waits for SIPI ([`Vcpu::state`] says which).
+    Blocked,
+    /// The VM ended (this vCPU or another stopped it).
+    VmEnded,
+}
+
+/// What the dispatch decided.
+enum Flow {
+    Continue,
+    Block,
+    Stop(VmOutcome),
+}
+
+/// Scheduling figures of one vCPU, in TSC ticks.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct SchedStats {
+    /// Slices given.
+    pub slices: u64,
+    /// Time spent in [`Vcpu::run`].
+    pub run: u64,
+    /// Time runnable but waiting for its host CPU (steal time).
+    pub steal: u64,
+    /// When it last became runnable without running (for `steal`).
+    pub runnable_since: Option<u64>,
+}
+
+pub struct Vcpu {
+    /// Index in its VM = its APIC ID.
+    pub index: usize,
+    pub regs: GuestRegs,
+    pub stats: ExitStats,
+    pub sched: SchedStats,
+    pub state: VcpuState,
+    fpu: FpuState,
+    msrs: msr::MsrState,
+    /// A state to load into the backend before the next entry (power-on, INIT, SIPI).
+    load: Option<CpuState>,
+    /// Test-device interrupt raised now, and one raised later: (TSC deadline, vector).
+    pending_irq: Option<u8>,
+    timer: Option<(u64, u8)>,
+    pending_nmi: bool,
+    history: [Option<Exit>; HISTORY],
+    history_next: usize,
+    unassigned_reported: u32,
+    /// TSC deadline the host timer is armed for.
+    armed: Option<u64>,
+}
+
+/// Reads EDX holds after INIT/RESET: the processor signature (CPUID.1:EAX).
+fn processor_signature() -> u64 {
+    cpuid::host(1, 0).eax as u64
+}
+
+impl Vcpu {
+    /// vCPU `index`; `boot`: the state it starts in (`None`: an AP, waiting for SIPI).
+    pub fn new(index: usize, boot: Option<CpuState>, intel: bool) -> Option<Self> {
+        Some(Self {
+            index,
+            regs: GuestRegs::default(),
+            stats: ExitStats::new(),
+            sched: SchedStats::default(),
+            state: if boot.is_some() { VcpuState::Runnable } else { VcpuState::WaitForSipi },
+            fpu: FpuState::new()?,
+            msrs: msr::MsrState::new(intel),
+            load: boot,
+            pending_irq: None,
+            timer: None,
+            pending_nmi: false,
+            history: [None; HISTORY],
+            history_next: 0,
+            unassigned_reported: 0,
+            armed: None,
+        })
+    }
+
+    /// The most recent exits, oldest first.
+    pub fn history(&self) -> impl Iterator<Item = &Exit> + '_ {
+        (0..HISTORY).filter_map(move |i| self.history[(self.history_next + i) % HISTORY].as_ref())
+    }
+
+    /// Runs the vCPU on `cpu` until `slice_end` (TSC), a block, the VM's end, or until its
+    /// host CPU raises `yield_now` (another vCPU there was woken).
+    pub fn run<B: Backend>(&mut self, vm: &Vm, cpu: &mut B, slice_end: u64, yield_now: &AtomicBool) -> SliceEnd {
+        if let Some(state) = self.load.take() {
+            cpu.load_state(&state);
+            self.regs.rsp = state.rsp;
+        }
+        self.fpu.restore();
+        // #UD is intercepted so the other vendor's hypercall instruction works too.
+        cpu.set_exception_intercepts(1 << VECTOR_UD);
+        let end = loop {
+            if vm.ended() {
+                break SliceEnd::VmEnded;
+            }
+            if self.take_apic_events(vm) {
+                // INIT: the vCPU waits for SIPI (its new state is loaded then).
+                break SliceEnd::Blocked;
+            }
+            self.deliver_events(vm, cpu);
+            self.arm_host_timer(vm, slice_end);
+            let exit = cpu.run(&mut self.regs);
+            if exit.kind == ExitKind::ExternalInterrupt {
+                // The one-shot host timer (or a kick) fired: re-arm if needed.
+                self.armed = None;
+            }
+            self.history[self.history_next] = Some(exit);
+            self.history_next = (self.history_next + 1) % HISTORY;
+            let flow = match vm.deadline {
+                Some(d) if exit.tsc >= d => Flow::Stop(VmOutcome::TimedOut),
+                _ => self.handle(vm, cpu, &exit),
+            };
+            self.stats.record(&exit.kind, rdtsc().wrapping_sub(exit.tsc));
+            match flow {
+                Flow::Continue => {}
+                Flow::Block => break SliceEnd::Blocked,
+                Flow::Stop(outcome) => {
+                    vm.stop(outcome);
+                    break SliceEnd::VmEnded;
+                }
+            }
+            if rdtsc() >= slice_end || yield_now.load(Ordering::Relaxed) {
+                break SliceEnd::Preempted;
+            }
+        };
+        crate::arch::lapic::disarm();
+        self.armed = None;
+        self.fpu.save();
+        end
+    }
+
+    /// Moves INIT, SIPI and NMI requests from the local APIC into the vCPU. Returns true if
+    /// an INIT reset the vCPU (it now waits for SIPI).
+    fn take_apic_events(&mut self, vm: &Vm) -> bool {
+        if !vm.irq.has_lapics() {
+            return false;
+        }
+        let apic = vm.irq.apic(self.index);
+        apic.attention.store(false, Ordering::Relaxed);
+        let mut lapic = apic.lapic.lock();
+        let init = lapic.take_init();
+        let wait = lapic.waiting_for_sipi();
+        let sipi = lapic.take_sipi();
+        if lapic.take_nmi() {
+            self.pending_nmi = true;
+        }
+        drop(lapic);
+        if init {
+            // INIT (SDM Vol. 3A §10.1.1, Table 10-1): the registers reset (RDX = the
+            // processor signature); an AP waits for SIPI, the BSP restarts at the reset
+            // vector. Pending test interrupts and NMIs are forgotten.
+            self.regs = GuestRegs { rdx: processor_signature(), ..GuestRegs::default() };
+            self.pending_irq = None;
+            self.timer = None;
+            self.pending_nmi = false;
+            if wait {
+                vm.set_state(self, VcpuState::WaitForSipi);
+                return true;
+            }
+            // (What INIT keeps and RESET clears, CR0.CD/NW and PAT, is reset too: Vireo
+            // does not read the old state back from the backend here.)
+            self.load = Some(CpuState::reset());
+            vm.set_state(self, VcpuState::Runnable);
+        }
+        if let Some(vector) = sipi {
+            // STARTUP (SDM Vol. 3A §9.4.4.1): real mode at vector << 12.
+            self.regs = GuestRegs { rdx: processor_signature(), ..GuestRegs::default() };
+            self.load = Some(CpuState::sipi(vector));
+            vm.set_state(self, VcpuState::Runnable);
+        }
+        false
+    }
+
+    /// While the vCPU is blocked: whether something woke it (interrupt, NMI, SIPI, INIT,
+    /// test timer). Brings its local APIC and the VM's devices to now.
+    pub fn poll(&mut self, vm: &Vm) -> bool {
+        if vm.ended() {
+            return true;
+        }
+        let init = self.take_apic_events(vm);
+        match self.state {
+            VcpuState::Runnable => return true,
+            VcpuState::Stopped => return false,
+            VcpuState::WaitForSipi => return false,
+            VcpuState::Halted { .. } if init => return false,
+            VcpuState::Halted { if_off } => {
+                if self.pending_nmi {
+                    vm.set_state(self, VcpuState::Runnable);
+                    return true;
+                }
+                if if_off {
+                    return false;
+                }
+            }
+        }
+        if let Some((deadline, vector)) = self.timer {
+            if rdtsc() >= deadline {
+                self.pending_irq = Some(vector);
+                self.timer = None;
+            }
+        }
+        let now = vm.now();
+        vm.tick_devices(now);
+        if self.pending_irq.is_some() || self.pending_interrupt(vm, now).is_some() {
+            vm.set_state(self, VcpuState::Runnable);
+            return true;
+        }
+        false
+    }
+
+    /// The TSC at which a blocked vCPU must be looked at again (its local APIC timer, the
+    /// test timer, the VM's devices and time limit).
+    pub fn wake_deadline(&self, vm: &Vm) -> Option<u64> {
+        let lapic = if vm.irq.has_lapics() {
+            vm.irq.apic(self.index).lapic.lock().next_deadline().map(|t| vm.tsc_at(t))
+        } else {
+            None
+        };
+        let timer = self.timer.map(|(t, _)| t);
+        [lapic, timer, vm.device_deadline_tsc(), vm.deadline].into_iter().flatten().min()
+    }
+
+    /// Keeps the host's one-shot timer at the earliest moment Vireo must regain control
+    /// from a guest that does not exit by itself: the slice's end, the VM's time limit, a
+    /// device timer, the local APIC timer.
+    fn arm_host_timer(&mut self, vm: &Vm, slice_end: u64) {
+        // The self-test device's timer is deliberately left out: it fires at the guest's next
+        // exit or HLT after its delay (guest-abi), which keeps `sti; hlt` tests deterministic.
+        let lapic = if vm.irq.has_lapics() {
+            vm.irq.apic(self.index).lapic.lock().next_deadline().map(|t| vm.tsc_at(t))
+        } else {
+            None
+        };
+        let want = [Some(slice_end), vm.deadline, vm.device_deadline_tsc(), lapic].into_iter().flatten().min();
+        if want != self.armed {
+            match want {
+                Some(t) => crate::arch::lapic::arm(t),
+                None => crate::arch::lapic::disarm(),
+            }
+            self.armed = want;
+        }
+    }
+
+    /// The interrupt vector the vCPU would take now: its local APIC's when enabled, the
+    /// PIC's (vCPU 0 only) when the APIC passes it on (disabled, or LINT0 in ExtINT mode).
+    fn pending_interrupt(&self, vm: &Vm, now: Nanos) -> Option<u8> {
+        let pic = |vm: &Vm| if self.index == 0 { vm.irq.pic_pending() } else { None };
+        if !vm.irq.has_lapics() {
+            return pic(vm);
+        }
+        let mut lapic = vm.irq.apic(self.index).lapic.lock();
+        lapic.tick(now);
+        let (pending, enabled, extint) =
+            (lapic.pending(), lapic.hw_enabled() && lapic.sw_enabled(), lapic.accepts_pic_interrupts());
+        self.after_lapic(vm, lapic);
+        match (enabled, extint) {
+            (true, false) => pending,
+            (true, true) => pending.or_else(|| pic(vm)),
+            _ => pic(vm),
+        }
+    }
+
+    /// The interrupt acknowledge cycle for [`Vcpu::pending_interrupt`].
+    fn acknowledge(&self, vm: &Vm) -> Option<u8> {
+        let pic = |vm: &Vm| if self.index == 0 { vm.irq.pic_acknowledge() } else { None };
+        if !vm.irq.has_lapics() {
+            return pic(vm);
+        }
+        let mut lapic = vm.irq.apic(self.index).lapic.lock();
+        let enabled = lapic.hw_enabled() && lapic.sw_enabled();
+        if enabled && lapic.pending().is_some() {
+            return lapic.acknowledge();
+        }
+        let extint = lapic.accepts_pic_interrupts();
+        drop(lapic);
+        if enabled && !extint {
+            None
+        } else {
+            pic(vm)
+        }
+    }
+
+    /// After a local APIC access: IPIs it sent go out, EOIs of level-triggered vectors go to
+    /// the I/O APIC (both after the APIC's lock is released: lock order).
+    fn after_lapic<'a>(&self, vm: &'a Vm, mut lapic: spin::MutexGuard<'a, LocalApic>) {
+        loop {
+            let mut eois = [0u8; 4];
+            let mut ipis = [None; 4];
+            let n_eoi = eois.iter_mut().map_while(|e| lapic.eoi_broadcast_vector().map(|v| *e = v)).count();
+            let n_ipi = ipis.iter_mut().map_while(|i| lapic.take_ipi().map(|m| *i = Some(m))).count();
+            drop(lapic);
+            for v in &eois[..n_eoi] {
+                vm.irq.eoi(*v);
+            }
+            for ipi in ipis.iter().flatten() {
+                vm.irq.deliver(Some(self.index), ipi);
+            }
+            if n_eoi < eois.len() && n_ipi < ipis.len() {
+                return;
+            }
+            lapic = vm.irq.apic(self.index).lapic.lock();
+        }
+    }
+
+    /// Injects a pending event if the guest can take it, else asks for a window.
+    fn deliver_events<B: Backend>(&mut self, vm: &Vm, cpu: &mut B) {
+        if let Some((deadline, vector)) = self.timer {
+            if rdtsc() >= deadline {
+                self.pending_irq = Some(vector);
+                self.timer = None;
+            }
+        }
+        if cpu.event_pending() {
+            return;
+        }
+        if self.pending_nmi {
+            // NMI blocking (until IRET) is not tracked: Linux sends NMIs only for backtraces.
+            self.pending_nmi = false;
+            cpu.inject(Event::Nmi);
+            return;
+        }
+        let now = vm.now();
+        vm.tick_devices(now);
+        let device = self.pending_interrupt(vm, now);
+        if device.is_none() && self.pending_irq.is_none() {
+            return;
+        }
+        if !cpu.interruptible() {
+            cpu.set_interrupt_window(true);
+            return;
+        }
+        cpu.set_interrupt_window(false);
+        if device.is_some() {
+            if let Some(vector) = self.acknowledge(vm) {
+                cpu.inject(Event::Interrupt { vector });
+                return;
+            }
+        }
+        if let Some(vector) = self.pending_irq.take() {
+            cpu.inject(Event::Interrupt { vector });
+        }
+    }
+
+    /// The one exit dispatch.
+    fn handle<B: Backend>(&mut self, vm: &Vm, cpu: &mut B, exit: &Exit) -> Flow {
+        match exit.kind {
+            ExitKind::Cpuid => {
+                let (leaf, subleaf) = (self.regs.rax as u32, self.regs.rcx as u32);
+                let ctx = CpuidContext {
+                    osxsave: cpu.cr4() & CR4_OSXSAVE != 0,
+                    apic_id: self.index as u8,
+                    native_vmmcall: vm.native_vmmcall,
+                    tsc_khz: tsc::hz() / 1000,
+                    apic: vm.irq.has_lapics(),
+                };
+                let r = cpuid::filter(leaf, subleaf, cpuid::host(leaf, subleaf), &ctx);
+                self.regs.rax = r.eax as u64;
+                self.regs.rbx = r.ebx as u64;
+                self.regs.rcx = r.ecx as u64;
+                self.regs.rdx = r.edx as u64;
+                cpu.set_rip(exit.next_rip);
+            }
+            ExitKind::Rdmsr => {
+                let msr_index = self.regs.rcx as u32;
+                let outcome = match msr_index {
+                    MSR_TSC_DEADLINE | MSR_APIC_BASE | X2APIC_MSR_FIRST..=X2APIC_MSR_LAST if vm.irq.has_lapics() => {
+                        let now = vm.now();
+                        let mut lapic = vm.irq.apic(self.index).lapic.lock();
+                        let r = if msr_index == MSR_TSC_DEADLINE {
+                            Ok(lapic.read_tsc_deadline(now))
+                        } else {
+                            lapic.msr_read(msr_index, now).map_err(|_| ())
+                        };
+                        drop(lapic);
+                        match r {
+                            Ok(v) => msr::MsrOutcome::Ok(v),
+                            Err(()) => msr::MsrOutcome::Fault,
+                        }
+                    }
+                    msr::IA32_EFER => msr::MsrOutcome::Ok(cpu.efer()),
+                    msr::IA32_PAT => msr::MsrOutcome::Ok(cpu.pat()),
+                    _ => msr::read(&self.msrs, msr_index, rdtsc()),
+                };
+                match outcome {
+                    msr::MsrOutcome::Ok(v) => {
+                        self.regs.rax = v & 0xFFFF_FFFF;
+                        self.regs.rdx = v >> 32;
+                        cpu.set_rip(exit.next_rip);
+                    }
+                    msr::MsrOutcome::Fault => cpu.inject(Event::GP0),
+                }
+            }
+            ExitKind::Wrmsr => {
+                let msr_index = self.regs.rcx as u32;
+                let value = (self.regs.rdx << 32) | (self.regs.rax & 0xFFFF_FFFF);
+                let outcome = match msr_index {
+                    MSR_TSC_DEADLINE | MSR_APIC_BASE | X2APIC_MSR_FIRST..=X2APIC_MSR_LAST if vm.irq.has_lapics() => {
+                        let now = vm.now();
+                        let mut lapic = vm.irq.apic(self.index).lapic.lock();
+                        let r = if msr_index == MSR_TSC_DEADLINE {
+                            // A TSC_DEADLINE value is a TSC reading (the guest runs on the host TSC).
+                            let at = Nanos(tsc::to_nanos(value.saturating_sub(vm.start_tsc)));
+                            lapic.write_tsc_deadline(value, at, now);
+                            Ok(())
+                        } else {
+                            lapic.msr_write(msr_index, value, now).map_err(|_| ())
+                        };
+                        self.after_lapic(vm, lapic);
+                        match r {
+                            Ok(()) => msr::MsrOutcome::Ok(value),
+                            Err(()) => msr::MsrOutcome::Fault,
+                        }
+                    }
+                    msr::IA32_EFER => {
+                        let r = msr::write_efer(cpu.efer(), value, cpu.cr0());
+                        if let msr::MsrOutcome::Ok(efer) = r {
+                            cpu.set_efer(efer);
+                        }
+                        r
+                    }
+                    msr::IA32_PAT if msr::valid_pat(value) => {
+                        cpu.set_pat(value);
+                        msr::MsrOutcome::Ok(value)
+                    }
+                    msr::IA32_PAT => msr::MsrOutcome::Fault,
+                    _ => msr::write(&mut self.msrs, msr_index, value),
+                };
+                match outcome {
+                    msr::MsrOutcome::Ok(_) => cpu.set_rip(exit.next_rip),
+                    msr::MsrOutcome::Fault => cpu.inject(Event::GP0),
+                }
+            }
+            ExitKind::Io(io) => return self.port_io(vm, cpu, io, exit),
+            ExitKind::Hypercall(_) => return self.hypercall(vm, cpu, exit.next_rip),
+            ExitKind::Hlt => {
+                cpu.set_rip(exit.next_rip);
+                return self.halt(vm, cpu);
+            }
+            ExitKind::Xsetbv => self.xsetbv(cpu, exit),
+            ExitKind::NestedPageFault(access) => return self.mmio_access(vm, cpu, access, exit),
+            ExitKind::Exception { vector: VECTOR_UD, .. } => {
+                // The other vendor's hypercall instruction faults with #UD: accept it.
+                let mut insn = [0u8; 3];
+                if self.fetch(vm, cpu, exit.rip, &mut insn) == 3
+                    && matches!(insn, [0x0F, 0x01, 0xC1] | [0x0F, 0x01, 0xD9])
+                {
+                    return self.hypercall(vm, cpu, exit.rip.wrapping_add(3));
+                }
+                return self.reflect(cpu, VECTOR_UD, None);
+            }
+            ExitKind::Exception { vector, error_code } => return self.reflect(cpu, vector, error_code),
+            ExitKind::TripleFault => return Flow::Stop(VmOutcome::TripleFault { vcpu: self.index }),
+            // A host interrupt (timer, kick) or NMI: the exit itself was all that was needed.
+            ExitKind::ExternalInterrupt | ExitKind::Nmi | ExitKind::Pause | ExitKind::ControlRegister => {}
+            ExitKind::InterruptWindow => cpu.set_interrupt_window(false),
+            // Physical INIT/SIPI signals (not the guest's: those go through its local APIC).
+            ExitKind::Init | ExitKind::Sipi { .. } => {}
+            ExitKind::EntryFailed { reason, .. } => return Flow::Stop(VmOutcome::Fatal { reason }),
+            ExitKind::Unhandled => return Flow::Stop(VmOutcome::Fatal { reason: "exit Vireo does not handle" }),
+        }
+        Flow::Continue
+    }
+
+    /// Delivers an intercepted exception to the guest. If the exit interrupted the delivery
+    /// of another event, the two combine as the CPU would combine them (#DF, or shutdown);
+    /// an interrupted external interrupt is kept pending and delivered after.
+    fn reflect<B: Backend>(&mut self, cpu: &mut B, vector: u8, error_code: Option<u32>) -> Flow {
+        if let Some(first) = cpu.pending_event() {
+            match merge(first, vector) {
+                Merge::TripleFault => return Flow::Stop(VmOutcome::TripleFault { vcpu: self.index }),
+                Merge::DoubleFault => {
+                    cpu.inject(Event::Exception { vector: VECTOR_DF, error_code: Some(0) });
+                    return Flow::Continue;
+                }
+                Merge::Serial => {
+                    if let Event::Interrupt { vector } = first {
+                        self.pending_irq = Some(vector);
+                    }
+                }
+            }
+        }
+        cpu.inject(Event::Exception { vector, error_code });
+        Flow::Continue
+    }
+
+    fn port_io<B: Backend>(&mut self, vm: &Vm, cpu: &mut B, io: IoAccess, exit: &Exit) -> Flow {
+        if io.string {
+            return Flow::Stop(VmOutcome::Fatal { reason: "string port I/O is not emulated yet" });
+        }
+        let mask = match io.size {
+            1 => 0xFF,
+            2 => 0xFFFF,
+            _ => 0xFFFF_FFFF,
+        };
+        let cx = vm.ctx();
+        let port = io.port as u64;
+        if io.write {
+            match vm.bus.write(Space::Port, port, io.size, self.regs.rax & mask, &cx) {
+                Some(BusEffect::PowerOff) => return Flow::Stop(VmOutcome::PoweredOff),
+                Some(BusEffect::Reset) => return Flow::Stop(VmOutcome::Reset),
+                Some(BusEffect::None) => {}
+                None => self.simple_port_write(vm, io, mask),
+            }
+        } else {
+            let v = match vm.bus.read(Space::Port, port, io.size, &cx) {
+                Some(v) => v,
+                None => ports::read(io.port, io.size, vm.testdev.lock().read()) as u64,
+            };
+            // IN AL/AX keeps the other bits; IN EAX zero-extends into RAX.
+            self.regs.rax = if io.size == 4 { v & mask } else { (self.regs.rax & !mask) | (v & mask) };
+        }
+        vm.refresh_device_deadline();
+        cpu.set_rip(exit.next_rip);
+        Flow::Continue
+    }
+
+    /// Port writes outside the bus: Vireo's debug console and test devices; the rest behave
+    /// like an empty ISA bus.
+    fn simple_port_write(&mut self, vm: &Vm, io: IoAccess, mask: u64) {
+        match ports::write(io.port, io.size, (self.regs.rax & mask) as u32) {
+            PortEffect::ConsoleByte(b) => vm.console_write(&[b]),
+            PortEffect::TestDevice(v) => vm.testdev.lock().write(v),
+            PortEffect::TestIrq(v) => match IrqRequest::decode(v) {
+                Some(IrqRequest { vector, delay_tsc: 0 }) => self.pending_irq = Some(vector),
+                Some(IrqRequest { vector, delay_tsc }) => self.timer = Some((rdtsc() + delay_tsc, vector)),
+                None => {}
+            },
+            PortEffect::None => {}
+        }
+    }
+
+    fn hypercall<B: Backend>(&mut self, vm: &Vm, cpu: &mut B, next_rip: u64) -> Flow {
+        // Outside 64-bit mode only the low 32 bits of each register count.
+        let long = cpu.long_mode();
+        let t = |v: u64| if long { v } else { v & 0xFFFF_FFFF };
+        let r = self.regs;
+        let (number, args) = (t(r.rax), [t(r.rbx), t(r.rcx), t(r.rdx), t(r.rsi)]);
+        let mut out = |bytes: &[u8]| vm.console_write(bytes);
+        let mut cx = hypercall::Context { mem: &vm.mem, stats: &self.stats, console: &mut out };
+        match hypercall::handle(number, args, cpu.cpl(), &mut cx) {
+            hypercall::Outcome::Return(v) => {
+                self.regs.rax = t(v as u64);
+                cpu.set_rip(next_rip);
+                Flow::Continue
+            }
+            hypercall::Outcome::Exit(status) => Flow::Stop(VmOutcome::Exited { status }),
+        }
+    }
+
+    /// HLT (RIP already past it): the vCPU blocks until an interrupt it can take arrives.
+    fn halt<B: Backend>(&mut self, vm: &Vm, cpu: &mut B) -> Flow {
+        let if_off = cpu.rflags() & RFLAGS_IF == 0;
+        if !if_off && (self.pending_irq.is_some() || self.pending_interrupt(vm, vm.now()).is_some()) {
+            return Flow::Continue;
+        }
+        // An idle guest may be waiting at a prompt: show its partial line.
+        vm.flush_console();
+        let wakeable = vm.irq.has_lapics() || vm.has_platform() || self.timer.is_some();
+        if !if_off && !wakeable {
+            // No interrupt source exists that could ever wake it.
+            return Flow::Stop(VmOutcome::Halted);
+        }
+        vm.set_state(self, VcpuState::Halted { if_off });
+        if vm.all_blocked_for_good() {
+            // Every vCPU halted with interrupts off or waits for SIPI: nothing can wake any.
+            return Flow::Stop(VmOutcome::Halted);
+        }
+        Flow::Block
+    }
+
+    fn xsetbv<B: Backend>(&mut self, cpu: &mut B, exit: &Exit) {
+        if cpu.cr4() & CR4_OSXSAVE == 0 {
+            cpu.inject(Event::UD);
+            return;
+        }
+        let value = (self.regs.rdx << 32) | (self.regs.rax & 0xFFFF_FFFF);
+        if cpu.cpl() != 0 || self.regs.rcx as u32 != 0 || !fpu::valid_xcr0(value, fpu::supported_xcr0()) {
+            cpu.inject(Event::GP0);
+            return;
+        }
+        // SAFETY: validated against the CPU's supported components; Vireo is soft-float,
+        // so the guest's XCR0 can stay loaded while Vireo runs.
+        unsafe { fpu::xsetbv(value) };
+        self.fpu.xcr0 = value;
+        cpu.set_rip(exit.next_rip);
+    }
+
+    /// Copies up to `buf.len()` instruction bytes at guest-virtual `rip`; returns how many
+    /// could be read (stops at an unmapped page or the end of RAM).
+    fn fetch<B: Backend>(&self, vm: &Vm, cpu: &B, rip: u64, buf: &mut [u8]) -> usize {
+        let paging = GuestPaging { cr0: cpu.cr0(), cr3: cpu.cr3(), cr4: cpu.cr4(), efer: cpu.efer() };
+        let mut done = 0;
+        while done < buf.len() {
+            let va = rip.wrapping_add(done as u64);
+            let Ok(pa) = walk::translate(&vm.mem, paging, va) else { break };
+            let in_page = (0x1000 - (va & 0xFFF)) as usize;
+            let n = in_page.min(buf.len() - done);
+            if vm.mem.read(pa, &mut buf[done..done + n]).is_err() {
+                break;
+            }
+            done += n;
+        }
+        done
+    }
+
+    /// A guest access to guest-physical space with no RAM: this vCPU's local APIC page, a
+    /// device on the bus, or nothing (reads return all ones, writes are dropped, as an empty
+    /// PC bus does), after decoding the instruction.
+    fn mmio_access<B: Backend>(&mut self, vm: &Vm, cpu: &mut B, access: NptAccess, exit: &Exit) -> Flow {
+        if vm.mem.contains(access.gpa, 1) {
+            return Flow::Stop(VmOutcome::Fatal { reason: "nested page fault inside guest RAM" });
+        }
+        if access.fetch {
+            return Flow::Stop(VmOutcome::Fatal { reason: "instruction fetch from guest-physical space with no RAM" });
+        }
+        let mut bytes = [0u8; 15];
+        let n = self.fetch(vm, cpu, exit.rip, &mut bytes);
+        let cs = cpu.segment(SegReg::Cs);
+        let bitness = if cpu.efer() & EFER_LMA != 0 && cs.attr.0 & SegAttr::LONG != 0 {
+            64
+        } else if cs.attr.0 & SegAttr::DB != 0 {
+            32
+        } else {
+            16
+        };
+        let decoded = match mmio::decode(&bytes[..n], exit.rip, bitness, &self.regs) {
+            Ok(d) => d,
+            Err(e) => {
+                log::warn!("vm {}: at rip {:#x} gpa {:#x}: {e}", vm.name, exit.rip, access.gpa);
+                return Flow::Stop(VmOutcome::Fatal { reason: "cannot emulate the instruction of an MMIO access" });
+            }
+        };
+        let (size, value) = match decoded.access {
+            mmio::Access::Load { size, .. } => (size, None),
+            mmio::Access::Store { size, value } => (size, Some(value)),
+        };
+        let mut effect = BusEffect::None;
+        let result = if let Some(v) = self.lapic_mmio(vm, access.gpa, value) {
+            Some(v)
+        } else {
+            let cx = vm.ctx();
+            match value {
+                Some(v) => vm.bus.write(Space::Mmio, access.gpa, size, v, &cx).map(|e| {
+                    effect = e;
+                    0
+                }),
+                None => vm.bus.read(Space::Mmio, access.gpa, size, &cx),
+            }
+        };
+        vm.refresh_device_deadline();
+        if let mmio::Access::Load { size, dest } = decoded.access {
+            mmio::complete_load(&mut self.regs, size, dest, result.unwrap_or(u64::MAX));
+        }
+        if result.is_none() && self.unassigned_reported < 4 {
+            self.unassigned_reported += 1;
+            log::info!(
+                "vm {}: {} unassigned guest-physical {:#x} at rip {:#x}: {}",
+                vm.name,
+                if access.write { "write to" } else { "read from" },
+                access.gpa,
+                exit.rip,
+                if access.write { "dropped" } else { "reads all ones" }
+            );
+        }
+        cpu.set_rip(exit.rip.wrapping_add(decoded.len as u64));
+        match effect {
+            BusEffect::PowerOff => Flow::Stop(VmOutcome::PoweredOff),
+            BusEffect::Reset => Flow::Stop(VmOutcome::Reset),
+            BusEffect::None => Flow::Continue,
+        }
+    }
+
+    /// An access to this vCPU's xAPIC page, if `gpa` is in it (each vCPU sees its own local
+    /// APIC at the same address).
+    fn lapic_mmio(&self, vm: &Vm, gpa: u64, value: Option<u64>) -> Option<u64> {
+        if !vm.irq.has_lapics() {
+            return None;
+        }
+        let mut lapic = vm.irq.apic(self.index).lapic.lock();
+        let base = lapic.mmio_base()?;
+        if !(base..base + 0x1000).contains(&gpa) {
+            return None;
+        }
+        let offset = (gpa & 0xFFF) as u32;
+        let now = vm.now();
+        let r = match value {
+            Some(v) => {
+                lapic.mmio_write(offset, v as u32, now);
+                0
+            }
+            None => lapic.mmio_read(offset, now) as u64,
+        };
+        self.after_lapic(vm, lapic);
+        Some(r)
+    }
+}
