@@ -368,6 +368,8 @@ pub struct ConsoleUart {
     line: super::irqchip::IrqLine,
     console: super::console::GuestConsole,
     vm: alloc::string::String,
+    /// Guest time of the last transmitted byte.
+    last_tx: super::time::Nanos,
 }
 
 impl ConsoleUart {
@@ -377,6 +379,7 @@ impl ConsoleUart {
             line,
             console: super::console::GuestConsole::default(),
             vm: alloc::string::String::from(vm),
+            last_tx: super::time::Nanos::ZERO,
         }
     }
 
@@ -397,6 +400,14 @@ impl ConsoleUart {
         let vm = &self.vm;
         self.console.flush(&mut |l| super::console::print_line(vm, l));
     }
+
+    /// Prints a partial line once the guest has sent nothing for `quiet` (a prompt waiting
+    /// for input), without splitting lines that are still being written.
+    pub fn flush_if_quiet(&mut self, now: super::time::Nanos, quiet: u64) {
+        if now.since(self.last_tx) >= quiet {
+            self.flush();
+        }
+    }
 }
 
 impl super::bus::Device for ConsoleUart {
@@ -410,8 +421,9 @@ impl super::bus::Device for ConsoleUart {
         v as u64
     }
 
-    fn write(&mut self, addr: u64, size: u8, value: u64, _cx: &super::bus::Ctx<'_>) -> super::bus::BusEffect {
+    fn write(&mut self, addr: u64, size: u8, value: u64, cx: &super::bus::Ctx<'_>) -> super::bus::BusEffect {
         if let Some(b) = self.uart.write(addr as u16, size, value as u32) {
+            self.last_tx = cx.now;
             let vm = &self.vm;
             self.console.push(&[b], &mut |l| super::console::print_line(vm, l));
         }

@@ -86,6 +86,12 @@ pub fn poll_input() {
     if vms.is_empty() {
         return;
     }
+    // A partial line that has stood for 100 ms is probably a prompt: show it.
+    for vm in vms.iter().filter_map(Weak::upgrade) {
+        if let Some(uart) = &vm.uart {
+            uart.lock().flush_if_quiet(vm.now(), 100_000_000);
+        }
+    }
     let mut decoder = DECODER.lock();
     loop {
         let focus = FOCUS.load(Ordering::Relaxed);

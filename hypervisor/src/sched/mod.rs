@@ -91,7 +91,8 @@ pub fn note_refused() {
 }
 
 /// Starts `vm`: its vCPUs are spread over the host CPUs, round robin across all VMs.
-pub fn start_vm(vm: Vm) {
+pub fn start_vm(mut vm: Vm) {
+    vm.start_clock();
     let vm = Arc::new(vm);
     LIVE_VMS.fetch_add(1, Ordering::AcqRel);
     if vm.uart.is_some() {
@@ -146,9 +147,23 @@ fn finish(vm: Arc<Vm>) {
     } else {
         VMS_FAILED.fetch_add(1, Ordering::Relaxed);
     }
-    match Arc::try_unwrap(vm) {
-        Ok(vm) => vm.mem.release(&mut mm::frames()),
-        Err(vm) => log::warn!("vm {}: still referenced at its end; its memory is not reused", vm.name),
+    // The console poll may hold a reference for a moment.
+    let mut vm = vm;
+    for attempt in 0.. {
+        match Arc::try_unwrap(vm) {
+            Ok(vm) => {
+                vm.mem.release(&mut mm::frames());
+                break;
+            }
+            Err(v) if attempt < 100_000 => {
+                vm = v;
+                core::hint::spin_loop();
+            }
+            Err(v) => {
+                log::warn!("vm {}: still referenced at its end; its memory is not reused", v.name);
+                break;
+            }
+        }
     }
     if LIVE_VMS.fetch_sub(1, Ordering::AcqRel) == 1 {
         kick(0);

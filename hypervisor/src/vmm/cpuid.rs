@@ -83,6 +83,7 @@ mod bit {
     pub const PERFCTR_CORE: u32 = 1 << 23;
     pub const PERFCTR_NB: u32 = 1 << 24;
     pub const PERFCTR_LLC: u32 = 1 << 28;
+    pub const TOPOEXT: u32 = 1 << 22;
     pub const MONITORX: u32 = 1 << 29;
 }
 
@@ -118,6 +119,10 @@ pub fn filter(leaf: u32, subleaf: u32, host: CpuidRegs, ctx: &CpuidContext) -> C
         }
         // MONITOR/MWAIT, thermal/power, DCA, architectural PMU, Intel PT, SGX: hidden.
         5 | 6 | 9 | 0xA | 0x12 | 0x14 => r = CpuidRegs::default(),
+        // Extended topology (SDM Vol. 2A CPUID 0BH/1FH; APM CPUID Fn8000_001E): the host's
+        // would name the host CPU's x2APIC ID on every vCPU. Hidden: the guest counts its
+        // CPUs from the MADT and sees each vCPU as a package of one (CPUID.1:EBX[23:16] = 1).
+        0xB | 0x1F | 0x8000_001E => r = CpuidRegs::default(),
         7 if subleaf == 0 => {
             // TSC_ADJUST: the MSR is not modelled yet.
             r.ebx &= !(bit::TSC_ADJUST | bit::SGX | bit::PQM | bit::PQE | bit::INTEL_PT);
@@ -155,6 +160,8 @@ pub fn filter(leaf: u32, subleaf: u32, host: CpuidRegs, ctx: &CpuidContext) -> C
                 | bit::MONITORX);
             // RDTSCP needs IA32_TSC_AUX per vCPU, not modelled yet.
             r.edx &= !bit::RDTSCP;
+            // Topology extensions (leaf 0x8000_001E) are hidden, see above.
+            r.ecx &= !bit::TOPOEXT;
         }
         // TSC/crystal ratio: unknown here; leaf 0x16 says the TSC frequency instead.
         0x15 => r = CpuidRegs::default(),

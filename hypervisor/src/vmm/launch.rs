@@ -238,8 +238,7 @@ pub fn build_vm(
         if !crate::arch::lapic::available() {
             log::warn!("vm {}: timeout={} needs the host APIC timer, which is unavailable", spec.name, spec.timeout_s);
         }
-        let ticks = crate::arch::tsc::from_nanos(spec.timeout_s.saturating_mul(1_000_000_000));
-        vm.deadline = Some(crate::arch::tsc::rdtsc().saturating_add(ticks));
+        vm.time_limit = Some(crate::arch::tsc::from_nanos(spec.timeout_s.saturating_mul(1_000_000_000)));
     }
     report!("vm name={} start backend={} mem={} cpus={} entry={:#x}", spec.name, hw.name(), Bytes(size), cpus, entry);
     Ok(vm)

@@ -609,8 +609,6 @@ impl Vcpu {
         if !if_off && (self.pending_irq.is_some() || self.pending_interrupt(vm, vm.now()).is_some()) {
             return Flow::Continue;
         }
-        // An idle guest may be waiting at a prompt: show its partial line.
-        vm.flush_console();
         let wakeable = vm.irq.has_lapics() || vm.has_platform() || self.timer.is_some();
         if !if_off && !wakeable {
             // No interrupt source exists that could ever wake it.
@@ -750,3 +748,6 @@ impl Vcpu {
         Some(r)
     }
 }
+
+#[cfg(test)]
+mod tests;

@@ -79,8 +79,10 @@ pub struct Vm {
     pub vcpus: Vec<Mutex<Vcpu>>,
     /// TSC when the VM started: guest time zero for its devices.
     pub start_tsc: u64,
-    /// TSC at which the VM's time limit ends.
+    /// TSC at which the VM's time limit ends (set when it starts).
     pub deadline: Option<u64>,
+    /// The VM's time limit in TSC ticks (`timeout=`), counted from its start.
+    pub time_limit: Option<u64>,
     /// The CPU is AMD (VMMCALL is its native hypercall instruction).
     pub native_vmmcall: bool,
     /// The outcome the VM line expects (`expect=`), if not the default.
@@ -122,6 +124,7 @@ impl Vm {
             vcpus: vcpus.into_iter().map(Mutex::new).collect(),
             start_tsc: rdtsc(),
             deadline: None,
+            time_limit: None,
             native_vmmcall,
             expect: None,
             platform,
@@ -135,6 +138,13 @@ impl Vm {
         };
         vm.refresh_device_deadline();
         vm
+    }
+
+    /// Starts the VM's clock: guest time zero and the time limit count from now.
+    pub fn start_clock(&mut self) {
+        self.start_tsc = rdtsc();
+        self.deadline = self.time_limit.map(|t| self.start_tsc.saturating_add(t));
+        self.refresh_device_deadline();
     }
 
     pub fn has_platform(&self) -> bool {
