@@ -90,7 +90,7 @@ fi
 if [[ "$ACCEL" == kvm ]]; then
     ACCEL_ARGS=(-accel kvm -cpu host)
 else
-    ACCEL_ARGS=(-accel tcg -cpu "qemu64,+svm,+npt")
+    ACCEL_ARGS=(-accel "tcg${VIREO_TCG_THREAD:+,thread=$VIREO_TCG_THREAD}" -cpu "qemu64,+svm,+npt")
 fi
 
 run_make_workdir qemu
@@ -103,7 +103,7 @@ qemu_path() {
 
 # -nic none: no network card, so no PXE option ROM to load (0.4 s less in BIOS and UEFI boots);
 # add one after -- if a test needs it.
-QEMU=(qemu-system-x86_64 "${ACCEL_ARGS[@]}" -m "$RUN_MEM" -no-reboot -nic none
+QEMU=(qemu-system-x86_64 "${ACCEL_ARGS[@]}" -m "$RUN_MEM" -smp "$RUN_SMP" -no-reboot -nic none
       -device "isa-debug-exit,iobase=0xf4,iosize=0x04"
       -drive "file=$(qemu_path "$RUN_ISO_PATH"),index=2,media=cdrom,if=ide")
 if [[ "$UEFI" == 1 ]]; then
@@ -114,7 +114,7 @@ fi
 
 FW=BIOS
 [[ "$UEFI" == 0 ]] || FW=UEFI
-note "booting with QEMU ($FW, ${ACCEL_ARGS[*]}, ${RUN_MEM} MiB)${RUN_TIMEOUT:+, timeout $RUN_TIMEOUT s}"
+note "booting with QEMU ($FW, ${ACCEL_ARGS[*]}, ${RUN_SMP} CPUs, ${RUN_MEM} MiB)${RUN_TIMEOUT:+, timeout $RUN_TIMEOUT s}"
 
 if [[ "$RUN_HEADLESS" == 1 ]]; then
     QEMU+=(-display none -monitor none -parallel none
