@@ -243,6 +243,10 @@ impl Outcome {
             assert!(l.contains(" online ") && field(l, "virt").as_deref() == Some(virt), "{l}\n{self:?}");
         }
         assert!(self.lines("cpu apic_id=").is_empty(), "no CPU may stay offline\n{self:?}");
+        if n > 1 {
+            // Vireo sends each AP its wake-up IPI once and checks the AP took it.
+            assert!(self.reports().any(|l| l == "cpus wake_ipi=ok"), "{self:?}");
+        }
     }
 
     pub fn assert_exit_ok(&self) {

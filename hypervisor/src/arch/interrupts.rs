@@ -22,6 +22,9 @@ pub fn handle(vector: u8) {
         // The wake-up IPI only ends a HLT or a guest's run; the woken CPU looks for work.
         lapic::WAKE_VECTOR => {
             WAKE_INTERRUPTS.fetch_add(1, Ordering::Relaxed);
+            if let Some(cpu) = super::percpu::try_current() {
+                cpu.note_wake();
+            }
             lapic::eoi();
         }
         // Spurious interrupts need no EOI (SDM Vol. 3A §12.9).

@@ -71,6 +71,8 @@ pub struct PerCpu {
     /// SVM: this CPU's VM_HSAVE_PA page and VMSAVE/VMLOAD host-state page (0 = not enabled).
     svm_hsave: AtomicU64,
     svm_host_save: AtomicU64,
+    /// Wake-up IPIs this CPU took (`lapic::WAKE_VECTOR`).
+    wakes: AtomicU64,
     /// Base of this CPU's [`IST_COUNT`] IST stacks.
     ist_base: u64,
     /// This CPU's kernel stack [low, high).
@@ -143,6 +145,15 @@ impl PerCpu {
         self.svm_host_save.store(host_save, Ordering::Release);
     }
 
+    /// Wake-up IPIs this CPU has taken.
+    pub fn wakes(&self) -> u64 {
+        self.wakes.load(Ordering::Acquire)
+    }
+
+    pub fn note_wake(&self) {
+        self.wakes.fetch_add(1, Ordering::AcqRel);
+    }
+
     pub fn ist_base(&self) -> u64 {
         self.ist_base
     }
@@ -170,6 +181,7 @@ impl PerCpu {
                 context: AtomicPtr::new(core::ptr::null_mut()),
                 svm_hsave: AtomicU64::new(0),
                 svm_host_save: AtomicU64::new(0),
+                wakes: AtomicU64::new(0),
                 ist_base,
                 stack,
                 tss: gdt::new_tss(ist_base),
@@ -232,6 +244,7 @@ pub fn try_current() -> Option<&'static PerCpu> {
         context: AtomicPtr::new(core::ptr::null_mut()),
         svm_hsave: AtomicU64::new(0),
         svm_host_save: AtomicU64::new(0),
+        wakes: AtomicU64::new(0),
         ist_base: 0,
         stack: (0, 0),
         tss: TaskStateSegment::new(),

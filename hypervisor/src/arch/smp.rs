@@ -322,6 +322,37 @@ pub fn start_aps(rsdp: Option<(u64, u8)>, limit: Option<u16>, virt: Option<Virtu
             report!("cpu apic_id={id} offline reason=\"{reason}\"");
         }
     }
+    if next_index > 1 {
+        check_wake(next_index);
+    }
+}
+
+/// Sends every online AP the wake-up IPI and checks that each took it (its HLT ended):
+/// `vireo: cpus wake_ipi=ok`, or the indices that did not answer within 100 ms.
+fn check_wake(count: usize) {
+    let mut failed = [0usize; 16];
+    let mut n_failed = 0;
+    for index in 1..count {
+        let Some(cpu) = percpu::get(index).filter(|c| c.state() == STATE_ONLINE) else { continue };
+        let before = cpu.wakes();
+        let sent = lapic::send_wake(cpu.apic_id()).is_ok();
+        let t0 = tsc::rdtsc();
+        let limit = tsc::from_nanos(100_000_000).max(1 << 24);
+        while sent && cpu.wakes() == before && tsc::rdtsc().wrapping_sub(t0) < limit {
+            core::hint::spin_loop();
+        }
+        if cpu.wakes() == before {
+            if n_failed < failed.len() {
+                failed[n_failed] = index;
+            }
+            n_failed += 1;
+        }
+    }
+    if n_failed == 0 {
+        report!("cpus wake_ipi=ok");
+    } else {
+        report!("cpus wake_ipi=failed count={n_failed} first={:?}", &failed[..n_failed.min(failed.len())]);
+    }
 }
 
 /// The start-up page below 1 MiB with the real-mode stub, and AP_BOOT's fixed fields.
