@@ -103,7 +103,7 @@ pub fn kernel_main(magic: u32, mbi_addr: u32) -> ! {
     let mut reserved = [PhysRange::EMPTY; MAX_RESERVED];
     let n = info.reserved(image, &mut reserved);
     match FrameAllocator::new(info.available(), &reserved[..n]) {
-        Ok(frames) => mm::install_frames(frames),
+        Ok(frames) => mm::set_frames(frames),
         Err(e) => {
             report!("fatal frame allocator: {e}");
             exit::fail("no usable memory");

@@ -212,6 +212,12 @@ pub fn count() -> usize {
     COUNT.load(Ordering::Acquire)
 }
 
+/// The online CPUs in index order (index 0, the BSP, first; indices are dense: an AP
+/// that failed to start gives its index to the next one unless it ran Vireo code).
+pub fn online() -> impl Iterator<Item = &'static PerCpu> {
+    (0..count()).filter_map(get).filter(|c| c.state() == STATE_ONLINE)
+}
+
 fn register(cpu: &'static PerCpu) {
     CPUS[cpu.index].store(cpu as *const _ as *mut _, Ordering::Release);
     COUNT.fetch_max(cpu.index + 1, Ordering::AcqRel);

@@ -312,10 +312,8 @@ pub fn start_aps(rsdp: Option<(u64, u8)>, limit: Option<u16>, virt: Option<Virtu
         let _ = c.write_str("\r\n");
     });
     // Per-CPU lines in index order (the BSP first), then the CPUs left offline.
-    for index in 0..next_index {
-        if let Some(cpu) = percpu::get(index).filter(|c| c.state() == STATE_ONLINE) {
-            report!("cpu index={} apic_id={} online virt={}", index, cpu.apic_id(), cpu.virt().name());
-        }
+    for cpu in percpu::online() {
+        report!("cpu index={} apic_id={} online virt={}", cpu.index(), cpu.apic_id(), cpu.virt().name());
     }
     for (i, &id) in ids.iter().enumerate() {
         if let Fate::Offline(reason) = fates[i] {

@@ -20,7 +20,7 @@ pub use paging::{
 static FRAMES: spin::Mutex<Option<FrameAllocator>> = spin::Mutex::new(None);
 
 /// Hands the boot-time frame allocator to [`frames`]. Call once, before any AP starts.
-pub fn install_frames(frames: FrameAllocator) {
+pub fn set_frames(frames: FrameAllocator) {
     *FRAMES.lock() = Some(frames);
 }
 
@@ -31,20 +31,20 @@ pub struct FramesGuard(spin::MutexGuard<'static, Option<FrameAllocator>>);
 impl core::ops::Deref for FramesGuard {
     type Target = FrameAllocator;
     fn deref(&self) -> &FrameAllocator {
-        self.0.as_ref().expect("mm::frames() before mm::install_frames()")
+        self.0.as_ref().expect("mm::frames() before mm::set_frames()")
     }
 }
 
 impl core::ops::DerefMut for FramesGuard {
     fn deref_mut(&mut self) -> &mut FrameAllocator {
-        self.0.as_mut().expect("mm::frames() before mm::install_frames()")
+        self.0.as_mut().expect("mm::frames() before mm::set_frames()")
     }
 }
 
 /// Locks the global frame allocator.
 ///
 /// # Panics
-/// Before [`install_frames`].
+/// Before [`set_frames`].
 pub fn frames() -> FramesGuard {
     FramesGuard(FRAMES.lock())
 }
