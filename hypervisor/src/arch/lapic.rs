@@ -206,13 +206,19 @@ pub enum IpiError {
     Stuck,
 }
 
+impl IpiError {
+    pub fn text(self) -> &'static str {
+        match self {
+            IpiError::NoApic => "the local APIC is not enabled",
+            IpiError::DestinationTooLarge => "APIC ID above 255 needs x2APIC mode, and the APIC runs in xAPIC mode",
+            IpiError::Stuck => "the local APIC did not send the IPI (delivery status stayed pending)",
+        }
+    }
+}
+
 impl core::fmt::Display for IpiError {
     fn fmt(&self, f: &mut core::fmt::Formatter<'_>) -> core::fmt::Result {
-        f.write_str(match self {
-            IpiError::NoApic => "the local APIC is not enabled",
-            IpiError::DestinationTooLarge => "APIC ID above 255 needs x2APIC mode",
-            IpiError::Stuck => "the local APIC did not send the previous IPI",
-        })
+        f.write_str(self.text())
     }
 }
 

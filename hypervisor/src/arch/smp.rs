@@ -410,7 +410,7 @@ fn start_one(index: usize, apic_id: u32, page: u64) -> Result<(), (&'static str,
     // The AP reads AP_BOOT after the IPIs; the APIC writes are serializing for this CPU's
     // stores (uncached MMIO / WRMSR), and the fence makes the order explicit.
     core::sync::atomic::fence(Ordering::SeqCst);
-    let ipi = |r: Result<(), lapic::IpiError>| r.map_err(|_| ("the local APIC did not send INIT/STARTUP", false));
+    let ipi = |r: Result<(), lapic::IpiError>| r.map_err(|e| (e.text(), false));
     ipi(lapic::send_init(apic_id))?;
     delay_us(10_000);
     let vector = (page >> 12) as u8;
