@@ -115,6 +115,7 @@ RUN_TEST_BUILD=0
 RUN_ELF=""
 RUN_ISO=""
 RUN_MEM=512
+RUN_SMP=2
 RUN_LOG=""
 RUN_EXTRA=()
 RUN_CMDLINE_SET=0
@@ -146,6 +147,8 @@ RUN_COMMON_HELP='Common options:
   --iso PATH            do not build or make an ISO; boot this one (its grub.cfg is used as it
                         is: --cmdline, --module and the headless exit= key do not apply)
   --mem MIB             guest memory in MiB (default 512)
+  --smp N               host CPUs of the emulated machine, 1 to 16 (default 2); Vireo
+                        starts and uses all of them unless its command line says cpus=N
   --log FILE            also keep the serial log in FILE (written when the run ends)
   -h, --help            this text
   -- ARGS...            pass ARGS to the emulator as they are
@@ -182,6 +185,10 @@ run_parse_common() {
             need_arg "$1" "$#"
             [[ "$2" =~ ^[0-9]+$ && "$2" -ge 16 ]] || usage_error "--mem wants MiB (at least 16), not '$2'"
             RUN_MEM="$2"; RUN_SHIFT=2 ;;
+        --smp)
+            need_arg "$1" "$#"
+            [[ "$2" =~ ^[0-9]+$ && "$2" -ge 1 && "$2" -le 16 ]] || usage_error "--smp wants 1 to 16 CPUs, not '$2'"
+            RUN_SMP="$2"; RUN_SHIFT=2 ;;
         --log)
             need_arg "$1" "$#"
             RUN_LOG="$(abspath "$2")"; RUN_SHIFT=2 ;;

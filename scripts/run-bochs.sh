@@ -86,6 +86,7 @@ TEMPLATE="$VIREO_ROOT/boot/bochsrc.in"
         if [[ ! "$line" =~ ^[[:space:]]*# ]]; then
             line="${line//@MEGS@/"$RUN_MEM"}"
             line="${line//@CPU_MODEL@/"$CPU_MODEL"}"
+            line="${line//@CPUS@/"$RUN_SMP"}"
             line="${line//@DISPLAY@/"$DISPLAY_LIB"}"
             line="${line//@ISO@/"$RUN_ISO_PATH"}"
             line="${line//@COM1@/"$RUN_SERIAL"}"
@@ -99,7 +100,7 @@ TEMPLATE="$VIREO_ROOT/boot/bochsrc.in"
 echo c >"$RUN_WORK/debugger.rc"
 
 BOCHS=(bochs -q -f "$BOCHSRC" -rc "$RUN_WORK/debugger.rc")
-note "booting with Bochs (cpu $CPU_MODEL, ${RUN_MEM} MiB, display ${DISPLAY_LIB%%,*})${RUN_TIMEOUT:+, timeout $RUN_TIMEOUT s}"
+note "booting with Bochs (cpu $CPU_MODEL x $RUN_SMP, ${RUN_MEM} MiB, display ${DISPLAY_LIB%%,*})${RUN_TIMEOUT:+, timeout $RUN_TIMEOUT s}"
 
 # bochs_diagnostics: the end of Bochs's log and output, after a failure.
 bochs_diagnostics() {

@@ -52,7 +52,7 @@ fn image_layout() -> ImageLayout {
 pub fn kernel_main(magic: u32, mbi_addr: u32) -> ! {
     arch::mask_legacy_pic();
     console::serial::init();
-    arch::gdt::init();
+    arch::percpu::init_bsp();
     #[cfg(target_os = "none")]
     arch::idt::init();
     console::logger::init(log::LevelFilter::Info);
@@ -102,8 +102,8 @@ pub fn kernel_main(magic: u32, mbi_addr: u32) -> ! {
 
     let mut reserved = [PhysRange::EMPTY; MAX_RESERVED];
     let n = info.reserved(image, &mut reserved);
-    let mut frames = match FrameAllocator::new(info.available(), &reserved[..n]) {
-        Ok(frames) => frames,
+    match FrameAllocator::new(info.available(), &reserved[..n]) {
+        Ok(frames) => mm::set_frames(frames),
         Err(e) => {
             report!("fatal frame allocator: {e}");
             exit::fail("no usable memory");
@@ -114,14 +114,14 @@ pub fn kernel_main(magic: u32, mbi_addr: u32) -> ! {
         .regions()
         .filter(|r| matches!(r.kind, RegionKind::Available | RegionKind::AcpiReclaimable | RegionKind::AcpiNvs))
         .map(|r| r.range);
-    let tables = match init_paging(&mut frames, ram, &cpu) {
+    let tables = match init_paging(&mut mm::frames(), ram, &cpu) {
         Ok(tables) => tables,
         Err(e) => {
             report!("fatal page tables: {e}");
             exit::fail("cannot build page tables");
         }
     };
-    init_heap(&mut frames, config.heap_bytes);
+    init_heap(&mut mm::frames(), config.heap_bytes);
 
     report!(
         "cpu vendor={} family={:#x} model={:#x} stepping={} brand=\"{}\" nx={} pages_1g={} phys_bits={}",
@@ -138,7 +138,7 @@ pub fn kernel_main(magic: u32, mbi_addr: u32) -> ! {
     report!(
         "memory total={} free={} regions={} image={:#x}-{:#x} heap={}",
         Bytes(info.available_bytes()),
-        Bytes(frames.free_bytes()),
+        Bytes(mm::frames().free_bytes()),
         info.regions().count(),
         image.start,
         image.end,
@@ -163,7 +163,7 @@ pub fn kernel_main(magic: u32, mbi_addr: u32) -> ! {
     let tsc_hz = arch::tsc::calibrate();
     let lapic_hz = arch::lapic::init();
     report!("time tsc_hz={} lapic_timer_hz={}", tsc_hz, lapic_hz.unwrap_or(0));
-    let hardware = match Hardware::enable(&cpu.virt, &mut frames) {
+    let hardware = match Hardware::enable(&cpu.virt, &mut mm::frames()) {
         Ok(hw) => {
             report!("virt enabled backend={}", hw.name());
             Some(hw)
@@ -173,12 +173,14 @@ pub fn kernel_main(magic: u32, mbi_addr: u32) -> ! {
             None
         }
     };
+    // Every other CPU: started, set up like this one, then idle (sched::ap_main).
+    arch::smp::start_aps(info.rsdp, config.cpus, hardware.map(|_| cpu.virt));
     report!("ready");
 
-    // Hand the frame allocator to every CPU.
-    mm::set_frames(frames);
-    let bsp_apic_id = raw_cpuid::CpuId::new().get_feature_info().map_or(0, |f| f.initial_local_apic_id() as u32);
-    sched::configure(&[bsp_apic_id], sched::DEFAULT_SLICE_US);
+    // The host CPUs with virtualization enabled run vCPUs.
+    if let Some(hw) = hardware {
+        sched::configure(hw, config.slice_us);
+    }
 
     static BUILDING: &str = "building VMs";
     arch::idt::set_context(&BUILDING);

@@ -96,6 +96,8 @@ pub struct Boot {
     /// `--guest` specs: `NAME[=MODULE CMDLINE]`.
     pub guests: Vec<String>,
     pub timeout: Option<u64>,
+    /// Host CPUs of the emulated machine (`--smp`); `None`: the scripts' default (2).
+    pub smp: Option<u32>,
 }
 
 impl Boot {
@@ -107,11 +109,18 @@ impl Boot {
             modules: Vec::new(),
             guests: Vec::new(),
             timeout: None,
+            smp: None,
         }
     }
 
     pub fn test_build(mut self) -> Self {
         self.build = Build::TestHooks;
+        self
+    }
+
+    /// The emulated machine's CPU count (`--smp N`).
+    pub fn smp(mut self, cpus: u32) -> Self {
+        self.smp = Some(cpus);
         self
     }
 
@@ -138,6 +147,9 @@ impl Boot {
         let mut cmd = Command::new(args[0]);
         cmd.args(&args[1..]).current_dir(repo_root());
         cmd.args(["--headless", "--timeout", &timeout.to_string(), "--elf"]).arg(&elf);
+        if let Some(n) = self.smp {
+            cmd.args(["--smp", &n.to_string()]);
+        }
         if !self.cmdline.is_empty() {
             cmd.args(["--cmdline", &self.cmdline]);
         }
@@ -215,6 +227,26 @@ impl Outcome {
     /// The value of `key=` in the first line starting with `prefix` (quotes stripped).
     pub fn field(&self, prefix: &str, key: &str) -> String {
         field(self.line(prefix), key).unwrap_or_else(|| panic!("no {key}= in `vireo: {prefix}...`\n{self:?}"))
+    }
+
+    /// Checks the SMP banner: `cpus found=N used=N` and one `cpu index=I ... online virt=VIRT`
+    /// line per CPU, indices 0..N dense, the BSP first.
+    pub fn assert_cpus_online(&self, n: usize, virt: &str) {
+        let cpus = self.line("cpus ");
+        assert_eq!(field(cpus, "found").as_deref(), Some(n.to_string().as_str()), "{self:?}");
+        assert_eq!(field(cpus, "used").as_deref(), Some(n.to_string().as_str()), "{self:?}");
+        assert_eq!(field(cpus, "apic_ids").map(|l| l.split(',').count()), Some(n), "{self:?}");
+        let online = self.lines("cpu index=");
+        assert_eq!(online.len(), n, "{self:?}");
+        for (i, l) in online.iter().enumerate() {
+            assert_eq!(field(l, "index").as_deref(), Some(i.to_string().as_str()), "{self:?}");
+            assert!(l.contains(" online ") && field(l, "virt").as_deref() == Some(virt), "{l}\n{self:?}");
+        }
+        assert!(self.lines("cpu apic_id=").is_empty(), "no CPU may stay offline\n{self:?}");
+        if n > 1 {
+            // Vireo sends each AP its wake-up IPI once and checks the AP took it.
+            assert!(self.reports().any(|l| l == "cpus wake_ipi=ok"), "{self:?}");
+        }
     }
 
     pub fn assert_exit_ok(&self) {

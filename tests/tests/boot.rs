@@ -15,10 +15,12 @@ fn bytes(s: &str) -> u64 {
     }
 }
 
-/// The common banner checks; returns the outcome for machine-specific ones.
-fn boot_and_check_banner(machine: Machine, firmware: &str) -> vireo_tests::Outcome {
-    let out = Boot::new(machine).cmdline("log=info").run();
+/// The common banner checks, on a machine with two CPUs (both must come online with
+/// virtualization `virt` on); returns the outcome for machine-specific ones.
+fn boot_and_check_banner(machine: Machine, firmware: &str, virt: &str) -> vireo_tests::Outcome {
+    let out = Boot::new(machine).smp(2).cmdline("log=info").run();
     out.assert_exit_ok();
+    out.assert_cpus_online(2, virt);
     assert!(out.line("starting ").contains("build=release"), "{out:?}");
     assert_eq!(out.field("boot ", "firmware"), firmware, "{out:?}");
     assert!(out.line("cmdline \"").contains("log=info"), "{out:?}");
@@ -35,7 +37,7 @@ fn boot_and_check_banner(machine: Machine, firmware: &str) -> vireo_tests::Outco
 
 #[test]
 fn qemu_tcg_svm_banner() {
-    let out = boot_and_check_banner(Machine::QemuSvm, "bios");
+    let out = boot_and_check_banner(Machine::QemuSvm, "bios", "svm");
     assert_eq!(out.field("cpu ", "vendor"), "AuthenticAMD", "{out:?}");
     let virt = out.line("virt ");
     // QEMU TCG emulates SVM with nested paging but not nRIP-save or decode assists.
@@ -46,13 +48,13 @@ fn qemu_tcg_svm_banner() {
 
 #[test]
 fn qemu_tcg_svm_uefi_banner() {
-    let out = boot_and_check_banner(Machine::QemuSvmUefi, "uefi");
+    let out = boot_and_check_banner(Machine::QemuSvmUefi, "uefi", "svm");
     assert!(out.line("virt ").starts_with("virt svm npt=1 "), "{out:?}");
 }
 
 #[test]
 fn bochs_vmx_banner() {
-    let out = boot_and_check_banner(Machine::BochsVmx, "bios");
+    let out = boot_and_check_banner(Machine::BochsVmx, "bios", "vmx");
     assert_eq!(out.field("cpu ", "vendor"), "GenuineIntel", "{out:?}");
     let virt = out.line("virt ");
     assert!(virt.starts_with("virt vmx ept=1 vpid=1 unrestricted=1 "), "{out:?}");
@@ -64,10 +66,35 @@ fn bochs_vmx_banner() {
 
 #[test]
 fn bochs_svm_banner() {
-    let out = boot_and_check_banner(Machine::BochsSvm, "bios");
+    let out = boot_and_check_banner(Machine::BochsSvm, "bios", "svm");
     assert_eq!(out.field("cpu ", "vendor"), "AuthenticAMD", "{out:?}");
     // Bochs's ryzen model has nested paging and nRIP-save.
     assert!(out.line("virt ").starts_with("virt svm npt=1 nrip=1 "), "{out:?}");
+}
+
+/// `cpus=1` keeps Vireo on the BSP; the other CPU is reported offline, by name.
+#[test]
+fn cpus_key_limits_host_cpus() {
+    let out = Boot::new(Machine::QemuSvm).smp(2).cmdline("cpus=1").run();
+    out.assert_exit_ok();
+    assert_eq!(out.field("cpus ", "found"), "2", "{out:?}");
+    assert_eq!(out.field("cpus ", "used"), "1", "{out:?}");
+    assert_eq!(out.lines("cpu index=").len(), 1, "{out:?}");
+    assert_eq!(out.field("cpu index=", "index"), "0", "{out:?}");
+    let offline = out.lines("cpu apic_id=");
+    assert_eq!(offline.len(), 1, "{out:?}");
+    assert!(offline[0].contains(" offline reason=\"beyond the cpus= limit\""), "{out:?}");
+}
+
+/// More CPUs than two, and a machine with one: every CPU comes up, dense indices.
+#[test]
+fn qemu_four_cpus_and_one() {
+    let out = Boot::new(Machine::QemuSvm).smp(4).run();
+    out.assert_exit_ok();
+    out.assert_cpus_online(4, "svm");
+    let out = Boot::new(Machine::QemuSvm).smp(1).run();
+    out.assert_exit_ok();
+    out.assert_cpus_online(1, "svm");
 }
 
 /// Every provoked exception gives a dump with its vector, registers and a clean stop.

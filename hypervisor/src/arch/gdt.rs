@@ -1,8 +1,12 @@
-//! GDT and TSS. Every exception and the NMI run on their own IST stack (SDM Vol. 3A §7.14.5
-//! "Interrupt Stack Table"), so a fault on a broken stack (overflow into the guard page)
-//! still gets a clean crash dump.
+//! GDT and TSS, one pair per CPU (the TSS descriptor's busy bit is set by LTR, so two CPUs
+//! can never load the same TSS: SDM Vol. 3A §9.2.3 "TSS Descriptor"). Every exception and
+//! the NMI run on their own IST stack (SDM Vol. 3A §7.14.5 "Interrupt Stack Table"), so a
+//! fault on a broken stack (overflow into the guard page) still gets a clean crash dump.
+//!
+//! The tables live in each CPU's [`PerCpu`](super::percpu::PerCpu) block; this module only
+//! builds and loads them. Every CPU's GDT has the same layout, so the selectors are
+//! constants (the IDT, shared by all CPUs, names the code selector).
 
-use spin::Once;
 use x86_64::{
     instructions::{
         segmentation::{Segment, CS, DS, ES, SS},
@@ -12,7 +16,7 @@ use x86_64::{
         gdt::{Descriptor, GlobalDescriptorTable, SegmentSelector},
         tss::TaskStateSegment,
     },
-    VirtAddr,
+    PrivilegeLevel, VirtAddr,
 };
 
 /// IST slots (1-based in the IDT gate, 0-based in the TSS array).
@@ -22,59 +26,62 @@ pub const IST_MACHINE_CHECK: u8 = 3;
 pub const IST_PAGE_FAULT: u8 = 4;
 /// All other exceptions.
 pub const IST_EXCEPTION: u8 = 5;
-const IST_COUNT: usize = 5;
+pub const IST_COUNT: usize = 5;
 pub const IST_STACK_SIZE: usize = 16 * 1024;
 
+/// One CPU's IST stacks (16-byte aligned as the SysV ABI wants at a call).
 #[repr(C, align(16))]
-struct IstStacks([[u8; IST_STACK_SIZE]; IST_COUNT]);
+pub struct IstStacks(pub [[u8; IST_STACK_SIZE]; IST_COUNT]);
+const _: () = assert!(core::mem::size_of::<IstStacks>() == IST_COUNT * IST_STACK_SIZE);
 
-static mut IST_STACKS: IstStacks = IstStacks([[0; IST_STACK_SIZE]; IST_COUNT]);
+/// Selectors of the layout every CPU's GDT has (null, code, data, TSS).
+pub const CODE: SegmentSelector = SegmentSelector::new(1, PrivilegeLevel::Ring0);
+pub const DATA: SegmentSelector = SegmentSelector::new(2, PrivilegeLevel::Ring0);
+pub const TSS: SegmentSelector = SegmentSelector::new(3, PrivilegeLevel::Ring0);
 
-pub struct Selectors {
-    pub code: SegmentSelector,
-    pub data: SegmentSelector,
-    pub tss: SegmentSelector,
+/// A TSS whose IST slots point at the tops of the stacks at `ist_base`
+/// ([`IST_COUNT`] stacks of [`IST_STACK_SIZE`] bytes, lowest slot first).
+pub fn new_tss(ist_base: u64) -> TaskStateSegment {
+    let mut tss = TaskStateSegment::new();
+    for slot in 1..=IST_COUNT as u64 {
+        tss.interrupt_stack_table[slot as usize - 1] = VirtAddr::new(ist_base + slot * IST_STACK_SIZE as u64);
+    }
+    tss
 }
 
-static TSS: Once<TaskStateSegment> = Once::new();
-static GDT: Once<(GlobalDescriptorTable, Selectors)> = Once::new();
-
-/// Address ranges of the IST stacks (for the crash dump's stack checks).
-pub fn ist_stack_range(slot: u8) -> (u64, u64) {
-    let base = core::ptr::addr_of!(IST_STACKS) as u64 + (slot as u64 - 1) * IST_STACK_SIZE as u64;
-    (base, base + IST_STACK_SIZE as u64)
+/// A GDT with the layout of [`CODE`], [`DATA`], [`TSS`] whose TSS descriptor points at `tss`.
+pub fn new_gdt(tss: &'static TaskStateSegment) -> GlobalDescriptorTable {
+    let mut gdt = GlobalDescriptorTable::new();
+    let code = gdt.append(Descriptor::kernel_code_segment());
+    let data = gdt.append(Descriptor::kernel_data_segment());
+    let t = gdt.append(Descriptor::tss_segment(tss));
+    debug_assert!(code == CODE && data == DATA && t == TSS);
+    gdt
 }
 
-/// Loads Vireo's GDT, reloads the segment registers and loads the TSS.
-pub fn init() {
-    let tss = TSS.call_once(|| {
-        let mut tss = TaskStateSegment::new();
-        for slot in 1..=IST_COUNT as u8 {
-            let (_, top) = ist_stack_range(slot);
-            tss.interrupt_stack_table[slot as usize - 1] = VirtAddr::new(top);
-        }
-        tss
-    });
-    let (gdt, sel) = GDT.call_once(|| {
-        let mut gdt = GlobalDescriptorTable::new();
-        let code = gdt.append(Descriptor::kernel_code_segment());
-        let data = gdt.append(Descriptor::kernel_data_segment());
-        let tss = gdt.append(Descriptor::tss_segment(tss));
-        (gdt, Selectors { code, data, tss })
-    });
+/// Loads `gdt` on this CPU, reloads the segment registers and loads the TSS (LTR).
+pub fn load(gdt: &'static GlobalDescriptorTable) {
     gdt.load();
-    // SAFETY: the selectors index descriptors of the GDT just loaded, which lives in a
-    // static and so outlives every use.
+    // SAFETY: the selectors index descriptors of the GDT just loaded (built by `new_gdt`),
+    // which is 'static; its TSS descriptor is not busy: each CPU has its own TSS and loads
+    // it once.
     unsafe {
-        CS::set_reg(sel.code);
-        DS::set_reg(sel.data);
-        ES::set_reg(sel.data);
-        SS::set_reg(sel.data);
-        load_tss(sel.tss);
+        CS::set_reg(CODE);
+        DS::set_reg(DATA);
+        ES::set_reg(DATA);
+        SS::set_reg(DATA);
+        load_tss(TSS);
     }
 }
 
 /// The kernel code selector (for IDT gates).
 pub fn code_selector() -> u16 {
-    GDT.get().map(|(_, s)| s.code.0).unwrap_or(0x08)
+    CODE.0
+}
+
+/// Address range of IST stack `slot` of this CPU (for the crash dump's stack checks).
+pub fn ist_stack_range(slot: u8) -> (u64, u64) {
+    let base = super::percpu::try_current().map_or(0, |p| p.ist_base());
+    let lo = base + (slot as u64 - 1) * IST_STACK_SIZE as u64;
+    (lo, lo + IST_STACK_SIZE as u64)
 }

@@ -9,9 +9,9 @@
 // The IDT is only installed on bare metal; host builds compile the rest for unit tests.
 #![cfg_attr(not(target_os = "none"), allow(dead_code))]
 
-use core::sync::atomic::{AtomicBool, AtomicPtr, Ordering};
+use core::sync::atomic::{AtomicPtr, AtomicUsize, Ordering};
 
-use super::gdt;
+use super::{gdt, percpu};
 use crate::report;
 
 /// Registers saved by the exception stubs, lowest address first.
@@ -79,8 +79,21 @@ impl Gate {
 #[repr(C, align(16))]
 struct Idt([Gate; 256]);
 
-static mut IDT: Idt =
-    Idt([Gate { offset_low: 0, selector: 0, ist: 0, attributes: 0, offset_mid: 0, offset_high: 0, reserved: 0 }; 256]);
+/// The IDT, shared by every CPU: filled once by the BSP (`init`) before any AP starts,
+/// read-only afterwards (by the CPUs' `lidt`).
+struct IdtCell(core::cell::UnsafeCell<Idt>);
+// SAFETY: written only by `init`, on the BSP, before any other CPU runs; never after.
+unsafe impl Sync for IdtCell {}
+
+static IDT: IdtCell = IdtCell(core::cell::UnsafeCell::new(Idt([Gate {
+    offset_low: 0,
+    selector: 0,
+    ist: 0,
+    attributes: 0,
+    offset_mid: 0,
+    offset_high: 0,
+    reserved: 0,
+}; 256])));
 
 /// Architectural exception vectors (SDM Vol. 3A Table 7-1).
 pub const VECTOR_NAMES: [&str; 32] = [
@@ -196,7 +209,7 @@ vireo_exception_common:
     options(att_syntax)
 );
 
-/// Fills and loads the IDT. Call after [`gdt::init`].
+/// Fills and loads the IDT (on the BSP). Call after `percpu::init_bsp` (the GDT).
 #[cfg(target_os = "none")]
 pub fn init() {
     extern "C" {
@@ -205,30 +218,42 @@ pub fn init() {
     // Taking the address of an extern static is safe (no read happens).
     let base = core::ptr::addr_of!(vireo_exception_stubs) as u64;
     let selector = gdt::code_selector();
-    // SAFETY: single-threaded early boot, interrupts off: nothing else touches IDT while it
-    // is filled; `lidt` then points at a static that lives forever.
+    // SAFETY: single-threaded early boot (no AP started yet), interrupts off: nothing else
+    // touches the IDT while it is filled; `lidt` then points at a static that lives forever.
     unsafe {
-        let idt = &mut *core::ptr::addr_of_mut!(IDT);
+        let idt = &mut *IDT.0.get();
         for (vector, gate) in idt.0.iter_mut().enumerate() {
             *gate = Gate::new(base + vector as u64 * 16, selector, ist_for(vector as u8));
         }
-        let pointer = x86_64::structures::DescriptorTablePointer {
-            limit: (core::mem::size_of::<Idt>() - 1) as u16,
-            base: x86_64::VirtAddr::new(idt as *const Idt as u64),
-        };
-        x86_64::instructions::tables::lidt(&pointer);
+    }
+    load();
+}
+
+/// Loads the shared IDT on this CPU (the BSP through [`init`], each AP once at start).
+#[cfg(target_os = "none")]
+pub fn load() {
+    let pointer = x86_64::structures::DescriptorTablePointer {
+        limit: (core::mem::size_of::<Idt>() - 1) as u16,
+        base: x86_64::VirtAddr::new(IDT.0.get() as u64),
+    };
+    // SAFETY: IDT is a static filled by `init` on the BSP before any AP starts, and never
+    // written again; every gate points at a stub in Vireo's text.
+    unsafe { x86_64::instructions::tables::lidt(&pointer) };
+}
+
+/// What Vireo was doing before the per-CPU blocks exist (first lines of the boot).
+static EARLY_CONTEXT: AtomicPtr<&'static str> = AtomicPtr::new(core::ptr::null_mut());
+
+/// Records what this CPU is doing now, for crash dumps.
+pub fn set_context(context: &'static &'static str) {
+    match percpu::try_current() {
+        Some(cpu) => cpu.set_context(context),
+        None => EARLY_CONTEXT.store(context as *const _ as *mut _, Ordering::Relaxed),
     }
 }
 
-/// What Vireo was doing, printed in crash dumps (e.g. "running vm 1, exit CPUID").
-static CONTEXT: AtomicPtr<&'static str> = AtomicPtr::new(core::ptr::null_mut());
-
-/// Records what Vireo is doing now, for crash dumps.
-pub fn set_context(context: &'static &'static str) {
-    CONTEXT.store(context as *const _ as *mut _, Ordering::Relaxed);
-}
-
-static IN_CRASH: AtomicBool = AtomicBool::new(false);
+/// 1 + the index of the CPU that is printing a crash dump; 0 = none.
+static IN_CRASH: AtomicUsize = AtomicUsize::new(0);
 
 /// Called by the stubs with the saved registers.
 #[no_mangle]
@@ -239,13 +264,10 @@ extern "C" fn vireo_exception_dispatch(frame: &mut TrapFrame) {
     super::interrupts::handle(frame.vector as u8);
 }
 
-/// Stack ranges a frame-pointer walk may read.
+/// Stack ranges a frame-pointer walk may read: this CPU's kernel stack and IST stacks.
 fn known_stack(addr: u64) -> bool {
-    extern "C" {
-        static boot_stack_bottom: u8;
-        static boot_stack_top: u8;
-    }
-    let (lo, hi) = (core::ptr::addr_of!(boot_stack_bottom) as u64, core::ptr::addr_of!(boot_stack_top) as u64);
+    let Some(cpu) = percpu::try_current() else { return false };
+    let (lo, hi) = cpu.stack();
     let in_ist = (1..=5).any(|slot| {
         let (lo, hi) = gdt::ist_stack_range(slot);
         (lo..hi - 16).contains(&addr)
@@ -262,11 +284,17 @@ fn guard_page() -> u64 {
 }
 
 fn crash(frame: &TrapFrame) -> ! {
-    crate::console::serial::force_unlock();
-    if IN_CRASH.swap(true, Ordering::SeqCst) {
+    let me = percpu::try_current().map_or(0, |c| c.index());
+    if let Err(owner) = IN_CRASH.compare_exchange(0, me + 1, Ordering::SeqCst, Ordering::SeqCst) {
+        if owner != me + 1 {
+            // Another CPU is printing its dump and will stop the machine: stay out of its way.
+            super::halt_forever();
+        }
+        crate::console::serial::force_unlock();
         report!("crash nested vector={} rip={:#x}: giving up", frame.vector, frame.rip);
         crate::platform::exit::fail("nested exception");
     }
+    crate::console::serial::force_unlock();
     let cr2 = x86_64::registers::control::Cr2::read_raw();
     let cr3 = x86_64::registers::control::Cr3::read_raw().0.start_address().as_u64();
     let name = VECTOR_NAMES[frame.vector as usize];
@@ -282,10 +310,20 @@ fn crash(frame: &TrapFrame) -> ! {
     if frame.vector == VECTOR_PAGE_FAULT as u64 && (guard_page()..guard_page() + 4096).contains(&cr2) {
         report!("crash note=\"stack overflow: the fault hit the boot stack's guard page\"");
     }
-    let context = CONTEXT.load(Ordering::Relaxed);
-    if !context.is_null() {
-        // SAFETY: CONTEXT only ever holds pointers to `&'static &'static str`.
-        report!("crash context=\"{}\"", unsafe { *context });
+    match percpu::try_current() {
+        Some(cpu) => {
+            report!("crash cpu index={} apic_id={}", cpu.index(), cpu.apic_id());
+            if let Some(context) = cpu.context() {
+                report!("crash context=\"{context}\"");
+            }
+        }
+        None => {
+            let context = EARLY_CONTEXT.load(Ordering::Relaxed);
+            if !context.is_null() {
+                // SAFETY: EARLY_CONTEXT only ever holds pointers to `&'static &'static str`.
+                report!("crash context=\"{}\"", unsafe { *context });
+            }
+        }
     }
     // Frame-pointer walk (Vireo is built with frame pointers), reading only known stacks.
     let mut rbp = frame.rbp;

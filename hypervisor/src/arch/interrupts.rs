@@ -1,5 +1,6 @@
-//! Host interrupts. Vireo runs with interrupts off; physical interrupts reach it only as
-//! exits from guests (VMX external-interrupt exiting with acknowledge-on-exit; the SVM INTR
+//! Host interrupts. Vireo runs with interrupts off, except idle APs (`sched::ap_main`, in
+//! HLT with IF = 1, woken by [`lapic::WAKE_VECTOR`]); otherwise physical interrupts reach it
+//! only as exits from guests (VMX external-interrupt exiting with acknowledge-on-exit; the SVM INTR
 //! intercept, after which the interrupt is still pending in the APIC) and are dispatched
 //! here, once, whichever way they arrived.
 
@@ -9,12 +10,21 @@ use super::lapic;
 
 static TIMER_INTERRUPTS: AtomicU64 = AtomicU64::new(0);
 static OTHER_INTERRUPTS: AtomicU64 = AtomicU64::new(0);
+static WAKE_INTERRUPTS: AtomicU64 = AtomicU64::new(0);
 
 /// Handles host interrupt `vector` (already acknowledged by the CPU).
 pub fn handle(vector: u8) {
     match vector {
         lapic::TIMER_VECTOR => {
             TIMER_INTERRUPTS.fetch_add(1, Ordering::Relaxed);
+            lapic::eoi();
+        }
+        // The wake-up IPI only ends a HLT or a guest's run; the woken CPU looks for work.
+        lapic::WAKE_VECTOR => {
+            WAKE_INTERRUPTS.fetch_add(1, Ordering::Relaxed);
+            if let Some(cpu) = super::percpu::try_current() {
+                cpu.note_wake();
+            }
             lapic::eoi();
         }
         // Spurious interrupts need no EOI (SDM Vol. 3A §12.9).
@@ -30,7 +40,15 @@ pub fn handle(vector: u8) {
 /// instruction with IF=1: STI's shadow covers the NOP, the interrupt is taken after it).
 pub fn deliver_pending() {
     // SAFETY: Vireo's IDT handles every vector; interrupts are off again right after.
-    unsafe { core::arch::asm!("sti", "nop", "cli", options(nomem, nostack)) };
+    #[cfg(target_os = "none")]
+    unsafe {
+        core::arch::asm!("sti", "nop", "cli", options(nomem, nostack))
+    };
+}
+
+/// Wake-up IPIs handled so far (all CPUs).
+pub fn wakes() -> u64 {
+    WAKE_INTERRUPTS.load(Ordering::Relaxed)
 }
 
 /// (timer interrupts, other interrupts) handled so far.

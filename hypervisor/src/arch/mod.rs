@@ -10,6 +10,8 @@ pub mod interrupts;
 pub mod lapic;
 pub mod msr;
 pub mod paging;
+pub mod percpu;
+pub mod smp;
 pub mod tsc;
 
 /// Stops this CPU for good: interrupts off, `hlt` in a loop (an NMI returns into the loop).

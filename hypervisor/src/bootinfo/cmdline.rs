@@ -7,6 +7,8 @@
 //! | `log` | `off` `error` `warn` `info` `debug` `trace` | `info` | console log level |
 //! | `exit` | `halt` `qemu` `bochs` | `halt` | what Vireo does when nothing is left to run |
 //! | `heap` | size with optional `K`/`M`/`G` suffix, 1M..1G | `16M` | Vireo's heap size |
+//! | `cpus` | 1..=256 | all | how many host CPUs Vireo starts and uses (the BSP counts) |
+//! | `slice` | `100us`..`1000ms` (`us` or `ms`) | `5ms` | the scheduler's time slice when vCPUs share a host CPU |
 //! | `test.fault` | `ud` `gp` `pf` `de` `bp` `stack` | none | test builds only: provoke a CPU exception |
 //! | `test.mbi` | `module-overlaps-image` | none | test builds only: corrupt the boot information |
 //!
@@ -56,6 +58,10 @@ pub struct Config {
     pub log: log::LevelFilter,
     pub exit: ExitMethod,
     pub heap_bytes: u64,
+    /// Most host CPUs to use (the BSP included); `None`: every enabled CPU the MADT lists.
+    pub cpus: Option<u16>,
+    /// The scheduler's time slice in microseconds.
+    pub slice_us: u64,
     pub test_fault: Option<TestFault>,
     pub test_mbi: Option<TestMbi>,
 }
@@ -66,6 +72,8 @@ impl Default for Config {
             log: log::LevelFilter::Info,
             exit: ExitMethod::Halt,
             heap_bytes: 16 << 20,
+            cpus: None,
+            slice_us: 5_000,
             test_fault: None,
             test_mbi: None,
         }
@@ -111,6 +119,23 @@ impl fmt::Display for Diag<'_> {
 const LOG_VALUES: &str = "off|error|warn|info|debug|trace";
 const EXIT_VALUES: &str = "halt|qemu|bochs";
 const HEAP_VALUES: &str = "a size from 1M to 1G, e.g. 32M";
+const SLICE_VALUES: &str = "a time from 100us to 1000ms, e.g. 5ms";
+
+/// `N` followed by `us` or `ms`, in microseconds.
+fn parse_duration_us(value: &str) -> Option<u64> {
+    let (digits, scale) = match value.strip_suffix("ms") {
+        Some(d) => (d, 1000),
+        None => (value.strip_suffix("us")?, 1),
+    };
+    if digits.is_empty() || !digits.bytes().all(|b| b.is_ascii_digit()) {
+        return None;
+    }
+    digits.parse::<u64>().ok()?.checked_mul(scale)
+}
+
+const CPUS_VALUES: &str = "a number from 1 to 256";
+/// Most host CPUs the `cpus=` key accepts.
+pub const MAX_HOST_CPUS: u16 = 256;
 const FAULT_VALUES: &str = "ud|gp|pf|de|bp|stack";
 const MBI_VALUES: &str = "module-overlaps-image";
 
@@ -145,6 +170,16 @@ pub fn parse<'a>(text: &'a str, test_hooks: bool, mut diag: impl FnMut(Diag<'a>)
             "heap" => match parse_size(value) {
                 Some(bytes) if (1 << 20..=1 << 30).contains(&bytes) => config.heap_bytes = bytes,
                 _ => diag(bad(HEAP_VALUES)),
+            },
+            "cpus" => match value.parse::<u16>() {
+                Ok(n) if (1..=MAX_HOST_CPUS).contains(&n) && value.bytes().all(|b| b.is_ascii_digit()) => {
+                    config.cpus = Some(n)
+                }
+                _ => diag(bad(CPUS_VALUES)),
+            },
+            "slice" => match parse_duration_us(value) {
+                Some(us) if (100..=1_000_000).contains(&us) => config.slice_us = us,
+                _ => diag(bad(SLICE_VALUES)),
             },
             "test.fault" | "test.mbi" if !test_hooks => diag(Diag::TestKeyWithoutHooks { key }),
             "test.fault" => match parse_fault(value) {
@@ -268,6 +303,32 @@ mod tests {
         assert_eq!(parse_all("heap=2G", false).1.len(), 1);
         assert_eq!(parse_all("heap=1G", false).0.heap_bytes, 1 << 30);
         assert_eq!(parse_all("heap=1048576", false).0.heap_bytes, 1 << 20);
+    }
+
+    #[test]
+    fn cpus_key() {
+        assert_eq!(parse_all("", false).0.cpus, None, "default: every CPU");
+        assert_eq!(parse_all("", false).0.slice_us, 5_000);
+        assert_eq!(parse_all("slice=250us", false).0.slice_us, 250);
+        assert_eq!(parse_all("slice=20ms", false).0.slice_us, 20_000);
+        for bad in ["slice=5", "slice=50us", "slice=2000ms", "slice=ms", "slice=-1ms"] {
+            let (c, d) = parse_all(bad, false);
+            assert_eq!(c.slice_us, 5_000, "{bad}");
+            assert_eq!(d.len(), 1, "{bad}");
+        }
+        let (c, d) = parse_all("cpus=1", false);
+        assert!(d.is_empty());
+        assert_eq!(c.cpus, Some(1));
+        assert_eq!(parse_all("cpus=256", false).0.cpus, Some(256));
+        assert_eq!(parse_all("cpus=\"4\"", false).0.cpus, Some(4));
+        for bad in ["cpus=0", "cpus=257", "cpus=-1", "cpus=+2", "cpus=", "cpus=two", "cpus=99999999"] {
+            let (c, d) = parse_all(bad, false);
+            assert_eq!(c.cpus, None, "{bad}");
+            assert_eq!(d.len(), 1, "{bad}");
+            assert!(d[0].contains("key 'cpus'") && d[0].contains("1 to 256"), "{bad}: {d:?}");
+        }
+        let (c, _) = parse_all("cpus=2 cpus=0", false);
+        assert_eq!(c.cpus, Some(2), "a bad value keeps the earlier good one");
     }
 
     #[test]

@@ -63,12 +63,21 @@ pub fn with_console<R>(f: impl FnOnce(&mut Console) -> R) -> R {
     f(&mut CONSOLE.lock())
 }
 
-/// Takes the console even if its lock is held: only for the crash path, where the holder
-/// (this same CPU, interrupted by the fault) will never run again.
+/// Takes the console even if its lock is held: only for the crash path. Another CPU may be
+/// in the middle of a line, so the lock is first waited for a bounded time (a few
+/// milliseconds of console output); a holder that never lets go (this same CPU,
+/// interrupted by the fault) is then overridden.
 pub fn force_unlock() {
+    for _ in 0..2_000_000 {
+        if !CONSOLE.is_locked() {
+            return;
+        }
+        core::hint::spin_loop();
+    }
     if CONSOLE.is_locked() {
-        // SAFETY: called only on the fatal path with interrupts off on the one CPU that
-        // runs Vireo today; the interrupted holder never resumes, so no two users overlap.
+        // SAFETY: called only on the fatal path with interrupts off; the holder is either
+        // this CPU (interrupted by the fault, never resumes) or a CPU that kept it for far
+        // longer than any line takes. At worst a line is mixed into the crash dump.
         unsafe { CONSOLE.force_unlock() };
     }
 }

@@ -16,33 +16,42 @@ pub use paging::{
     EntryFormat, Ept, EptMemType, LongMode, MapError, MapFlags, Npt, PageSize, PageTableMemory, PageTables, Translation,
 };
 
-/// The frame allocator, shared by every CPU (VMs are built on one CPU, their vCPUs'
-/// hardware state on others, and released wherever they end).
+/// The frame allocator every CPU shares, behind a spin lock (installed once at boot).
 static FRAMES: spin::Mutex<Option<FrameAllocator>> = spin::Mutex::new(None);
 
-/// Hands the frame allocator over to [`frames`] (once, at boot).
+/// Hands the boot-time frame allocator to [`frames`]. Call once, before any AP starts.
 pub fn set_frames(frames: FrameAllocator) {
     *FRAMES.lock() = Some(frames);
 }
 
-/// The shared frame allocator, locked.
-pub fn frames() -> FramesGuard {
-    FramesGuard(FRAMES.lock())
-}
-
+/// The locked global frame allocator. Keep the guard short: other CPUs wait on it (and
+/// never take it in an interrupt handler, which could deadlock against its own CPU).
 pub struct FramesGuard(spin::MutexGuard<'static, Option<FrameAllocator>>);
 
 impl core::ops::Deref for FramesGuard {
     type Target = FrameAllocator;
     fn deref(&self) -> &FrameAllocator {
-        self.0.as_ref().expect("the frame allocator is set at boot, before any use")
+        self.0.as_ref().expect("mm::frames() before mm::set_frames()")
     }
 }
 
 impl core::ops::DerefMut for FramesGuard {
     fn deref_mut(&mut self) -> &mut FrameAllocator {
-        self.0.as_mut().expect("the frame allocator is set at boot, before any use")
+        self.0.as_mut().expect("mm::frames() before mm::set_frames()")
     }
+}
+
+/// Locks the global frame allocator.
+///
+/// # Panics
+/// Before [`set_frames`].
+pub fn frames() -> FramesGuard {
+    FramesGuard(FRAMES.lock())
+}
+
+/// Runs `f` with the global frame allocator locked.
+pub fn with_frames<R>(f: impl FnOnce(&mut FrameAllocator) -> R) -> R {
+    f(&mut frames())
 }
 
 /// Size of the smallest x86-64 page and of one physical frame (SDM Vol. 3A §4.5).

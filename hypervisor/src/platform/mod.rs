@@ -1,3 +1,4 @@
-//! The machine around Vireo: how to stop it.
+//! The machine around Vireo: how to stop it, and the firmware's ACPI tables.
 
+pub mod acpi;
 pub mod exit;

@@ -14,7 +14,10 @@ use core::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, AtomicUsize, Ordering
 use spin::Mutex;
 
 use crate::{
-    arch::tsc,
+    arch::{
+        percpu::{self, Virt},
+        tsc,
+    },
     mm, report,
     vmm::{
         launch::{AnyBackend, Hardware},
@@ -56,15 +59,29 @@ static VMS_FAILED: AtomicUsize = AtomicUsize::new(0);
 /// VM lines refused before start.
 static VMS_REFUSED: AtomicUsize = AtomicUsize::new(0);
 
-/// The scheduler's view of the host: how many CPUs run vCPUs and their APIC IDs (index 0
-/// is the boot CPU), and the time slice.
-pub fn configure(apic_ids: &[u32], slice_us: u64) {
-    let n = apic_ids.len().clamp(1, MAX_CPUS);
-    for (slot, id) in APIC_ID.iter().zip(apic_ids) {
-        slot.store(*id, Ordering::Relaxed);
+/// The hardware every scheduler CPU drives, once configured.
+static HW: spin::Once<Hardware> = spin::Once::new();
+/// Scheduler index of each per-CPU index (usize::MAX: not a scheduler CPU).
+static SCHED_OF: [AtomicUsize; percpu::MAX_CPUS] = [const { AtomicUsize::new(usize::MAX) }; percpu::MAX_CPUS];
+
+/// Makes the boot CPU and every online AP with virtualization enabled scheduler CPUs
+/// (index 0 is the boot CPU), sets the time slice, and wakes the APs into [`cpu_main`].
+pub fn configure(hw: Hardware, slice_us: u64) {
+    let mut n = 0;
+    let bsp = percpu::current();
+    let aps = percpu::online().filter(|c| c.index() != bsp.index() && c.virt() != Virt::None);
+    for cpu in core::iter::once(bsp).chain(aps).take(MAX_CPUS) {
+        SCHED_OF[cpu.index()].store(n, Ordering::Relaxed);
+        APIC_ID[n].store(cpu.apic_id(), Ordering::Relaxed);
+        n += 1;
     }
-    ONLINE.store(n, Ordering::Release);
     SLICE_US.store(slice_us.max(100), Ordering::Relaxed);
+    ONLINE.store(n, Ordering::Release);
+    HW.call_once(|| hw);
+    report!("sched cpus={n} slice_us={}", SLICE_US.load(Ordering::Relaxed));
+    for id in APIC_ID.iter().take(n).skip(1) {
+        let _ = crate::arch::lapic::send_wake(id.load(Ordering::Relaxed));
+    }
 }
 
 pub fn online() -> usize {
@@ -73,7 +90,7 @@ pub fn online() -> usize {
 
 /// This host CPU's scheduler index.
 fn this_cpu() -> usize {
-    0
+    SCHED_OF[percpu::index() % percpu::MAX_CPUS].load(Ordering::Relaxed)
 }
 
 /// Wakes host CPU `cpu`: its running vCPU gives up the slice, a halted CPU leaves HLT.
@@ -81,7 +98,22 @@ pub fn kick(cpu: usize) {
     let cpu = cpu % MAX_CPUS;
     YIELD[cpu].store(true, Ordering::Release);
     if cpu != this_cpu() {
-        let _ = APIC_ID[cpu].load(Ordering::Relaxed);
+        // An IPI that cannot be sent leaves the CPU to notice at its next timer or exit.
+        let _ = crate::arch::lapic::send_wake(APIC_ID[cpu].load(Ordering::Relaxed));
+    }
+}
+
+/// An AP's life after its initialization: once the scheduler is configured it runs
+/// [`cpu_main`]; a CPU the scheduler does not use (no virtualization) idles in HLT.
+pub fn ap_main(index: usize) -> ! {
+    loop {
+        if let Some(hw) = HW.get() {
+            let s = SCHED_OF[index % percpu::MAX_CPUS].load(Ordering::Acquire);
+            if s != usize::MAX {
+                cpu_main(s, *hw);
+            }
+        }
+        halt_until_interrupt();
     }
 }
 

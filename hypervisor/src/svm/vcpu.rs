@@ -1,7 +1,5 @@
 //! Per-CPU SVM enablement and the SVM virtual CPU ([`SvmVcpu`], a [`Backend`]).
 
-use core::sync::atomic::{AtomicU64, Ordering};
-
 use super::{
     bitmap::{self, IOPM_SIZE, MSRPM_SIZE},
     check,
@@ -10,7 +8,7 @@ use super::{
     vmcb::{tlb_control, vintr, InterceptMisc1, InterceptMisc2, Vmcb, VmcbSegment, INTERRUPT_SHADOW, NP_ENABLE},
 };
 use crate::{
-    arch::{cpu::SvmCaps, msr},
+    arch::{cpu::SvmCaps, msr, percpu},
     mm::{FrameAllocator, PAGE_SIZE},
     vmm::{
         backend::{Backend, BackendError},
@@ -34,15 +32,15 @@ const RFLAGS_VM: u64 = 1 << 17;
 /// delivered: the VINTR intercept exits first.
 const WINDOW_VECTOR: u64 = 0x20;
 
-/// This CPU's VM_HSAVE_PA page and VMSAVE/VMLOAD host-state page (0 = not enabled).
-/// Vireo runs guests on one CPU today; SMP makes these per-CPU.
-static HSAVE_PA: AtomicU64 = AtomicU64::new(0);
-static HOST_SAVE_PA: AtomicU64 = AtomicU64::new(0);
+// This CPU's VM_HSAVE_PA page and VMSAVE/VMLOAD host-state page live in its per-CPU block
+// (`arch::percpu::PerCpu::svm_hsave`/`svm_host_save`; 0 = SVM not enabled on this CPU):
+// VM_HSAVE_PA is a per-CPU MSR (APM Vol. 2 §15.30.4) and each CPU VMSAVEs its own host state.
 
 /// Host tests: pretend `enable` ran (the simulated world switch never touches the page).
 #[cfg(test)]
 pub(super) fn test_set_host_save(pa: u64) {
-    HOST_SAVE_PA.store(pa, Ordering::Release);
+    let cpu = percpu::current();
+    cpu.set_svm_pages(cpu.svm_hsave(), pa);
 }
 
 fn check_caps(caps: &SvmCaps) -> Result<(), BackendError> {
@@ -79,8 +77,9 @@ fn free(frames: &mut FrameAllocator, pa: u64, size: usize) {
 /// harmless: the pages are allocated once, EFER and VM_HSAVE_PA are re-checked.
 pub fn enable(frames: &mut FrameAllocator, caps: &SvmCaps) -> Result<(), BackendError> {
     check_caps(caps)?;
-    let mut hsave = HSAVE_PA.load(Ordering::Acquire);
-    if hsave == 0 || HOST_SAVE_PA.load(Ordering::Acquire) == 0 {
+    let cpu = percpu::current();
+    let mut hsave = cpu.svm_hsave();
+    if hsave == 0 || cpu.svm_host_save() == 0 {
         hsave = alloc_zeroed(frames, PAGE_SIZE as usize, "out of memory for the SVM host-save area (VM_HSAVE_PA)")?;
         let host = match alloc_zeroed(frames, PAGE_SIZE as usize, "out of memory for the SVM host-state page") {
             Ok(p) => p,
@@ -89,8 +88,7 @@ pub fn enable(frames: &mut FrameAllocator, caps: &SvmCaps) -> Result<(), Backend
                 return Err(e);
             }
         };
-        HSAVE_PA.store(hsave, Ordering::Release);
-        HOST_SAVE_PA.store(host, Ordering::Release);
+        cpu.set_svm_pages(hsave, host);
     }
     // SAFETY: the CPU has SVM and the firmware has not disabled it (checked above, from
     // CPUID and VM_CR), so setting EFER.SVME does not fault; it changes nothing else about
@@ -405,7 +403,7 @@ impl Backend for SvmVcpu {
     }
 
     fn run(&mut self, regs: &mut GuestRegs) -> Exit {
-        let host_save = HOST_SAVE_PA.load(Ordering::Acquire);
+        let host_save = percpu::current().svm_host_save();
         if host_save == 0 {
             let rip = self.rip();
             return Exit {

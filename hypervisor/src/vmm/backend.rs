@@ -69,4 +69,10 @@ pub trait Backend {
     fn set_interrupt_window(&mut self, enable: bool);
     /// Bitmap of guest exception vectors that cause an `Exception` exit.
     fn set_exception_intercepts(&mut self, vectors: u32);
+
+    /// The TSC by which the guest must be back in Vireo whatever it does (the slice's end,
+    /// a timer), where the hardware can enforce it without a host interrupt (VMX: the
+    /// VMX-preemption timer, SDM Vol. 3C §26.5.1; reported as an `ExternalInterrupt` exit).
+    /// Backends without such a timer rely on the host's local APIC timer alone.
+    fn set_deadline(&mut self, _tsc: Option<u64>) {}
 }

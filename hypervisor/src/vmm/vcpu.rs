@@ -154,7 +154,12 @@ impl Vcpu {
                 break SliceEnd::Blocked;
             }
             self.deliver_events(vm, cpu);
-            self.arm_host_timer(vm, slice_end);
+            self.arm_host_timer(vm, cpu, slice_end);
+            // A host interrupt (the timer, a kick) that arrived while Vireo handled the last
+            // exit is taken here, not left pending across the entry: Bochs's VMX does not
+            // exit for an interrupt already pending at entry while the guest has IF = 0, and
+            // a timer vector left in the IRR would block every later timer interrupt.
+            crate::arch::interrupts::deliver_pending();
             let exit = cpu.run(&mut self.regs);
             if exit.kind == ExitKind::ExternalInterrupt {
                 // The one-shot host timer (or a kick) fired: re-arm if needed.
@@ -279,7 +284,7 @@ impl Vcpu {
     /// Keeps the host's one-shot timer at the earliest moment Vireo must regain control
     /// from a guest that does not exit by itself: the slice's end, the VM's time limit, a
     /// device timer, the local APIC timer.
-    fn arm_host_timer(&mut self, vm: &Vm, slice_end: u64) {
+    fn arm_host_timer<B: Backend>(&mut self, vm: &Vm, cpu: &mut B, slice_end: u64) {
         // The self-test device's timer is deliberately left out: it fires at the guest's next
         // exit or HLT after its delay (guest-abi), which keeps `sti; hlt` tests deterministic.
         let lapic = if vm.irq.has_lapics() {
@@ -288,6 +293,7 @@ impl Vcpu {
             None
         };
         let want = [Some(slice_end), vm.deadline, vm.device_deadline_tsc(), lapic].into_iter().flatten().min();
+        cpu.set_deadline(want);
         if want != self.armed {
             match want {
                 Some(t) => crate::arch::lapic::arm(t),

@@ -286,7 +286,8 @@ fn require(got: u32, bits: &[(u32, &'static str)]) -> Result<(), BackendError> {
 /// the capability and has a non-zero VPID).
 pub fn compute(caps: &CapMsrs, vpid: bool) -> Result<Controls, BackendError> {
     let pin_cap = caps.pin_cap();
-    let pin = adjust(pin::EXTERNAL_INTERRUPT_EXITING | pin::NMI_EXITING, pin_cap);
+    // The VMX-preemption timer where the CPU has it: slices end without a host interrupt.
+    let pin = adjust(pin::EXTERNAL_INTERRUPT_EXITING | pin::NMI_EXITING | pin::PREEMPTION_TIMER, pin_cap);
     require(
         pin,
         &[

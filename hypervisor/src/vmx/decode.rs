@@ -29,6 +29,7 @@ pub mod reason {
     pub const EPT_VIOLATION: u16 = 48;
     pub const EPT_MISCONFIG: u16 = 49;
     pub const INVEPT: u16 = 50;
+    pub const PREEMPTION_TIMER: u16 = 52;
     pub const INVVPID: u16 = 53;
     pub const XSETBV: u16 = 55;
 }
@@ -180,7 +181,8 @@ pub fn decode(raw: &RawExit) -> (ExitKind, u64) {
                 ExitKind::Exception { vector, error_code }
             }
         }
-        reason::EXTERNAL_INTERRUPT => ExitKind::ExternalInterrupt,
+        // The VMX-preemption timer stands in for the host timer (see Backend::set_deadline).
+        reason::EXTERNAL_INTERRUPT | reason::PREEMPTION_TIMER => ExitKind::ExternalInterrupt,
         reason::TRIPLE_FAULT => ExitKind::TripleFault,
         reason::INIT => ExitKind::Init,
         reason::SIPI => ExitKind::Sipi { vector: raw.qualification as u8 },

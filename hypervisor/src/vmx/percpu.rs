@@ -3,8 +3,8 @@
 //! [`disable`] (SDM Vol. 3C §24.7 "Enabling and Entering VMX Operation", §24.8
 //! "Restrictions on VMX Operation").
 //!
-//! CPUs are told apart by their initial APIC ID (CPUID.01H:EBX[31:24]); a vCPU records the
-//! slot of the CPU that created it and must run there (a VMCS active on one CPU must be
+//! CPUs are told apart by their dense per-CPU index (`arch::percpu::index`, 0 = BSP); a
+//! vCPU records the slot of the CPU that created it and must run there (a VMCS active on one CPU must be
 //! VMCLEARed before another CPU may use it, SDM Vol. 3C §25.1).
 
 use core::sync::atomic::{AtomicPtr, AtomicU64, Ordering};
@@ -22,8 +22,8 @@ use crate::{
     vmm::BackendError,
 };
 
-/// Slots for CPUs with APIC IDs 0-255 (xAPIC IDs).
-pub const MAX_CPUS: usize = 256;
+/// One slot per CPU index (`arch::percpu::MAX_CPUS`).
+pub const MAX_CPUS: usize = crate::arch::percpu::MAX_CPUS;
 
 /// The MSRs VMX does not switch but a guest owns (SYSCALL and SWAPGS state), in the order
 /// of [`GuestMsrs::values`].
@@ -75,9 +75,9 @@ impl CpuVmx {
 
 static CPUS: [CpuVmx; MAX_CPUS] = [const { CpuVmx::new() }; MAX_CPUS];
 
-/// This CPU's slot index (its initial APIC ID).
+/// This CPU's slot index (its dense per-CPU index; x2APIC IDs may be far above 255).
 pub fn cpu_index() -> usize {
-    raw_cpuid::CpuId::new().get_feature_info().map_or(0, |f| f.initial_local_apic_id() as usize) % MAX_CPUS
+    crate::arch::percpu::index() % MAX_CPUS
 }
 
 pub fn slot(index: usize) -> &'static CpuVmx {

@@ -63,6 +63,11 @@ pub struct VmxVcpu {
     /// GUEST_RSP as last written or read, to skip redundant VMWRITEs.
     rsp_cache: u64,
     last_external_vector: Option<u8>,
+    /// The VMX-preemption timer counts down once every 2^rate TSC ticks (IA32_VMX_MISC
+    /// bits 4:0, SDM Vol. 3C §26.5.1); `None`: the CPU has no preemption timer.
+    preemption_rate: Option<u8>,
+    /// TSC by which the guest must exit (see `Backend::set_deadline`).
+    deadline: Option<u64>,
 }
 
 /// Architectural state after RESET: the vCPU's state until the core loads its own.
@@ -147,6 +152,10 @@ impl VmxVcpu {
             pending_event: false,
             rsp_cache: 0,
             last_external_vector: None,
+            // SAFETY: IA32_VMX_MISC exists on every VMX CPU; reading it has no effect.
+            preemption_rate: (controls.pin & controls::pin::PREEMPTION_TIMER != 0)
+                .then(|| (unsafe { msr::read(msr::IA32_VMX_MISC) } & 0x1F) as u8),
+            deadline: None,
         };
         match vcpu.build(frames, &cap) {
             Ok(()) => Ok(vcpu),
@@ -700,6 +709,15 @@ impl Backend for VmxVcpu {
         if regs.rsp != self.rsp_cache {
             self.write(FieldNat::GuestRsp, regs.rsp);
         }
+        if let Some(rate) = self.preemption_rate {
+            // Counts from the entry; 0 exits before the guest runs an instruction. No
+            // deadline: the longest count (minutes at GHz rates; the host timer still runs).
+            let ticks = match self.deadline {
+                Some(d) => d.saturating_sub(instr::rdtsc()) >> rate,
+                None => u64::MAX,
+            };
+            self.write(Field32::VmxPreemptionTimerValue, ticks.min(u32::MAX as u64) as u32);
+        }
         // SAFETY: VMX root operation with this vCPU's fully set-up VMCS current (above);
         // HOST_RIP is the trampoline's exit and the host state is this CPU's (`build` ran
         // here and Vireo does not change its GDT, TSS, CR3 or segment bases afterwards);
@@ -888,6 +906,10 @@ impl Backend for VmxVcpu {
             self.controls.primary = new;
             self.write(Field32::PrimaryProcBasedControls, new);
         }
+    }
+
+    fn set_deadline(&mut self, tsc: Option<u64>) {
+        self.deadline = tsc;
     }
 
     fn set_exception_intercepts(&mut self, vectors: u32) {
