@@ -307,24 +307,23 @@ fn install_trampoline() {
 
 // ---- shared state ------------------------------------------------------------------------
 
-const ZERO: AtomicU32 = AtomicU32::new(0);
 /// APs that reached `ap_main`.
 static CHECKED_IN: AtomicU32 = AtomicU32::new(0);
 /// Per ticket: the AP's initial APIC ID + 1 and its APIC ID register + 1 (0: none yet).
-static TICKET_CPUID_ID: [AtomicU32; MAX_APS] = [ZERO; MAX_APS];
-static TICKET_REG_ID: [AtomicU32; MAX_APS] = [ZERO; MAX_APS];
+static TICKET_CPUID_ID: [AtomicU32; MAX_APS] = [const { AtomicU32::new(0) }; MAX_APS];
+static TICKET_REG_ID: [AtomicU32; MAX_APS] = [const { AtomicU32::new(0) }; MAX_APS];
 /// Bit i: the CPU with APIC ID i serves commands.
 static ALIVE: AtomicU32 = AtomicU32::new(0);
 /// Fixed IPIs (IPI_VECTOR) and NMIs received, per APIC ID.
-static IPIS: [AtomicU32; MAX_CPUS] = [ZERO; MAX_CPUS];
-static NMIS: [AtomicU32; MAX_CPUS] = [ZERO; MAX_CPUS];
+static IPIS: [AtomicU32; MAX_CPUS] = [const { AtomicU32::new(0) }; MAX_CPUS];
+static NMIS: [AtomicU32; MAX_CPUS] = [const { AtomicU32::new(0) }; MAX_CPUS];
 
 /// The mailbox: the BSP writes the command and its argument, then bumps the sequence
 /// number; each AP runs it and stores the number in its ACK slot.
 static CMD_SEQ: AtomicU32 = AtomicU32::new(0);
 static CMD: AtomicU32 = AtomicU32::new(0);
 static CMD_ARG: AtomicU64 = AtomicU64::new(0);
-static ACK: [AtomicU32; MAX_CPUS] = [ZERO; MAX_CPUS];
+static ACK: [AtomicU32; MAX_CPUS] = [const { AtomicU32::new(0) }; MAX_CPUS];
 
 /// AP commands.
 const CMD_SEND_IPI: u32 = 1; // arg: sender APIC ID | dest << 8 | ICR low << 32
@@ -562,9 +561,10 @@ fn start_aps(cpus: usize, buf: &mut Buf) -> Result<(), ()> {
             delay_us(200);
         }
         let arrived = wait_ms(3000, || CHECKED_IN.load(Ordering::SeqCst) > before);
-        if !(sent && arrived) && !failed {
+        let started = sent && arrived;
+        if !started && !failed {
             failed = true;
-            let _ = write!(buf, "AP {ap} did not check in (ICR idle: {sent}) ");
+            let _ = write!(buf, "AP {ap} did not check in (ICR went idle: {sent})");
         }
     }
     // Every AP reported its APIC ID (in start order: ticket k is APIC ID k + 1), all
