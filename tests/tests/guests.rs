@@ -138,13 +138,14 @@ fn guests_bochs_svm() {
 }
 
 /// The self-test guest's SMP checks (guests/selftest/src/smp.rs): every one printed `ok`.
-const SMP_CHECKS: [&str; 7] = [
+const SMP_CHECKS: [&str; 8] = [
     "smp_ap_start",
     "smp_ipi_bsp_to_ap",
     "smp_ipi_ap_to_bsp",
     "smp_ipi_all_excluding_self",
     "smp_ipi_logical_flat",
     "smp_ipi_nmi",
+    "smp_ipi_x2apic",
     "smp_shared_counter",
 ];
 

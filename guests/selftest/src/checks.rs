@@ -73,7 +73,7 @@ pub fn rdmsr(msr: u32) -> Result<u64, (u8, u64)> {
     }
 }
 
-fn wrmsr(msr: u32, v: u64) -> Option<(u8, u64)> {
+pub fn wrmsr(msr: u32, v: u64) -> Option<(u8, u64)> {
     expect_fault(2);
     // SAFETY: as in `rdmsr`.
     unsafe { asm!("wrmsr", in("ecx") msr, in("eax") v as u32, in("edx") (v >> 32) as u32, options(nostack)) };

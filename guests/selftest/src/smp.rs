@@ -42,6 +42,10 @@ pub const SPURIOUS_VECTOR: u8 = 0xFF;
 
 const APIC_BASE: u64 = 0xFEE0_0000;
 const MSR_APIC_BASE: u32 = 0x1B;
+const APIC_BASE_EXTD: u64 = 1 << 10;
+const MSR_X2APIC_ID: u32 = 0x802;
+const MSR_X2APIC_EOI: u32 = 0x80B;
+const MSR_X2APIC_ICR: u32 = 0x830;
 const REG_ID: u32 = 0x20;
 const REG_EOI: u32 = 0xB0;
 const REG_LDR: u32 = 0xD0;
@@ -79,9 +83,44 @@ fn apic_write(reg: u32, v: u32) {
     unsafe { asm!("mov dword ptr [{a}], {v:e}", a = in(reg) APIC_BASE + reg as u64, v = in(reg) v, options(nostack)) };
 }
 
-/// EOI for the interrupt being serviced (SDM §12.8.5): any value written to 0xB0.
+/// EOI for the interrupt being serviced (SDM §12.8.5): any value written to 0xB0, or to
+/// MSR 0x80B in x2APIC mode (SDM §12.12.1).
 pub fn eoi() {
-    apic_write(REG_EOI, 0);
+    if X2APIC_MODE[cpu_index()].load(Ordering::SeqCst) {
+        wrmsr_raw(MSR_X2APIC_EOI, 0);
+    } else {
+        apic_write(REG_EOI, 0);
+    }
+}
+
+/// Switches this CPU's local APIC from xAPIC to x2APIC mode (SDM §12.12.5: IA32_APIC_BASE
+/// EN=1, EXTD 0 -> 1) with interrupts off; returns whether it worked and the x2APIC ID
+/// (MSR 0x802) reads the initial APIC ID.
+fn enter_x2apic() -> bool {
+    // SAFETY: no interrupt may arrive between the mode switch and the EOI path's flag.
+    unsafe { asm!("cli", options(nomem, nostack)) };
+    let me = cpu_index();
+    let ok = match crate::checks::rdmsr(MSR_APIC_BASE) {
+        Ok(base) => crate::checks::wrmsr(MSR_APIC_BASE, base | APIC_BASE_EXTD).is_none(),
+        Err(_) => false,
+    };
+    let ok = ok && crate::checks::rdmsr(MSR_APIC_BASE).is_ok_and(|b| b & APIC_BASE_EXTD != 0);
+    X2APIC_MODE[me].store(ok, Ordering::SeqCst);
+    ok && crate::checks::rdmsr(MSR_X2APIC_ID) == Ok(initial_apic_id() as u64)
+}
+
+/// Sends an IPI in x2APIC mode: one WRMSR of the 64-bit ICR, destination in bits 63:32
+/// (SDM §12.12.9); there is no delivery status to wait for.
+fn send_ipi_x2apic(dest: u32, low: u32) {
+    wrmsr_raw(MSR_X2APIC_ICR, (dest as u64) << 32 | low as u64);
+}
+
+/// WRMSR without fault recovery (the recovery of `checks::wrmsr` is one global slot, not
+/// for CPUs that run at once): used only in x2APIC mode, where these MSRs exist; a #GP
+/// would be reported by the trap handler as an unexpected exception and end the VM.
+fn wrmsr_raw(msr: u32, v: u64) {
+    // SAFETY: an x2APIC register write (EOI or ICR) in x2APIC mode.
+    unsafe { asm!("wrmsr", in("ecx") msr, in("eax") v as u32, in("edx") (v >> 32) as u32, options(nostack)) };
 }
 
 /// Software-enables this CPU's local APIC (SVR bit 8) with the spurious vector.
@@ -113,8 +152,8 @@ fn rdtsc() -> u64 {
 }
 
 /// TSC ticks per millisecond: CPUID leaf 0x16 (base frequency in MHz; Vireo reports the
-/// TSC rate it calibrated there), else a generous 4 GHz guess (timeouts get longer, delays
-/// never shorter than asked on a slower TSC).
+/// TSC rate it calibrated there, e.g. 40 MHz in Bochs), else a generous 4 GHz guess
+/// (timeouts get longer, delays never shorter than asked on a slower TSC).
 fn tsc_per_ms() -> u64 {
     static CACHED: AtomicU64 = AtomicU64::new(0);
     let c = CACHED.load(Ordering::Relaxed);
@@ -122,7 +161,7 @@ fn tsc_per_ms() -> u64 {
         return c;
     }
     let mhz = __cpuid(0x16).eax as u64;
-    let per_ms = if (100..=20_000).contains(&mhz) { mhz * 1000 } else { 4_000_000 };
+    let per_ms = if (1..=20_000).contains(&mhz) { mhz * 1000 } else { 4_000_000 };
     CACHED.store(per_ms, Ordering::Relaxed);
     per_ms
 }
@@ -330,6 +369,12 @@ const CMD_SEND_IPI: u32 = 1; // arg: sender APIC ID | dest << 8 | ICR low << 32
 const CMD_LOGICAL_FLAT: u32 = 2; // set DFR flat, LDR = one bit per APIC ID (< 8)
 const CMD_COUNT: u32 = 3; // arg: iterations of the locked increment
 const CMD_PARK: u32 = 4;
+const CMD_X2APIC: u32 = 5; // switch to x2APIC mode
+const CMD_SEND_IPI_X2APIC: u32 = 6; // as CMD_SEND_IPI, through MSR 0x830
+/// Per APIC ID: the local APIC is in x2APIC mode (the EOI goes to MSR 0x80B).
+static X2APIC_MODE: [AtomicBool; MAX_CPUS] = [const { AtomicBool::new(false) }; MAX_CPUS];
+/// Per APIC ID: the switch to x2APIC mode worked (and the x2APIC ID was right).
+static X2APIC_OK: [AtomicBool; MAX_CPUS] = [const { AtomicBool::new(false) }; MAX_CPUS];
 
 fn cpu_index() -> usize {
     (initial_apic_id() as usize).min(MAX_CPUS - 1)
@@ -445,6 +490,14 @@ extern "C" fn ap_main(ticket: u32) -> ! {
                 apic_write(REG_LDR, logical_id(me) << 24);
             }
             CMD_COUNT => count(arg),
+            CMD_X2APIC if arg as usize == me => {
+                X2APIC_OK[me].store(enter_x2apic(), Ordering::SeqCst);
+                // SAFETY: back to serving with interrupts on.
+                unsafe { asm!("sti", options(nomem, nostack)) };
+            }
+            CMD_SEND_IPI_X2APIC if arg as u8 as usize == me => {
+                send_ipi_x2apic((arg >> 8) as u8 as u32, (arg >> 32) as u32);
+            }
             CMD_PARK => {
                 ACK[me].store(seq, Ordering::SeqCst);
                 park();
@@ -488,7 +541,8 @@ fn ipi_counts() -> [u32; MAX_CPUS] {
 fn expect_counts(want: &[u32; MAX_CPUS], what: &str, buf: &mut Buf) -> Result<(), ()> {
     let ok = with_interrupts(|| {
         let ok = wait_ms(2000, || ipi_counts() == *want);
-        delay_us(2000);
+        // Long enough for every vCPU to run once more (Vireo's slices are 5 ms).
+        delay_us(20_000);
         ok
     });
     let got = ipi_counts();
@@ -683,6 +737,46 @@ fn nmi(alive: u32, buf: &mut Buf) -> Result<(), ()> {
     Ok(())
 }
 
+/// Every CPU switches to x2APIC mode; fixed IPIs through MSR 0x830 both ways, EOIs
+/// through MSR 0x80B. Runs after the xAPIC checks (there is no way back short of disabling
+/// the APIC).
+fn x2apic(alive: u32, buf: &mut Buf) -> Result<(), ()> {
+    if __cpuid(1).ecx & (1 << 21) == 0 {
+        let _ = write!(buf, "CPUID.1:ECX.x2APIC clear");
+        return Err(());
+    }
+    if !enter_x2apic() {
+        let _ = write!(buf, "the BSP did not switch to x2APIC mode (or its x2APIC ID is not 0)");
+        return Err(());
+    }
+    // One AP at a time: the fault recovery of `checks::rdmsr`/`wrmsr` is one global slot.
+    for ap in aps(alive) {
+        if !command(CMD_X2APIC, ap as u64, 5000) {
+            let _ = write!(buf, "AP {ap} did not acknowledge the switch to x2APIC mode");
+            return Err(());
+        }
+    }
+    if let Some(ap) = aps(alive).find(|&ap| !X2APIC_OK[ap].load(Ordering::SeqCst)) {
+        let _ = write!(buf, "AP {ap} did not switch to x2APIC mode (or its x2APIC ID is wrong)");
+        return Err(());
+    }
+    let low = icr::FIXED | icr::ASSERT | IPI_VECTOR as u32;
+    for ap in aps(alive) {
+        let mut want = ipi_counts();
+        want[ap] += 1;
+        send_ipi_x2apic(ap as u32, low);
+        expect_counts(&want, "BSP to AP", buf)?;
+        let mut want = ipi_counts();
+        want[0] += 1;
+        if !command(CMD_SEND_IPI_X2APIC, ap as u64 | (low as u64) << 32, 5000) {
+            let _ = write!(buf, "AP {ap} did not acknowledge the command to send");
+            return Err(());
+        }
+        expect_counts(&want, "AP to BSP", buf)?;
+    }
+    Ok(())
+}
+
 fn shared_counter(alive: u32, cpus: usize, buf: &mut Buf) -> Result<(), ()> {
     const K: u64 = 20_000;
     // SAFETY: no AP counts now (every command before was acknowledged or timed out).
@@ -718,12 +812,13 @@ pub fn run(t: &mut Tally, cpus: usize) {
     t.check("smp_ap_start", result(r, &buf));
     let alive = ALIVE.load(Ordering::SeqCst);
     type Check = fn(u32, &mut Buf) -> Result<(), ()>;
-    let checks: [(&str, Check); 5] = [
+    let checks: [(&str, Check); 6] = [
         ("smp_ipi_bsp_to_ap", bsp_to_ap),
         ("smp_ipi_ap_to_bsp", ap_to_bsp),
         ("smp_ipi_all_excluding_self", shorthand),
         ("smp_ipi_logical_flat", logical),
         ("smp_ipi_nmi", nmi),
+        ("smp_ipi_x2apic", x2apic),
     ];
     for (name, check) in checks {
         buf.clear();
