@@ -474,6 +474,7 @@ extern "C" fn ap_main(ticket: u32) -> ! {
     unsafe { asm!("sti", options(nomem, nostack)) };
     let mut seen = 0;
     loop {
+        HEARTBEAT[me].fetch_add(1, Ordering::Relaxed);
         let seq = CMD_SEQ.load(Ordering::Acquire);
         if seq == seen {
             spin_loop();
@@ -525,8 +526,22 @@ fn command(cmd: u32, arg: u64, ms: u64) -> bool {
     CMD_ARG.store(arg, Ordering::SeqCst);
     let seq = CMD_SEQ.fetch_add(1, Ordering::SeqCst) + 1;
     let alive = ALIVE.load(Ordering::SeqCst);
-    wait_ms(ms, || (1..MAX_CPUS).all(|i| alive & (1 << i) == 0 || ACK[i].load(Ordering::Acquire) == seq))
+    let beats: [u64; MAX_CPUS] = core::array::from_fn(|i| HEARTBEAT[i].load(Ordering::Relaxed));
+    let done = wait_ms(ms, || aps(alive).all(|i| ACK[i].load(Ordering::Acquire) == seq));
+    for i in aps(alive).filter(|&i| ACK[i].load(Ordering::Acquire) != seq) {
+        // Evidence for a FAIL: did the AP run its loop at all while we waited?
+        let _ = writeln!(
+            Console,
+            "selftest: smp command {cmd} seq {seq}: AP {i} acknowledged {} after {ms} ms; its loop ran {} times meanwhile",
+            ACK[i].load(Ordering::Acquire),
+            HEARTBEAT[i].load(Ordering::Relaxed).wrapping_sub(beats[i])
+        );
+    }
+    done
 }
+
+/// Per APIC ID: iterations of the AP's command loop.
+static HEARTBEAT: [AtomicU64; MAX_CPUS] = [const { AtomicU64::new(0) }; MAX_CPUS];
 
 fn aps(alive: u32) -> impl Iterator<Item = usize> {
     (1..MAX_CPUS).filter(move |i| alive & (1 << i) != 0)
