@@ -137,6 +137,52 @@ fn guests_bochs_svm() {
     check_garbage_refused(&out);
 }
 
+/// The self-test guest's SMP checks (guests/selftest/src/smp.rs): every one printed `ok`.
+const SMP_CHECKS: [&str; 8] = [
+    "smp_ap_start",
+    "smp_ipi_bsp_to_ap",
+    "smp_ipi_ap_to_bsp",
+    "smp_ipi_all_excluding_self",
+    "smp_ipi_logical_flat",
+    "smp_ipi_nmi",
+    "smp_ipi_x2apic",
+    "smp_shared_counter",
+];
+
+/// VM `vm` (a self-test guest with `cpus` vCPUs) passed every check, the SMP ones included,
+/// and every vCPU ran.
+fn check_selftest_smp(out: &Outcome, vm: &str, cpus: usize) {
+    let lines = out.guest_lines(vm);
+    let failed: Vec<_> = lines.iter().filter(|l| l.contains(" FAIL")).collect();
+    assert!(failed.is_empty(), "{vm}: failing checks: {failed:?}\n{out:?}");
+    for check in SMP_CHECKS {
+        let ok = format!("selftest: {check} ok");
+        assert!(lines.contains(&ok.as_str()), "{vm}: no `{ok}`\n{out:?}");
+    }
+    let summary = lines.iter().find(|l| l.ends_with(" failed")).unwrap_or_else(|| panic!("{vm}: no summary\n{out:?}"));
+    assert!(summary.ends_with(", 0 failed"), "{summary}\n{out:?}");
+    let end = out.line(&format!("vm name={vm} end "));
+    assert_eq!(field(end, "outcome").as_deref(), Some("exited"), "{out:?}");
+    assert_eq!(field(end, "status").as_deref(), Some("0"), "{out:?}");
+    assert_eq!(out.field(&format!("vm name={vm} start "), "cpus"), cpus.to_string(), "{out:?}");
+    for i in 0..cpus {
+        let exits = out.field(&format!("vm name={vm} vcpu={i} "), "exits");
+        assert_ne!(exits, "0", "{vm}: vCPU {i} never exited\n{out:?}");
+    }
+}
+
+/// Two and four vCPUs: APs started by INIT-SIPI-SIPI, IPIs both ways, a shared counter.
+#[test]
+fn selftest_smp_qemu_tcg_svm() {
+    let out =
+        Boot::new(Machine::QemuSvm).guest("selftest=smp cpus=2").guest("selftest=smp4 cpus=4").guest("selftest").run();
+    check_verdict(&out, 3, 0);
+    check_selftest_smp(&out, "smp", 2);
+    check_selftest_smp(&out, "smp4", 4);
+    assert!(out.guest_lines("selftest").contains(&"selftest: smp not applicable (1 vCPU)"), "{out:?}");
+    check_selftest(&out);
+}
+
 /// A bad VM description is refused by name; the rest still runs.
 #[test]
 fn bad_vm_spec_is_refused() {

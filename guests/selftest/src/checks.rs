@@ -17,13 +17,13 @@ use crate::{
     traps::{self, expect_fault, settle, BP_COUNT, IRQ_COUNT, TEST_VECTOR},
 };
 
-struct Tally {
+pub struct Tally {
     passed: u32,
     failed: u32,
 }
 
 impl Tally {
-    fn check(&mut self, name: &str, result: Result<(), &str>) {
+    pub fn check(&mut self, name: &str, result: Result<(), &str>) {
         match result {
             Ok(()) => {
                 self.passed += 1;
@@ -62,7 +62,7 @@ fn inl(port: u16) -> u32 {
     v
 }
 
-fn rdmsr(msr: u32) -> Result<u64, (u8, u64)> {
+pub fn rdmsr(msr: u32) -> Result<u64, (u8, u64)> {
     let (lo, hi): (u32, u32);
     expect_fault(2);
     // SAFETY: a faulting RDMSR is recovered by the trap handler (2-byte instruction).
@@ -73,7 +73,7 @@ fn rdmsr(msr: u32) -> Result<u64, (u8, u64)> {
     }
 }
 
-fn wrmsr(msr: u32, v: u64) -> Option<(u8, u64)> {
+pub fn wrmsr(msr: u32, v: u64) -> Option<(u8, u64)> {
     expect_fault(2);
     // SAFETY: as in `rdmsr`.
     unsafe { asm!("wrmsr", in("ecx") msr, in("eax") v as u32, in("edx") (v >> 32) as u32, options(nostack)) };
@@ -87,8 +87,8 @@ fn other(insn: Instruction) -> Instruction {
     }
 }
 
-/// Runs every check; returns the number that failed.
-pub fn run_all(ram: u64) -> u32 {
+/// Runs every check (the SMP ones too when `cpus` > 1); returns the number that failed.
+pub fn run_all(ram: u64, cpus: usize) -> u32 {
     let mut t = Tally { passed: 0, failed: 0 };
     let _ = writeln!(Console, "selftest: start ram={ram:#x}");
 
@@ -283,6 +283,8 @@ pub fn run_all(ram: u64) -> u32 {
             .and(ensure(buf[0] > 0, "no CPUID exits counted"))
             .and(ensure(buf[4 * 2] >= 1000, "fewer hypercalls counted than made"))
     });
+
+    crate::smp::run(&mut t, cpus);
 
     let _ = writeln!(Console, "selftest: {} passed, {} failed", t.passed, t.failed);
     t.failed

@@ -1,7 +1,9 @@
 //! Vireo's self-test guest. Vireo starts it in 64-bit mode with RDI = RAM size and
 //! RSI = guest-physical address of its module command line (NUL-terminated). Modes:
 //! - (default) run every check, print `selftest: <check> ok|FAIL ...` lines and the summary
-//!   `selftest: N passed, M failed`, then end the VM with status M;
+//!   `selftest: N passed, M failed`, then end the VM with status M; with `cpus=N` (N >= 2)
+//!   on the VM line the SMP checks (`smp.rs`) run too: APs started by INIT-SIPI-SIPI, IPIs
+//!   both ways, a spinlock-protected shared counter;
 //! - `bench=N`: N hypercall round trips, timed with the TSC;
 //! - `hostile=N`: N random hostile operations (wild MSRs, ports, hypercalls, pointers);
 //! - `mode=triple-fault`: fault with no usable IDT, which triple-faults;
@@ -13,6 +15,8 @@
 mod checks;
 #[cfg(target_os = "none")]
 mod console;
+#[cfg(target_os = "none")]
+mod smp;
 #[cfg(target_os = "none")]
 mod traps;
 
@@ -97,7 +101,9 @@ mod guest {
             crate::checks::bench(n);
             exit(0);
         }
-        let failed = crate::checks::run_all(ram);
+        // Vireo hands the guest its whole VM line, `cpus=N` included.
+        let cpus = args.split_whitespace().find_map(|a| a.strip_prefix("cpus=")).and_then(|n| n.parse().ok());
+        let failed = crate::checks::run_all(ram, cpus.unwrap_or(1));
         exit(failed as u64)
     }
 

@@ -86,6 +86,19 @@ extern "C" fn guest_trap(frame: &mut Frame) {
         IRQ_COUNT.fetch_add(1, Ordering::SeqCst);
         return;
     }
+    if v == crate::smp::IPI_VECTOR as u64 {
+        crate::smp::on_ipi();
+        return;
+    }
+    if v == 2 {
+        // NMI IPIs of the SMP checks.
+        crate::smp::on_nmi();
+        return;
+    }
+    if v == crate::smp::SPURIOUS_VECTOR as u64 {
+        // A spurious interrupt (SDM §12.9): no EOI.
+        return;
+    }
     if v == 3 {
         // #BP is a trap: RIP is already past INT3.
         BP_COUNT.fetch_add(1, Ordering::SeqCst);
@@ -121,7 +134,7 @@ pub fn install() {
         static guest_stubs: u8;
     }
     let base = core::ptr::addr_of!(guest_stubs) as u64;
-    // SAFETY: single-threaded guest, IDT filled before LIDT points at it.
+    // SAFETY: only the BSP runs yet (APs start later), IDT filled before LIDT points at it.
     unsafe {
         let idt = &mut *core::ptr::addr_of_mut!(IDT);
         for (v, gate) in idt.0.iter_mut().enumerate() {
@@ -130,12 +143,16 @@ pub fn install() {
             gate[0] = (h & 0xFFFF) | (0x10 << 16) | (0x8E00u64 << 32) | ((h >> 16) & 0xFFFF) << 48;
             gate[1] = h >> 32;
         }
-        let ptr: [u16; 5] = {
-            let b = idt as *const Idt as u64;
-            [4095, b as u16, (b >> 16) as u16, (b >> 32) as u16, (b >> 48) as u16]
-        };
-        core::arch::asm!("lidt [{}]", in(reg) ptr.as_ptr(), options(nostack));
     }
+    load();
+}
+
+/// Loads the guest's IDT on this CPU (the BSP after filling it; each AP as it starts).
+pub fn load() {
+    let b = core::ptr::addr_of!(IDT) as u64;
+    let ptr: [u16; 5] = [4095, b as u16, (b >> 16) as u16, (b >> 32) as u16, (b >> 48) as u16];
+    // SAFETY: IDT is filled by `install` before any CPU calls this, and never changes after.
+    unsafe { core::arch::asm!("lidt [{}]", in(reg) ptr.as_ptr(), options(nostack)) };
 }
 
 /// Loads an empty IDT and raises #BP: #BP cannot be delivered -> #GP -> #DF -> shutdown.
