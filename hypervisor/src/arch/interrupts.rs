@@ -4,9 +4,21 @@
 //! intercept, after which the interrupt is still pending in the APIC) and are dispatched
 //! here, once, whichever way they arrived.
 
-use core::sync::atomic::{AtomicU64, Ordering};
+use core::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 
-use super::lapic;
+use super::{lapic, percpu};
+
+/// Per CPU: the one-shot host timer fired since [`take_timer_fired`] last looked.
+static TIMER_FIRED: [AtomicBool; percpu::MAX_CPUS] = [const { AtomicBool::new(false) }; percpu::MAX_CPUS];
+
+/// Whether this CPU's one-shot timer fired since the last call (clears it): whoever keeps
+/// the timer armed must arm it again.
+pub fn take_timer_fired() -> bool {
+    match percpu::try_current() {
+        Some(cpu) => TIMER_FIRED[cpu.index() % percpu::MAX_CPUS].swap(false, Ordering::Relaxed),
+        None => false,
+    }
+}
 
 static TIMER_INTERRUPTS: AtomicU64 = AtomicU64::new(0);
 static OTHER_INTERRUPTS: AtomicU64 = AtomicU64::new(0);
@@ -17,6 +29,9 @@ pub fn handle(vector: u8) {
     match vector {
         lapic::TIMER_VECTOR => {
             TIMER_INTERRUPTS.fetch_add(1, Ordering::Relaxed);
+            if let Some(cpu) = percpu::try_current() {
+                TIMER_FIRED[cpu.index() % percpu::MAX_CPUS].store(true, Ordering::Relaxed);
+            }
             lapic::eoi();
         }
         // The wake-up IPI only ends a HLT or a guest's run; the woken CPU looks for work.

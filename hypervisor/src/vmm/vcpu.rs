@@ -154,17 +154,17 @@ impl Vcpu {
                 break SliceEnd::Blocked;
             }
             self.deliver_events(vm, cpu);
-            self.arm_host_timer(vm, cpu, slice_end);
             // A host interrupt (the timer, a kick) that arrived while Vireo handled the last
             // exit is taken here, not left pending across the entry: Bochs's VMX does not
             // exit for an interrupt already pending at entry while the guest has IF = 0, and
-            // a timer vector left in the IRR would block every later timer interrupt.
+            // a timer vector left in the IRR would block every later timer interrupt. A timer
+            // taken here (or at any exit) is no longer armed.
             crate::arch::interrupts::deliver_pending();
-            let exit = cpu.run(&mut self.regs);
-            if exit.kind == ExitKind::ExternalInterrupt {
-                // The one-shot host timer (or a kick) fired: re-arm if needed.
+            if crate::arch::interrupts::take_timer_fired() {
                 self.armed = None;
             }
+            self.arm_host_timer(vm, cpu, slice_end);
+            let exit = cpu.run(&mut self.regs);
             self.history[self.history_next] = Some(exit);
             self.history_next = (self.history_next + 1) % HISTORY;
             let flow = match vm.deadline {
