@@ -32,6 +32,15 @@ echo "linux-guest: mem_kb $(awk '/^MemTotal:/ { print $2; exit }' /proc/meminfo)
 echo "linux-guest: flags $(awk '/^flags[ \t]*:/ { sub(/^flags[ \t]*:[ \t]*/, ""); print; exit }' /proc/cpuinfo)"
 echo "linux-guest: clocksource $(first_line /sys/devices/system/clocksource/clocksource0/current_clocksource)"
 
+# Restart test: with linux_guest_reboot=1 the first boot resets the machine; Vireo builds the
+# VM again and adds vireo_boot=N (N >= 2) to the kernel command line of later boots.
+echo "linux-guest: boot ${vireo_boot:-1}"
+if [ "${linux_guest_reboot:-}" = 1 ] && [ -z "${vireo_boot:-}" ]; then
+    echo "linux-guest: rebooting"
+    reboot -f
+    while :; do sleep 3600; done
+fi
+
 # The workload: a compute loop in shell arithmetic (user mode only, no system calls), then a
 # fork+exec loop (/bin/true is a link to busybox: each round forks, execs a static binary and
 # waits for it). Sizes: 1..200000 and 200 rounds, or what the kernel command line says with

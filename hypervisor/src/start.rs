@@ -16,6 +16,7 @@ use crate::{
     platform::exit,
     report, sched,
     vmm::{
+        self,
         launch::{self, Hardware},
         spec,
     },
@@ -201,7 +202,9 @@ pub fn kernel_main(magic: u32, mbi_addr: u32) -> ! {
         if spec::initrd_of(m.cmdline).is_some() {
             continue;
         }
-        let spec = match spec::parse(m.cmdline) {
+        // The line outlives this loop: a VM whose guest resets it is built again from it.
+        let line: &'static str = alloc::boxed::Box::leak(alloc::string::String::from(m.cmdline).into_boxed_str());
+        let spec = match spec::parse(line) {
             Ok(spec) => spec,
             Err(e) => {
                 report!("vm module={} not started reason=\"{e}\"", m.index);
@@ -222,8 +225,11 @@ pub fn kernel_main(magic: u32, mbi_addr: u32) -> ! {
             .find(|k| spec::initrd_of(k.cmdline) == Some(spec.name))
             // SAFETY: as for `image`.
             .map(|k| unsafe { module_bytes(k) });
-        match launch::build_vm(hw, &mut mm::frames(), &spec, image, initrd, sched::kick) {
-            Ok(vm) => vms.push(vm),
+        match launch::build_vm(hw, &mut mm::frames(), &spec, image, initrd, sched::kick, 1) {
+            Ok(mut vm) => {
+                vm.relaunch = Some(vmm::vm::Relaunch { spec, image, initrd, boot: 1 });
+                vms.push(vm)
+            }
             Err(e) => {
                 report!("vm name={} not started reason=\"{e}\"", spec.name);
                 sched::note_refused();

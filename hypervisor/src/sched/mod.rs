@@ -168,10 +168,24 @@ fn as_expected(vm: &Vm, outcome: VmOutcome) -> bool {
     }
 }
 
-/// Reports a VM whose vCPUs are all retired and gives its memory back.
+/// Consecutive restarts after which a VM whose guest keeps resetting it ends instead.
+pub const MAX_RESTARTS: u32 = 64;
+
+/// Reports a VM whose vCPUs are all retired and gives its memory back. A VM whose guest
+/// reset the machine starts again, freshly built (new memory, devices and vCPUs).
 fn finish(vm: Arc<Vm>) {
     vm.report_end();
     let outcome = vm.outcome().map(|(o, _)| o).unwrap_or(VmOutcome::Halted);
+    let relaunch = vm.relaunch.filter(|r| outcome == VmOutcome::Reset && r.boot <= MAX_RESTARTS);
+    if let Some(r) = relaunch {
+        let name = vm.name.clone();
+        release(vm);
+        restart(&name, r);
+        if LIVE_VMS.fetch_sub(1, Ordering::AcqRel) == 1 {
+            kick(0);
+        }
+        return;
+    }
     let ok = as_expected(&vm, outcome);
     report!("vm name={} result={}", vm.name, if ok { "as-expected" } else { "unexpected" });
     if ok {
@@ -179,6 +193,32 @@ fn finish(vm: Arc<Vm>) {
     } else {
         VMS_FAILED.fetch_add(1, Ordering::Relaxed);
     }
+    release(vm);
+    if LIVE_VMS.fetch_sub(1, Ordering::AcqRel) == 1 {
+        kick(0);
+    }
+}
+
+/// Builds and starts a reset VM again (its LIVE_VMS count is taken before the old one's is
+/// dropped, so the run does not end in between).
+fn restart(name: &str, r: crate::vmm::vm::Relaunch) {
+    let Some(hw) = HW.get() else { return };
+    let boot = r.boot + 1;
+    report!("vm name={name} restart boot={boot}");
+    match crate::vmm::launch::build_vm(hw, &mut mm::frames(), &r.spec, r.image, r.initrd, kick, boot) {
+        Ok(mut vm) => {
+            vm.relaunch = Some(crate::vmm::vm::Relaunch { boot, ..r });
+            start_vm(vm);
+        }
+        Err(e) => {
+            report!("vm name={name} not restarted reason=\"{e}\"");
+            VMS_FAILED.fetch_add(1, Ordering::Relaxed);
+        }
+    }
+}
+
+/// Gives a finished VM's memory back.
+fn release(vm: Arc<Vm>) {
     // The console poll may hold a reference for a moment.
     let mut vm = vm;
     for attempt in 0.. {
@@ -196,9 +236,6 @@ fn finish(vm: Arc<Vm>) {
                 break;
             }
         }
-    }
-    if LIVE_VMS.fetch_sub(1, Ordering::AcqRel) == 1 {
-        kick(0);
     }
 }
 

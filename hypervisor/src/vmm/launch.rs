@@ -140,6 +140,9 @@ impl AnyBackend {
 }
 
 /// Builds the VM for `spec` from `image` (its memory, devices and vCPUs), ready to run.
+///
+/// `boot_number` counts the VM's boots (1 = first; a guest reset starts the next): a Linux
+/// guest sees it from the second boot on as `vireo_boot=N` at the end of its kernel command line.
 pub fn build_vm(
     hw: &Hardware,
     frames: &mut FrameAllocator,
@@ -147,6 +150,7 @@ pub fn build_vm(
     image: &[u8],
     initrd: Option<&[u8]>,
     kick: KickFn,
+    boot_number: u32,
 ) -> Result<Vm, LaunchError> {
     // A Linux kernel is recognised by its setup header; anything that claims to be one and
     // fails validation is reported as a bad kernel, not as an unknown file.
@@ -171,7 +175,14 @@ pub fn build_vm(
             // boot64's identity map and GDT are what the 64-bit boot protocol asks for;
             // the zero page goes above them (guest/linux.rs layout).
             let boot = boot64::setup(&mem, 0).map_err(LaunchError::Memory)?;
-            let cmdline = if spec.kernel_cmdline.is_empty() { DEFAULT_LINUX_CMDLINE } else { spec.kernel_cmdline };
+            let base = if spec.kernel_cmdline.is_empty() { DEFAULT_LINUX_CMDLINE } else { spec.kernel_cmdline };
+            let with_boot;
+            let cmdline = if boot_number > 1 {
+                with_boot = alloc::format!("{base} vireo_boot={boot_number}");
+                with_boot.as_str()
+            } else {
+                base
+            };
             // ACPI tables in the BIOS area, reported to Linux through the zero page.
             let mut tables = alloc::vec![0u8; acpi::MAX_LEN];
             let (rsdp, used) =

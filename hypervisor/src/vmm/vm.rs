@@ -69,8 +69,20 @@ pub fn rdtsc() -> u64 {
     unsafe { core::arch::x86_64::_rdtsc() }
 }
 
+/// What it takes to build a VM again when its guest resets it.
+#[derive(Clone, Copy)]
+pub struct Relaunch {
+    pub spec: super::spec::VmSpec<'static>,
+    pub image: &'static [u8],
+    pub initrd: Option<&'static [u8]>,
+    /// This VM's boot number (1 = first).
+    pub boot: u32,
+}
+
 pub struct Vm {
     pub name: String,
+    /// Set for VMs that restart when their guest resets the machine.
+    pub relaunch: Option<Relaunch>,
     pub mem: GuestMemory,
     pub bus: Bus,
     pub irq: Arc<Interrupts>,
@@ -117,6 +129,7 @@ impl Vm {
         let waiting = vcpus.iter().filter(|v| v.state == VcpuState::WaitForSipi).count();
         let vm = Self {
             name: String::from(name),
+            relaunch: None,
             mem,
             bus,
             irq,
@@ -305,7 +318,7 @@ impl Vm {
                 tsc::to_nanos(v.sched.steal) / 1000
             );
         }
-        if matches!(outcome, VmOutcome::Exited { .. } | VmOutcome::PoweredOff) {
+        if matches!(outcome, VmOutcome::Exited { .. } | VmOutcome::PoweredOff | VmOutcome::Reset) {
             return;
         }
         let Some(v) = self.vcpus.get(culprit) else { return };
