@@ -70,11 +70,8 @@ pub struct RawExit {
     pub nrip: Option<u64>,
 }
 
-/// Exception vectors whose delivery pushes an error code (APM Vol. 2 §8.2): #DF, #TS, #NP,
-/// #SS, #GP, #PF, #AC, #CP, #VC, #SX. For intercepted exceptions EXITINFO1 holds it (§15.12).
-pub fn has_error_code(vector: u8) -> bool {
-    matches!(vector, 8 | 10..=14 | 17 | 21 | 29 | 30)
-}
+/// For intercepted exceptions that push an error code, EXITINFO1 holds it (APM Vol. 2 §15.12).
+use crate::vmm::exit::exception_has_error_code as has_error_code;
 
 /// Decodes an IOIO intercept's EXITINFO1 (APM Vol. 2 §15.10.2, Figure 15-2): bit 0 IN,
 /// bit 2 string, bit 3 REP, bits 6:4 operand size one-hot (8/16/32), bits 31:16 port.
@@ -128,7 +125,7 @@ pub fn decode(raw: &RawExit) -> (ExitKind, u64) {
             let error_code = has_error_code(vector).then_some(raw.info1 as u32);
             (ExitKind::Exception { vector, error_code }, rip)
         }
-        code::INTR => (ExitKind::ExternalInterrupt, rip),
+        code::INTR => (ExitKind::ExternalInterrupt { vector: None }, rip),
         code::NMI => (ExitKind::Nmi, rip),
         code::INIT => (ExitKind::Init, rip),
         code::VINTR => (ExitKind::InterruptWindow, rip),
@@ -262,7 +259,7 @@ mod tests {
 
     #[test]
     fn events_and_failures() {
-        assert_eq!(d(0x60, 0, 0, None).0, ExitKind::ExternalInterrupt);
+        assert_eq!(d(0x60, 0, 0, None).0, ExitKind::ExternalInterrupt { vector: None });
         assert_eq!(d(0x61, 0, 0, None).0, ExitKind::Nmi);
         assert_eq!(d(0x63, 0, 0, None).0, ExitKind::Init);
         assert_eq!(d(0x64, 0, 0, None).0, ExitKind::InterruptWindow);

@@ -459,10 +459,6 @@ impl Backend for SvmVcpu {
             nrip: nrip.then_some(v.control.next_rip),
         };
         let (kind, next_rip) = decode::decode(&raw);
-        if kind == ExitKind::ExternalInterrupt {
-            // The interrupt is still pending in the APIC: take it through the IDT now.
-            crate::arch::interrupts::deliver_pending();
-        }
         let v = self.vmcb_mut();
         // The injected event was delivered, or its delivery was interrupted and
         // EXITINTINFO says so (§15.7.2): retry it at the next entry.
@@ -472,11 +468,6 @@ impl Backend for SvmVcpu {
             self.injected = again;
         }
         self.tlb_next = tlb_control::DO_NOTHING;
-        if kind == ExitKind::InterruptWindow {
-            // The window is open: the request is fulfilled (and V_IRQ would otherwise
-            // keep exiting).
-            self.set_interrupt_window(false);
-        }
         Exit { kind, rip: raw.rip, next_rip, raw: exitcode, tsc }
     }
 

@@ -57,8 +57,13 @@ pub enum ExitKind {
     },
     /// The guest triple-faulted (SVM SHUTDOWN, VMX triple fault).
     TripleFault,
-    /// A physical interrupt arrived while the guest ran.
-    ExternalInterrupt,
+    /// A physical interrupt arrived while the guest ran (or the backend's own deadline
+    /// timer expired). `vector`: the hardware acknowledged it on exit (VMX "acknowledge
+    /// interrupt on exit") and the core must hand it to the host handler; `None`: it is
+    /// still pending in the local APIC (SVM INTR) and is taken through the IDT.
+    ExternalInterrupt {
+        vector: Option<u8>,
+    },
     /// The guest became interruptible (requested with `Backend::set_interrupt_window`).
     InterruptWindow,
     Nmi,
@@ -97,7 +102,7 @@ impl ExitKind {
             ExitKind::NestedPageFault(_) => 7,
             ExitKind::Exception { .. } => 8,
             ExitKind::TripleFault => 9,
-            ExitKind::ExternalInterrupt => 10,
+            ExitKind::ExternalInterrupt { .. } => 10,
             ExitKind::InterruptWindow => 11,
             ExitKind::Nmi => 12,
             ExitKind::Init => 13,
@@ -184,6 +189,14 @@ pub const VECTOR_GP: u8 = 13;
 pub const VECTOR_PF: u8 = 14;
 pub const VECTOR_AC: u8 = 17;
 pub const VECTOR_MC: u8 = 18;
+
+/// Exception vectors whose delivery pushes an error code: #DF, #TS, #NP, #SS, #GP, #PF, #AC
+/// (SDM Vol. 3A §7.3 Table 7-1, Vol. 3C §27.2.1.3), #CP (CET), and AMD's #VC and #SX (APM
+/// Vol. 2 §8.2). Both backends use this one definition, for intercepted exceptions and for
+/// injection.
+pub const fn exception_has_error_code(vector: u8) -> bool {
+    matches!(vector, 8 | 10..=14 | 17 | 21 | 29 | 30)
+}
 
 /// Exception classes for delivering one exception while another is being delivered
 /// (SDM Vol. 3A §7.15, Tables 7-4 and 7-5).
@@ -285,7 +298,7 @@ mod tests {
             ExitKind::NestedPageFault(NptAccess { gpa: 0, write: false, fetch: false, present: false, gla: None }),
             ExitKind::Exception { vector: 6, error_code: None },
             ExitKind::TripleFault,
-            ExitKind::ExternalInterrupt,
+            ExitKind::ExternalInterrupt { vector: None },
             ExitKind::InterruptWindow,
             ExitKind::Nmi,
             ExitKind::Init,

@@ -513,7 +513,17 @@ impl Vcpu {
             ExitKind::Exception { vector, error_code } => return self.reflect(cpu, vector, error_code),
             ExitKind::TripleFault => return Flow::Stop(VmOutcome::TripleFault { vcpu: self.index }),
             // A host interrupt (timer, kick) or NMI: the exit itself was all that was needed.
-            ExitKind::ExternalInterrupt | ExitKind::Nmi | ExitKind::Pause | ExitKind::ControlRegister => {}
+            // A host interrupt: the hardware acknowledged it (VMX), so it is handled here;
+            // one still pending in the APIC (SVM) is taken before the next entry.
+            ExitKind::ExternalInterrupt { vector: Some(v) } => crate::arch::interrupts::handle(v),
+            // A host interrupt still pending, a host NMI, PAUSE or a CR access the backend
+            // completed: the exit itself was all that was needed.
+            ExitKind::ExternalInterrupt { vector: None }
+            | ExitKind::Nmi
+            | ExitKind::Pause
+            | ExitKind::ControlRegister => {}
+            // The window is open: the request is fulfilled (left set, SVM's V_IRQ would keep
+            // exiting); the pending interrupt is injected before the next entry.
             ExitKind::InterruptWindow => cpu.set_interrupt_window(false),
             // Physical INIT/SIPI signals (not the guest's: those go through its local APIC).
             ExitKind::Init | ExitKind::Sipi { .. } => {}

@@ -182,7 +182,10 @@ pub fn decode(raw: &RawExit) -> (ExitKind, u64) {
             }
         }
         // The VMX-preemption timer stands in for the host timer (see Backend::set_deadline).
-        reason::EXTERNAL_INTERRUPT | reason::PREEMPTION_TIMER => ExitKind::ExternalInterrupt,
+        reason::EXTERNAL_INTERRUPT => ExitKind::ExternalInterrupt {
+            vector: (raw.intr_info & intr::VALID != 0).then_some((raw.intr_info & intr::VECTOR_MASK) as u8),
+        },
+        reason::PREEMPTION_TIMER => ExitKind::ExternalInterrupt { vector: None },
         reason::TRIPLE_FAULT => ExitKind::TripleFault,
         reason::INIT => ExitKind::Init,
         reason::SIPI => ExitKind::Sipi { vector: raw.qualification as u8 },
@@ -238,7 +241,7 @@ mod tests {
             assert_eq!(decode(&e), (kind, 0x1003), "reason {r}");
         }
         assert_eq!(decode(&raw(7)), (ExitKind::InterruptWindow, 0x1000));
-        assert_eq!(decode(&raw(1)), (ExitKind::ExternalInterrupt, 0x1000));
+        assert_eq!(decode(&raw(1)), (ExitKind::ExternalInterrupt { vector: None }, 0x1000));
         assert_eq!(decode(&raw(2)), (ExitKind::TripleFault, 0x1000));
         assert_eq!(decode(&raw(3)), (ExitKind::Init, 0x1000));
         assert_eq!(decode(&raw(28)), (ExitKind::ControlRegister, 0x1002));

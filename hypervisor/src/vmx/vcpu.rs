@@ -62,7 +62,6 @@ pub struct VmxVcpu {
     pending_event: bool,
     /// GUEST_RSP as last written or read, to skip redundant VMWRITEs.
     rsp_cache: u64,
-    last_external_vector: Option<u8>,
     /// The VMX-preemption timer counts down once every 2^rate TSC ticks (IA32_VMX_MISC
     /// bits 4:0, SDM Vol. 3C §26.5.1); `None`: the CPU has no preemption timer.
     preemption_rate: Option<u8>,
@@ -81,10 +80,7 @@ pub const fn system_descriptor_base(low: u64, high: u64) -> u64 {
     ((low >> 16) & 0xFF_FFFF) | (((low >> 56) & 0xFF) << 24) | ((high & 0xFFFF_FFFF) << 32)
 }
 
-/// Vectors whose hardware-exception delivery pushes an error code (SDM Vol. 3C §27.2.1.3).
-const fn has_error_code(vector: u8) -> bool {
-    matches!(vector, 8 | 10..=14 | 17)
-}
+use crate::vmm::exit::exception_has_error_code as has_error_code;
 
 /// The VM-entry interruption-information value for `event` (SDM Vol. 3C §25.8.3), and the
 /// error code if one is delivered. `protected`: guest CR0.PE (an unrestricted guest in real
@@ -151,7 +147,6 @@ impl VmxVcpu {
             phys_bits,
             pending_event: false,
             rsp_cache: 0,
-            last_external_vector: None,
             // SAFETY: IA32_VMX_MISC exists on every VMX CPU; reading it has no effect.
             preemption_rate: (controls.pin & controls::pin::PREEMPTION_TIMER != 0)
                 .then(|| (unsafe { msr::read(msr::IA32_VMX_MISC) } & 0x1F) as u8),
@@ -218,12 +213,6 @@ impl VmxVcpu {
     /// The VPID, or `None` when VPID is off.
     pub fn vpid(&self) -> Option<u16> {
         (self.vpid != 0).then_some(self.vpid)
-    }
-
-    /// The vector of the last external-interrupt exit ("acknowledge interrupt on exit"
-    /// took it from the interrupt controller: the host must handle it, and EOI it).
-    pub fn last_external_vector(&self) -> Option<u8> {
-        self.last_external_vector
     }
 
     /// Drops cached EPT translations of this vCPU's EPTP: call after removing or narrowing
@@ -782,14 +771,6 @@ impl Backend for VmxVcpu {
                 }
             }
             reason::CR_ACCESS => kind = self.emulate_cr(raw.qualification, regs, next_rip),
-            reason::EXTERNAL_INTERRUPT => {
-                self.last_external_vector =
-                    (raw.intr_info & intr::VALID != 0).then_some((raw.intr_info & intr::VECTOR_MASK) as u8);
-                // "Acknowledge interrupt on exit" already took the vector from the APIC.
-                if let Some(vector) = self.last_external_vector {
-                    crate::arch::interrupts::handle(vector);
-                }
-            }
             reason::EPT_MISCONFIG => log::error!("vmx: EPT misconfiguration at guest-physical {:#x}", raw.gpa),
             _ if kind == ExitKind::Unhandled => {
                 log::debug!("vmx: unhandled exit {} ({})", basic, super::error::exit_reason_name(basic));

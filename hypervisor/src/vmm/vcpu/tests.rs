@@ -251,6 +251,54 @@ fn init_sipi_start_an_ap_and_fixed_ipis_reach_it() {
 }
 
 #[test]
+fn interrupt_window_policy_is_the_cores() {
+    let vm = test_vm(1);
+    // A test interrupt raised while the guest cannot take it: the core asks for a window,
+    // and injects once the window exit says the guest can.
+    let mut m = Mock::new(&[
+        (
+            |r| r.rax = 0x41,
+            ExitKind::Io(IoAccess {
+                port: guest_abi::hypercall::TEST_IRQ_PORT,
+                size: 4,
+                write: true,
+                string: false,
+                rep: false,
+            }),
+        ),
+        (|_| {}, ExitKind::Cpuid),
+    ]);
+    m.interruptible = false;
+    let no = AtomicBool::new(false);
+    // Run two exits by hand: after the OUT, the next entry wants a window.
+    m.script.push_back((|_| {}, ExitKind::InterruptWindow));
+    let end = vm.vcpus[0].lock().run(&vm, &mut m, u64::MAX, &no);
+    assert_eq!(end, SliceEnd::VmEnded);
+    // The window was requested while the guest could not take the interrupt, and the
+    // interrupt was never injected (the mock stays uninterruptible) ...
+    assert!(m.injected.is_empty());
+    assert!(m.window, "the core asked for a window again");
+    // ... then with the guest interruptible, the window exit clears the request and the
+    // interrupt goes in.
+    let vm = test_vm(1);
+    let mut m = Mock::new(&[(
+        |r| r.rax = 0x41,
+        ExitKind::Io(IoAccess {
+            port: guest_abi::hypercall::TEST_IRQ_PORT,
+            size: 4,
+            write: true,
+            string: false,
+            rep: false,
+        }),
+    )]);
+    m.window = true;
+    m.script.push_back((|_| {}, ExitKind::InterruptWindow));
+    assert_eq!(vm.vcpus[0].lock().run(&vm, &mut m, u64::MAX, &no), SliceEnd::VmEnded);
+    assert!(!m.window, "the core cleared the window request");
+    assert_eq!(m.injected, [Event::Interrupt { vector: 0x41 }]);
+}
+
+#[test]
 fn every_vcpu_halted_with_interrupts_off_ends_the_vm() {
     let vm = test_vm(2);
     let mut m = Mock::new(&[(|_| {}, ExitKind::Hlt)]);
