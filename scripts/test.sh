@@ -16,7 +16,7 @@ Runs scripts/install-deps.sh (everything), then the lints
   cargo clippy --workspace --all-targets -- -D warnings          (host build, tests included)
   cargo clippy -p hypervisor -p vireo-selftest --target x86_64-unknown-none -- -D warnings
 and
-  cargo test --workspace [CARGO TEST ARGS...]
+  cargo test --workspace --no-fail-fast [CARGO TEST ARGS...]
 from the repository root, and prints a summary of all the test binaries' results. A lint
 failure fails the run (the tests still run, so one report shows everything).
 Example: scripts/test.sh -- --test-threads=1
@@ -47,7 +47,7 @@ set +e
 run_lint fmt cargo fmt --all -- --check
 run_lint clippy-host cargo clippy --workspace --all-targets -q -- -D warnings
 run_lint clippy-bare-metal cargo clippy -p hypervisor -p vireo-selftest --target x86_64-unknown-none -q -- -D warnings
-cargo test --workspace "$@" 2>&1 | tee "$OUTPUT"
+cargo test --workspace --no-fail-fast "$@" 2>&1 | tee "$OUTPUT"
 rc="${PIPESTATUS[0]}"
 set -e
 if [[ ${#lint_failed[@]} -gt 0 && "$rc" == 0 ]]; then

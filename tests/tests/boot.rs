@@ -167,7 +167,9 @@ fn empty_module_is_rejected() {
     let good = scratch_file("good-module.bin", b"a module with contents");
     let empty = scratch_file("empty-module.bin", b"");
     let out = Boot::new(Machine::QemuSvm).module(&good, "good one").module(&empty, "empty one").run();
-    out.assert_exit_ok();
+    // Neither module is a VM Vireo can run: the run reports failure, with both refused.
+    out.assert_exit_fail();
+    assert_eq!(out.field("vms ended", "refused"), "2", "{out:?}");
     let accepted = out.line("module index=0 ");
     assert_eq!(field(accepted, "cmdline").as_deref(), Some("good one"), "{out:?}");
     assert_eq!(field(accepted, "size").as_deref(), Some("22"), "{out:?}");
@@ -188,7 +190,8 @@ fn module_overlapping_image_is_rejected() {
         .module(&a, "a")
         .module(&b, "b")
         .run();
-    out.assert_exit_ok();
+    out.assert_exit_fail();
+    assert_eq!(out.field("vms ended", "refused"), "2", "{out:?}");
     assert!(out.line("module index=0 ").contains("rejected reason=\"overlaps Vireo's own image\""), "{out:?}");
     assert_eq!(field(out.line("module index=1 "), "cmdline").as_deref(), Some("b"), "{out:?}");
     assert_eq!(out.field("modules ", "accepted"), "1");

@@ -12,9 +12,10 @@ fn boot_guests(machine: Machine) -> Outcome {
         .guest("selftest=crasher mode=triple-fault expect=triple-fault")
         .guest("selftest")
         .guest("selftest=hostile hostile=3000")
+        .guest("selftest=smp cpus=2")
         .module(&garbage, "garbage")
         .run();
-    check_verdict(&out, 4, 1);
+    check_verdict(&out, 5, 1);
     out
 }
 
@@ -102,6 +103,7 @@ fn all_guests(machine: Machine, backend: &str) {
     check_selftest(&out);
     check_hostile_survived(&out);
     check_garbage_refused(&out);
+    check_selftest_smp(&out, "smp", 2);
 }
 
 #[test]
@@ -127,9 +129,11 @@ fn guests_bochs_svm() {
         .guest("selftest=spinner mode=spin-sti timeout=1 expect=timed-out")
         .guest("selftest")
         .guest("selftest=hostile hostile=3000")
+        .guest("selftest=smp cpus=2")
         .module(&garbage, "garbage")
         .run();
-    check_verdict(&out, 3, 1);
+    check_verdict(&out, 4, 1);
+    check_selftest_smp(&out, "smp", 2);
     assert_eq!(out.field("virt enabled", "backend"), "svm", "{out:?}");
     check_spinner_stopped(&out);
     check_selftest(&out);
@@ -190,13 +194,15 @@ fn bad_vm_spec_is_refused() {
         .guest("selftest=bad/name")
         .guest("selftest=small mem=1M")
         .guest("selftest=many cpus=17")
+        .guest("selftest=none cpus=0")
         .guest("selftest=crowded mem=8M cpus=16")
         .guest("selftest")
         .run();
-    check_verdict(&out, 1, 4);
+    check_verdict(&out, 1, 5);
     assert!(out.line("vm module=0 not started").contains("bad VM name"), "{out:?}");
     assert!(out.line("vm module=1 not started").contains("below the minimum"), "{out:?}");
     assert!(out.line("vm module=2 not started").contains("bad value '17' for key 'cpus' (expected 1-16)"), "{out:?}");
-    assert!(out.line("vm module=3 not started").contains("mem=8M is too small for cpus=16"), "{out:?}");
+    assert!(out.line("vm module=3 not started").contains("bad value '0' for key 'cpus' (expected 1-16)"), "{out:?}");
+    assert!(out.line("vm module=4 not started").contains("mem=8M is too small for cpus=16"), "{out:?}");
     assert_eq!(out.field("vm name=selftest end", "outcome"), "exited", "{out:?}");
 }

@@ -73,7 +73,16 @@ pub unsafe fn xsetbv(value: u64) {
 /// One vCPU's FPU/SSE/AVX state and XCR0.
 pub struct FpuState {
     area: *mut u8,
+    /// The area's layout, for freeing it.
+    layout: Layout,
     pub xcr0: u64,
+}
+
+impl Drop for FpuState {
+    fn drop(&mut self) {
+        // SAFETY: `area` was allocated in `new` with exactly this layout and is freed once.
+        unsafe { alloc::alloc::dealloc(self.area, self.layout) };
+    }
 }
 
 // SAFETY: the area is owned by this state alone (allocated in `new`, never shared).
@@ -97,7 +106,7 @@ impl FpuState {
             area.cast::<u16>().write(0x37F);
             area.add(24).cast::<u32>().write(0x1F80);
         }
-        Some(Self { area, xcr0: XCR0_X87 })
+        Some(Self { area, layout, xcr0: XCR0_X87 })
     }
 
     /// Saves the current registers into this state (call for the vCPU leaving the CPU).

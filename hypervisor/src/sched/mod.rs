@@ -378,7 +378,7 @@ fn halt_until_interrupt() {
 }
 
 /// Every VM has ended: the run's verdict, then Vireo ends.
-fn all_ended() -> ! {
+pub fn all_ended() -> ! {
     let ok = VMS_OK.load(Ordering::Relaxed);
     let failed = VMS_FAILED.load(Ordering::Relaxed);
     let refused = VMS_REFUSED.load(Ordering::Relaxed);
