@@ -181,16 +181,34 @@ impl Bus {
 
     /// A read; `None` if no device claims `addr` (the caller answers as an empty bus).
     pub fn read(&self, space: Space, addr: u64, size: u8, cx: &Ctx<'_>) -> Option<u64> {
-        let dev = self.find(space, addr)?;
-        let v = dev.lock().read(addr, size, cx);
-        Some(v)
+        self.read_with_deadline(space, addr, size, cx).map(|(v, _)| v)
     }
 
     /// A write; `None` if no device claims `addr`.
     pub fn write(&self, space: Space, addr: u64, size: u8, value: u64, cx: &Ctx<'_>) -> Option<BusEffect> {
-        let dev = self.find(space, addr)?;
-        let e = dev.lock().write(addr, size, value, cx);
-        Some(e)
+        self.write_with_deadline(space, addr, size, value, cx).map(|(e, _)| e)
+    }
+
+    /// [`Bus::read`], also returning the device's next deadline after the access (an access
+    /// may program a timer).
+    pub fn read_with_deadline(&self, space: Space, addr: u64, size: u8, cx: &Ctx<'_>) -> Option<(u64, Option<Nanos>)> {
+        let mut dev = self.find(space, addr)?.lock();
+        let v = dev.read(addr, size, cx);
+        Some((v, dev.next_deadline()))
+    }
+
+    /// [`Bus::write`], also returning the device's next deadline after the access.
+    pub fn write_with_deadline(
+        &self,
+        space: Space,
+        addr: u64,
+        size: u8,
+        value: u64,
+        cx: &Ctx<'_>,
+    ) -> Option<(BusEffect, Option<Nanos>)> {
+        let mut dev = self.find(space, addr)?.lock();
+        let e = dev.write(addr, size, value, cx);
+        Some((e, dev.next_deadline()))
     }
 
     /// Ticks every device whose deadline has come; returns the earliest deadline left.

@@ -567,21 +567,28 @@ impl Vcpu {
         let cx = vm.ctx();
         let port = io.port as u64;
         if io.write {
-            match vm.bus.write(Space::Port, port, io.size, self.regs.rax & mask, &cx) {
-                Some(BusEffect::PowerOff) => return Flow::Stop(VmOutcome::PoweredOff),
-                Some(BusEffect::Reset) => return Flow::Stop(VmOutcome::Reset),
-                Some(BusEffect::None) => {}
+            match vm.bus.write_with_deadline(Space::Port, port, io.size, self.regs.rax & mask, &cx) {
+                Some((effect, deadline)) => {
+                    vm.note_device_deadline(deadline);
+                    match effect {
+                        BusEffect::PowerOff => return Flow::Stop(VmOutcome::PoweredOff),
+                        BusEffect::Reset => return Flow::Stop(VmOutcome::Reset),
+                        BusEffect::None => {}
+                    }
+                }
                 None => self.simple_port_write(vm, io, mask),
             }
         } else {
-            let v = match vm.bus.read(Space::Port, port, io.size, &cx) {
-                Some(v) => v,
+            let v = match vm.bus.read_with_deadline(Space::Port, port, io.size, &cx) {
+                Some((v, deadline)) => {
+                    vm.note_device_deadline(deadline);
+                    v
+                }
                 None => ports::read(io.port, io.size, vm.testdev.lock().read()) as u64,
             };
             // IN AL/AX keeps the other bits; IN EAX zero-extends into RAX.
             self.regs.rax = if io.size == 4 { v & mask } else { (self.regs.rax & !mask) | (v & mask) };
         }
-        vm.refresh_device_deadline();
         cpu.set_rip(exit.next_rip);
         Flow::Continue
     }
@@ -709,15 +716,18 @@ impl Vcpu {
             Some(v)
         } else {
             let cx = vm.ctx();
-            match value {
-                Some(v) => vm.bus.write(Space::Mmio, access.gpa, size, v, &cx).map(|e| {
+            let done = match value {
+                Some(v) => vm.bus.write_with_deadline(Space::Mmio, access.gpa, size, v, &cx).map(|(e, d)| {
                     effect = e;
-                    0
+                    (0, d)
                 }),
-                None => vm.bus.read(Space::Mmio, access.gpa, size, &cx),
-            }
+                None => vm.bus.read_with_deadline(Space::Mmio, access.gpa, size, &cx),
+            };
+            done.map(|(v, deadline)| {
+                vm.note_device_deadline(deadline);
+                v
+            })
         };
-        vm.refresh_device_deadline();
         if let mmio::Access::Load { size, dest } = decoded.access {
             mmio::complete_load(&mut self.regs, size, dest, result.unwrap_or(u64::MAX));
         }

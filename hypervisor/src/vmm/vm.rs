@@ -179,19 +179,34 @@ impl Vm {
         Ctx { now: self.now(), mem: &self.mem }
     }
 
-    /// Ticks the devices whose deadline has passed (cheap when none has).
+    /// Ticks the devices whose deadline has passed (cheap when none has). Another vCPU's
+    /// access may lower the deadline meanwhile ([`Vm::note_device_deadline`]): then the
+    /// new value is not overwritten, the devices are looked at again.
     pub fn tick_devices(&self, now: Nanos) {
-        if now.0 < self.device_deadline.load(Ordering::Acquire) {
-            return;
+        loop {
+            let seen = self.device_deadline.load(Ordering::Acquire);
+            if now.0 < seen {
+                return;
+            }
+            let next = self.bus.tick(&Ctx { now, mem: &self.mem }).map_or(u64::MAX, |t| t.0);
+            if self.device_deadline.compare_exchange(seen, next, Ordering::AcqRel, Ordering::Acquire).is_ok() {
+                return;
+            }
         }
-        let next = self.bus.tick(&Ctx { now, mem: &self.mem });
-        self.device_deadline.store(next.map_or(u64::MAX, |t| t.0), Ordering::Release);
     }
 
     /// Recomputes the earliest device deadline (after an access may have changed one).
     pub fn refresh_device_deadline(&self) {
         let next = self.bus.next_deadline();
         self.device_deadline.store(next.map_or(u64::MAX, |t| t.0), Ordering::Release);
+    }
+
+    /// A device's deadline after an access: the VM's earliest deadline moves up to it if it
+    /// is sooner (a later one is found at the next tick, which recomputes them all).
+    pub fn note_device_deadline(&self, t: Option<Nanos>) {
+        if let Some(t) = t {
+            self.device_deadline.fetch_min(t.0, Ordering::AcqRel);
+        }
     }
 
     /// The earliest device deadline as a TSC value.
