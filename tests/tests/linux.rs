@@ -27,53 +27,117 @@ fn linux_guest() -> &'static (PathBuf, PathBuf) {
     })
 }
 
+/// The kernel command line of the headless guest with a light workload (20000 additions, 50
+/// forks, 10000 additions per CPU in parallel), so that the Bochs boots stay within the
+/// suite's budget.
+const LIGHT_LINUX_CMDLINE: &str =
+    "console=ttyS0 panic=-1 linux_guest_compute=20000 linux_guest_forks=50 linux_guest_parallel=10000";
+
+/// Adds a headless Linux VM `name` with `mem_mib` MiB and the extra VM-line keys `options`
+/// (e.g. `cpus=2`, `apic=off`): its kernel module and its `name:initrd` module.
+fn with_linux(boot: Boot, name: &str, mem_mib: u32, options: &str) -> Boot {
+    let (kernel, initrd) = linux_guest();
+    let line = format!("{name} mem={mem_mib}M {options} -- {LIGHT_LINUX_CMDLINE}");
+    boot.module(kernel, &line).module(initrd, &format!("{name}:initrd"))
+}
+
 fn boot_linux(machine: Machine, timeout: u64) -> Outcome {
     boot_linux_with(machine, timeout, "")
 }
 
 /// `options`: extra VM-line keys (e.g. `apic=on`).
 fn boot_linux_with(machine: Machine, timeout: u64, options: &str) -> Outcome {
-    let (kernel, initrd) = linux_guest();
-    // A light workload, so that the Bochs boots stay within the suite's budget.
-    let line =
-        format!("linux mem=256M {options} -- console=ttyS0 panic=-1 linux_guest_compute=20000 linux_guest_forks=50");
-    let line = line.as_str();
-    let mut boot = Boot::new(machine).module(kernel, line).module(initrd, "linux:initrd");
-    boot.timeout = Some(timeout);
-    let out = boot.run();
+    let out = with_linux(Boot::new(machine), "linux", 256, options).timeout(timeout).run();
     out.assert_exit_ok();
     out
 }
 
+/// The value of VM `vm`'s `linux-guest: KEY value` line.
+fn guest_value(out: &Outcome, vm: &str, key: &str) -> String {
+    let prefix = format!("linux-guest: {key} ");
+    out.guest_lines(vm)
+        .iter()
+        .find_map(|l| l.strip_prefix(prefix.as_str()))
+        .unwrap_or_else(|| panic!("{vm}: no `linux-guest: {key}` line\n{out:?}"))
+        .to_string()
+}
+
+/// The one-vCPU Linux VM `linux` of 256 MiB reached userspace, ran its workload and powered off.
 fn check_userspace(out: &Outcome) {
-    let lines = out.guest_lines("linux");
-    assert!(lines.iter().any(|l| l.contains("Linux version 6.1")), "kernel log on the console\n{out:?}");
-    let guest = |key: &str| {
-        lines
-            .iter()
-            .find_map(|l| l.strip_prefix(&format!("linux-guest: {key} ")))
-            .unwrap_or_else(|| panic!("no `linux-guest: {key}` line\n{out:?}"))
-            .to_string()
-    };
+    check_linux_vm(out, "linux", 1, 256);
+}
+
+/// Linux VM `vm` with `cpus` vCPUs and `mem_mib` MiB booted to its /init, which saw all of
+/// it, ran the workload and powered the VM off through ACPI.
+fn check_linux_vm(out: &Outcome, vm: &str, cpus: usize, mem_mib: u64) {
+    let lines = out.guest_lines(vm);
+    assert!(lines.iter().any(|l| l.contains("Linux version 6.1")), "{vm}: kernel log on the console\n{out:?}");
+    let guest = |key: &str| guest_value(out, vm, key);
     assert!(guest("uname").starts_with("Linux "), "{out:?}");
-    assert_eq!(guest("cpus"), "1", "the VM has one vCPU\n{out:?}");
+    assert_eq!(guest("cpus"), cpus.to_string(), "{vm}: the VM has {cpus} vCPU(s)\n{out:?}");
+    assert_eq!(guest("cpuinfo_processors"), cpus.to_string(), "{vm}: /proc/cpuinfo\n{out:?}");
     let mem_kb: u64 = guest("mem_kb").parse().unwrap();
-    assert!((180_000..=262_144).contains(&mem_kb), "the kernel sees the 256 MiB it was given: {mem_kb} kB\n{out:?}");
+    assert!(
+        (mem_mib * 1024 * 11 / 16..=mem_mib * 1024).contains(&mem_kb),
+        "{vm}: the kernel sees the {mem_mib} MiB it was given: {mem_kb} kB\n{out:?}"
+    );
     assert!(guest("flags").contains("hypervisor"), "{out:?}");
     assert!(guest("compute").ends_with("fork 50"), "{out:?}");
-    assert!(lines.contains(&"linux-guest: done"), "{out:?}");
+    assert!(lines.contains(&"linux-guest: done"), "{vm}: {out:?}");
     // The guest's poweroff goes through ACPI S5 (PM1a control), and only its VM ends.
-    let end = out.line("vm name=linux end ");
+    let end = out.line(&format!("vm name={vm} end "));
     assert_eq!(field(end, "outcome").as_deref(), Some("powered-off"), "{out:?}");
+    assert_eq!(out.field(&format!("vm name={vm} result"), "result"), "as-expected", "{out:?}");
     assert!(lines.iter().any(|l| l.contains("ACPI: PM: (supports S0 S5)")), "{out:?}");
-    assert!(!out.lines("vm name=linux exit reason=io ").is_empty(), "exit statistics printed\n{out:?}");
+    assert!(!out.lines(&format!("vm name={vm} exit reason=io ")).is_empty(), "exit statistics printed\n{out:?}");
+}
+
+/// `linux-guest: ipi RES=.. CAL=.. TLB=..`: the IPIs VM `vm` took, summed over its CPUs.
+fn guest_ipis(out: &Outcome, vm: &str) -> (u64, u64, u64) {
+    let l = guest_value(out, vm, "ipi");
+    let get = |key: &str| -> u64 {
+        field(&l, key).and_then(|v| v.parse().ok()).unwrap_or_else(|| panic!("{vm}: no {key}= in `{l}`\n{out:?}"))
+    };
+    (get("RES"), get("CAL"), get("TLB"))
+}
+
+/// SMP Linux VM `vm` with `cpus` vCPUs: the kernel brought every CPU up, the parallel workload
+/// got every result right, the CPUs sent each other IPIs, and every vCPU ran. Returns the
+/// per-vCPU report lines (`vm name=VM vcpu=I exits=.. slices=.. run_us=.. steal_us=..`).
+fn check_linux_smp<'a>(out: &'a Outcome, vm: &str, cpus: usize) -> Vec<&'a str> {
+    let lines = out.guest_lines(vm);
+    let brought_up = format!("Brought up 1 node, {cpus} CPUs");
+    assert!(lines.iter().any(|l| l.contains(&brought_up)), "{vm}: no `{brought_up}`\n{out:?}");
+    let parallel = guest_value(out, vm, "parallel");
+    assert_eq!(field(&parallel, "cpus"), Some(cpus.to_string()), "{vm}: {parallel}\n{out:?}");
+    assert_eq!(field(&parallel, "ok"), Some(cpus.to_string()), "{vm}: wrong parallel results: {parallel}\n{out:?}");
+    let (res, cal, tlb) = guest_ipis(out, vm);
+    assert!(res > 0, "{vm}: no rescheduling IPIs\n{out:?}");
+    assert!(cal > 0, "{vm}: no function-call IPIs\n{out:?}");
+    assert!(tlb > 0, "{vm}: no TLB shootdowns\n{out:?}");
+    assert_eq!(out.field(&format!("vm name={vm} start "), "cpus"), cpus.to_string(), "{out:?}");
+    let vcpus: Vec<&str> = (0..cpus).map(|i| out.line(&format!("vm name={vm} vcpu={i} "))).collect();
+    for (i, l) in vcpus.iter().enumerate() {
+        let exits: u64 = field(l, "exits").and_then(|v| v.parse().ok()).unwrap_or(0);
+        assert!(exits > 0, "{vm}: vCPU {i} never exited: {l}\n{out:?}");
+    }
+    vcpus
+}
+
+/// A Linux VM with `cpus` vCPUs alone on `machine` (its default two host CPUs).
+fn linux_smp(machine: Machine, cpus: usize, timeout: u64) -> Outcome {
+    let out = boot_linux_with(machine, timeout, &format!("cpus={cpus}"));
+    check_linux_vm(&out, "linux", cpus, 256);
+    check_apic_mode(&out, "linux");
+    check_linux_smp(&out, "linux", cpus);
+    out
 }
 
 #[test]
 fn linux_qemu_tcg_svm() {
     let out = boot_linux(Machine::QemuSvm, 240);
     check_userspace(&out);
-    check_apic_mode(&out);
+    check_apic_mode(&out, "linux");
     let lines = out.guest_lines("linux");
     assert!(lines.iter().any(|l| l.contains("..TIMER: vector=0x30 apic1=0 pin1=2")), "{out:?}");
 }
@@ -105,19 +169,19 @@ fn corrupt_kernel_is_refused() {
 fn linux_bochs_vmx() {
     let out = boot_linux(Machine::BochsVmx, 600);
     check_userspace(&out);
-    check_apic_mode(&out);
+    check_apic_mode(&out, "linux");
 }
 
 #[test]
 fn linux_bochs_svm() {
     let out = boot_linux(Machine::BochsSvm, 600);
     check_userspace(&out);
-    check_apic_mode(&out);
+    check_apic_mode(&out, "linux");
 }
 
 /// Linux VMs get a local APIC and I/O APIC by default and route interrupts through them.
-fn check_apic_mode(out: &Outcome) {
-    let lines = out.guest_lines("linux");
+fn check_apic_mode(out: &Outcome, vm: &str) {
+    let lines = out.guest_lines(vm);
     assert!(lines.iter().any(|l| l.contains("IOAPIC[0]: apic_id 0")), "{out:?}");
     assert!(lines.iter().any(|l| l.contains("Using IOAPIC for interrupt routing")), "{out:?}");
 }
@@ -129,4 +193,32 @@ fn linux_qemu_tcg_svm_pic_mode() {
     check_userspace(&out);
     let lines = out.guest_lines("linux");
     assert!(lines.iter().any(|l| l.contains("APIC: Keep in PIC mode(8259)")), "{out:?}");
+}
+
+/// Two vCPUs on the two host CPUs: SMP bring-up (INIT-SIPI-SIPI through the emulated local
+/// APICs), IPIs between the vCPUs, work spread over both.
+#[test]
+fn linux_smp_qemu_tcg_svm() {
+    linux_smp(Machine::QemuSvm, 2, 300);
+}
+
+/// Four vCPUs time-sliced on two host CPUs: the same, and the vCPUs waited for a host CPU.
+#[test]
+fn linux_smp4_on_2_qemu_tcg_svm() {
+    let out = boot_linux_with(Machine::QemuSvm, 400, "cpus=4");
+    check_linux_vm(&out, "linux", 4, 256);
+    check_apic_mode(&out, "linux");
+    let vcpus = check_linux_smp(&out, "linux", 4);
+    let steal: u64 = vcpus.iter().map(|l| field(l, "steal_us").and_then(|v| v.parse().ok()).unwrap_or(0)).sum();
+    assert!(steal > 0, "4 vCPUs on 2 host CPUs: some vCPU waited for its turn\n{vcpus:#?}\n{out:?}");
+}
+
+#[test]
+fn linux_smp_bochs_vmx() {
+    linux_smp(Machine::BochsVmx, 2, 900);
+}
+
+#[test]
+fn linux_smp_bochs_svm() {
+    linux_smp(Machine::BochsSvm, 2, 900);
 }
