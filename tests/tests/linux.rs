@@ -222,3 +222,70 @@ fn linux_smp_bochs_vmx() {
 fn linux_smp_bochs_svm() {
     linux_smp(Machine::BochsSvm, 2, 900);
 }
+
+/// Lines of the VMs `vms` are whole on the console: a `[vm] ` prefix only ever starts a line,
+/// and every `linux-guest:` line of each VM is one line of its own (none cut, none merged
+/// with another VM's output).
+fn check_lines_whole(out: &Outcome, vms: &[&str]) {
+    for l in out.serial.lines() {
+        for vm in vms {
+            let prefix = format!("[{vm}] ");
+            if let Some(at) = l.find(&prefix) {
+                assert_eq!(at, 0, "`{prefix}` inside a line: {l:?}\n{out:?}");
+                assert!(!l[prefix.len()..].contains("] linux-guest:"), "two lines in one: {l:?}\n{out:?}");
+            }
+        }
+    }
+    for vm in vms {
+        for l in out.guest_lines(vm) {
+            if l.contains("linux-guest:") {
+                assert!(l.starts_with("linux-guest: "), "{vm}: a cut guest line: {l:?}\n{out:?}");
+                assert_eq!(l.matches("linux-guest:").count(), 1, "{vm}: merged guest lines: {l:?}\n{out:?}");
+            }
+        }
+        let keys = ["init_uptime", "uname", "cpus", "cpuinfo_processors", "mem_kb", "compute", "ipi", "done"];
+        for key in keys {
+            let n = out.guest_lines(vm).iter().filter(|l| l.split(' ').nth(1) == Some(key)).count();
+            assert_eq!(n, 1, "{vm}: `linux-guest: {key}` should be printed exactly once\n{out:?}");
+        }
+    }
+}
+
+/// Two Linux VMs side by side (three vCPUs on two host CPUs): both reach userspace, run
+/// their workload and power off; their consoles interleave line by line.
+#[test]
+fn two_linux_vms_qemu_tcg_svm() {
+    let boot = with_linux(Boot::new(Machine::QemuSvm).mem(768).timeout(400), "linux-a", 192, "cpus=2");
+    let out = with_linux(boot, "linux-b", 192, "").run();
+    out.assert_exit_ok();
+    assert_eq!(out.field("vms ended ", "as_expected"), "2", "{out:?}");
+    check_linux_vm(&out, "linux-a", 2, 192);
+    check_linux_smp(&out, "linux-a", 2);
+    check_linux_vm(&out, "linux-b", 1, 192);
+    check_lines_whole(&out, &["linux-a", "linux-b"]);
+}
+
+/// Linux beside the self-test guest and a guest that triple-faults: the crash ends only its
+/// own VM; Linux still finishes its workload and the self-test passes.
+#[test]
+fn linux_beside_selftest_and_crasher_qemu_tcg_svm() {
+    let boot = Boot::new(Machine::QemuSvm)
+        .mem(768)
+        .timeout(400)
+        .guest("selftest")
+        .guest("selftest=crasher mode=triple-fault expect=triple-fault");
+    let out = with_linux(boot, "linux", 192, "cpus=2").run();
+    out.assert_exit_ok();
+    assert_eq!(out.field("vms ended ", "as_expected"), "3", "{out:?}");
+    assert_eq!(out.field("vm name=crasher end ", "outcome"), "triple-fault", "{out:?}");
+    assert_eq!(out.field("vm name=crasher result", "result"), "as-expected", "{out:?}");
+    assert!(out.lines("crash").is_empty(), "Vireo itself must not crash\n{out:?}");
+    let selftest = out.guest_lines("selftest");
+    assert!(selftest.iter().any(|l| l.ends_with(", 0 failed")), "{out:?}");
+    assert!(!selftest.iter().any(|l| l.contains(" FAIL")), "{out:?}");
+    assert_eq!(out.field("vm name=selftest end ", "outcome"), "exited", "{out:?}");
+    assert_eq!(out.field("vm name=selftest end ", "status"), "0", "{out:?}");
+    check_linux_vm(&out, "linux", 2, 192);
+    check_linux_smp(&out, "linux", 2);
+    check_lines_whole(&out, &["linux", "selftest", "crasher"]);
+}
