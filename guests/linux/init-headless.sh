@@ -27,7 +27,9 @@ first_line() {
 t_init="$(up)"
 echo "linux-guest: init_uptime $t_init"
 echo "linux-guest: uname $(uname -a)"
-echo "linux-guest: cpus $(nproc)"
+cpus="$(nproc)"
+echo "linux-guest: cpus $cpus"
+echo "linux-guest: cpuinfo_processors $(awk '/^processor[ \t]*:/ { n++ } END { print n + 0 }' /proc/cpuinfo)"
 echo "linux-guest: mem_kb $(awk '/^MemTotal:/ { print $2; exit }' /proc/meminfo)"
 echo "linux-guest: flags $(awk '/^flags[ \t]*:/ { sub(/^flags[ \t]*:[ \t]*/, ""); print; exit }' /proc/cpuinfo)"
 echo "linux-guest: clocksource $(first_line /sys/devices/system/clocksource/clocksource0/current_clocksource)"
@@ -41,23 +43,36 @@ if [ "${linux_guest_reboot:-}" = 1 ] && [ -z "${vireo_boot:-}" ]; then
     while :; do sleep 3600; done
 fi
 
-# The workload: a compute loop in shell arithmetic (user mode only, no system calls), then a
-# fork+exec loop (/bin/true is a link to busybox: each round forks, execs a static binary and
-# waits for it). Sizes: 1..200000 and 200 rounds, or what the kernel command line says with
-# linux_guest_compute=N and linux_guest_forks=N (the kernel hands such unknown key=value
-# parameters to init as environment variables).
+# ms_between A B: milliseconds from uptime A to uptime B.
+ms_between() {
+    awk -v a="$1" -v b="$2" 'BEGIN { printf "%d", (b - a) * 1000 + 0.5 }'
+}
+
+# sum_to N: sets sum to 1 + 2 + ... + N, in shell arithmetic (user mode only, no system calls).
+sum_to() {
+    i=1
+    sum=0
+    while [ "$i" -le "$1" ]; do
+        sum=$((sum + i))
+        i=$((i + 1))
+    done
+}
+
+# The workload: a compute loop in shell arithmetic, then a fork+exec loop (/bin/true is a link
+# to busybox: each round forks, execs a static binary and waits for it), then, with more than
+# one CPU, the parallel workload below. Sizes: 1..200000, 200 rounds and 1..50000 per CPU, or
+# what the kernel command line says with linux_guest_compute=N, linux_guest_forks=N and
+# linux_guest_parallel=N (the kernel hands such unknown key=value parameters to init as
+# environment variables).
 compute_n=200000
 fork_n=200
+parallel_n=50000
 case "${linux_guest_compute:-}" in '' | *[!0-9]*) ;; *) compute_n=$linux_guest_compute ;; esac
 case "${linux_guest_forks:-}" in '' | *[!0-9]*) ;; *) fork_n=$linux_guest_forks ;; esac
+case "${linux_guest_parallel:-}" in '' | *[!0-9]*) ;; *) parallel_n=$linux_guest_parallel ;; esac
 
 t0="$(up)"
-i=1
-sum=0
-while [ "$i" -le "$compute_n" ]; do
-    sum=$((sum + i))
-    i=$((i + 1))
-done
+sum_to "$compute_n"
 t1="$(up)"
 n=0
 forks=0
@@ -70,9 +85,49 @@ done
 t2="$(up)"
 
 echo "linux-guest: compute $sum fork $forks"
-echo "linux-guest: workload_ms $(awk -v a="$t0" -v b="$t2" 'BEGIN { printf "%d", (b - a) * 1000 + 0.5 }')"
-echo "linux-guest: compute_ms $(awk -v a="$t0" -v b="$t1" 'BEGIN { printf "%d", (b - a) * 1000 + 0.5 }')"
-echo "linux-guest: fork_ms $(awk -v a="$t1" -v b="$t2" 'BEGIN { printf "%d", (b - a) * 1000 + 0.5 }')"
+echo "linux-guest: workload_ms $(ms_between "$t0" "$t2")"
+echo "linux-guest: compute_ms $(ms_between "$t0" "$t1")"
+echo "linux-guest: fork_ms $(ms_between "$t1" "$t2")"
+
+# The parallel workload: one background subshell per CPU, each computing 1 + ... + parallel_n
+# into its own file, all at once; then every result is checked. The scheduler spreads them
+# over the CPUs (rescheduling IPIs to wake idle ones); their forks and exits while the others
+# run, on CPUs they may have been moved between, make the kernel flush TLBs on other CPUs
+# (TLB shootdowns, through function-call IPIs).
+if [ "$cpus" -gt 1 ] 2>/dev/null; then
+    t3="$(up)"
+    c=0
+    while [ "$c" -lt "$cpus" ]; do
+        (
+            sum_to "$parallel_n"
+            echo "$sum" >"/tmp/parallel.$c"
+        ) &
+        c=$((c + 1))
+    done
+    wait
+    t4="$(up)"
+    expected=$((parallel_n * (parallel_n + 1) / 2))
+    ok=0
+    c=0
+    while [ "$c" -lt "$cpus" ]; do
+        r=none
+        [ -r "/tmp/parallel.$c" ] && read -r r <"/tmp/parallel.$c"
+        [ "$r" = "$expected" ] && ok=$((ok + 1))
+        c=$((c + 1))
+    done
+    echo "linux-guest: parallel cpus=$cpus ok=$ok ms=$(ms_between "$t3" "$t4")"
+fi
+
+# Inter-processor interrupts taken so far, summed over the CPUs (/proc/interrupts: a header of
+# CPU0 CPU1 ..., then one row per source with one count per CPU): RES rescheduling,
+# CAL function call, TLB shootdowns.
+echo "linux-guest: ipi $(awk 'NR == 1 { n = NF; next }
+    $1 == "RES:" || $1 == "CAL:" || $1 == "TLB:" {
+        s = 0
+        for (i = 2; i <= n + 1; i++) s += $i
+        v[substr($1, 1, 3)] = s
+    }
+    END { printf "RES=%d CAL=%d TLB=%d", v["RES"], v["CAL"], v["TLB"] }' /proc/interrupts)"
 # Again at the end: early in boot it can still be tsc-early, or the kernel may have switched
 # since (e.g. its watchdog found the TSC unstable).
 echo "linux-guest: clocksource_end $(first_line /sys/devices/system/clocksource/clocksource0/current_clocksource)"

@@ -98,6 +98,8 @@ pub struct Boot {
     pub timeout: Option<u64>,
     /// Host CPUs of the emulated machine (`--smp`); `None`: the scripts' default (2).
     pub smp: Option<u32>,
+    /// RAM of the emulated machine in MiB (`--mem`); `None`: the scripts' default (512).
+    pub mem_mib: Option<u32>,
 }
 
 impl Boot {
@@ -110,6 +112,7 @@ impl Boot {
             guests: Vec::new(),
             timeout: None,
             smp: None,
+            mem_mib: None,
         }
     }
 
@@ -121,6 +124,19 @@ impl Boot {
     /// The emulated machine's CPU count (`--smp N`).
     pub fn smp(mut self, cpus: u32) -> Self {
         self.smp = Some(cpus);
+        self
+    }
+
+    /// The emulated machine's RAM in MiB (`--mem N`): several large VMs need more than the
+    /// scripts' 512.
+    pub fn mem(mut self, mib: u32) -> Self {
+        self.mem_mib = Some(mib);
+        self
+    }
+
+    /// The time limit of the whole boot in seconds (`--timeout`); default per machine.
+    pub fn timeout(mut self, seconds: u64) -> Self {
+        self.timeout = Some(seconds);
         self
     }
 
@@ -149,6 +165,9 @@ impl Boot {
         cmd.args(["--headless", "--timeout", &timeout.to_string(), "--elf"]).arg(&elf);
         if let Some(n) = self.smp {
             cmd.args(["--smp", &n.to_string()]);
+        }
+        if let Some(mib) = self.mem_mib {
+            cmd.args(["--mem", &mib.to_string()]);
         }
         if !self.cmdline.is_empty() {
             cmd.args(["--cmdline", &self.cmdline]);

@@ -27,53 +27,117 @@ fn linux_guest() -> &'static (PathBuf, PathBuf) {
     })
 }
 
+/// The kernel command line of the headless guest with a light workload (20000 additions, 50
+/// forks, 10000 additions per CPU in parallel), so that the Bochs boots stay within the
+/// suite's budget.
+const LIGHT_LINUX_CMDLINE: &str =
+    "console=ttyS0 panic=-1 linux_guest_compute=20000 linux_guest_forks=50 linux_guest_parallel=10000";
+
+/// Adds a headless Linux VM `name` with `mem_mib` MiB and the extra VM-line keys `options`
+/// (e.g. `cpus=2`, `apic=off`): its kernel module and its `name:initrd` module.
+fn with_linux(boot: Boot, name: &str, mem_mib: u32, options: &str) -> Boot {
+    let (kernel, initrd) = linux_guest();
+    let line = format!("{name} mem={mem_mib}M {options} -- {LIGHT_LINUX_CMDLINE}");
+    boot.module(kernel, &line).module(initrd, &format!("{name}:initrd"))
+}
+
 fn boot_linux(machine: Machine, timeout: u64) -> Outcome {
     boot_linux_with(machine, timeout, "")
 }
 
 /// `options`: extra VM-line keys (e.g. `apic=on`).
 fn boot_linux_with(machine: Machine, timeout: u64, options: &str) -> Outcome {
-    let (kernel, initrd) = linux_guest();
-    // A light workload, so that the Bochs boots stay within the suite's budget.
-    let line =
-        format!("linux mem=256M {options} -- console=ttyS0 panic=-1 linux_guest_compute=20000 linux_guest_forks=50");
-    let line = line.as_str();
-    let mut boot = Boot::new(machine).module(kernel, line).module(initrd, "linux:initrd");
-    boot.timeout = Some(timeout);
-    let out = boot.run();
+    let out = with_linux(Boot::new(machine), "linux", 256, options).timeout(timeout).run();
     out.assert_exit_ok();
     out
 }
 
+/// The value of VM `vm`'s `linux-guest: KEY value` line.
+fn guest_value(out: &Outcome, vm: &str, key: &str) -> String {
+    let prefix = format!("linux-guest: {key} ");
+    out.guest_lines(vm)
+        .iter()
+        .find_map(|l| l.strip_prefix(prefix.as_str()))
+        .unwrap_or_else(|| panic!("{vm}: no `linux-guest: {key}` line\n{out:?}"))
+        .to_string()
+}
+
+/// The one-vCPU Linux VM `linux` of 256 MiB reached userspace, ran its workload and powered off.
 fn check_userspace(out: &Outcome) {
-    let lines = out.guest_lines("linux");
-    assert!(lines.iter().any(|l| l.contains("Linux version 6.1")), "kernel log on the console\n{out:?}");
-    let guest = |key: &str| {
-        lines
-            .iter()
-            .find_map(|l| l.strip_prefix(&format!("linux-guest: {key} ")))
-            .unwrap_or_else(|| panic!("no `linux-guest: {key}` line\n{out:?}"))
-            .to_string()
-    };
+    check_linux_vm(out, "linux", 1, 256);
+}
+
+/// Linux VM `vm` with `cpus` vCPUs and `mem_mib` MiB booted to its /init, which saw all of
+/// it, ran the workload and powered the VM off through ACPI.
+fn check_linux_vm(out: &Outcome, vm: &str, cpus: usize, mem_mib: u64) {
+    let lines = out.guest_lines(vm);
+    assert!(lines.iter().any(|l| l.contains("Linux version 6.1")), "{vm}: kernel log on the console\n{out:?}");
+    let guest = |key: &str| guest_value(out, vm, key);
     assert!(guest("uname").starts_with("Linux "), "{out:?}");
-    assert_eq!(guest("cpus"), "1", "the VM has one vCPU\n{out:?}");
+    assert_eq!(guest("cpus"), cpus.to_string(), "{vm}: the VM has {cpus} vCPU(s)\n{out:?}");
+    assert_eq!(guest("cpuinfo_processors"), cpus.to_string(), "{vm}: /proc/cpuinfo\n{out:?}");
     let mem_kb: u64 = guest("mem_kb").parse().unwrap();
-    assert!((180_000..=262_144).contains(&mem_kb), "the kernel sees the 256 MiB it was given: {mem_kb} kB\n{out:?}");
+    assert!(
+        (mem_mib * 1024 * 11 / 16..=mem_mib * 1024).contains(&mem_kb),
+        "{vm}: the kernel sees the {mem_mib} MiB it was given: {mem_kb} kB\n{out:?}"
+    );
     assert!(guest("flags").contains("hypervisor"), "{out:?}");
     assert!(guest("compute").ends_with("fork 50"), "{out:?}");
-    assert!(lines.contains(&"linux-guest: done"), "{out:?}");
+    assert!(lines.contains(&"linux-guest: done"), "{vm}: {out:?}");
     // The guest's poweroff goes through ACPI S5 (PM1a control), and only its VM ends.
-    let end = out.line("vm name=linux end ");
+    let end = out.line(&format!("vm name={vm} end "));
     assert_eq!(field(end, "outcome").as_deref(), Some("powered-off"), "{out:?}");
+    assert_eq!(out.field(&format!("vm name={vm} result"), "result"), "as-expected", "{out:?}");
     assert!(lines.iter().any(|l| l.contains("ACPI: PM: (supports S0 S5)")), "{out:?}");
-    assert!(!out.lines("vm name=linux exit reason=io ").is_empty(), "exit statistics printed\n{out:?}");
+    assert!(!out.lines(&format!("vm name={vm} exit reason=io ")).is_empty(), "exit statistics printed\n{out:?}");
+}
+
+/// `linux-guest: ipi RES=.. CAL=.. TLB=..`: the IPIs VM `vm` took, summed over its CPUs.
+fn guest_ipis(out: &Outcome, vm: &str) -> (u64, u64, u64) {
+    let l = guest_value(out, vm, "ipi");
+    let get = |key: &str| -> u64 {
+        field(&l, key).and_then(|v| v.parse().ok()).unwrap_or_else(|| panic!("{vm}: no {key}= in `{l}`\n{out:?}"))
+    };
+    (get("RES"), get("CAL"), get("TLB"))
+}
+
+/// SMP Linux VM `vm` with `cpus` vCPUs: the kernel brought every CPU up, the parallel workload
+/// got every result right, the CPUs sent each other IPIs, and every vCPU ran. Returns the
+/// per-vCPU report lines (`vm name=VM vcpu=I exits=.. slices=.. run_us=.. steal_us=..`).
+fn check_linux_smp<'a>(out: &'a Outcome, vm: &str, cpus: usize) -> Vec<&'a str> {
+    let lines = out.guest_lines(vm);
+    let brought_up = format!("Brought up 1 node, {cpus} CPUs");
+    assert!(lines.iter().any(|l| l.contains(&brought_up)), "{vm}: no `{brought_up}`\n{out:?}");
+    let parallel = guest_value(out, vm, "parallel");
+    assert_eq!(field(&parallel, "cpus"), Some(cpus.to_string()), "{vm}: {parallel}\n{out:?}");
+    assert_eq!(field(&parallel, "ok"), Some(cpus.to_string()), "{vm}: wrong parallel results: {parallel}\n{out:?}");
+    let (res, cal, tlb) = guest_ipis(out, vm);
+    assert!(res > 0, "{vm}: no rescheduling IPIs\n{out:?}");
+    assert!(cal > 0, "{vm}: no function-call IPIs\n{out:?}");
+    assert!(tlb > 0, "{vm}: no TLB shootdowns\n{out:?}");
+    assert_eq!(out.field(&format!("vm name={vm} start "), "cpus"), cpus.to_string(), "{out:?}");
+    let vcpus: Vec<&str> = (0..cpus).map(|i| out.line(&format!("vm name={vm} vcpu={i} "))).collect();
+    for (i, l) in vcpus.iter().enumerate() {
+        let exits: u64 = field(l, "exits").and_then(|v| v.parse().ok()).unwrap_or(0);
+        assert!(exits > 0, "{vm}: vCPU {i} never exited: {l}\n{out:?}");
+    }
+    vcpus
+}
+
+/// A Linux VM with `cpus` vCPUs alone on `machine` (its default two host CPUs).
+fn linux_smp(machine: Machine, cpus: usize, timeout: u64) -> Outcome {
+    let out = boot_linux_with(machine, timeout, &format!("cpus={cpus}"));
+    check_linux_vm(&out, "linux", cpus, 256);
+    check_apic_mode(&out, "linux");
+    check_linux_smp(&out, "linux", cpus);
+    out
 }
 
 #[test]
 fn linux_qemu_tcg_svm() {
     let out = boot_linux(Machine::QemuSvm, 240);
     check_userspace(&out);
-    check_apic_mode(&out);
+    check_apic_mode(&out, "linux");
     let lines = out.guest_lines("linux");
     assert!(lines.iter().any(|l| l.contains("..TIMER: vector=0x30 apic1=0 pin1=2")), "{out:?}");
 }
@@ -105,19 +169,19 @@ fn corrupt_kernel_is_refused() {
 fn linux_bochs_vmx() {
     let out = boot_linux(Machine::BochsVmx, 600);
     check_userspace(&out);
-    check_apic_mode(&out);
+    check_apic_mode(&out, "linux");
 }
 
 #[test]
 fn linux_bochs_svm() {
     let out = boot_linux(Machine::BochsSvm, 600);
     check_userspace(&out);
-    check_apic_mode(&out);
+    check_apic_mode(&out, "linux");
 }
 
 /// Linux VMs get a local APIC and I/O APIC by default and route interrupts through them.
-fn check_apic_mode(out: &Outcome) {
-    let lines = out.guest_lines("linux");
+fn check_apic_mode(out: &Outcome, vm: &str) {
+    let lines = out.guest_lines(vm);
     assert!(lines.iter().any(|l| l.contains("IOAPIC[0]: apic_id 0")), "{out:?}");
     assert!(lines.iter().any(|l| l.contains("Using IOAPIC for interrupt routing")), "{out:?}");
 }
@@ -129,4 +193,128 @@ fn linux_qemu_tcg_svm_pic_mode() {
     check_userspace(&out);
     let lines = out.guest_lines("linux");
     assert!(lines.iter().any(|l| l.contains("APIC: Keep in PIC mode(8259)")), "{out:?}");
+}
+
+/// Two vCPUs on the two host CPUs: SMP bring-up (INIT-SIPI-SIPI through the emulated local
+/// APICs), IPIs between the vCPUs, work spread over both.
+#[test]
+fn linux_smp_qemu_tcg_svm() {
+    linux_smp(Machine::QemuSvm, 2, 300);
+}
+
+/// Four vCPUs time-sliced on two host CPUs: the same, and the vCPUs waited for a host CPU.
+#[test]
+fn linux_smp4_on_2_qemu_tcg_svm() {
+    let out = boot_linux_with(Machine::QemuSvm, 400, "cpus=4");
+    check_linux_vm(&out, "linux", 4, 256);
+    check_apic_mode(&out, "linux");
+    let vcpus = check_linux_smp(&out, "linux", 4);
+    let steal: u64 = vcpus.iter().map(|l| field(l, "steal_us").and_then(|v| v.parse().ok()).unwrap_or(0)).sum();
+    assert!(steal > 0, "4 vCPUs on 2 host CPUs: some vCPU waited for its turn\n{vcpus:#?}\n{out:?}");
+}
+
+#[test]
+fn linux_smp_bochs_vmx() {
+    linux_smp(Machine::BochsVmx, 2, 900);
+}
+
+#[test]
+fn linux_smp_bochs_svm() {
+    linux_smp(Machine::BochsSvm, 2, 900);
+}
+
+/// Lines of the VMs `vms` are whole on the console: a `[vm] ` prefix only ever starts a line,
+/// and no line holds the start of another VM line.
+fn check_lines_whole(out: &Outcome, vms: &[&str]) {
+    for l in out.serial.lines() {
+        for vm in vms {
+            let prefix = format!("[{vm}] ");
+            if let Some(at) = l.find(&prefix) {
+                assert_eq!(at, 0, "`{prefix}` inside a line: {l:?}\n{out:?}");
+                assert!(
+                    !l[prefix.len()..].contains("linux-guest:") || l[prefix.len()..].starts_with("linux-guest: "),
+                    "a cut or merged guest line: {l:?}\n{out:?}"
+                );
+            }
+        }
+    }
+}
+
+/// Every `linux-guest:` line of Linux VM `vm` is one line of its own (none cut, none merged
+/// with another line), and each of the main ones came exactly once.
+fn check_guest_lines_once(out: &Outcome, vm: &str) {
+    let lines = out.guest_lines(vm);
+    for l in &lines {
+        if l.contains("linux-guest:") {
+            assert!(l.starts_with("linux-guest: "), "{vm}: a cut guest line: {l:?}\n{out:?}");
+            assert_eq!(l.matches("linux-guest:").count(), 1, "{vm}: merged guest lines: {l:?}\n{out:?}");
+        }
+    }
+    for key in ["init_uptime", "uname", "cpus", "cpuinfo_processors", "mem_kb", "compute", "ipi", "done"] {
+        let n = lines.iter().filter(|l| l.split(' ').nth(1) == Some(key)).count();
+        assert_eq!(n, 1, "{vm}: `linux-guest: {key}` should come exactly once\n{out:?}");
+    }
+}
+
+/// Two Linux VMs side by side (three vCPUs on two host CPUs): both reach userspace, run
+/// their workload and power off; their consoles interleave line by line.
+#[test]
+fn two_linux_vms_qemu_tcg_svm() {
+    let boot = with_linux(Boot::new(Machine::QemuSvm).mem(768).timeout(400), "linux-a", 192, "cpus=2");
+    let out = with_linux(boot, "linux-b", 192, "").run();
+    out.assert_exit_ok();
+    assert_eq!(out.field("vms ended ", "as_expected"), "2", "{out:?}");
+    check_linux_vm(&out, "linux-a", 2, 192);
+    check_linux_smp(&out, "linux-a", 2);
+    check_linux_vm(&out, "linux-b", 1, 192);
+    check_lines_whole(&out, &["linux-a", "linux-b"]);
+    check_guest_lines_once(&out, "linux-a");
+    check_guest_lines_once(&out, "linux-b");
+}
+
+/// Linux beside the self-test guest and a guest that triple-faults: the crash ends only its
+/// own VM; Linux still finishes its workload and the self-test passes.
+#[test]
+fn linux_beside_selftest_and_crasher_qemu_tcg_svm() {
+    let boot = Boot::new(Machine::QemuSvm)
+        .mem(768)
+        .timeout(400)
+        .guest("selftest")
+        .guest("selftest=crasher mode=triple-fault expect=triple-fault");
+    let out = with_linux(boot, "linux", 192, "cpus=2").run();
+    out.assert_exit_ok();
+    assert_eq!(out.field("vms ended ", "as_expected"), "3", "{out:?}");
+    assert_eq!(out.field("vm name=crasher end ", "outcome"), "triple-fault", "{out:?}");
+    assert_eq!(out.field("vm name=crasher result", "result"), "as-expected", "{out:?}");
+    assert!(out.lines("crash").is_empty(), "Vireo itself must not crash\n{out:?}");
+    let selftest = out.guest_lines("selftest");
+    assert!(selftest.iter().any(|l| l.ends_with(", 0 failed")), "{out:?}");
+    assert!(!selftest.iter().any(|l| l.contains(" FAIL")), "{out:?}");
+    assert_eq!(out.field("vm name=selftest end ", "outcome"), "exited", "{out:?}");
+    assert_eq!(out.field("vm name=selftest end ", "status"), "0", "{out:?}");
+    check_linux_vm(&out, "linux", 2, 192);
+    check_linux_smp(&out, "linux", 2);
+    check_lines_whole(&out, &["linux", "selftest", "crasher"]);
+    check_guest_lines_once(&out, "linux");
+}
+
+/// `reboot` in the guest restarts its VM, built afresh: the first boot ends as `reset`, the
+/// second sees `vireo_boot=2`, runs its checks and powers off; the run is a success.
+#[test]
+fn linux_reboot_restarts_the_vm_qemu_tcg_svm() {
+    let (kernel, initrd) = linux_guest();
+    let line = format!("linux mem=256M cpus=2 -- {LIGHT_LINUX_CMDLINE} linux_guest_reboot=1");
+    let out = Boot::new(Machine::QemuSvm).module(kernel, &line).module(initrd, "linux:initrd").timeout(400).run();
+    out.assert_exit_ok();
+    let lines = out.guest_lines("linux");
+    for want in ["linux-guest: boot 1", "linux-guest: rebooting", "linux-guest: boot 2", "linux-guest: done"] {
+        assert!(lines.contains(&want), "no `{want}`\n{out:?}");
+    }
+    let ends = out.lines("vm name=linux end ");
+    assert_eq!(ends.len(), 2, "{out:?}");
+    assert_eq!(field(ends[0], "outcome").as_deref(), Some("reset"), "{out:?}");
+    assert_eq!(field(ends[1], "outcome").as_deref(), Some("powered-off"), "{out:?}");
+    assert_eq!(out.field("vm name=linux restart", "boot"), "2", "{out:?}");
+    assert!(lines.iter().any(|l| l.contains("Kernel command line:") && l.ends_with("vireo_boot=2")), "{out:?}");
+    assert_eq!(out.field("vms ended", "as_expected"), "1", "{out:?}");
 }
