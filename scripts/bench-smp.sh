@@ -42,7 +42,7 @@ IPIS=500
 SPIN=3
 SLICES=()
 PARTS=()
-TIMEOUT=240
+TIMEOUT=180
 
 usage() {
     cat <<EOF2
@@ -62,7 +62,7 @@ Options:
   --ipis N                  IPI round trips per self-test boot (default $IPIS)
   --spin S                  seconds each spinning VM runs (default $SPIN)
   --slice DURATION          a slice length to compare with the default 5ms, as Vireo's
-                            slice= key takes it (repeatable; default: 1ms)
+                            slice= key takes it (repeatable; default: 2ms and 1ms)
   --timeout S               limit of each boot in seconds (default $TIMEOUT)
   -h, --help                this text
 
@@ -99,7 +99,7 @@ while [[ $# -gt 0 ]]; do
     shift
 done
 [[ ${#PARTS[@]} -gt 0 ]] || PARTS=(scaling ipi slice)
-[[ ${#SLICES[@]} -gt 0 ]] || SLICES=(1ms)
+[[ ${#SLICES[@]} -gt 0 ]] || SLICES=(2ms 1ms)
 
 "$VIREO_ROOT/scripts/install-deps.sh" --quiet all
 ELF="$("$VIREO_ROOT/scripts/build.sh" --no-deps | tail -n 1)"
@@ -127,12 +127,14 @@ print(f"{f(m)}  ({f(v[0])}..{f(v[-1])}, n={n})")'
 }
 median() { stats | awk '{print $1}'; }
 
-# vireo_run LOG ARGS...: one headless boot of Vireo (the ELF built above); the serial log in LOG.
+# vireo_run LOG LIMIT ARGS...: one headless boot of Vireo (the ELF built above), killed after
+# LIMIT seconds; the serial log in LOG. Sets VIREO_RC (run-qemu.sh's status; 124: timeout).
 vireo_run() {
-    local log="$1"
-    shift
-    "$VIREO_ROOT/scripts/run-qemu.sh" --headless --accel tcg --timeout "$TIMEOUT" --elf "$ELF" --log "$log" "$@" \
-        >/dev/null 2>&1 || true
+    local log="$1" limit="$2"
+    shift 2
+    VIREO_RC=0
+    "$VIREO_ROOT/scripts/run-qemu.sh" --headless --accel tcg --timeout "$limit" --elf "$ELF" --log "$log" "$@" \
+        >/dev/null 2>&1 || VIREO_RC=$?
     [[ -f "$log" ]] || : >"$log"
 }
 
@@ -169,7 +171,7 @@ part_scaling() {
         fi
         log="$WORK/vireo-scaling-$r.log"
         note "scaling: Vireo boot $r/$REPEATS (2 vCPUs on 2 host CPUs)"
-        vireo_run "$log" --smp 2 --module "$kernel=linux mem=256M cpus=2 -- $append" --module "$initrd=linux:initrd"
+        vireo_run "$log" "$TIMEOUT" --smp 2 --module "$kernel=linux mem=256M cpus=2 -- $append" --module "$initrd=linux:initrd"
         while read -r t1 t2; do
             vir+=("$t1 $t2")
             printf '   Vireo  run %d: t1=%5d ms t2=%5d ms speedup %.3f\n' "$r" "$t1" "$t2" "$(awk -v a="$t1" -v b="$t2" 'BEGIN { print 2 * a / b }')"
@@ -206,7 +208,7 @@ part_ipi() {
         for smp in 2 1; do
             log="$WORK/ipi-$smp-$r.log"
             note "ipi: boot $r/$REPEATS with --smp $smp"
-            vireo_run "$log" --smp "$smp" --guest "selftest=ipi cpus=2 ipibench=$IPIS"
+            vireo_run "$log" 120 --smp "$smp" --guest "selftest=ipi cpus=2 ipibench=$IPIS"
             placed="$(serial_clean "$log" | sed -n 's/.*vm name=ipi placed host_cpus=\([0-9,]*\).*/\1/p' | head -n 1)"
             line="$(serial_clean "$log" | grep -a 'selftest: ipi_round_trip' | head -n 1 || true)"
             if [[ "$line" == *" ns="* ]]; then
@@ -232,14 +234,15 @@ part_ipi() {
 # ---- 3. time-slice switch cost ------------------------------------------------------------
 part_slice() {
     local sl r log fig
-    declare -A col=()
+    declare -A col=() hung=()
     echo "== time-slice switches: 2 VMs spinning (mode=spin-sti) on 1 host CPU for $SPIN s"
     echo "   slice   run  slices  switch/s  sched_us/sw  exit_us/sw  overhead%"
     for r in $(seq "$REPEATS"); do
         for sl in 5ms "${SLICES[@]}"; do
             log="$WORK/slice-$sl-$r.log"
             note "slice: boot $r/$REPEATS with slice=$sl"
-            vireo_run "$log" --smp 1 --cmdline "slice=$sl" \
+            # The VMs end after SPIN s; the rest is boot time (well under 40 s even when busy).
+            vireo_run "$log" $((SPIN * 2 + 40)) --smp 1 --cmdline "slice=$sl" \
                 --guest "selftest=a mode=spin-sti timeout=$SPIN expect=timed-out" \
                 --guest "selftest=b mode=spin-sti timeout=$SPIN expect=timed-out"
             fig="$(serial_clean "$log" | python3 -c '
@@ -260,7 +263,12 @@ exit_us = cyc / hz * 1e6
 print("%d %.1f %.2f %.2f %.3f %d" % (slices, slices / w * 1e6, (w - run) / slices, exit_us / slices, 100 * (w - run + exit_us) / w, w))
 ')" || fig=""
             if [[ -z "$fig" ]]; then
-                echo "   $sl run $r: no figures (the per-vCPU lines of both VMs are missing)"
+                if [[ "$VIREO_RC" == 124 ]]; then
+                    echo "   $sl run $r: no figures: a VM did not end at its $SPIN s limit (run killed after $((SPIN * 2 + 40)) s)"
+                    hung[$sl]=$((${hung[$sl]:-0} + 1))
+                else
+                    echo "   $sl run $r: no figures (the per-vCPU lines of both VMs are missing; run-qemu status $VIREO_RC)"
+                fi
                 evidence "$log" 'vireo: vm name=(a|b) |exit status|cmdline error'
                 FAILED=1
                 continue
@@ -273,7 +281,7 @@ print("%d %.1f %.2f %.2f %.3f %d" % (slices, slices / w * 1e6, (w - run) / slice
     for sl in 5ms "${SLICES[@]}"; do
         echo "   slice=$sl: switches/s $(tr ' ' '\n' <<<"${col[$sl.sw]:-}" | stats)"
         echo "              sched_us/switch $(tr ' ' '\n' <<<"${col[$sl.sch]:-}" | stats)   exit_us/switch $(tr ' ' '\n' <<<"${col[$sl.ex]:-}" | stats)"
-        echo "              overhead % $(tr ' ' '\n' <<<"${col[$sl.ov]:-}" | stats)"
+        echo "              overhead % $(tr ' ' '\n' <<<"${col[$sl.ov]:-}" | stats)   runs that never ended: ${hung[$sl]:-0} of $REPEATS"
     done
 }
 
