@@ -10,7 +10,9 @@
 #    they shared one. Once natively (QEMU -kernel, -smp 2, the same TCG options as
 #    run-qemu.sh) and once under Vireo (a 2-vCPU VM on 2 host CPUs), alternately. Printed:
 #    both speedups (median over every round of every boot) and the ratio native / Vireo of
-#    the medians (1.0: Vireo scales like the bare emulator; aim: within 1.1).
+#    the medians (1.0: Vireo scales like the bare emulator; aim: within 1.1). The same from
+#    the host's clock as a check of the guest's: when the guest's "bench mark" lines reach
+#    the console (native: QEMU's stdout; Vireo: run-qemu.sh's stream, 0.1 s steps).
 # 2. IPI round trip (--part ipi). The self-test guest with `cpus=2 ipibench=N`: the BSP
 #    sends a fixed IPI to AP 1, whose handler answers with a fixed IPI to the BSP; N round
 #    trips timed with the guest's TSC, converted to ns with the TSC rate in CPUID 0x16
@@ -138,6 +140,22 @@ vireo_run() {
     [[ -f "$log" ]] || : >"$log"
 }
 
+# stamped OUT CMD...: runs CMD; each line of its stdout goes to OUT prefixed with the seconds
+# since the start at which it arrived (the host's clock, to check the guest's).
+stamped() {
+    local out="$1"
+    shift
+    python3 - "$out" "$@" <<'PY' || true
+import subprocess, sys, time
+t0 = time.monotonic()
+with open(sys.argv[1], "w") as f:
+    p = subprocess.Popen(sys.argv[2:], stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, stdin=subprocess.DEVNULL, text=True, errors="replace")
+    for line in p.stdout:
+        f.write("%.3f %s" % (time.monotonic() - t0, line.replace("\r", "")))
+    p.wait()
+PY
+}
+
 # evidence LOG PATTERN: the serial lines that show what went wrong, to stderr.
 evidence() {
     note "  serial evidence ($(serial_clean "$1" | grep -ac .) lines; last relevant ones):"
@@ -154,16 +172,35 @@ part_scaling() {
     echo "== parallel scaling: shell loop of $LOOP iterations, alone (t1) then 2 copies at once (t2); speedup = 2*t1/t2 (ideal 2.0)"
     echo "   kernel cmdline: $append"
     # rounds LOG: "t1 t2" per bench line of the guest.
-    rounds() { serial_clean "$1" | sed -n 's/.*linux-guest: bench scaling .* t1_ms=\([0-9]*\) t2_ms=\([0-9]*\).*/\1 \2/p'; }
+    # rounds LOG: "t1 t2 host_t1 host_t2" (ms) per round: the guest's figures, and the host's
+    # from when the mark lines arrived.
+    rounds() {
+        serial_clean "$1" | awk '
+            /^[0-9.]+ .*linux-guest: bench mark / && !seen[$0]++ {
+                r = $0; sub(/.*round=/, "", r); sub(/ .*/, "", r)
+                p = $0; sub(/.*phase=/, "", p); sub(/[^a-z].*/, "", p)
+                if (!((r, p) in at)) at[r, p] = $1
+            }
+            /linux-guest: bench scaling / {
+                r = $0; sub(/.*rep=/, "", r); sub(/ .*/, "", r)
+                if (done[r]++) next
+                a = $0; sub(/.*t1_ms=/, "", a); sub(/ .*/, "", a)
+                b = $0; sub(/.*t2_ms=/, "", b); sub(/[^0-9].*/, "", b)
+                h1 = ((r, "pair") in at && (r, "alone") in at) ? (at[r, "pair"] - at[r, "alone"]) * 1000 : 0
+                h2 = ((r, "end") in at && (r, "pair") in at) ? (at[r, "end"] - at[r, "pair"]) * 1000 : 0
+                printf "%d %d %d %d\n", a, b, h1, h2
+            }'
+    }
     for r in $(seq "$REPEATS"); do
         log="$WORK/native-$r.log"
         note "scaling: native boot $r/$REPEATS"
-        timeout -k 5 "$TIMEOUT" qemu-system-x86_64 -accel tcg,thread=multi -cpu qemu64,+svm,+npt -m 512 -smp 2 \
+        stamped "$log" timeout -k 5 "$TIMEOUT" qemu-system-x86_64 -accel tcg,thread=multi -cpu qemu64,+svm,+npt -m 512 -smp 2 \
             -display none -serial stdio -monitor none -parallel none -no-reboot -nic none \
-            -kernel "$kernel" -initrd "$initrd" -append "$append" </dev/null >"$log" 2>&1 || true
-        while read -r t1 t2; do
-            nat+=("$t1 $t2")
-            printf '   native run %d: t1=%5d ms t2=%5d ms speedup %.3f\n' "$r" "$t1" "$t2" "$(awk -v a="$t1" -v b="$t2" 'BEGIN { print 2 * a / b }')"
+            -kernel "$kernel" -initrd "$initrd" -append "$append"
+        while read -r t1 t2 h1 h2; do
+            nat+=("$t1 $t2 $h1 $h2")
+            printf '   native run %d: guest clock t1=%5d ms t2=%5d ms speedup %.3f | host clock t1=%5d ms t2=%5d ms speedup %.3f\n' \
+                "$r" "$t1" "$t2" "$(awk -v a="$t1" -v b="$t2" 'BEGIN { print 2 * a / b }')" "$h1" "$h2" "$(awk -v a="$h1" -v b="$h2" 'BEGIN { print b ? 2 * a / b : 0 }')"
         done < <(rounds "$log")
         [[ "$(rounds "$log" | wc -l)" -gt 0 ]] || { note "scaling: native boot $r gave no bench lines"; evidence "$log" 'linux-guest|Kernel panic|smp'; }
         if [[ "$vireo_broken" == 1 ]]; then
@@ -171,11 +208,16 @@ part_scaling() {
         fi
         log="$WORK/vireo-scaling-$r.log"
         note "scaling: Vireo boot $r/$REPEATS (2 vCPUs on 2 host CPUs)"
-        vireo_run "$log" "$TIMEOUT" --smp 2 --module "$kernel=linux mem=256M cpus=2 -- $append" --module "$initrd=linux:initrd"
-        while read -r t1 t2; do
-            vir+=("$t1 $t2")
-            printf '   Vireo  run %d: t1=%5d ms t2=%5d ms speedup %.3f\n' "$r" "$t1" "$t2" "$(awk -v a="$t1" -v b="$t2" 'BEGIN { print 2 * a / b }')"
+        # run-qemu.sh streams the serial log every 0.1 s: host times are +-0.1 s here.
+        stamped "$log" "$VIREO_ROOT/scripts/run-qemu.sh" --headless --accel tcg --timeout "$TIMEOUT" --elf "$ELF" \
+            --log "$log.serial" --smp 2 --module "$kernel=linux mem=256M cpus=2 -- $append" --module "$initrd=linux:initrd"
+        [[ -f "$log.serial" ]] && cat "$log.serial" >>"$log"
+        while read -r t1 t2 h1 h2; do
+            vir+=("$t1 $t2 $h1 $h2")
+            printf '   Vireo  run %d: guest clock t1=%5d ms t2=%5d ms speedup %.3f | host clock t1=%5d ms t2=%5d ms speedup %.3f\n' \
+                "$r" "$t1" "$t2" "$(awk -v a="$t1" -v b="$t2" 'BEGIN { print 2 * a / b }')" "$h1" "$h2" "$(awk -v a="$h1" -v b="$h2" 'BEGIN { print b ? 2 * a / b : 0 }')"
         done < <(rounds "$log")
+        serial_clean "$log" | grep -a 'linux-guest: bench start' | head -n 1 | sed 's/.*linux-guest: /   Vireo  guest: /' || true
         if [[ "$(rounds "$log" | wc -l)" -eq 0 ]]; then
             note "scaling: the Vireo boot $r gave no bench lines; not booting it again (each would wait $TIMEOUT s)"
             evidence "$log" 'linux-guest|smp|SMP|x86: Booting|vireo: vm name=linux (end|vcpu|last-exit)|exit status|Kernel panic|watchdog|stuck'
@@ -183,16 +225,18 @@ part_scaling() {
             vireo_broken=1
         fi
     done
-    local ns vs
-    ns="$(printf '%s\n' "${nat[@]+"${nat[@]}"}" | awk 'NF == 2 { print 2 * $1 / $2 }')"
-    vs="$(printf '%s\n' "${vir[@]+"${vir[@]}"}" | awk 'NF == 2 { print 2 * $1 / $2 }')"
-    echo "   native t1_ms: $(printf '%s\n' "${nat[@]+"${nat[@]}"}" | awk 'NF == 2 { print $1 }' | stats)   t2_ms: $(printf '%s\n' "${nat[@]+"${nat[@]}"}" | awk 'NF == 2 { print $2 }' | stats)"
-    echo "   Vireo  t1_ms: $(printf '%s\n' "${vir[@]+"${vir[@]}"}" | awk 'NF == 2 { print $1 }' | stats)   t2_ms: $(printf '%s\n' "${vir[@]+"${vir[@]}"}" | awk 'NF == 2 { print $2 }' | stats)"
-    echo "   native speedup: $(stats <<<"$ns")"
-    echo "   Vireo  speedup: $(stats <<<"$vs")"
+    local ns vs hn hv
+    ns="$(printf '%s\n' "${nat[@]+"${nat[@]}"}" | awk 'NF == 4 { print 2 * $1 / $2 }')"
+    vs="$(printf '%s\n' "${vir[@]+"${vir[@]}"}" | awk 'NF == 4 { print 2 * $1 / $2 }')"
+    hn="$(printf '%s\n' "${nat[@]+"${nat[@]}"}" | awk 'NF == 4 && $4 > 0 { print 2 * $3 / $4 }')"
+    hv="$(printf '%s\n' "${vir[@]+"${vir[@]}"}" | awk 'NF == 4 && $4 > 0 { print 2 * $3 / $4 }')"
+    echo "   native t1_ms: $(printf '%s\n' "${nat[@]+"${nat[@]}"}" | awk 'NF == 4 { print $1 }' | stats)   t2_ms: $(printf '%s\n' "${nat[@]+"${nat[@]}"}" | awk 'NF == 4 { print $2 }' | stats)"
+    echo "   Vireo  t1_ms: $(printf '%s\n' "${vir[@]+"${vir[@]}"}" | awk 'NF == 4 { print $1 }' | stats)   t2_ms: $(printf '%s\n' "${vir[@]+"${vir[@]}"}" | awk 'NF == 4 { print $2 }' | stats)"
+    echo "   native speedup (guest clock): $(stats <<<"$ns")   (host clock): $(stats <<<"$hn")"
+    echo "   Vireo  speedup (guest clock): $(stats <<<"$vs")   (host clock): $(stats <<<"$hv")"
     if [[ -n "$ns" && -n "$vs" ]]; then
-        awk -v n="$(median <<<"$ns")" -v v="$(median <<<"$vs")" \
-            'BEGIN { printf "   scaling ratio native/Vireo (medians): %.3f   (1.0 = same scaling; aim <= 1.1)\n", n / v }'
+        awk -v n="$(median <<<"$ns")" -v v="$(median <<<"$vs")" -v hn="$(median <<<"$hn")" -v hv="$(median <<<"$hv")" \
+            'BEGIN { printf "   scaling ratio native/Vireo (medians): guest clock %.3f, host clock %.3f   (1.0 = same scaling; aim <= 1.1)\n", n / v, (hv > 0 ? hn / hv : 0) }'
     else
         echo "   scaling ratio native/Vireo: n/a"
         FAILED=1

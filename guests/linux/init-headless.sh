@@ -28,7 +28,8 @@ first_line() {
 # command line: the compute loop of the workload below (linux_guest_bench_n iterations, default
 # 300000) once alone, then two copies at once, linux_guest_bench_reps times (default 3); one
 # "linux-guest: bench scaling rep=R n=N cpus=C t1_ms=T1 t2_ms=T2" line per round (/proc/uptime:
-# 10 ms steps), then "linux-guest: bench done" and power off. The default path is not affected.
+# 10 ms steps; "bench mark" lines before and after each phase), then "linux-guest: bench done"
+# and power off. The default path is not affected.
 if [ "${linux_guest_bench:-}" = scaling ]; then
     spin() {
         s_i=1
@@ -46,13 +47,17 @@ if [ "${linux_guest_bench:-}" = scaling ]; then
     echo "linux-guest: bench start cpus $(nproc) clocksource $(first_line /sys/devices/system/clocksource/clocksource0/current_clocksource)"
     b_r=1
     while [ "$b_r" -le "$b_reps" ]; do
+        # The mark lines let the host time the phases too, by when they reach the console.
+        echo "linux-guest: bench mark round=$b_r phase=alone"
         b_t0="$(up)"
         spin "$b_n"
         b_t1="$(up)"
+        echo "linux-guest: bench mark round=$b_r phase=pair"
         spin "$b_n" &
         spin "$b_n" &
         wait
         b_t2="$(up)"
+        echo "linux-guest: bench mark round=$b_r phase=end"
         echo "linux-guest: bench scaling rep=$b_r n=$b_n cpus=$(nproc) t1_ms=$(ms "$b_t0" "$b_t1") t2_ms=$(ms "$b_t1" "$b_t2")"
         b_r=$((b_r + 1))
     done
