@@ -24,6 +24,48 @@ first_line() {
     echo "${line:-unknown}"
 }
 
+# Benchmark mode (scripts/bench-smp.sh), only with linux_guest_bench=scaling on the kernel
+# command line: the compute loop of the workload below (linux_guest_bench_n iterations, default
+# 300000) once alone, then two copies at once, linux_guest_bench_reps times (default 3); one
+# "linux-guest: bench scaling rep=R n=N cpus=C t1_ms=T1 t2_ms=T2" line per round (/proc/uptime:
+# 10 ms steps; "bench mark" lines before and after each phase), then "linux-guest: bench done"
+# and power off. The default path is not affected.
+if [ "${linux_guest_bench:-}" = scaling ]; then
+    spin() {
+        s_i=1
+        s_sum=0
+        while [ "$s_i" -le "$1" ]; do
+            s_sum=$((s_sum + s_i))
+            s_i=$((s_i + 1))
+        done
+    }
+    ms() { awk -v a="$1" -v b="$2" 'BEGIN { printf "%d", (b - a) * 1000 + 0.5 }'; }
+    b_n=300000
+    b_reps=3
+    case "${linux_guest_bench_n:-}" in '' | *[!0-9]*) ;; *) b_n=$linux_guest_bench_n ;; esac
+    case "${linux_guest_bench_reps:-}" in '' | *[!0-9]*) ;; *) b_reps=$linux_guest_bench_reps ;; esac
+    echo "linux-guest: bench start cpus $(nproc) clocksource $(first_line /sys/devices/system/clocksource/clocksource0/current_clocksource)"
+    b_r=1
+    while [ "$b_r" -le "$b_reps" ]; do
+        # The mark lines let the host time the phases too, by when they reach the console.
+        echo "linux-guest: bench mark round=$b_r phase=alone"
+        b_t0="$(up)"
+        spin "$b_n"
+        b_t1="$(up)"
+        echo "linux-guest: bench mark round=$b_r phase=pair"
+        spin "$b_n" &
+        spin "$b_n" &
+        wait
+        b_t2="$(up)"
+        echo "linux-guest: bench mark round=$b_r phase=end"
+        echo "linux-guest: bench scaling rep=$b_r n=$b_n cpus=$(nproc) t1_ms=$(ms "$b_t0" "$b_t1") t2_ms=$(ms "$b_t1" "$b_t2")"
+        b_r=$((b_r + 1))
+    done
+    echo "linux-guest: bench done"
+    poweroff -f
+    while :; do sleep 3600; done
+fi
+
 t_init="$(up)"
 echo "linux-guest: init_uptime $t_init"
 echo "linux-guest: uname $(uname -a)"

@@ -5,6 +5,8 @@
 //!   on the VM line the SMP checks (`smp.rs`) run too: APs started by INIT-SIPI-SIPI, IPIs
 //!   both ways, a spinlock-protected shared counter;
 //! - `bench=N`: N hypercall round trips, timed with the TSC;
+//! - `ipibench=N` (with `cpus=2` or more): N IPI round trips BSP -> AP 1 -> BSP, timed with
+//!   the TSC (`selftest: ipi_round_trip n=N ticks=T ns=X ...`);
 //! - `hostile=N`: N random hostile operations (wild MSRs, ports, hypercalls, pointers);
 //! - `mode=triple-fault`: fault with no usable IDT, which triple-faults;
 //! - `mode=spin` / `mode=spin-sti`: loop forever with interrupts off / on and no exits (a
@@ -103,6 +105,10 @@ mod guest {
         }
         // Vireo hands the guest its whole VM line, `cpus=N` included.
         let cpus = args.split_whitespace().find_map(|a| a.strip_prefix("cpus=")).and_then(|n| n.parse().ok());
+        if let Some(n) = args.split_whitespace().find_map(|a| a.strip_prefix("ipibench=")) {
+            let n: u64 = n.parse().unwrap_or(1000);
+            exit(crate::smp::ipi_bench(cpus.unwrap_or(1), n) as u64);
+        }
         let failed = crate::checks::run_all(ram, cpus.unwrap_or(1));
         exit(failed as u64)
     }

@@ -386,6 +386,112 @@ pub fn on_ipi() {
     eoi();
 }
 
+/// The IPI round-trip benchmark (`ipibench=N`): the BSP sends BENCH_PING to AP 1, whose
+/// handler answers with BENCH_PONG to the BSP. Vectors of their own, so that neither
+/// handler needs CPUID (an exit) to know which CPU it runs on.
+pub const BENCH_PING: u8 = 0x51;
+pub const BENCH_PONG: u8 = 0x52;
+/// BENCH_PING interrupts taken by AP 1, BENCH_PONG interrupts taken by the BSP.
+static PINGS: AtomicU64 = AtomicU64::new(0);
+static PONGS: AtomicU64 = AtomicU64::new(0);
+
+/// A fixed IPI the lean way, for the benchmark: ICR high, then ICR low (which sends), with
+/// no polling of the delivery status (Vireo delivers at the write of ICR low).
+fn bench_send(dest: u8, vector: u8) {
+    apic_write(REG_ICR_HIGH, (dest as u32) << 24);
+    apic_write(REG_ICR_LOW, icr::FIXED | icr::ASSERT | vector as u32);
+}
+
+/// Called by the guest's trap handler for BENCH_PING (on AP 1): answer the BSP.
+pub fn on_bench_ping() {
+    PINGS.fetch_add(1, Ordering::SeqCst);
+    bench_send(0, BENCH_PONG);
+    apic_write(REG_EOI, 0);
+}
+
+/// Called by the guest's trap handler for BENCH_PONG (on the BSP).
+pub fn on_bench_pong() {
+    PONGS.fetch_add(1, Ordering::SeqCst);
+    apic_write(REG_EOI, 0);
+}
+
+/// Round-trip times kept for the median (the first this many).
+const BENCH_SAMPLES: usize = 8192;
+struct Samples(UnsafeCell<[u64; BENCH_SAMPLES]>);
+// SAFETY: only the BSP touches it, in `ipi_bench`.
+unsafe impl Sync for Samples {}
+static SAMPLES: Samples = Samples(UnsafeCell::new([0; BENCH_SAMPLES]));
+
+/// `n` IPI round trips BSP -> AP 1 -> BSP (after 16 unmeasured ones), timed with the TSC
+/// on the BSP, which spins with interrupts on while it waits. Prints
+/// `selftest: ipi_round_trip n=N ticks=T ns=X ...` (T: mean TSC ticks per round trip, X the
+/// same in ns from the TSC rate of CPUID 0x16) and returns 0, or prints a FAIL line and
+/// returns 1.
+pub fn ipi_bench(cpus: usize, n: u64) -> u32 {
+    if cpus < 2 {
+        let _ = writeln!(Console, "selftest: ipi_round_trip FAIL needs cpus=2 or more on the VM line");
+        return 1;
+    }
+    let mut buf = Buf::new();
+    if start_aps(cpus.min(MAX_CPUS), &mut buf).is_err() || ALIVE.load(Ordering::SeqCst) & 2 == 0 {
+        let _ = writeln!(Console, "selftest: ipi_round_trip FAIL AP 1 did not start: {}", buf.as_str());
+        return 1;
+    }
+    const WARMUP: u64 = 16;
+    let (mut total, mut min, mut max, mut lost) = (0u64, u64::MAX, 0u64, None);
+    // SAFETY: only this CPU uses SAMPLES.
+    let samples = unsafe { &mut *SAMPLES.0.get() };
+    with_interrupts(|| {
+        for i in 0..n + WARMUP {
+            let before = PONGS.load(Ordering::SeqCst);
+            let t0 = rdtsc();
+            bench_send(1, BENCH_PING);
+            if !wait_ms(1000, || PONGS.load(Ordering::SeqCst) != before) {
+                lost = Some(i);
+                return;
+            }
+            let dt = rdtsc() - t0;
+            if i >= WARMUP {
+                let k = (i - WARMUP) as usize;
+                if k < BENCH_SAMPLES {
+                    samples[k] = dt;
+                }
+                total += dt;
+                min = min.min(dt);
+                max = max.max(dt);
+            }
+        }
+    });
+    if let Some(i) = lost {
+        let _ = writeln!(
+            Console,
+            "selftest: ipi_round_trip FAIL no answer to round trip {i} within 1000 ms (AP 1 took {} pings, the BSP {} pongs; AP loop ran {} times)",
+            PINGS.load(Ordering::SeqCst),
+            PONGS.load(Ordering::SeqCst),
+            HEARTBEAT[1].load(Ordering::Relaxed)
+        );
+        return 1;
+    }
+    let kept = &mut samples[..(n as usize).min(BENCH_SAMPLES)];
+    kept.sort_unstable();
+    let median = kept.get(kept.len() / 2).copied().unwrap_or(0);
+    let per_ms = tsc_per_ms();
+    let ns = |t: u64| t.saturating_mul(1_000_000) / per_ms;
+    let mean = total / n.max(1);
+    let _ = writeln!(
+        Console,
+        "selftest: ipi_round_trip n={n} ticks={mean} ns={} median_ns={} min_ns={} max_ns={} tsc_khz={per_ms}",
+        ns(mean),
+        ns(median),
+        ns(if n == 0 { 0 } else { min }),
+        ns(max)
+    );
+    if !command(CMD_PARK, 0, 5000) {
+        let _ = writeln!(Console, "selftest: smp some APs did not acknowledge parking");
+    }
+    0
+}
+
 /// Called by the guest's trap handler for vector 2.
 pub fn on_nmi() {
     NMIS[cpu_index()].fetch_add(1, Ordering::SeqCst);

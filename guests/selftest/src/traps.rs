@@ -90,6 +90,14 @@ extern "C" fn guest_trap(frame: &mut Frame) {
         crate::smp::on_ipi();
         return;
     }
+    if v == crate::smp::BENCH_PING as u64 {
+        crate::smp::on_bench_ping();
+        return;
+    }
+    if v == crate::smp::BENCH_PONG as u64 {
+        crate::smp::on_bench_pong();
+        return;
+    }
     if v == 2 {
         // NMI IPIs of the SMP checks.
         crate::smp::on_nmi();
