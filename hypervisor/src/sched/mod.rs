@@ -285,12 +285,22 @@ pub fn cpu_main(cpu: usize, hw: Hardware) -> ! {
         }
         let now = rdtsc();
         let count = tasks.len();
-        let mut picked = None;
+        // A vCPU something just arrived for (an IPI, a device interrupt) goes first, unless
+        // it is the one that just ran (a vCPU that keeps getting interrupts must not starve
+        // the others); then round robin.
+        let last = next.checked_sub(1);
+        let woken = (0..count).find(|&i| {
+            let t = &tasks[i];
+            Some(i) != last && t.vm.irq.apic(t.vcpu).attention.load(Ordering::Acquire) && runnable(t)
+        });
+        let mut picked = woken;
         for k in 0..count {
+            if picked.is_some() {
+                break;
+            }
             let i = (next + k) % count;
             if runnable(&tasks[i]) {
                 picked = Some(i);
-                break;
             }
         }
         let Some(i) = picked else {

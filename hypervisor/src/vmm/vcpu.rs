@@ -163,6 +163,11 @@ impl Vcpu {
             if crate::arch::interrupts::take_timer_fired() {
                 self.armed = None;
             }
+            // A kick taken just now (another vCPU here was woken) would not make the guest
+            // exit any more: give the CPU back before entering.
+            if yield_now.load(Ordering::Acquire) {
+                break SliceEnd::Preempted;
+            }
             self.arm_host_timer(vm, cpu, slice_end);
             let exit = cpu.run(&mut self.regs);
             self.history[self.history_next] = Some(exit);
