@@ -111,10 +111,12 @@ fn check_linux_smp<'a>(out: &'a Outcome, vm: &str, cpus: usize) -> Vec<&'a str> 
     let parallel = guest_value(out, vm, "parallel");
     assert_eq!(field(&parallel, "cpus"), Some(cpus.to_string()), "{vm}: {parallel}\n{out:?}");
     assert_eq!(field(&parallel, "ok"), Some(cpus.to_string()), "{vm}: wrong parallel results: {parallel}\n{out:?}");
-    let (res, cal, tlb) = guest_ipis(out, vm);
+    // Rescheduling and function-call IPIs happen on every SMP boot. TLB shootdowns depend on
+    // where the scheduler ran which process (0 to ~10 per run were seen, natively too), so
+    // the count is only required to be reported.
+    let (res, cal, _tlb) = guest_ipis(out, vm);
     assert!(res > 0, "{vm}: no rescheduling IPIs\n{out:?}");
     assert!(cal > 0, "{vm}: no function-call IPIs\n{out:?}");
-    assert!(tlb > 0, "{vm}: no TLB shootdowns\n{out:?}");
     assert_eq!(out.field(&format!("vm name={vm} start "), "cpus"), cpus.to_string(), "{out:?}");
     let vcpus: Vec<&str> = (0..cpus).map(|i| out.line(&format!("vm name={vm} vcpu={i} "))).collect();
     for (i, l) in vcpus.iter().enumerate() {
