@@ -217,23 +217,24 @@ fn restart(name: &str, r: crate::vmm::vm::Relaunch) {
     }
 }
 
-/// Gives a finished VM's memory back.
+/// Gives a finished VM's memory back. Other holders let go within moments (a CPU that just
+/// retired a vCPU of it, the console poll): waits for them up to 100 ms.
 fn release(vm: Arc<Vm>) {
-    // The console poll may hold a reference for a moment.
+    let give_up = rdtsc().saturating_add(tsc::hz() / 10);
     let mut vm = vm;
-    for attempt in 0.. {
+    loop {
         match Arc::try_unwrap(vm) {
             Ok(vm) => {
                 vm.mem.release(&mut mm::frames());
-                break;
+                return;
             }
-            Err(v) if attempt < 100_000 => {
+            Err(v) if rdtsc() < give_up => {
                 vm = v;
                 core::hint::spin_loop();
             }
             Err(v) => {
                 log::warn!("vm {}: still referenced at its end; its memory is not reused", v.name);
-                break;
+                return;
             }
         }
     }
