@@ -205,15 +205,29 @@ fn linux_smp_qemu_tcg_svm() {
 }
 
 /// Four vCPUs time-sliced on two host CPUs: the same, and the vCPUs waited for a host CPU.
-#[test]
-fn linux_smp4_on_2_qemu_tcg_svm() {
-    let out = boot_linux_with(Machine::QemuSvm, 400, "cpus=4");
+/// Four vCPUs on the two host CPUs of `machine`: time-sliced, with steal time recorded.
+fn linux_smp4_on_2(machine: Machine, timeout: u64) {
+    let out = boot_linux_with(machine, timeout, "cpus=4");
     check_linux_vm(&out, "linux", 4, 256);
     check_apic_mode(&out, "linux");
     let vcpus = check_linux_smp(&out, "linux", 4);
     let steal: u64 = vcpus.iter().map(|l| field(l, "steal_us").and_then(|v| v.parse().ok()).unwrap_or(0)).sum();
     assert!(steal > 0, "4 vCPUs on 2 host CPUs: some vCPU waited for its turn\n{vcpus:#?}\n{out:?}");
 }
+
+#[test]
+fn linux_smp4_on_2_qemu_tcg_svm() {
+    linux_smp4_on_2(Machine::QemuSvm, 400);
+}
+
+/// About 3.5 minutes each on this 2-core machine (Bochs interleaves its CPUs on one thread).
+#[test]
+fn linux_smp4_on_2_bochs_vmx() {
+    linux_smp4_on_2(Machine::BochsVmx, 1200);
+}
+
+// Not on Bochs SVM: there a 4-vCPU Debian guest on 2 host CPUs stops at "x86: Booting SMP
+// configuration:" (2 of 2 runs, 800 s each), with 2 vCPUs it boots; open problem.
 
 #[test]
 fn linux_smp_bochs_vmx() {

@@ -129,7 +129,7 @@ pub fn decode(raw: &RawExit) -> (ExitKind, u64) {
         code::NMI => (ExitKind::Nmi, rip),
         code::INIT => (ExitKind::Init, rip),
         code::VINTR => (ExitKind::InterruptWindow, rip),
-        // PAUSE is F3 90 (not intercepted today; decoded for completeness).
+        // PAUSE is F3 90 (intercepted with the pause filter: pause-loop exiting).
         code::PAUSE => (ExitKind::Pause, after(raw, insn_len::PAUSE)),
         code::CPUID => (ExitKind::Cpuid, after(raw, insn_len::CPUID)),
         code::HLT => (ExitKind::Hlt, after(raw, insn_len::HLT)),

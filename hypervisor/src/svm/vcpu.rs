@@ -24,6 +24,9 @@ use crate::{
 /// VM_HSAVE_PA: where VMRUN saves the host state #VMEXIT restores (APM Vol. 2 §15.30.4).
 pub const MSR_VM_HSAVE_PA: u32 = 0xC001_0117;
 
+/// PAUSEs before a PAUSE intercept when the CPU filters them (KVM uses 3000).
+pub const PAUSE_FILTER_COUNT: u16 = 3000;
+
 /// DR6 at reset (APM Vol. 2 §13.1.1.3).
 const DR6_INIT: u64 = 0xFFFF_0FF0;
 /// RFLAGS.VM (virtual-8086 mode).
@@ -231,6 +234,13 @@ impl SvmVcpu {
         let v = vcpu.vmcb_mut();
         let c = &mut v.control;
         c.intercept_misc1 = base_intercepts_misc1().bits();
+        if caps.pause_filter {
+            // Pause-loop exiting (APM Vol. 2 §15.14.4 "Pause Intercept Filtering"): a vCPU
+            // spinning on a lock exits after PAUSE_FILTER_COUNT PAUSEs, so the core can give
+            // the host CPU to another vCPU (perhaps the lock holder).
+            c.intercept_misc1 |= InterceptMisc1::PAUSE.bits();
+            c.pause_filter_count = PAUSE_FILTER_COUNT;
+        }
         c.intercept_misc2 = base_intercepts_misc2(rdpru).bits();
         c.iopm_base_pa = iopm_pa;
         c.msrpm_base_pa = msrpm_pa;

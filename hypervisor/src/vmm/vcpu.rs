@@ -64,6 +64,8 @@ pub enum SliceEnd {
 /// What the dispatch decided.
 enum Flow {
     Continue,
+    /// Give the host CPU to another vCPU (the slice ends early).
+    Yield,
     Block,
     Stop(VmOutcome),
 }
@@ -179,6 +181,7 @@ impl Vcpu {
             self.stats.record(&exit.kind, rdtsc().wrapping_sub(exit.tsc));
             match flow {
                 Flow::Continue => {}
+                Flow::Yield => break SliceEnd::Preempted,
                 Flow::Block => break SliceEnd::Blocked,
                 Flow::Stop(outcome) => {
                     vm.stop(outcome);
@@ -523,10 +526,13 @@ impl Vcpu {
             ExitKind::ExternalInterrupt { vector: Some(v) } => crate::arch::interrupts::handle(v),
             // A host interrupt still pending, a host NMI, PAUSE or a CR access the backend
             // completed: the exit itself was all that was needed.
-            ExitKind::ExternalInterrupt { vector: None }
-            | ExitKind::Nmi
-            | ExitKind::Pause
-            | ExitKind::ControlRegister => {}
+            ExitKind::ExternalInterrupt { vector: None } | ExitKind::Nmi | ExitKind::ControlRegister => {}
+            // A spin loop (pause-loop exiting): PAUSE is done, and the rest of the slice goes
+            // to another vCPU of this host CPU, perhaps the lock holder the spinner waits for.
+            ExitKind::Pause => {
+                cpu.set_rip(exit.next_rip);
+                return Flow::Yield;
+            }
             // The window is open: the request is fulfilled (left set, SVM's V_IRQ would keep
             // exiting); the pending interrupt is injected before the next entry.
             ExitKind::InterruptWindow => cpu.set_interrupt_window(false),

@@ -323,7 +323,13 @@ pub fn compute(caps: &CapMsrs, vpid: bool) -> Result<Controls, BackendError> {
 
     let sec_cap = caps.procbased2;
     let mut want2 = secondary::ENABLE_EPT | secondary::UNRESTRICTED_GUEST;
-    for optional in [secondary::ENABLE_RDTSCP, secondary::ENABLE_INVPCID, secondary::ENABLE_XSAVES_XRSTORS] {
+    for optional in [
+        secondary::ENABLE_RDTSCP,
+        secondary::ENABLE_INVPCID,
+        secondary::ENABLE_XSAVES_XRSTORS,
+        // A vCPU spinning on a lock exits (SDM Vol. 3C §26.1.3): lock-holder preemption.
+        secondary::PAUSE_LOOP_EXITING,
+    ] {
         if allowed1(sec_cap, optional) {
             want2 |= optional;
         }

@@ -69,6 +69,11 @@ pub struct VmxVcpu {
     deadline: Option<u64>,
 }
 
+/// PAUSE-loop exiting: PAUSEs at most this many TSC ticks apart form one loop ...
+const PLE_GAP: u32 = 128;
+/// ... which exits after spinning this many TSC ticks.
+const PLE_WINDOW: u32 = 4096;
+
 /// Architectural state after RESET: the vCPU's state until the core loads its own.
 pub fn reset_state() -> CpuState {
     CpuState::reset()
@@ -340,6 +345,12 @@ impl VmxVcpu {
         self.setup(Field64::EptPointer, self.eptp)?;
         if self.vpid != 0 {
             self.setup(Field16::VirtualProcessorId, self.vpid)?;
+        }
+        if c.secondary & secondary::PAUSE_LOOP_EXITING != 0 {
+            // A PAUSE loop is PAUSEs at most PLE_GAP TSC ticks apart; it exits once it has
+            // spun for PLE_WINDOW ticks (SDM Vol. 3C §25.6.13; KVM's defaults).
+            self.setup(Field32::PleGap, PLE_GAP)?;
+            self.setup(Field32::PleWindow, PLE_WINDOW)?;
         }
         if c.secondary & secondary::ENABLE_XSAVES_XRSTORS != 0 {
             // No XSAVES/XRSTORS exits: IA32_XSS is the guest's concern (WRMSR exits).

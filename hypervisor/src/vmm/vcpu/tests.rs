@@ -299,6 +299,15 @@ fn interrupt_window_policy_is_the_cores() {
 }
 
 #[test]
+fn a_pause_loop_exit_yields_the_host_cpu() {
+    let vm = test_vm(1);
+    let mut m = Mock::new(&[(|_| {}, ExitKind::Pause)]);
+    assert_eq!(run(&vm, 0, &mut m), SliceEnd::Preempted);
+    assert_eq!(m.rip, 0x1002, "PAUSE completed (the boot state starts at 0x1000)");
+    assert!(!vm.ended());
+}
+
+#[test]
 fn every_vcpu_halted_with_interrupts_off_ends_the_vm() {
     let vm = test_vm(2);
     let mut m = Mock::new(&[(|_| {}, ExitKind::Hlt)]);
