@@ -226,7 +226,7 @@ fn linux_smp4_on_2_bochs_vmx() {
     linux_smp4_on_2(Machine::BochsVmx, 1200);
 }
 
-// Not on Bochs SVM: there a 4-vCPU Debian guest on 2 host CPUs stops at "x86: Booting SMP
+// Not on Bochs SVM: there a 3- or 4-vCPU Debian guest on 2 host CPUs stops at "x86: Booting SMP
 // configuration:" (2 of 2 runs, 800 s each), with 2 vCPUs it boots; open problem.
 
 #[test]
