@@ -125,6 +125,15 @@ impl Backend for Mock {
     fn set_exception_intercepts(&mut self, _vectors: u32) {}
 }
 
+/// `OUT` of a dword to the self-test interrupt source (`guest_abi`): vector in AL, delay above.
+const TEST_IRQ_OUT: ExitKind = ExitKind::Io(IoAccess {
+    port: guest_abi::hypercall::TEST_IRQ_PORT,
+    size: 4,
+    write: true,
+    string: false,
+    rep: false,
+});
+
 static KICKS: AtomicU64 = AtomicU64::new(0);
 
 fn count_kick(cpu: usize) {
@@ -178,19 +187,7 @@ fn unknown_msr_raises_gp_and_hlt_with_interrupts_off_ends_a_lone_vcpu() {
 fn hlt_blocks_and_a_test_interrupt_wakes() {
     let vm = test_vm(1);
     // OUT to the test interrupt port: vector 0x40 after a short delay, then HLT.
-    let mut m = Mock::new(&[
-        (
-            |r| r.rax = 0x40 | (10_000 << 8),
-            ExitKind::Io(IoAccess {
-                port: guest_abi::hypercall::TEST_IRQ_PORT,
-                size: 4,
-                write: true,
-                string: false,
-                rep: false,
-            }),
-        ),
-        (|_| {}, ExitKind::Hlt),
-    ]);
+    let mut m = Mock::new(&[(|r| r.rax = 0x40 | (10_000 << 8), TEST_IRQ_OUT), (|_| {}, ExitKind::Hlt)]);
     assert_eq!(run(&vm, 0, &mut m), SliceEnd::Blocked);
     assert_eq!(vm.vcpus[0].lock().state, VcpuState::Halted { if_off: false });
     // The scheduler polls until the timer is due.
@@ -255,19 +252,7 @@ fn interrupt_window_policy_is_the_cores() {
     let vm = test_vm(1);
     // A test interrupt raised while the guest cannot take it: the core asks for a window,
     // and injects once the window exit says the guest can.
-    let mut m = Mock::new(&[
-        (
-            |r| r.rax = 0x41,
-            ExitKind::Io(IoAccess {
-                port: guest_abi::hypercall::TEST_IRQ_PORT,
-                size: 4,
-                write: true,
-                string: false,
-                rep: false,
-            }),
-        ),
-        (|_| {}, ExitKind::Cpuid),
-    ]);
+    let mut m = Mock::new(&[(|r| r.rax = 0x41, TEST_IRQ_OUT), (|_| {}, ExitKind::Cpuid)]);
     m.interruptible = false;
     let no = AtomicBool::new(false);
     // Run two exits by hand: after the OUT, the next entry wants a window.
@@ -281,16 +266,7 @@ fn interrupt_window_policy_is_the_cores() {
     // ... then with the guest interruptible, the window exit clears the request and the
     // interrupt goes in.
     let vm = test_vm(1);
-    let mut m = Mock::new(&[(
-        |r| r.rax = 0x41,
-        ExitKind::Io(IoAccess {
-            port: guest_abi::hypercall::TEST_IRQ_PORT,
-            size: 4,
-            write: true,
-            string: false,
-            rep: false,
-        }),
-    )]);
+    let mut m = Mock::new(&[(|r| r.rax = 0x41, TEST_IRQ_OUT)]);
     m.window = true;
     m.script.push_back((|_| {}, ExitKind::InterruptWindow));
     assert_eq!(vm.vcpus[0].lock().run(&vm, &mut m, u64::MAX, &no), SliceEnd::VmEnded);
