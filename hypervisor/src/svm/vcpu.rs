@@ -12,7 +12,7 @@ use crate::{
     mm::{FrameAllocator, PAGE_SIZE},
     vmm::{
         backend::{Backend, BackendError},
-        exit::{Event, Exit, ExitKind},
+        exit::{Event, Exit, ExitEvents, ExitKind},
         regs::GuestRegs,
         state::{
             CpuState, DescriptorTable, SegAttr, SegReg, Segment, CR0_PE, CR0_PG, EFER_LMA, EFER_LME, EFER_SVME,
@@ -425,6 +425,7 @@ impl Backend for SvmVcpu {
                 next_rip: rip,
                 raw: code::INVALID,
                 tsc: 0,
+                events: Default::default(),
             };
         }
         let tlb = self.tlb_next;
@@ -457,6 +458,7 @@ impl Backend for SvmVcpu {
                 next_rip: entry.rip,
                 raw: exitcode,
                 tsc,
+                events: Default::default(),
             };
         }
         regs.rax = v.save.rax;
@@ -473,12 +475,17 @@ impl Backend for SvmVcpu {
         // The injected event was delivered, or its delivery was interrupted and
         // EXITINTINFO says so (§15.7.2): retry it at the next entry.
         v.control.eventinj = 0;
-        if let Some(again) = event::requeue(v.control.exitintinfo, injected) {
+        let info = v.control.exitintinfo;
+        let events = ExitEvents {
+            injected: Event::decode(injected as u32, (injected >> 32) as u32),
+            interrupted: Event::decode(info as u32, (info >> 32) as u32),
+        };
+        if let Some(again) = event::requeue(info, injected) {
             v.control.eventinj = again;
             self.injected = again;
         }
         self.tlb_next = tlb_control::DO_NOTHING;
-        Exit { kind, rip: raw.rip, next_rip, raw: exitcode, tsc }
+        Exit { kind, rip: raw.rip, next_rip, raw: exitcode, tsc, events }
     }
 
     fn rip(&self) -> u64 {

@@ -156,6 +156,17 @@ pub struct Exit {
     pub raw: u64,
     /// TSC read right after the exit, for the exit statistics.
     pub tsc: u64,
+    /// Events around this exit, for post-mortem reports.
+    pub events: ExitEvents,
+}
+
+/// The event Vireo injected at the entry that ended in an exit, and the one whose delivery
+/// the exit interrupted (SVM EXITINTINFO, APM Vol. 2 §15.7.2; VMX IDT-vectoring
+/// information, SDM Vol. 3C §28.2.4), for the post-mortem of a crashed guest.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct ExitEvents {
+    pub injected: Option<Event>,
+    pub interrupted: Option<Event>,
 }
 
 impl fmt::Display for Exit {

@@ -343,7 +343,7 @@ impl Vm {
         let mut n = 0;
         for e in v.history() {
             match items[..n].last_mut() {
-                Some((Some(prev), count)) if prev.kind == e.kind && prev.rip == e.rip => *count += 1,
+                Some((Some(prev), count)) if prev.kind == e.kind && prev.rip == e.rip && prev.events == e.events => *count += 1,
                 _ => {
                     items[n] = (Some(*e), 1);
                     n += 1;
@@ -354,16 +354,18 @@ impl Vm {
             let Some(e) = e else { continue };
             if let ExitKind::Exception { vector, error_code } = e.kind {
                 report!(
-                    "vm name={name} last-exit n={i} exception vector={vector} error={error_code:?} rip={:#x} raw={:#x} times={count}",
+                    "vm name={name} last-exit n={i} exception vector={vector} error={error_code:?} rip={:#x} raw={:#x} times={count}{}",
                     e.rip,
-                    e.raw
+                    e.raw,
+                    EventsNote(&e.events)
                 );
             } else {
                 report!(
-                    "vm name={name} last-exit n={i} kind={:?} rip={:#x} raw={:#x} times={count}",
+                    "vm name={name} last-exit n={i} kind={:?} rip={:#x} raw={:#x} times={count}{}",
                     e.kind,
                     e.rip,
-                    e.raw
+                    e.raw,
+                    EventsNote(&e.events)
                 );
             }
         }
@@ -380,5 +382,20 @@ impl Vm {
             r.rsp,
             r.rbp
         );
+    }
+}
+
+/// ` injected=... interrupted=...` for a post-mortem line, only the events there were.
+struct EventsNote<'a>(&'a crate::vmm::exit::ExitEvents);
+
+impl core::fmt::Display for EventsNote<'_> {
+    fn fmt(&self, f: &mut core::fmt::Formatter<'_>) -> core::fmt::Result {
+        if let Some(e) = self.0.injected {
+            write!(f, " injected={e:?}")?;
+        }
+        if let Some(e) = self.0.interrupted {
+            write!(f, " interrupted={e:?}")?;
+        }
+        Ok(())
     }
 }

@@ -25,7 +25,7 @@ use crate::{
     mm::{Ept, FrameAllocator, PAGE_SIZE},
     vmm::{
         backend::{Backend, BackendError},
-        exit::{Event, Exit, ExitKind},
+        exit::{Event, Exit, ExitEvents, ExitKind},
         regs::GuestRegs,
         state::{CpuState, SegAttr, SegReg, Segment, CR0_PE, EFER_LMA, RFLAGS_IF},
     },
@@ -569,13 +569,15 @@ impl VmxVcpu {
 
     /// Re-queues an event whose delivery the exit interrupted (SDM Vol. 3C §28.2.4,
     /// §29.2.4 "Event delivery").
-    fn requeue_idt_vectoring(&mut self) {
+    /// Returns the interrupted event.
+    fn requeue_idt_vectoring(&mut self) -> Option<Event> {
         let info = self.read(Field32::IdtVectoringInfo);
         if info & intr::VALID == 0 {
-            return;
+            return None;
         }
+        let mut code = 0;
         if info & intr::ERROR_CODE_VALID != 0 {
-            let code = self.read(Field32::IdtVectoringErrorCode);
+            code = self.read(Field32::IdtVectoringErrorCode);
             self.write(Field32::VmEntryExceptionErrorCode, code);
         }
         if intr::needs_instruction_length(info) {
@@ -584,6 +586,7 @@ impl VmxVcpu {
         }
         self.write(Field32::VmEntryInterruptionInfo, intr::requeue(info));
         self.pending_event = true;
+        Event::decode(info, code)
     }
 
     /// Reads the guest-state fields for [`check::check`].
@@ -646,6 +649,7 @@ impl VmxVcpu {
             next_rip: rip,
             raw: RAW_ENTRY_INSTRUCTION_FAILED,
             tsc,
+            events: Default::default(),
         }
     }
 }
@@ -704,6 +708,7 @@ impl Backend for VmxVcpu {
                 next_rip: 0,
                 raw: RAW_ENTRY_INSTRUCTION_FAILED,
                 tsc: instr::rdtsc(),
+                events: Default::default(),
             };
         }
         if regs.rsp != self.rsp_cache {
@@ -718,6 +723,7 @@ impl Backend for VmxVcpu {
             };
             self.write(Field32::VmxPreemptionTimerValue, ticks.min(u32::MAX as u64) as u32);
         }
+        let injected = Backend::pending_event(self);
         // SAFETY: VMX root operation with this vCPU's fully set-up VMCS current (above);
         // HOST_RIP is the trampoline's exit and the host state is this CPU's (`build` ran
         // here and Vireo does not change its GDT, TSS, CR3 or segment bases afterwards);
@@ -758,10 +764,11 @@ impl Backend for VmxVcpu {
         // A failed entry delivered nothing: a queued event stays queued. IDT-vectoring
         // information is valid only for exits during event delivery, which instruction
         // exits never are (SDM Vol. 3C §28.2.4): skip the VMREAD for them.
+        let mut events = ExitEvents { injected, interrupted: None };
         if !raw.entry_failed() {
             self.pending_event = false;
             if !decode::is_instruction_exit(basic) {
-                self.requeue_idt_vectoring();
+                events.interrupted = self.requeue_idt_vectoring();
             }
         }
 
@@ -789,7 +796,7 @@ impl Backend for VmxVcpu {
             _ => {}
         }
         let raw_code = if raw.entry_failed() { raw.reason as u64 } else { basic as u64 };
-        Exit { kind, rip: raw.rip, next_rip, raw: raw_code, tsc }
+        Exit { kind, rip: raw.rip, next_rip, raw: raw_code, tsc, events }
     }
 
     fn rip(&self) -> u64 {

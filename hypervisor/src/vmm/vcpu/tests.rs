@@ -63,7 +63,7 @@ impl Backend for Mock {
         }
         let (set, kind) = self.script.pop_front().unwrap_or((vm_exit, ExitKind::Hypercall(HypercallInsn::Vmcall)));
         set(regs);
-        Exit { kind, rip: self.rip, next_rip: self.rip + 2, raw: 0, tsc: rdtsc() }
+        Exit { kind, rip: self.rip, next_rip: self.rip + 2, raw: 0, tsc: rdtsc(), events: Default::default() }
     }
     fn rip(&self) -> u64 {
         self.rip
