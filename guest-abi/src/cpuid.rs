@@ -16,8 +16,13 @@ pub const LEAF_SIGNATURE: u32 = VIREO_BASE;
 /// this CPU executes natively ([`HYPERCALL_INSN_VMCALL`] or [`HYPERCALL_INSN_VMMCALL`]);
 /// EDX = 0 (reserved).
 pub const LEAF_VERSION: u32 = VIREO_BASE + 1;
+/// The hypercall page (ABI version 2): EAX = the MSR a guest writes the page's
+/// guest-physical address to ([`crate::hypercall::page::MSR`]), EBX = the size of one stub
+/// in bytes, ECX = the number of stubs, EDX = 0 (reserved). All zero when the VM offers no
+/// hypercall page (feature bit [`features::HYPERCALL_PAGE`] clear).
+pub const LEAF_HYPERCALL_PAGE: u32 = VIREO_BASE + 2;
 /// The highest leaf Vireo defines today.
-pub const LEAF_MAX: u32 = LEAF_VERSION;
+pub const LEAF_MAX: u32 = LEAF_HYPERCALL_PAGE;
 
 /// The 12-byte signature returned in EBX, ECX, EDX of [`LEAF_SIGNATURE`].
 pub const SIGNATURE: [u8; 12] = *b"VireoVireoHV";
@@ -33,6 +38,12 @@ pub mod features {
     pub const HYPERCALLS: u32 = 1 << 0;
     /// The test device ports of [`crate::hypercall::TEST_DEVICE_PORT`] are present.
     pub const TEST_DEVICE: u32 = 1 << 1;
+    /// The hypercall page of [`crate::hypercall::page`] (ABI version 2).
+    pub const HYPERCALL_PAGE: u32 = 1 << 2;
+    /// The statistics calls of ABI version 2 ([`crate::hypercall::nr::STATS`] and after).
+    pub const STATS: u32 = 1 << 3;
+    /// The VM offers the KVM paravirtual interface at CPUID 0x4000_0000 (`pv=kvm`).
+    pub const KVM_PV: u32 = 1 << 4;
 }
 
 /// The signature as the three registers EBX, ECX, EDX.

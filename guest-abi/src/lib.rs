@@ -7,9 +7,17 @@
 
 pub mod cpuid;
 pub mod hypercall;
+pub mod kvm;
+pub mod stats;
 
 /// The hypercall ABI version: major in bits 31:16, minor in bits 15:0. A guest must check
-/// the major version (CPUID leaf [`cpuid::LEAF_VERSION`] EAX) before using hypercalls.
+/// the major version (CPUID leaf [`cpuid::LEAF_VERSION`] EAX) before using hypercalls; a
+/// higher minor version only adds (calls, CPUID leaves, feature bits).
+///
+/// - Version 1 (0.1): PING, VERSION, CONSOLE_WRITE, VM_EXIT, EXIT_STATS.
+/// - Version 2 (0.2): the hypercall page ([`hypercall::page`]), FEATURES, STATS,
+///   STATS_MARK, STEAL_TIME, VCPU_INFO ([`stats`] has the layouts). Version 1's calls work
+///   unchanged.
 pub const ABI_VERSION: u32 = (ABI_MAJOR << 16) | ABI_MINOR;
 pub const ABI_MAJOR: u32 = 0;
-pub const ABI_MINOR: u32 = 1;
+pub const ABI_MINOR: u32 = 2;
