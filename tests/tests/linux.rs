@@ -152,12 +152,18 @@ fn check_pv_kvm(out: &Outcome, vm: &str, cpus: usize) {
     let lines = out.guest_lines(vm);
     let has = |text: &str| lines.iter().any(|l| l.contains(text));
     assert_eq!(out.field(&format!("vm name={vm} start "), "pv"), "kvm", "{out:?}");
-    for want in ["Hypervisor detected: KVM", "kvm-clock: Using msrs 4b564d01 and 4b564d00", "Booting paravirtualized kernel on KVM"] {
+    for want in [
+        "Hypervisor detected: KVM",
+        "kvm-clock: Using msrs 4b564d01 and 4b564d00",
+        "Booting paravirtualized kernel on KVM",
+    ] {
         assert!(has(want), "{vm}: no `{want}` in the kernel log\n{out:?}");
     }
     assert_eq!(guest_value(out, vm, "clocksource"), "kvm-clock", "{out:?}");
     if cpus > 1 {
-        for want in ["kvm-guest: PV spinlocks enabled", "kvm-guest: setup PV IPIs", "kvm-guest: KVM setup pv remote TLB flush"] {
+        for want in
+            ["kvm-guest: PV spinlocks enabled", "kvm-guest: setup PV IPIs", "kvm-guest: KVM setup pv remote TLB flush"]
+        {
             assert!(has(want), "{vm}: no `{want}` in the kernel log\n{out:?}");
         }
     }
