@@ -172,6 +172,8 @@ extern "C" fn vireo_ap_entry(cpu: *const PerCpu) -> ! {
         None => Virt::None,
     };
     cpu.set_virt(virt);
+    // The BSP waits for us in `start_one` to compare TSCs.
+    super::tsc::check_sync_with_peer(false, SYNC_WAIT_TICKS);
     cpu.set_state(STATE_ONLINE);
     crate::sched::ap_main(cpu.index())
 }
@@ -321,6 +323,11 @@ pub fn start_aps(rsdp: Option<(u64, u8)>, limit: Option<u16>, virt: Option<Virtu
         }
     }
     if next_index > 1 {
+        let (checks, warps) = super::tsc::sync_figures();
+        report!(
+            "tsc synchronized={} checks={checks} warps={warps}",
+            if super::tsc::synchronized() { "yes" } else { "no" }
+        );
         check_wake(next_index);
     }
 }
@@ -398,6 +405,10 @@ fn prepare(have_apic: bool) -> Result<u64, &'static str> {
 /// How long an AP may take (TSC time) to reach Rust after its STARTUP IPIs, and then to
 /// finish its initialization. Generous: emulators run CPUs in turns.
 const ALIVE_TIMEOUT_US: u64 = 1_000_000;
+/// How long either side of the TSC comparison waits for the other (TSC ticks: about a
+/// second at emulator rates, well under one on hardware; the AP arrives within its
+/// virtualization setup).
+const SYNC_WAIT_TICKS: u64 = 4_000_000_000;
 const ONLINE_TIMEOUT_US: u64 = 5_000_000;
 
 /// Starts the AP with `apic_id` as CPU `index` from the stub at `page`. On failure: the
@@ -424,6 +435,7 @@ fn start_one(index: usize, apic_id: u32, page: u64) -> Result<(), (&'static str,
         let _ = lapic::send_init(apic_id);
         return Err(("did not answer INIT-SIPI-SIPI", false));
     }
+    super::tsc::check_sync_with_peer(true, SYNC_WAIT_TICKS);
     if !wait_state(cpu, STATE_ONLINE, ONLINE_TIMEOUT_US) {
         let _ = lapic::send_init(apic_id);
         return Err(("started but did not finish its initialization", true));

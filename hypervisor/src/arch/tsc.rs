@@ -73,3 +73,75 @@ pub fn to_nanos(ticks: u64) -> u64 {
         hz => ((ticks as u128 * 1_000_000_000) / hz as u128).min(u64::MAX as u128) as u64,
     }
 }
+
+/// TSC readings seen going backwards between two CPUs (a "warp") during the boot checks.
+static WARPS: AtomicU64 = AtomicU64::new(0);
+/// The latest TSC reading any CPU published during a check.
+static LAST: AtomicU64 = AtomicU64::new(0);
+/// CPUs that arrived at / finished the current pairwise check.
+static ARRIVED: AtomicU64 = AtomicU64::new(0);
+static FINISHED: AtomicU64 = AtomicU64::new(0);
+/// Pairwise checks that ran (both CPUs took part).
+static CHECKS: AtomicU64 = AtomicU64::new(0);
+
+const SYNC_ROUNDS: u32 = 20_000;
+
+/// RDTSC ordered after every earlier load (LFENCE; SDM Vol. 2B RDTSC: "if software requires
+/// RDTSC to be executed only after all previous instructions have executed and all
+/// previous loads are globally visible, it can execute LFENCE immediately before RDTSC").
+#[inline]
+fn rdtsc_ordered() -> u64 {
+    // SAFETY: LFENCE and RDTSC have no side effects.
+    unsafe {
+        core::arch::x86_64::_mm_lfence();
+        core::arch::x86_64::_rdtsc()
+    }
+}
+
+/// One side of the boot-time check that two CPUs' TSCs agree: the BSP calls it for each AP
+/// it starts (`bsp: true`), the AP once before it goes online. Both publish their readings
+/// in one shared maximum and count a warp whenever a reading taken after seeing the other
+/// CPU's is smaller (which real time forbids if the TSCs are synchronized). Each side
+/// waits up to `wait_ticks` of its own TSC for the other.
+pub fn check_sync_with_peer(bsp: bool, wait_ticks: u64) {
+    ARRIVED.fetch_add(1, Ordering::AcqRel);
+    let start = rdtsc();
+    while ARRIVED.load(Ordering::Acquire) < 2 {
+        if rdtsc().wrapping_sub(start) > wait_ticks {
+            if bsp {
+                ARRIVED.store(0, Ordering::Release);
+            }
+            return;
+        }
+        core::hint::spin_loop();
+    }
+    for _ in 0..SYNC_ROUNDS {
+        let seen = LAST.load(Ordering::Acquire);
+        let now = rdtsc_ordered();
+        if now < seen {
+            WARPS.fetch_add(1, Ordering::Relaxed);
+        }
+        LAST.fetch_max(now, Ordering::AcqRel);
+    }
+    FINISHED.fetch_add(1, Ordering::AcqRel);
+    if bsp {
+        let start = rdtsc();
+        while FINISHED.load(Ordering::Acquire) < 2 && rdtsc().wrapping_sub(start) <= wait_ticks {
+            core::hint::spin_loop();
+        }
+        CHECKS.fetch_add(1, Ordering::Relaxed);
+        FINISHED.store(0, Ordering::Release);
+        ARRIVED.store(0, Ordering::Release);
+    }
+}
+
+/// Whether the TSCs of the CPUs Vireo uses are synchronized: no warp was seen (trivially
+/// true on one CPU).
+pub fn synchronized() -> bool {
+    WARPS.load(Ordering::Relaxed) == 0
+}
+
+/// (pairwise checks run, warps seen), for the boot report.
+pub fn sync_figures() -> (u64, u64) {
+    (CHECKS.load(Ordering::Relaxed), WARPS.load(Ordering::Relaxed))
+}

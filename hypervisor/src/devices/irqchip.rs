@@ -43,6 +43,9 @@ pub struct VcpuApic {
     pub attention: AtomicBool,
     /// The host CPU the vCPU is assigned to.
     pub host_cpu: AtomicUsize,
+    /// A KVM KICK_CPU hypercall woke the vCPU (PV spinlocks): its next HLT, even with
+    /// interrupts off, returns at once, and a HLT in progress ends.
+    pub pv_unhalt: AtomicBool,
 }
 
 struct Chip {
@@ -68,6 +71,7 @@ impl Interrupts {
                 lapic: Mutex::new(LocalApic::new(i as u32, i == 0, timer_hz)),
                 attention: AtomicBool::new(false),
                 host_cpu: AtomicUsize::new(0),
+                pv_unhalt: AtomicBool::new(false),
             })
             .collect();
         Arc::new(Self {
@@ -144,6 +148,28 @@ impl Interrupts {
             if wake & (1 << i) != 0 {
                 self.notify(i);
             }
+        }
+    }
+
+    /// Delivers `msg` to the vCPUs in `mask` (bit i = vCPU i), named directly rather than by
+    /// an APIC destination (KVM's PV SEND_IPI). Returns how many received it.
+    pub fn deliver_mask(&self, mask: u64, msg: &Message) -> usize {
+        let mut n = 0;
+        for (i, a) in self.apics.iter().enumerate().take(64) {
+            if mask & (1 << i) != 0 {
+                a.lapic.lock().accept(msg);
+                self.notify(i);
+                n += 1;
+            }
+        }
+        n
+    }
+
+    /// Wakes vCPU `vcpu` from a PV-spinlock HLT (KVM's KICK_CPU).
+    pub fn pv_kick(&self, vcpu: usize) {
+        if let Some(a) = self.apics.get(vcpu) {
+            a.pv_unhalt.store(true, Ordering::Release);
+            self.notify(vcpu);
         }
     }
 

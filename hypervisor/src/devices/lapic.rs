@@ -607,6 +607,22 @@ impl LocalApic {
         }
     }
 
+    /// Whether the guest may end the one interrupt in service without an EOI write (KVM's
+    /// PV EOI): exactly one vector in service, nothing requested, and the vector
+    /// edge-triggered (a level-triggered one must reach the I/O APIC through a real EOI).
+    /// The one vector is what a deferred EOI will retire.
+    pub fn pv_eoi_candidate(&self) -> Option<u8> {
+        if self.irr.iter().any(|w| *w != 0) {
+            return None;
+        }
+        let v = highest(&self.isr)?;
+        let others = self.isr.iter().enumerate().any(|(i, w)| {
+            let mine = if i == (v / 32) as usize { 1u32 << (v % 32) } else { 0 };
+            *w & !mine != 0
+        });
+        (!others && !bit_get(&self.tmr, v)).then_some(v)
+    }
+
     /// A level-triggered vector retired by an EOI since the last call (the caller broadcasts
     /// it to the IOAPIC, which clears the remote IRR of the entries with that vector).
     pub fn eoi_broadcast_vector(&mut self) -> Option<u8> {

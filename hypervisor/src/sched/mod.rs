@@ -344,6 +344,7 @@ pub fn cpu_main(cpu: usize, hw: Hardware) -> ! {
         }
         if let Some(since) = v.sched.runnable_since.take() {
             v.sched.steal += now.saturating_sub(since);
+            vm.counters[v.index].steal.store(v.sched.steal, Ordering::Relaxed);
         }
         v.sched.slices += 1;
         let Some(backend) = t.backend.as_mut() else { continue };

@@ -613,4 +613,8 @@ impl Backend for SvmVcpu {
     fn set_exception_intercepts(&mut self, vectors: u32) {
         self.vmcb_mut().control.intercept_exceptions = vectors;
     }
+
+    fn flush_guest_tlb(&mut self) {
+        self.flush_tlb();
+    }
 }

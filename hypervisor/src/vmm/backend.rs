@@ -70,6 +70,11 @@ pub trait Backend {
     /// Bitmap of guest exception vectors that cause an `Exception` exit.
     fn set_exception_intercepts(&mut self, vectors: u32);
 
+    /// Drops the guest's cached linear translations before the next entry (what a MOV to
+    /// CR3 would have done; for a guest that skipped a TLB-shootdown IPI to this preempted
+    /// vCPU, KVM's PV TLB flush).
+    fn flush_guest_tlb(&mut self);
+
     /// The TSC by which the guest must be back in Vireo whatever it does (the slice's end,
     /// a timer), where the hardware can enforce it without a host interrupt (VMX: the
     /// VMX-preemption timer, SDM Vol. 3C §26.5.1; reported as an `ExternalInterrupt` exit).

@@ -30,6 +30,19 @@ pub struct CpuidContext {
     pub tsc_khz: u64,
     /// The VM has a local APIC (x2APIC-capable, with TSC-deadline timer).
     pub apic: bool,
+    /// The VM offers the KVM PV interface (`pv=kvm`): kvmclock is its clock, so the
+    /// invariant-TSC bit is hidden (with it, Linux would prefer the raw TSC).
+    pub kvm_pv: bool,
+}
+
+/// The feature bits of Vireo's version leaf (and of the FEATURES hypercall).
+pub fn vireo_features(kvm_pv: bool) -> u32 {
+    let mut f =
+        abi::features::HYPERCALLS | abi::features::TEST_DEVICE | abi::features::HYPERCALL_PAGE | abi::features::STATS;
+    if kvm_pv {
+        f |= abi::features::KVM_PV;
+    }
+    f
 }
 
 mod bit {
@@ -85,6 +98,8 @@ mod bit {
     pub const PERFCTR_LLC: u32 = 1 << 28;
     pub const TOPOEXT: u32 = 1 << 22;
     pub const MONITORX: u32 = 1 << 29;
+    // CPUID.80000007H:EDX
+    pub const INVARIANT_TSC: u32 = 1 << 8;
 }
 
 /// Computes the guest's answer for (`leaf`, `subleaf`) from the host's answer `host`.
@@ -143,12 +158,21 @@ pub fn filter(leaf: u32, subleaf: u32, host: CpuidRegs, ctx: &CpuidContext) -> C
         abi::LEAF_VERSION => {
             r = CpuidRegs {
                 eax: guest_abi::ABI_VERSION,
-                ebx: abi::features::HYPERCALLS | abi::features::TEST_DEVICE,
+                ebx: vireo_features(ctx.kvm_pv),
                 ecx: if ctx.native_vmmcall { abi::HYPERCALL_INSN_VMMCALL } else { abi::HYPERCALL_INSN_VMCALL },
                 edx: 0,
             }
         }
-        // The rest of the hypervisor range (KVM's leaves come later) is empty.
+        abi::LEAF_HYPERCALL_PAGE => {
+            r = CpuidRegs {
+                eax: guest_abi::hypercall::page::MSR,
+                ebx: guest_abi::hypercall::page::STUB_SIZE as u32,
+                ecx: guest_abi::hypercall::page::STUBS as u32,
+                edx: 0,
+            }
+        }
+        // The rest of the hypervisor range is empty (the KVM leaves are answered before
+        // this filter, by `pv::kvm`, for VMs that offer them).
         0x4000_0000..=0x4FFF_FFFF => r = CpuidRegs::default(),
         0x8000_0001 => {
             r.ecx &= !(bit::SVM
@@ -173,6 +197,8 @@ pub fn filter(leaf: u32, subleaf: u32, host: CpuidRegs, ctx: &CpuidContext) -> C
             let mhz = ((ctx.tsc_khz + 500) / 1000) as u32;
             r = if mhz == 0 { CpuidRegs::default() } else { CpuidRegs { eax: mhz, ebx: mhz, ecx: 100, edx: 0 } };
         }
+        // Advanced power management: EDX[8] is the invariant TSC. Hidden under kvmclock.
+        0x8000_0007 if ctx.kvm_pv => r.edx &= !bit::INVARIANT_TSC,
         // SVM features, AMD memory encryption (SME/SEV: Linux's decompressor reads the
         // SEV status MSR without a fault handler when this leaf advertises it), PerfMonV2.
         0x8000_000A | 0x8000_001F | 0x8000_0022 => r = CpuidRegs::default(),
@@ -192,8 +218,14 @@ pub fn host(leaf: u32, subleaf: u32) -> CpuidRegs {
 mod tests {
     use super::*;
 
-    const CTX: CpuidContext =
-        CpuidContext { osxsave: false, apic_id: 0, native_vmmcall: true, tsc_khz: 2_500_000, apic: false };
+    const CTX: CpuidContext = CpuidContext {
+        osxsave: false,
+        apic_id: 0,
+        native_vmmcall: true,
+        tsc_khz: 2_500_000,
+        apic: false,
+        kvm_pv: false,
+    };
 
     #[test]
     fn frequency_leaves_follow_the_measured_tsc() {

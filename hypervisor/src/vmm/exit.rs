@@ -86,7 +86,7 @@ pub enum ExitKind {
 }
 
 /// Number of [`ExitKind`] classes (for per-reason statistics).
-pub const EXIT_KINDS: usize = 19;
+pub const EXIT_KINDS: usize = guest_abi::stats::KINDS;
 
 impl ExitKind {
     /// Dense index for statistics tables.
@@ -114,30 +114,9 @@ impl ExitKind {
         }
     }
 
-    /// Name of a statistics class.
+    /// Name of a statistics class (the guest-visible names, `guest_abi::stats`).
     pub fn class_name(index: usize) -> &'static str {
-        const NAMES: [&str; EXIT_KINDS] = [
-            "cpuid",
-            "rdmsr",
-            "wrmsr",
-            "io",
-            "hypercall",
-            "hlt",
-            "xsetbv",
-            "npf",
-            "exception",
-            "triple_fault",
-            "external_interrupt",
-            "interrupt_window",
-            "nmi",
-            "init",
-            "sipi",
-            "pause",
-            "entry_failed",
-            "unhandled",
-            "cr_access",
-        ];
-        NAMES.get(index).copied().unwrap_or("other")
+        guest_abi::stats::KIND_NAMES.get(index).copied().unwrap_or("other")
     }
 }
 

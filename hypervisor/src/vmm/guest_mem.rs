@@ -173,6 +173,17 @@ impl GuestMemory {
         self.write(gpa, &value.to_le_bytes())
     }
 
+    /// Atomically replaces the byte at `gpa` (a flag byte the guest changes with locked
+    /// instructions on other CPUs, such as KVM's `preempted`); returns the old value.
+    pub fn swap_u8(&self, gpa: u64, value: u8) -> Result<u8, GuestMemError> {
+        let p = self.check(gpa, 1)?;
+        // SAFETY: `check` proved the byte lies inside this VM's RAM (see `read`). An atomic
+        // reference to guest RAM is sound: every access Vireo makes to this byte is atomic
+        // too, and the guest's own accesses are by another agent, as with hardware.
+        let a = unsafe { &*(p as *const core::sync::atomic::AtomicU8) };
+        Ok(a.swap(value, core::sync::atomic::Ordering::AcqRel))
+    }
+
     /// Fills `[gpa, gpa + len)` with zeros.
     pub fn zero(&self, gpa: u64, len: u64) -> Result<(), GuestMemError> {
         let dst = self.check(gpa, len as usize)?;

@@ -27,6 +27,7 @@ use crate::{
         linux::{self, LinuxError, LinuxLayout},
     },
     mm::FrameAllocator,
+    pv::{PvMode, VmPv},
     report, svm, vmx,
 };
 
@@ -245,12 +246,28 @@ pub fn build_vm(
     let mut vm = Vm::new(spec.name, mem, bus, irq, vcpus, linux, !intel);
     vm.uart = uart;
     vm.expect = spec.expect;
+    let pv_default = if linux && spec.apic { PvMode::Kvm } else { PvMode::Off };
+    vm.pv = VmPv {
+        mode: spec.pv.unwrap_or(pv_default),
+        tsc_stable: crate::arch::tsc::synchronized(),
+        tsc_hz: crate::arch::tsc::hz(),
+        wall_at_start_ns: RTC_EPOCH.saturating_mul(1_000_000_000),
+        ..VmPv::default()
+    };
     if spec.timeout_s > 0 {
         if !crate::arch::lapic::available() {
             log::warn!("vm {}: timeout={} needs the host APIC timer, which is unavailable", spec.name, spec.timeout_s);
         }
         vm.time_limit = Some(crate::arch::tsc::from_nanos(spec.timeout_s.saturating_mul(1_000_000_000)));
     }
-    report!("vm name={} start backend={} mem={} cpus={} entry={:#x}", spec.name, hw.name(), Bytes(size), cpus, entry);
+    report!(
+        "vm name={} start backend={} mem={} cpus={} pv={} entry={:#x}",
+        spec.name,
+        hw.name(),
+        Bytes(size),
+        cpus,
+        vm.pv.mode.name(),
+        entry
+    );
     Ok(vm)
 }

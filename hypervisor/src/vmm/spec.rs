@@ -1,9 +1,11 @@
 //! A VM described by a multiboot2 module: the module holds the guest image, its command
 //! line names the VM and sets its options.
 //!
-//! Module command line: `<name> [mem=SIZE] [cpus=N] [apic=on|off] [timeout=SECONDS] [guest arguments...]
+//! Module command line: `<name> [mem=SIZE] [cpus=N] [apic=on|off] [pv=kvm|off] [timeout=SECONDS] [guest arguments...]
 //! [-- kernel command line]`; `timeout` stops the VM after that many seconds of running
 //! (default: no limit); everything after ` -- ` is a Linux guest's kernel command line.
+//! `pv` picks the paravirtual interface at CPUID 0x4000_0000 (`crate::pv`): default `kvm`
+//! for Linux VMs with local APICs, `off` otherwise.
 //! `cpus` is 1..=[`MAX_VCPUS`] (default 1), and `mem` must hold them: at least [`MIN_MEM`]
 //! plus [`MEM_PER_EXTRA_VCPU`] for every vCPU beyond the first ([`min_mem_for`]).
 //! A module whose line is `<name>:initrd` is the initramfs of VM `<name>`.
@@ -49,6 +51,8 @@ pub struct VmSpec<'a> {
     /// How the VM is expected to end (`expect=` with an outcome name); `None`: powered off
     /// or exited with status 0. Vireo's exit status says whether every VM met its expectation.
     pub expect: Option<&'static str>,
+    /// `pv=`; `None`: the default for the kind of guest.
+    pub pv: Option<crate::pv::PvMode>,
     /// The module's whole command line, passed to the guest.
     pub args: &'a str,
 }
@@ -58,6 +62,7 @@ pub enum SpecError<'a> {
     NoName,
     BadName(&'a str),
     BadMem(&'a str),
+    BadPv(&'a str),
     MemTooSmall(u64),
     /// `mem` (bytes) is below [`min_mem_for`] `cpus`.
     MemTooSmallForCpus {
@@ -79,6 +84,7 @@ impl fmt::Display for SpecError<'_> {
             SpecError::MemTooSmall(m) => write!(f, "mem={m} is below the minimum of 4M"),
             SpecError::BadTimeout(v) => write!(f, "bad value '{v}' for key 'timeout' (expected 1-86400 seconds)"),
             SpecError::BadApic(v) => write!(f, "bad value '{v}' for key 'apic' (expected on or off)"),
+            SpecError::BadPv(v) => write!(f, "bad value '{v}' for key 'pv' (expected kvm or off)"),
             SpecError::BadExpect(v) => {
                 write!(f, "bad value '{v}' for key 'expect' (expected one of: {})", EXPECTABLE.join(" "))
             }
@@ -131,7 +137,11 @@ pub fn parse(cmdline: &str) -> Result<VmSpec<'_>, SpecError<'_>> {
     let mut cpus = 1;
     let mut apic = true;
     let mut expect = None;
+    let mut pv = None;
     for w in words {
+        if let Some(v) = w.strip_prefix("pv=") {
+            pv = Some(crate::pv::PvMode::parse(v).ok_or(SpecError::BadPv(v))?);
+        }
         if let Some(v) = w.strip_prefix("expect=") {
             expect = Some(EXPECTABLE.iter().copied().find(|e| *e == v).ok_or(SpecError::BadExpect(v))?);
         }
@@ -162,7 +172,7 @@ pub fn parse(cmdline: &str) -> Result<VmSpec<'_>, SpecError<'_>> {
     if mem < min_mem_for(cpus) {
         return Err(SpecError::MemTooSmallForCpus { mem, cpus });
     }
-    Ok(VmSpec { name, mem, timeout_s, cpus, kernel_cmdline, apic, expect, args: cmdline })
+    Ok(VmSpec { name, mem, timeout_s, cpus, kernel_cmdline, apic, expect, pv, args: cmdline })
 }
 
 #[cfg(test)]
@@ -181,6 +191,7 @@ mod tests {
                 kernel_cmdline: "",
                 apic: true,
                 expect: None,
+                pv: None,
                 args: "selftest"
             }
         );
@@ -201,6 +212,11 @@ mod tests {
         assert!(parse(&"n".repeat(33)).is_err());
         assert_eq!(parse("c expect=triple-fault").unwrap().expect, Some("triple-fault"));
         assert_eq!(parse("c expect=crash"), Err(SpecError::BadExpect("crash")));
+        assert_eq!(parse("c pv=off").unwrap().pv, Some(crate::pv::PvMode::Off));
+        assert_eq!(parse("c pv=kvm").unwrap().pv, Some(crate::pv::PvMode::Kvm));
+        assert_eq!(parse("c").unwrap().pv, None);
+        assert_eq!(parse("c pv=xen"), Err(SpecError::BadPv("xen")));
+        assert_eq!(parse("c pv=xen").unwrap_err().to_string(), "bad value 'xen' for key 'pv' (expected kvm or off)");
     }
 
     #[test]

@@ -1,8 +1,15 @@
-//! Per-VM exit statistics: count and TSC cycles for every exit class.
+//! Exit statistics: count and TSC cycles for every exit class, per vCPU.
 //!
 //! Cycles are measured from the exit (TSC read by the backend right after the hardware
 //! exit) to the next entry, i.e. the time Vireo spends handling that exit. Recording is two
 //! additions into a fixed array, cheap enough to stay on.
+//!
+//! A vCPU's live figures are [`VcpuCounters`]: atomics written only by the host CPU running
+//! that vCPU (plain loads and stores, no locked instructions on the exit path) and read by
+//! anyone without a lock (the end-of-VM report, a guest's statistics hypercall asking for
+//! another vCPU or the whole VM). [`ExitStats`] is a plain copy of them.
+
+use core::sync::atomic::{AtomicU64, Ordering::Relaxed};
 
 use super::exit::{ExitKind, EXIT_KINDS};
 
@@ -54,11 +61,106 @@ impl ExitStats {
     pub fn classes(&self) -> &[ExitClassStats; EXIT_KINDS] {
         &self.classes
     }
+
+    /// `self - earlier`, class by class (figures since a mark).
+    pub fn since(&self, earlier: &ExitStats) -> ExitStats {
+        let mut d = self.clone();
+        for (a, b) in d.classes.iter_mut().zip(earlier.classes.iter()) {
+            a.count = a.count.saturating_sub(b.count);
+            a.cycles = a.cycles.wrapping_sub(b.cycles);
+        }
+        d
+    }
+}
+
+/// One vCPU's live exit figures (single writer: the host CPU running the vCPU).
+pub struct ExitCounters {
+    classes: [[AtomicU64; 2]; EXIT_KINDS],
+}
+
+impl Default for ExitCounters {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl ExitCounters {
+    pub const fn new() -> Self {
+        #[allow(clippy::declare_interior_mutable_const)]
+        const ZERO: [AtomicU64; 2] = [AtomicU64::new(0), AtomicU64::new(0)];
+        Self { classes: [ZERO; EXIT_KINDS] }
+    }
+
+    /// Records one exit of `kind` that took `cycles` to handle. Only the vCPU's own host CPU
+    /// calls this, so a load and a store suffice (readers see each counter whole).
+    #[inline]
+    pub fn record(&self, kind: &ExitKind, cycles: u64) {
+        let [count, sum] = &self.classes[kind.index()];
+        count.store(count.load(Relaxed) + 1, Relaxed);
+        sum.store(sum.load(Relaxed).wrapping_add(cycles), Relaxed);
+    }
+
+    /// A copy of the figures now.
+    pub fn snapshot(&self) -> ExitStats {
+        let mut s = ExitStats::new();
+        for (d, [count, cycles]) in s.classes.iter_mut().zip(self.classes.iter()) {
+            *d = ExitClassStats { count: count.load(Relaxed), cycles: cycles.load(Relaxed) };
+        }
+        s
+    }
+
+    /// Overwrites the figures with `from` (a mark is a snapshot kept in counters of its own).
+    pub fn set(&self, from: &ExitStats) {
+        for (d, c) in self.classes.iter().zip(from.classes.iter()) {
+            d[0].store(c.count, Relaxed);
+            d[1].store(c.cycles, Relaxed);
+        }
+    }
+}
+
+/// What other vCPUs and Vireo read of a vCPU without taking its lock: its exit figures and
+/// scheduling figures, and the guest's statistics mark.
+#[derive(Default)]
+pub struct VcpuCounters {
+    pub exits: ExitCounters,
+    /// Steal time so far, in TSC ticks (runnable, waiting for its host CPU).
+    pub steal: AtomicU64,
+    /// The exit figures and steal time at the guest's last mark, and when it was set
+    /// (0: never; figures then count from the VM's start).
+    pub mark: ExitCounters,
+    pub mark_steal: AtomicU64,
+    pub mark_tsc: AtomicU64,
+}
+
+impl VcpuCounters {
+    /// Sets the mark to now.
+    pub fn set_mark(&self, now_tsc: u64) {
+        self.mark.set(&self.exits.snapshot());
+        self.mark_steal.store(self.steal.load(Relaxed), Relaxed);
+        self.mark_tsc.store(now_tsc, Relaxed);
+    }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn counters_snapshot_and_mark() {
+        let c = VcpuCounters::default();
+        c.exits.record(&ExitKind::Cpuid, 10);
+        c.exits.record(&ExitKind::Hlt, 5);
+        c.steal.store(100, Relaxed);
+        c.set_mark(1234);
+        c.exits.record(&ExitKind::Cpuid, 7);
+        let now = c.exits.snapshot();
+        assert_eq!(now.total(), ExitClassStats { count: 3, cycles: 22 });
+        let since = now.since(&c.mark.snapshot());
+        assert_eq!(since.total(), ExitClassStats { count: 1, cycles: 7 });
+        assert_eq!(since.classes()[ExitKind::Cpuid.index()], ExitClassStats { count: 1, cycles: 7 });
+        assert_eq!(c.mark_tsc.load(Relaxed), 1234);
+        assert_eq!(c.mark_steal.load(Relaxed), 100);
+    }
 
     #[test]
     fn records_and_totals() {

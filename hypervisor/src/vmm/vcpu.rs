@@ -15,7 +15,6 @@ use super::{
     hypercall, mmio, msr,
     regs::GuestRegs,
     state::{CpuState, SegAttr, SegReg, CR4_OSXSAVE, EFER_LMA, RFLAGS_IF},
-    stats::ExitStats,
     vm::{rdtsc, Vm, VmOutcome},
     walk::{self, GuestPaging},
 };
@@ -31,6 +30,7 @@ use crate::{
         testdev::IrqRequest,
         time::Nanos,
     },
+    pv::{self, VcpuPv},
 };
 
 /// Exits remembered for crash reports ("the exit that led there").
@@ -87,7 +87,6 @@ pub struct Vcpu {
     /// Index in its VM = its APIC ID.
     pub index: usize,
     pub regs: GuestRegs,
-    pub stats: ExitStats,
     pub sched: SchedStats,
     pub state: VcpuState,
     fpu: FpuState,
@@ -103,6 +102,9 @@ pub struct Vcpu {
     unassigned_reported: u32,
     /// TSC deadline the host timer is armed for.
     armed: Option<u64>,
+    /// What the guest registered through the KVM PV MSRs.
+    pv: VcpuPv,
+    wall_clock_msr: u64,
 }
 
 /// Reads EDX holds after INIT/RESET: the processor signature (CPUID.1:EAX).
@@ -116,7 +118,6 @@ impl Vcpu {
         Some(Self {
             index,
             regs: GuestRegs::default(),
-            stats: ExitStats::new(),
             sched: SchedStats::default(),
             state: if boot.is_some() { VcpuState::Runnable } else { VcpuState::WaitForSipi },
             fpu: FpuState::new()?,
@@ -129,6 +130,8 @@ impl Vcpu {
             history_next: 0,
             unassigned_reported: 0,
             armed: None,
+            pv: VcpuPv::default(),
+            wall_clock_msr: 0,
         })
     }
 
@@ -147,6 +150,7 @@ impl Vcpu {
         self.fpu.restore();
         // #UD is intercepted so the other vendor's hypercall instruction works too.
         cpu.set_exception_intercepts(1 << VECTOR_UD);
+        self.pv_slice_start(vm, cpu);
         let end = loop {
             if vm.ended() {
                 break SliceEnd::VmEnded;
@@ -171,14 +175,16 @@ impl Vcpu {
                 break SliceEnd::Preempted;
             }
             self.arm_host_timer(vm, cpu, slice_end);
+            self.pv_eoi_offer(vm);
             let exit = cpu.run(&mut self.regs);
+            self.pv_eoi_check(vm);
             self.history[self.history_next] = Some(exit);
             self.history_next = (self.history_next + 1) % HISTORY;
             let flow = match vm.deadline {
                 Some(d) if exit.tsc >= d => Flow::Stop(VmOutcome::TimedOut),
                 _ => self.handle(vm, cpu, &exit),
             };
-            self.stats.record(&exit.kind, rdtsc().wrapping_sub(exit.tsc));
+            vm.counters[self.index].exits.record(&exit.kind, rdtsc().wrapping_sub(exit.tsc));
             match flow {
                 Flow::Continue => {}
                 Flow::Yield => break SliceEnd::Preempted,
@@ -195,7 +201,56 @@ impl Vcpu {
         crate::arch::lapic::disarm();
         self.armed = None;
         self.fpu.save();
+        if end == SliceEnd::Preempted {
+            if let Some(gpa) = self.pv.steal() {
+                // The area was checked at registration; RAM does not shrink.
+                let _ = pv::steal::preempted(&vm.mem, gpa);
+            }
+        }
         end
+    }
+
+    /// At the start of a slice: publish the steal time, clear `preempted`, and flush the
+    /// guest TLB if another vCPU asked for it meanwhile (KVM PV TLB flush).
+    fn pv_slice_start<B: Backend>(&mut self, vm: &Vm, cpu: &mut B) {
+        let Some(gpa) = self.pv.steal() else { return };
+        let steal_ns = tsc::to_nanos(self.sched.steal);
+        if let Ok(true) = pv::steal::enter(&vm.mem, gpa, steal_ns) {
+            cpu.flush_guest_tlb();
+        }
+    }
+
+    /// Before an entry (KVM PV EOI): when the one interrupt in service may be ended without
+    /// an EOI write, set the guest's flag saying so; [`Self::pv_eoi_check`] sees after the
+    /// exit whether the guest took the offer (it clears the flag instead of writing EOI).
+    fn pv_eoi_offer(&mut self, vm: &Vm) {
+        let Some(gpa) = self.pv.pv_eoi() else { return };
+        if self.pv.eoi_offered.is_some() || !vm.irq.has_lapics() {
+            return;
+        }
+        let Some(vector) = vm.irq.apic(self.index).lapic.lock().pv_eoi_candidate() else { return };
+        if vm.mem.write(gpa, &1u32.to_le_bytes()).is_ok() {
+            self.pv.eoi_offered = Some(vector);
+        }
+    }
+
+    /// After an exit: if the guest cleared the PV EOI flag it ended the interrupt, and Vireo
+    /// does the EOI for it; otherwise the offer is withdrawn (the guest's next EOI is a
+    /// normal write) and renewed before the next entry if it still holds.
+    fn pv_eoi_check(&mut self, vm: &Vm) {
+        let Some(_vector) = self.pv.eoi_offered.take() else { return };
+        let Some(gpa) = self.pv.pv_eoi() else { return };
+        let mut word = [0u8; 4];
+        if vm.mem.read(gpa, &mut word).is_err() {
+            return;
+        }
+        if u32::from_le_bytes(word) & 1 != 0 {
+            let _ = vm.mem.write(gpa, &0u32.to_le_bytes());
+            return;
+        }
+        let mut lapic = vm.irq.apic(self.index).lapic.lock();
+        lapic.eoi();
+        self.after_lapic(vm, lapic);
     }
 
     /// Moves INIT, SIPI and NMI requests from the local APIC into the vCPU. Returns true if
@@ -253,7 +308,7 @@ impl Vcpu {
             VcpuState::WaitForSipi => return false,
             VcpuState::Halted { .. } if init => return false,
             VcpuState::Halted { if_off } => {
-                if self.pending_nmi {
+                if self.pending_nmi || vm.irq.apic(self.index).pv_unhalt.swap(false, Ordering::AcqRel) {
                     vm.set_state(self, VcpuState::Runnable);
                     return true;
                 }
@@ -422,8 +477,12 @@ impl Vcpu {
                     native_vmmcall: vm.native_vmmcall,
                     tsc_khz: tsc::hz() / 1000,
                     apic: vm.irq.has_lapics(),
+                    kvm_pv: vm.pv.kvm(),
                 };
-                let r = cpuid::filter(leaf, subleaf, cpuid::host(leaf, subleaf), &ctx);
+                let r = match pv::kvm::cpuid(leaf, &vm.pv) {
+                    Some(r) => r,
+                    None => cpuid::filter(leaf, subleaf, cpuid::host(leaf, subleaf), &ctx),
+                };
                 self.regs.rax = r.eax as u64;
                 self.regs.rbx = r.ebx as u64;
                 self.regs.rcx = r.ecx as u64;
@@ -449,6 +508,10 @@ impl Vcpu {
                     }
                     msr::IA32_EFER => msr::MsrOutcome::Ok(cpu.efer()),
                     msr::IA32_PAT => msr::MsrOutcome::Ok(cpu.pat()),
+                    i if pv::kvm::is_pv_msr(&vm.pv, i) => {
+                        msr::MsrOutcome::Ok(pv::kvm::rdmsr(&self.pv, self.wall_clock_msr, i))
+                    }
+                    guest_abi::hypercall::page::MSR => msr::MsrOutcome::Ok(pv::page::read(&vm.pv)),
                     _ => msr::read(&self.msrs, msr_index, rdtsc()),
                 };
                 match outcome {
@@ -493,6 +556,12 @@ impl Vcpu {
                         msr::MsrOutcome::Ok(value)
                     }
                     msr::IA32_PAT => msr::MsrOutcome::Fault,
+                    i if pv::kvm::is_pv_msr(&vm.pv, i) => self.pv_wrmsr(vm, i, value),
+                    guest_abi::hypercall::page::MSR => match pv::page::write(&vm.pv, &vm.mem, value, vm.native_vmmcall)
+                    {
+                        Ok(()) => msr::MsrOutcome::Ok(value),
+                        Err(()) => msr::MsrOutcome::Fault,
+                    },
                     _ => msr::write(&mut self.msrs, msr_index, value),
                 };
                 match outcome {
@@ -619,14 +688,56 @@ impl Vcpu {
         }
     }
 
+    /// WRMSR of a KVM PV MSR.
+    fn pv_wrmsr(&mut self, vm: &Vm, index: u32, value: u64) -> msr::MsrOutcome {
+        match pv::kvm::wrmsr(&vm.pv, &vm.mem, &mut self.pv, vm.start_tsc, index, value) {
+            Ok(effect) => {
+                match effect {
+                    pv::kvm::MsrEffect::StealEnabled => {
+                        if let Some(gpa) = self.pv.steal() {
+                            let _ = pv::steal::enter(&vm.mem, gpa, tsc::to_nanos(self.sched.steal));
+                        }
+                    }
+                    pv::kvm::MsrEffect::WallClock(v) => self.wall_clock_msr = v,
+                    pv::kvm::MsrEffect::None => {}
+                }
+                msr::MsrOutcome::Ok(value)
+            }
+            Err(()) => msr::MsrOutcome::Fault,
+        }
+    }
+
     fn hypercall<B: Backend>(&mut self, vm: &Vm, cpu: &mut B, next_rip: u64) -> Flow {
         // Outside 64-bit mode only the low 32 bits of each register count.
         let long = cpu.long_mode();
         let t = |v: u64| if long { v } else { v & 0xFFFF_FFFF };
         let r = self.regs;
         let (number, args) = (t(r.rax), [t(r.rbx), t(r.rcx), t(r.rdx), t(r.rsi)]);
+        if let Some(call) = pv::kvm::hypercall(&vm.pv, number, args, cpu.cpl(), vm.vcpus.len()) {
+            let (ret, flow) = match call {
+                pv::kvm::Hypercall::Return(v) => (v, Flow::Continue),
+                pv::kvm::Hypercall::Yield(v) => (v, Flow::Yield),
+                pv::kvm::Hypercall::Kick(n) => {
+                    vm.irq.pv_kick(n);
+                    (0, Flow::Continue)
+                }
+                pv::kvm::Hypercall::SendIpi(mask, msg) => (vm.irq.deliver_mask(mask, &msg) as i64, Flow::Continue),
+            };
+            self.regs.rax = t(ret as u64);
+            cpu.set_rip(next_rip);
+            return flow;
+        }
         let mut out = |bytes: &[u8]| vm.console_write(bytes);
-        let mut cx = hypercall::Context { mem: &vm.mem, stats: &self.stats, console: &mut out };
+        let mut cx = hypercall::Context {
+            mem: &vm.mem,
+            counters: &vm.counters,
+            vcpu: self.index,
+            start_tsc: vm.start_tsc,
+            now_tsc: rdtsc(),
+            tsc_khz: tsc::hz() / 1000,
+            features: cpuid::vireo_features(vm.pv.kvm()),
+            console: &mut out,
+        };
         match hypercall::handle(number, args, cpu.cpl(), &mut cx) {
             hypercall::Outcome::Return(v) => {
                 self.regs.rax = t(v as u64);
@@ -639,6 +750,10 @@ impl Vcpu {
 
     /// HLT (RIP already past it): the vCPU blocks until an interrupt it can take arrives.
     fn halt<B: Backend>(&mut self, vm: &Vm, cpu: &mut B) -> Flow {
+        // A KICK_CPU that came before the HLT (PV spinlocks): the wait is already over.
+        if vm.pv.kvm() && vm.irq.apic(self.index).pv_unhalt.swap(false, Ordering::AcqRel) {
+            return Flow::Continue;
+        }
         let if_off = cpu.rflags() & RFLAGS_IF == 0;
         if !if_off && (self.pending_irq.is_some() || self.pending_interrupt(vm, vm.now()).is_some()) {
             return Flow::Continue;

@@ -11,7 +11,7 @@ use spin::Mutex;
 use super::{
     exit::{Exit, ExitKind},
     guest_mem::GuestMemory,
-    stats::ExitStats,
+    stats::{ExitStats, VcpuCounters},
     vcpu::{Vcpu, VcpuState},
 };
 use crate::{
@@ -89,6 +89,10 @@ pub struct Vm {
     /// The console UART of a Linux VM (keyboard input goes there).
     pub uart: Option<Arc<Mutex<ConsoleUart>>>,
     pub vcpus: Vec<Mutex<Vcpu>>,
+    /// Each vCPU's exit and scheduling figures, readable without its lock (same index).
+    pub counters: Vec<VcpuCounters>,
+    /// The paravirtual interfaces the VM offers and their VM-wide state.
+    pub pv: crate::pv::VmPv,
     /// TSC when the VM started: guest time zero for its devices.
     pub start_tsc: u64,
     /// TSC at which the VM's time limit ends (set when it starts).
@@ -135,6 +139,8 @@ impl Vm {
             irq,
             uart: None,
             vcpus: vcpus.into_iter().map(Mutex::new).collect(),
+            counters: (0..n).map(|_| VcpuCounters::default()).collect(),
+            pv: crate::pv::VmPv::default(),
             start_tsc: rdtsc(),
             deadline: None,
             time_limit: None,
@@ -288,8 +294,8 @@ impl Vm {
     /// Exit statistics summed over the vCPUs.
     pub fn stats(&self) -> ExitStats {
         let mut total = ExitStats::new();
-        for v in &self.vcpus {
-            total.add(&v.lock().stats);
+        for c in &self.counters {
+            total.add(&c.exits.snapshot());
         }
         total
     }
@@ -327,7 +333,7 @@ impl Vm {
             report!(
                 "vm name={name} vcpu={} exits={} slices={} run_us={} steal_us={}",
                 v.index,
-                v.stats.total().count,
+                self.counters[v.index].exits.snapshot().total().count,
                 v.sched.slices,
                 tsc::to_nanos(v.sched.run) / 1000,
                 tsc::to_nanos(v.sched.steal) / 1000
@@ -343,7 +349,9 @@ impl Vm {
         let mut n = 0;
         for e in v.history() {
             match items[..n].last_mut() {
-                Some((Some(prev), count)) if prev.kind == e.kind && prev.rip == e.rip && prev.events == e.events => *count += 1,
+                Some((Some(prev), count)) if prev.kind == e.kind && prev.rip == e.rip && prev.events == e.events => {
+                    *count += 1
+                }
                 _ => {
                     items[n] = (Some(*e), 1);
                     n += 1;

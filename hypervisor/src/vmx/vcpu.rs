@@ -914,6 +914,10 @@ impl Backend for VmxVcpu {
     fn set_exception_intercepts(&mut self, vectors: u32) {
         self.write(Field32::ExceptionBitmap, vectors);
     }
+
+    fn flush_guest_tlb(&mut self) {
+        self.flush_vpid();
+    }
 }
 
 #[cfg(test)]

@@ -123,6 +123,8 @@ impl Backend for Mock {
         self.window = enable;
     }
     fn set_exception_intercepts(&mut self, _vectors: u32) {}
+
+    fn flush_guest_tlb(&mut self) {}
 }
 
 /// `OUT` of a dword to the self-test interrupt source (`guest_abi`): vector in AL, delay above.
@@ -165,8 +167,7 @@ fn cpuid_goes_through_the_policy_and_a_hypercall_ends_the_vm() {
     assert_eq!(run(&vm, 0, &mut m), SliceEnd::VmEnded);
     assert_eq!(m.loaded.len(), 1, "the boot state was loaded once");
     assert_eq!(vm.outcome(), Some((VmOutcome::Exited { status: 0 }, 0)));
-    let v = vm.vcpus[0].lock();
-    assert_eq!(v.stats.total().count, 3);
+    assert_eq!(vm.counters[0].exits.snapshot().total().count, 3);
     // 0x1000 + three instructions of 2 bytes (the mock's length) on exits that advance.
     assert_eq!(m.rip, 0x1000 + 4, "CPUIDs advanced RIP; the exiting hypercall did not need to");
 }
