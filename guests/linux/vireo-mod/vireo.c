@@ -108,9 +108,28 @@ static u32 vireo_page_msr;
 static u32 vireo_stub_size;
 static unsigned int vireo_vcpus;
 
-static struct page *vireo_hc_page;
-static void *vireo_hc_va;	/* the read-only, executable mapping of vireo_hc_page */
+static void *vireo_hc_va;	/* vireo_hc_area while Vireo's stubs are in it, else NULL */
 static int vireo_hc_cpu;	/* where the MSR was written: where it is written back to 0 */
+
+/*
+ * The hypercall page must be executable, and a module cannot make kernel memory executable:
+ * this kernel exports neither set_memory_x() nor __vmalloc_node_range() nor module_alloc(),
+ * and vmap() always maps non-executable (it applies pgprot_nx() to what it is given; an
+ * earlier version of this module learnt that from an NX fault). The module's own text is
+ * executable, though: this page-aligned page of INT3 (0xCC) bytes sits in a text section of
+ * its own, which the module loader places at its alignment and maps read-only and
+ * executable like the rest of the text. The guest never writes it; Vireo fills it through
+ * its guest-physical address, which bypasses the guest's page tables. Objtool decodes it as
+ * INT3 traps, which it accepts outside functions; an unfilled stub traps instead of running
+ * garbage.
+ */
+asm(".pushsection .text.vireo_hypercall_page, \"ax\", @progbits\n"
+    ".balign 4096\n"
+    "vireo_hc_area:\n"
+    ".fill 4096, 1, 0xcc\n"
+    ".popsection\n");
+extern const u8 vireo_hc_area[PAGE_SIZE];
+static_assert(PAGE_SIZE == 4096);
 
 /* One STATS buffer for every reader: readers take turns (a read is one hypercall). */
 static DEFINE_MUTEX(vireo_stats_lock);
@@ -216,10 +235,7 @@ static void vireo_page_disable(void)
 	 * this Vireo no longer writes the page, so it can be freed.
 	 */
 	wrmsr_safe_on_cpu(vireo_hc_cpu, vireo_page_msr, 0, 0);
-	vunmap(vireo_hc_va);
-	__free_page(vireo_hc_page);
 	vireo_hc_va = NULL;
-	vireo_hc_page = NULL;
 }
 
 static int vireo_page_enable(void)
@@ -232,40 +248,20 @@ static int vireo_page_enable(void)
 	long ret;
 	int i, err;
 
-	/*
-	 * The page must be executable, and modules cannot make kernel memory executable after
-	 * the fact: this kernel exports neither set_memory_x() nor __vmalloc_node_range() nor
-	 * module_alloc(). vmap() is exported and takes page protections, so a zeroed page of
-	 * RAM gets a second, read-only executable mapping (PAGE_KERNEL_ROX): never writable
-	 * and executable at once. Only Vireo writes the page (through its guest-physical
-	 * address); the guest only reads and calls it. A page-aligned array in the module's
-	 * .text would work too, but objtool would try to decode it as code.
-	 */
-	vireo_hc_page = alloc_page(GFP_KERNEL | __GFP_ZERO);
-	if (!vireo_hc_page) {
-		vireo_absent("no-memory", "no page for the hypercall page");
-		return -ENOMEM;
+	/* Module text lies in vmalloc space: its physical page comes from the page tables. */
+	if (!IS_ALIGNED((unsigned long)vireo_hc_area, PAGE_SIZE)) {
+		vireo_absent("page-not-aligned", "the hypercall page at %px is not page-aligned", vireo_hc_area);
+		return -ENODEV;
 	}
-	vireo_hc_va = vmap(&vireo_hc_page, 1, VM_MAP, PAGE_KERNEL_ROX);
-	if (!vireo_hc_va) {
-		__free_page(vireo_hc_page);
-		vireo_hc_page = NULL;
-		vireo_absent("no-memory", "cannot map the hypercall page");
-		return -ENOMEM;
-	}
-
-	gpa = page_to_phys(vireo_hc_page);
+	gpa = page_to_phys(vmalloc_to_page(vireo_hc_area));
 	vireo_hc_cpu = get_cpu();
 	err = wrmsrl_safe(vireo_page_msr, gpa | VIREO_PAGE_ENABLE);
 	put_cpu();
 	if (err) {
-		vunmap(vireo_hc_va);
-		__free_page(vireo_hc_page);
-		vireo_hc_va = NULL;
-		vireo_hc_page = NULL;
 		vireo_absent("page-refused", "writing %#llx to MSR %#x faulted", gpa | 1, vireo_page_msr);
 		return -ENODEV;
 	}
+	vireo_hc_va = (void *)vireo_hc_area;
 
 	/* Never jump into a page Vireo did not fill (zeros would run as ADD [RAX], AL). */
 	for (i = 0; i < ARRAY_SIZE(used); i++) {
@@ -555,7 +551,7 @@ static int __init vireo_init(void)
 	}
 	pr_info("loaded: ABI %u.%u, features %#x, %u vCPU(s), CPUID base %#x, hypercall page at %#llx\n",
 		vireo_abi >> 16, vireo_abi & 0xffff, vireo_features, vireo_vcpus, vireo_base,
-		(u64)page_to_phys(vireo_hc_page));
+		(u64)page_to_phys(vmalloc_to_page(vireo_hc_area)));
 	return 0;
 
 disable:
