@@ -162,14 +162,15 @@ have_cached_kernel() {
     [[ -s "$OUT/vmlinuz" && -n "$(version_field release)" ]]
 }
 
+# apt_update [FOR]: apt-get update, saying it is for FOR (default: the kernel's metapackage).
 apt_update() {
-    local sudo=()
+    local sudo=() what="${1:-$META_PKG}"
     command -v apt-get >/dev/null 2>&1 || die "no apt-get: this script fetches the kernel from Debian's archive"
     if [[ "$(id -u)" != 0 ]]; then
         command -v sudo >/dev/null 2>&1 || die "apt-get update needs root (or sudo)"
         sudo=(sudo)
     fi
-    say "apt-get update (for $META_PKG)"
+    say "apt-get update (for $what)"
     quietly "$WORK/apt-update.log" ${sudo[@]+"${sudo[@]}"} env DEBIAN_FRONTEND=noninteractive \
         apt-get -q -o DPkg::Lock::Timeout=600 -o Dpkg::Use-Pty=0 update
 }
@@ -352,10 +353,11 @@ prepare_headers() {
     t0="$(now)"
     dir="$WORK/headers-deb"
     if ! download_headers "$release" "$ver" "$dir"; then
-        # As for the kernel: stale lists are refreshed once.
-        apt_update
-        download_headers "$release" "$ver" "$dir" ||
-            die "cannot download linux-headers-$release $ver (apt-get download failed; see above)"
+        # As for the kernel: stale lists are refreshed once. Without the headers there is no
+        # vireo.ko and no image (they are needed once per kernel release).
+        if ! { apt_update "linux-headers-$release" && download_headers "$release" "$ver" "$dir"; }; then
+            die "cannot download linux-headers-$release $ver and its dependencies (offline? see above)"
+        fi
     fi
     install_headers "$release" "$ver" "$dir"
     rm -rf "$dir"
