@@ -132,7 +132,42 @@ fn linux_smp(machine: Machine, cpus: usize, timeout: u64) -> Outcome {
     check_linux_vm(&out, "linux", cpus, 256);
     check_apic_mode(&out, "linux");
     check_linux_smp(&out, "linux", cpus);
+    check_pv_kvm(&out, "linux", cpus);
     out
+}
+
+/// The `vm name=VM pv vcpu=I ...` lines of VM `vm`'s end, one per vCPU.
+fn pv_lines<'a>(out: &'a Outcome, vm: &str, cpus: usize) -> Vec<&'a str> {
+    (0..cpus).map(|i| out.line(&format!("vm name={vm} pv vcpu={i} "))).collect()
+}
+
+fn sum_field(lines: &[&str], key: &str) -> u64 {
+    lines.iter().map(|l| field(l, key).and_then(|v| v.parse::<u64>().ok()).unwrap_or(0)).sum()
+}
+
+/// The stock kernel found the KVM paravirtual interface (`pv=kvm`, the default) and uses
+/// it: kvm-clock is its clocksource; every vCPU registered kvmclock, steal time and PV EOI,
+/// and some EOIs were skipped; with several vCPUs, PV spinlocks, PV IPIs and PV TLB flush.
+fn check_pv_kvm(out: &Outcome, vm: &str, cpus: usize) {
+    let lines = out.guest_lines(vm);
+    let has = |text: &str| lines.iter().any(|l| l.contains(text));
+    assert_eq!(out.field(&format!("vm name={vm} start "), "pv"), "kvm", "{out:?}");
+    for want in ["Hypervisor detected: KVM", "kvm-clock: Using msrs 4b564d01 and 4b564d00", "Booting paravirtualized kernel on KVM"] {
+        assert!(has(want), "{vm}: no `{want}` in the kernel log\n{out:?}");
+    }
+    assert_eq!(guest_value(out, vm, "clocksource"), "kvm-clock", "{out:?}");
+    if cpus > 1 {
+        for want in ["kvm-guest: PV spinlocks enabled", "kvm-guest: setup PV IPIs", "kvm-guest: KVM setup pv remote TLB flush"] {
+            assert!(has(want), "{vm}: no `{want}` in the kernel log\n{out:?}");
+        }
+    }
+    let pv = pv_lines(out, vm, cpus);
+    for l in &pv {
+        for key in ["kvmclock", "steal_time", "pv_eoi"] {
+            assert_eq!(field(l, key).as_deref(), Some("on"), "{vm}: {key} not registered: {l}\n{out:?}");
+        }
+    }
+    assert!(sum_field(&pv, "pv_eois") > 0, "{vm}: no EOI went the PV way\n{pv:#?}\n{out:?}");
 }
 
 #[test]
@@ -140,8 +175,27 @@ fn linux_qemu_tcg_svm() {
     let out = boot_linux(Machine::QemuSvm, 240);
     check_userspace(&out);
     check_apic_mode(&out, "linux");
+    check_pv_kvm(&out, "linux", 1);
+}
+
+/// `pv=off`: the same kernel without the KVM interface (no signature at 0x4000_0000) keeps its
+/// own timer checks (the I/O APIC timer pin is tested), another clocksource, every EOI an exit.
+#[test]
+fn linux_pv_off_qemu_tcg_svm() {
+    let out = boot_linux_with(Machine::QemuSvm, 300, "cpus=2 pv=off");
+    check_linux_vm(&out, "linux", 2, 256);
+    check_linux_smp(&out, "linux", 2);
+    assert_eq!(out.field("vm name=linux start ", "pv"), "off", "{out:?}");
     let lines = out.guest_lines("linux");
     assert!(lines.iter().any(|l| l.contains("..TIMER: vector=0x30 apic1=0 pin1=2")), "{out:?}");
+    for absent in ["Hypervisor detected: KVM", "kvm-clock", "PV spinlocks enabled", "setup PV IPIs"] {
+        assert!(!lines.iter().any(|l| l.contains(absent)), "pv=off, yet `{absent}`\n{out:?}");
+    }
+    assert_ne!(guest_value(&out, "linux", "clocksource"), "kvm-clock", "{out:?}");
+    let pv = pv_lines(&out, "linux", 2);
+    assert!(pv.iter().all(|l| field(l, "mode").as_deref() == Some("off")), "{pv:#?}");
+    assert_eq!(sum_field(&pv, "pv_eois"), 0, "{pv:#?}");
+    assert!(sum_field(&pv, "eoi_exits") > 0, "every EOI is an exit\n{pv:#?}\n{out:?}");
 }
 
 #[test]
@@ -213,6 +267,10 @@ fn linux_smp4_on_2(machine: Machine, timeout: u64) {
     let vcpus = check_linux_smp(&out, "linux", 4);
     let steal: u64 = vcpus.iter().map(|l| field(l, "steal_us").and_then(|v| v.parse().ok()).unwrap_or(0)).sum();
     assert!(steal > 0, "4 vCPUs on 2 host CPUs: some vCPU waited for its turn\n{vcpus:#?}\n{out:?}");
+    check_pv_kvm(&out, "linux", 4);
+    // Slices that end with the vCPU still runnable leave it marked preempted for the guest.
+    let pv = pv_lines(&out, "linux", 4);
+    assert!(sum_field(&pv, "preempted") > 0, "{pv:#?}\n{out:?}");
 }
 
 #[test]

@@ -301,6 +301,8 @@ pub struct LocalApic {
     outbox: [Option<Message>; IPI_QUEUE_LEN],
     outbox_len: usize,
     ipis_sent: u64,
+    /// EOI register writes (each one an exit: what PV EOI saves).
+    eoi_writes: u64,
     ipis_dropped: u64,
     /// Received and not yet taken: an NMI, an INIT, a STARTUP vector, an ExtINT.
     nmi_pending: bool,
@@ -345,6 +347,7 @@ impl LocalApic {
             outbox: [None; IPI_QUEUE_LEN],
             outbox_len: 0,
             ipis_sent: 0,
+            eoi_writes: 0,
             ipis_dropped: 0,
             nmi_pending: false,
             init_pending: false,
@@ -484,6 +487,11 @@ impl LocalApic {
     }
 
     /// IPIs queued for [`Self::take_ipi`] so far (self IPIs delivered at once not counted).
+    /// EOI register writes so far.
+    pub fn eoi_writes(&self) -> u64 {
+        self.eoi_writes
+    }
+
     pub fn ipis_sent(&self) -> u64 {
         self.ipis_sent
     }
@@ -909,6 +917,7 @@ impl LocalApic {
             0x09 | 0x0C if !x2 => {}
             0x0B => {
                 check(0)?;
+                self.eoi_writes += 1;
                 self.eoi();
             }
             0x0D => self.ldr = value & 0xFF00_0000,

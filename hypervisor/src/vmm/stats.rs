@@ -130,6 +130,34 @@ pub struct VcpuCounters {
     pub mark: ExitCounters,
     pub mark_steal: AtomicU64,
     pub mark_tsc: AtomicU64,
+    /// Paravirtual events (KVM interface).
+    pub pv: PvCounters,
+}
+
+/// How often a vCPU used each KVM paravirtual mechanism (single writer, like the exits).
+#[derive(Default)]
+pub struct PvCounters {
+    /// EOIs the guest skipped (PV EOI) and Vireo did for it.
+    pub pv_eois: AtomicU64,
+    /// KICK_CPU hypercalls sent (PV spinlock wake-ups).
+    pub kicks: AtomicU64,
+    /// PV SEND_IPI hypercalls, and the vCPUs they reached.
+    pub pv_ipis: AtomicU64,
+    pub pv_ipi_targets: AtomicU64,
+    /// SCHED_YIELD hypercalls.
+    pub yields: AtomicU64,
+    /// Slices started with a TLB flush another vCPU asked for (PV TLB flush).
+    pub tlb_flushes: AtomicU64,
+    /// Slices that ended with the vCPU marked preempted.
+    pub preempted: AtomicU64,
+}
+
+impl PvCounters {
+    /// Adds one to `c` (only the vCPU's own host CPU writes these).
+    #[inline]
+    pub fn bump(c: &AtomicU64, n: u64) {
+        c.store(c.load(Relaxed) + n, Relaxed);
+    }
 }
 
 impl VcpuCounters {

@@ -15,6 +15,7 @@ use super::{
     hypercall, mmio, msr,
     regs::GuestRegs,
     state::{CpuState, SegAttr, SegReg, CR4_OSXSAVE, EFER_LMA, RFLAGS_IF},
+    stats::PvCounters,
     vm::{rdtsc, Vm, VmOutcome},
     walk::{self, GuestPaging},
 };
@@ -113,6 +114,11 @@ fn processor_signature() -> u64 {
 }
 
 impl Vcpu {
+    /// What the guest registered through the KVM PV MSRs.
+    pub fn pv(&self) -> &VcpuPv {
+        &self.pv
+    }
+
     /// vCPU `index`; `boot`: the state it starts in (`None`: an AP, waiting for SIPI).
     pub fn new(index: usize, boot: Option<CpuState>, intel: bool) -> Option<Self> {
         Some(Self {
@@ -204,7 +210,9 @@ impl Vcpu {
         if end == SliceEnd::Preempted {
             if let Some(gpa) = self.pv.steal() {
                 // The area was checked at registration; RAM does not shrink.
-                let _ = pv::steal::preempted(&vm.mem, gpa);
+                if pv::steal::preempted(&vm.mem, gpa).is_ok() {
+                    PvCounters::bump(&vm.counters[self.index].pv.preempted, 1);
+                }
             }
         }
         end
@@ -217,6 +225,7 @@ impl Vcpu {
         let steal_ns = tsc::to_nanos(self.sched.steal);
         if let Ok(true) = pv::steal::enter(&vm.mem, gpa, steal_ns) {
             cpu.flush_guest_tlb();
+            PvCounters::bump(&vm.counters[self.index].pv.tlb_flushes, 1);
         }
     }
 
@@ -251,6 +260,7 @@ impl Vcpu {
         let mut lapic = vm.irq.apic(self.index).lapic.lock();
         lapic.eoi();
         self.after_lapic(vm, lapic);
+        PvCounters::bump(&vm.counters[self.index].pv.pv_eois, 1);
     }
 
     /// Moves INIT, SIPI and NMI requests from the local APIC into the vCPU. Returns true if
@@ -714,14 +724,24 @@ impl Vcpu {
         let r = self.regs;
         let (number, args) = (t(r.rax), [t(r.rbx), t(r.rcx), t(r.rdx), t(r.rsi)]);
         if let Some(call) = pv::kvm::hypercall(&vm.pv, number, args, cpu.cpl(), vm.vcpus.len()) {
+            let c = &vm.counters[self.index].pv;
             let (ret, flow) = match call {
                 pv::kvm::Hypercall::Return(v) => (v, Flow::Continue),
-                pv::kvm::Hypercall::Yield(v) => (v, Flow::Yield),
+                pv::kvm::Hypercall::Yield(v) => {
+                    PvCounters::bump(&c.yields, 1);
+                    (v, Flow::Yield)
+                }
                 pv::kvm::Hypercall::Kick(n) => {
                     vm.irq.pv_kick(n);
+                    PvCounters::bump(&c.kicks, 1);
                     (0, Flow::Continue)
                 }
-                pv::kvm::Hypercall::SendIpi(mask, msg) => (vm.irq.deliver_mask(mask, &msg) as i64, Flow::Continue),
+                pv::kvm::Hypercall::SendIpi(mask, msg) => {
+                    let n = vm.irq.deliver_mask(mask, &msg);
+                    PvCounters::bump(&c.pv_ipis, 1);
+                    PvCounters::bump(&c.pv_ipi_targets, n as u64);
+                    (n as i64, Flow::Continue)
+                }
             };
             self.regs.rax = t(ret as u64);
             cpu.set_rip(next_rip);

@@ -338,6 +338,27 @@ impl Vm {
                 tsc::to_nanos(v.sched.run) / 1000,
                 tsc::to_nanos(v.sched.steal) / 1000
             );
+            if self.irq.has_lapics() {
+                use core::sync::atomic::Ordering::Relaxed;
+                let c = &self.counters[v.index].pv;
+                let p = v.pv();
+                let eoi_writes = self.irq.apic(v.index).lapic.lock().eoi_writes();
+                report!(
+                    "vm name={name} pv vcpu={} mode={} kvmclock={} steal_time={} pv_eoi={} eoi_exits={eoi_writes} pv_eois={} kicks={} pv_ipis={} pv_ipi_targets={} yields={} tlb_flushes={} preempted={}",
+                    v.index,
+                    self.pv.mode.name(),
+                    OnOff(p.system_time().is_some()),
+                    OnOff(p.steal().is_some()),
+                    OnOff(p.pv_eoi().is_some()),
+                    c.pv_eois.load(Relaxed),
+                    c.kicks.load(Relaxed),
+                    c.pv_ipis.load(Relaxed),
+                    c.pv_ipi_targets.load(Relaxed),
+                    c.yields.load(Relaxed),
+                    c.tlb_flushes.load(Relaxed),
+                    c.preempted.load(Relaxed)
+                );
+            }
         }
         if matches!(outcome, VmOutcome::Exited { .. } | VmOutcome::PoweredOff | VmOutcome::Reset) {
             return;
@@ -405,5 +426,14 @@ impl core::fmt::Display for EventsNote<'_> {
             write!(f, " interrupted={e:?}")?;
         }
         Ok(())
+    }
+}
+
+/// `on` / `off` in report lines.
+struct OnOff(bool);
+
+impl core::fmt::Display for OnOff {
+    fn fmt(&self, f: &mut core::fmt::Formatter<'_>) -> core::fmt::Result {
+        f.write_str(if self.0 { "on" } else { "off" })
     }
 }
