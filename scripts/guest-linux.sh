@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
 # shellcheck source-path=SCRIPTDIR
-# Prepares the default Linux guest: Debian's cloud kernel (fetched by package name with apt and
-# cached) and two initramfs images built from busybox-static and the init scripts in
-# guests/linux/. Prints what it made as key=path lines on stdout.
+# Prepares the default Linux guest: Debian's cloud kernel and its headers (fetched by package
+# name with apt and cached), Vireo's statistics module built against them, and two initramfs
+# images built from busybox-static, that module and the init scripts in guests/linux/. Prints
+# what it made as key=path lines on stdout.
 set -euo pipefail
 # shellcheck source=lib.sh
 source "$(dirname "${BASH_SOURCE[0]}")/lib.sh"
@@ -16,27 +17,40 @@ Prepares the default Linux guest in DIR (default: build/linux in the repository 
                               linux-image-cloud-amd64 depends on, fetched with apt-get download
   kernel.version              package, package version and kernel release of that vmlinuz
   kernel.config               the kernel's build configuration
-  initramfs-headless.cpio.gz  /init = guests/linux/init-headless.sh: prints "linux-guest: ..."
-                              lines (uname, cpus, mem_kb, flags, clocksource, a small compute
-                              and fork workload with its time), then "linux-guest: done" and
-                              powers off
-  initramfs-shell.cpio.gz     /init = guests/linux/init-shell.sh: a root shell on the console;
-                              exiting it powers off
+  headers/RELEASE/            the kernel's headers: the .debs of linux-headers-RELEASE (at
+                              the kernel's package version), the -common package it depends
+                              on and linux-kbuild-6.1, fetched with apt-get download and
+                              extracted (usr/src/linux-headers-RELEASE is the build tree)
+  vireo.ko                    guests/linux/vireo-mod built against those headers (debug info
+                              stripped; built in vireo-mod-build/)
+  initramfs-headless.cpio.gz  /init = guests/linux/init-headless.sh: loads vireo.ko and prints
+                              "linux-guest: ..." lines (uname, cpus, mem_kb, flags,
+                              clocksource, vireo_module, a small compute and fork workload
+                              with its time), then "linux-guest: done", Vireo's exit counts
+                              (under Vireo) and powers off
+  initramfs-shell.cpio.gz     /init = guests/linux/init-shell.sh: loads vireo.ko, gives a root
+                              shell on the console; exiting it powers off
+Both images hold vireo.ko as /lib/modules/vireo.ko; it loads only under Vireo with hypercall
+ABI 0.2 and then shows Vireo's statistics in /sys/hypervisor/vireo/ (guests/linux/README.md).
 
 Then prints, one per line on stdout:
   kernel=DIR/vmlinuz
   initrd_headless=DIR/initramfs-headless.cpio.gz
   initrd_shell=DIR/initramfs-shell.cpio.gz
+  module=DIR/vireo.ko
   version=KERNEL_RELEASE          (what uname -r says in the guest)
 
 The kernel is downloaded only when DIR has no vmlinuz or kernel.version names another
 package or version than apt's current candidate; once there, it works offline (without apt
 package lists, or when the download fails, the cached kernel is used with a warning).
-apt-get update is run (as root, or through sudo) only when apt knows no
-linux-image-cloud-amd64 or the download fails. The initramfs images are rebuilt each time
-(under a second) and are reproducible: the same inputs give the same bytes, and a file is
-replaced only when its bytes change. Missing tools (busybox-static, cpio, gzip) are installed
-with scripts/install-deps.sh linux.
+The headers are downloaded only when headers/RELEASE/headers.version does not name the
+kernel's package version; the kernel's release is the only one kept. apt-get update is run (as
+root, or through sudo) only when apt knows no linux-image-cloud-amd64 or a download fails.
+vireo.ko is rebuilt when its sources change (make decides; about 2 s), the initramfs images
+each time (under a second); all are reproducible: the same inputs give the same bytes (paths
+of this checkout are mapped away), and a file is replaced only when its bytes change. Missing
+tools (busybox-static, cpio, gzip, gcc-12, make, binutils, libelf1) are installed with
+scripts/install-deps.sh linux.
 
 Boot it, e.g. in QEMU without Vireo:
   qemu-system-x86_64 -accel tcg -m 256 -nographic -no-reboot -nic none \\
@@ -68,9 +82,11 @@ done
 # The metapackage that follows Debian's current cloud kernel, and where the init scripts are.
 META_PKG=linux-image-cloud-amd64
 INIT_DIR="$VIREO_ROOT/guests/linux"
+MOD_SRC="$INIT_DIR/vireo-mod"
+MOD_FILES=(vireo.c Kbuild)
 BUSYBOX=/bin/busybox
 # The applets the headless /init uses (the shell image gets every applet).
-HEADLESS_APPLETS=(sh mount uname nproc awk true poweroff sleep)
+HEADLESS_APPLETS=(sh mount uname nproc awk true poweroff sleep insmod dmesg)
 # The fixed mtime of everything in the images (SOURCE_DATE_EPOCH if the caller sets one).
 EPOCH="${SOURCE_DATE_EPOCH:-0}"
 [[ "$EPOCH" =~ ^[0-9]+$ ]] || die "SOURCE_DATE_EPOCH must be a number of seconds, not '$EPOCH'"
@@ -93,7 +109,7 @@ quietly() {
 
 T_START="$(now)"
 "$VIREO_ROOT/scripts/install-deps.sh" --quiet linux >&2
-for f in init-headless.sh init-shell.sh; do
+for f in init-headless.sh init-shell.sh "${MOD_FILES[@]/#/vireo-mod/}"; do
     [[ -f "$INIT_DIR/$f" ]] || die "missing $INIT_DIR/$f"
 done
 [[ -x "$BUSYBOX" ]] || die "no $BUSYBOX (scripts/install-deps.sh linux installs busybox-static)"
@@ -146,21 +162,23 @@ have_cached_kernel() {
     [[ -s "$OUT/vmlinuz" && -n "$(version_field release)" ]]
 }
 
+# apt_update [FOR]: apt-get update, saying it is for FOR (default: the kernel's metapackage).
 apt_update() {
-    local sudo=()
+    local sudo=() what="${1:-$META_PKG}"
     command -v apt-get >/dev/null 2>&1 || die "no apt-get: this script fetches the kernel from Debian's archive"
     if [[ "$(id -u)" != 0 ]]; then
         command -v sudo >/dev/null 2>&1 || die "apt-get update needs root (or sudo)"
         sudo=(sudo)
     fi
-    say "apt-get update (for $META_PKG)"
+    say "apt-get update (for $what)"
     quietly "$WORK/apt-update.log" ${sudo[@]+"${sudo[@]}"} env DEBIAN_FRONTEND=noninteractive \
         apt-get -q -o DPkg::Lock::Timeout=600 -o Dpkg::Use-Pty=0 update
 }
 
-# download_kernel PACKAGE: apt-get download into WORK/deb; prints the .deb's path.
-download_kernel() {
-    local pkg="$1" dir="$WORK/deb" deb
+# apt_download DIR PACKAGE[=VERSION]...: apt-get download into DIR (emptied first).
+apt_download() {
+    local dir="$1"
+    shift
     rm -rf "$dir"
     mkdir -p "$dir"
     # apt drops root to its _apt user to download; let that user write here.
@@ -168,7 +186,13 @@ download_kernel() {
         chmod 755 "$WORK"
         chown _apt "$dir"
     fi
-    (cd "$dir" && quietly "$WORK/apt-download.log" apt-get -q -o Dpkg::Use-Pty=0 download "$pkg") >&2 || return 1
+    (cd "$dir" && quietly "$WORK/apt-download.log" apt-get -q -o Dpkg::Use-Pty=0 download "$@") >&2
+}
+
+# download_kernel PACKAGE: apt-get download into WORK/deb; prints the .deb's path.
+download_kernel() {
+    local pkg="$1" dir="$WORK/deb" deb
+    apt_download "$dir" "$pkg" || return 1
     deb="$(find "$dir" -maxdepth 1 -name '*.deb' | head -n 1)"
     [[ -n "$deb" ]] || return 1
     echo "$deb"
@@ -233,22 +257,161 @@ prepare_kernel() {
     say "kernel: $(version_field release) ($(stat -c %s "$OUT/vmlinuz") bytes) in $(elapsed "$t0") s"
 }
 
+# --- the kernel headers and vireo.ko -----------------------------------------------------------
+
+# The build tree of the headers (set by prepare_headers).
+HEADERS_ROOT=""
+HEADERS_BUILD=""
+
+# dep_of DEB PATTERN: the first dependency of DEB whose name matches the extended regular
+# expression PATTERN, as "NAME OP VERSION" (OP and VERSION empty when unversioned).
+dep_of() {
+    dpkg-deb -f "$1" Depends | tr ',' '\n' |
+        awk -v pat="^$2\$" '{
+                 gsub(/[()]/, " ")
+                 if ($1 ~ pat) { print $1, $2, $3; exit }
+             }'
+}
+
+# download_headers RELEASE VERSION DIR: the three header packages into DIR: linux-headers-RELEASE
+# at VERSION (the kernel's own), the -common package at the version it names, and the kbuild
+# package (apt's candidate, which must satisfy the headers' >= dependency).
+download_headers() {
+    local release="$1" ver="$2" dir="$3" deb common kbuild name op v
+    apt_download "$dir" "linux-headers-$release=$ver" || return 1
+    deb="$(find "$dir" -maxdepth 1 -name '*.deb' | head -n 1)"
+    [[ -n "$deb" ]] || return 1
+    read -r name op v < <(dep_of "$deb" 'linux-headers-.*-common') || true
+    [[ -n "${name:-}" && "$op" == = ]] || die "$deb names no linux-headers-*-common (= VERSION) dependency"
+    common="$name=$v"
+    read -r name op v < <(dep_of "$deb" 'linux-kbuild-[0-9.]+') || true
+    [[ -n "${name:-}" ]] || die "$deb names no linux-kbuild-* dependency"
+    kbuild="$name"
+    # Into a second directory: apt_download empties the one it gets.
+    apt_download "$dir/deps" "$common" "$kbuild" || return 1
+    mv "$dir"/deps/*.deb "$dir/"
+    rmdir "$dir/deps"
+    if [[ "$op" == ">=" ]]; then
+        deb="$(find "$dir" -maxdepth 1 -name "${kbuild}_*.deb" | head -n 1)"
+        dpkg --compare-versions "$(dpkg-deb -f "$deb" Version)" ge "$v" ||
+            die "apt's $kbuild is older than the $v that linux-headers-$release needs"
+    fi
+}
+
+# install_headers RELEASE VERSION DEBDIR: extracts the .debs of DEBDIR into DIR/headers/RELEASE
+# (replacing every other release's headers) and makes the build tree work where it lies.
+install_headers() {
+    local release="$1" ver="$2" debs="$3" dest tmp deb build inc d
+    dest="$OUT/headers/$release"
+    tmp="$OUT/headers/.new-$release"
+    rm -rf "$tmp"
+    mkdir -p "$tmp"
+    for deb in "$debs"/*.deb; do
+        dpkg-deb -x "$deb" "$tmp" || die "cannot unpack $deb"
+    done
+    # Kept: usr/src (the trees) and usr/lib/linux-kbuild-* (scripts, tools, the compiled
+    # fixdep/modpost/objtool). lib/modules/RELEASE/{build,source} are absolute links into
+    # /usr/src, documentation is not needed.
+    rm -rf "${tmp:?}/lib" "${tmp:?}/usr/share"
+    build="$tmp/usr/src/linux-headers-$release"
+    [[ -f "$build/Makefile" && -f "$build/.config" && -f "$build/Module.symvers" ]] ||
+        die "linux-headers-$release has no Makefile, .config or Module.symvers"
+    # The build tree's Makefile includes the -common tree's by absolute path
+    # (include /usr/src/linux-headers-BASE-common/Makefile); make -C runs in the build tree,
+    # so a relative include finds the sibling tree wherever DIR is. Its scripts and tools
+    # links are relative already (../../lib/linux-kbuild-6.1/...) and resolve inside DIR.
+    inc="$(awk '$1 == "include" { print $2; exit }' "$build/Makefile")"
+    [[ "$inc" == /usr/src/*/Makefile && -f "$tmp$inc" ]] ||
+        die "unexpected Makefile in linux-headers-$release: include $inc"
+    printf 'include ../%s\n' "${inc#/usr/src/}" >"$build/Makefile"
+    for d in scripts/basic/fixdep scripts/mod/modpost tools/objtool/objtool; do
+        [[ -x "$build/$d" ]] || die "the extracted headers lack $d (linux-kbuild not unpacked next to them?)"
+    done
+    (cd "$debs" && for deb in *.deb; do dpkg-deb -f "$deb" Package Version | paste -sd' '; done) |
+        LC_ALL=C sort | sed 's/^Package: //; s/ Version: /=/' >"$tmp/headers.packages"
+    # Last, so that an interrupted run leaves no matching headers.version.
+    printf 'release=%s\nversion=%s\n' "$release" "$ver" >"$tmp/headers.version"
+    if [[ -d "$OUT/headers" ]]; then
+        find "$OUT/headers" -mindepth 1 -maxdepth 1 ! -name ".new-$release" -exec rm -rf {} +
+    fi
+    mv "$tmp" "$dest"
+}
+
+prepare_headers() {
+    local release ver dir t0
+    release="$(version_field release)"
+    ver="$(version_field version)"
+    [[ -n "$release" && -n "$ver" ]] || die "$OUT/kernel.version names no release or version"
+    HEADERS_ROOT="$OUT/headers/$release"
+    HEADERS_BUILD="$HEADERS_ROOT/usr/src/linux-headers-$release"
+    if [[ -f "$HEADERS_ROOT/headers.version" ]] && grep -qx "version=$ver" "$HEADERS_ROOT/headers.version" &&
+        [[ -f "$HEADERS_BUILD/Makefile" ]]; then
+        say "headers: cached linux-headers-$release $ver"
+        return
+    fi
+    say "headers: downloading linux-headers-$release $ver and what it depends on"
+    t0="$(now)"
+    dir="$WORK/headers-deb"
+    if ! download_headers "$release" "$ver" "$dir"; then
+        # As for the kernel: stale lists are refreshed once. Without the headers there is no
+        # vireo.ko and no image (they are needed once per kernel release).
+        if ! { apt_update "linux-headers-$release" && download_headers "$release" "$ver" "$dir"; }; then
+            die "cannot download linux-headers-$release $ver and its dependencies (offline? see above)"
+        fi
+    fi
+    install_headers "$release" "$ver" "$dir"
+    rm -rf "$dir"
+    say "headers: $(tr '\n' ' ' <"$HEADERS_ROOT/headers.packages")($(du -sm "$HEADERS_ROOT" | cut -f1) MiB) in $(elapsed "$t0") s"
+}
+
+# build_module: vireo.ko from guests/linux/vireo-mod, built in DIR/vireo-mod-build against the
+# headers (kbuild rebuilds only what changed, so the sources are copied only when they did),
+# then DIR/vireo.ko without debug info (12x smaller; nothing in the guest reads it).
+build_module() {
+    local b="$OUT/vireo-mod-build" f cc out="$OUT/vireo.ko" t0
+    t0="$(now)"
+    # The compiler the kernel was built with (Debian's headers name it: CC = ... gcc-12).
+    cc="$(grep -o 'gcc-[0-9][0-9]*' "$HEADERS_BUILD/.kernelvariables" 2>/dev/null | head -n 1 || true)"
+    cc="${cc:-gcc}"
+    command -v "$cc" >/dev/null 2>&1 || die "no $cc, the compiler linux-headers-$(version_field release) wants (scripts/install-deps.sh linux)"
+    mkdir -p "$b"
+    for f in "${MOD_FILES[@]}"; do
+        cmp -s "$MOD_SRC/$f" "$b/$f" || cp "$MOD_SRC/$f" "$b/$f"
+    done
+    # Reproducible wherever this checkout lies: the paths of the build directory and of the
+    # headers (in the debug info, which goes, and in __FILE__ strings and the build ID, which
+    # stay) are mapped to fixed names.
+    quietly "$WORK/module-build.log" make -C "$HEADERS_BUILD" M="$b" \
+        KCFLAGS="-ffile-prefix-map=$b/=vireo-mod/ -ffile-prefix-map=$HEADERS_ROOT/=/" modules ||
+        die "building vireo.ko failed (see above)"
+    objcopy --strip-debug "$b/vireo.ko" "$out.tmp"
+    if cmp -s "$out.tmp" "$out"; then
+        rm -f "$out.tmp"
+        say "vireo.ko: unchanged ($(stat -c %s "$out") bytes) in $(elapsed "$t0") s"
+    else
+        mv -f "$out.tmp" "$out"
+        say "vireo.ko: written ($(stat -c %s "$out") bytes) in $(elapsed "$t0") s"
+    fi
+}
+
 # --- the initramfs images --------------------------------------------------------------------
 
 # make_initramfs NAME INIT_SCRIPT APPLET...: DIR/initramfs-NAME.cpio.gz with busybox, INIT_SCRIPT
-# as /init and a /bin link to busybox for each APPLET ("ALL": every applet busybox has, where
-# busybox --list-full puts it).
+# as /init, DIR/vireo.ko as /lib/modules/vireo.ko and a /bin link to busybox for each APPLET
+# ("ALL": every applet busybox has, where busybox --list-full puts it).
 make_initramfs() {
     local name="$1" init="$2" stage out a link
     stage="$WORK/stage-$name"
     out="$OUT/initramfs-$name.cpio.gz"
     shift 2
-    mkdir -p "$stage"/{bin,dev,proc,sys,tmp,root}
+    mkdir -p "$stage"/{bin,dev,proc,sys,tmp,root,lib/modules}
     chmod 1777 "$stage/tmp"
     chmod 700 "$stage/root"
     cp "$BUSYBOX" "$stage/bin/busybox"
     cp "$init" "$stage/init"
+    cp "$OUT/vireo.ko" "$stage/lib/modules/vireo.ko"
     chmod 755 "$stage/bin/busybox" "$stage/init"
+    chmod 644 "$stage/lib/modules/vireo.ko"
     if [[ "$1" == ALL ]]; then
         while read -r link; do
             # linuxrc is busybox's init under another name; this image has its own /init.
@@ -276,6 +439,8 @@ make_initramfs() {
 }
 
 prepare_kernel
+prepare_headers
+build_module
 make_initramfs headless "$INIT_DIR/init-headless.sh" "${HEADLESS_APPLETS[@]}"
 make_initramfs shell "$INIT_DIR/init-shell.sh" ALL
 say "ready in $(elapsed "$T_START") s: $OUT"
@@ -283,4 +448,5 @@ say "ready in $(elapsed "$T_START") s: $OUT"
 echo "kernel=$OUT/vmlinuz"
 echo "initrd_headless=$OUT/initramfs-headless.cpio.gz"
 echo "initrd_shell=$OUT/initramfs-shell.cpio.gz"
+echo "module=$OUT/vireo.ko"
 echo "version=$(version_field release)"

@@ -21,7 +21,9 @@ Installs what is missing for the given components (default: all of them):
           bochsbios, vgabios
   linux   what scripts/guest-linux.sh needs to make the Linux guest's initramfs images:
           busybox-static (it replaces the dynamically linked busybox package where that one
-          is installed), cpio, gzip
+          is installed), cpio, gzip; and to build the guest's kernel module against Debian's
+          kernel headers: gcc-12 (the compiler Debian built the bookworm kernel with), make,
+          binutils, libelf1 (objtool from linux-kbuild links it)
   all     all of the above
 
 Debian packages are installed with apt-get (non-interactive, --no-install-recommends, after
@@ -89,6 +91,11 @@ apt_wanted() {
         echo "/var/lib/dpkg/info/busybox-static.list busybox-static"
         echo "cpio cpio"
         echo "gzip gzip"
+        # vireo.ko: the headers name their compiler (gcc-12 for bookworm's 6.1 kernel).
+        echo "gcc-12 gcc-12"
+        echo "make make"
+        echo "objcopy binutils"
+        echo "/usr/lib/x86_64-linux-gnu/libelf.so.1 libelf1"
     fi
 }
 

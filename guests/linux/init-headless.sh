@@ -76,6 +76,28 @@ echo "linux-guest: mem_kb $(awk '/^MemTotal:/ { print $2; exit }' /proc/meminfo)
 echo "linux-guest: flags $(awk '/^flags[ \t]*:/ { sub(/^flags[ \t]*:[ \t]*/, ""); print; exit }' /proc/cpuinfo)"
 echo "linux-guest: clocksource $(first_line /sys/devices/system/clocksource/clocksource0/current_clocksource)"
 
+# Vireo's statistics module (guests/linux/vireo-mod): under Vireo (hypercall ABI 0.2 or later)
+# it makes /sys/hypervisor/vireo/; anywhere else insmod fails and the module has logged one
+# "vireo: absent reason=WORD (...)" line, whose WORD is printed here.
+# The kernel messages of the load (two taint notices for an unsigned out-of-tree module, the
+# module's own line) stay off the console, in the kernel log only: the kernel writes to the
+# console at once, while the lines echoed before may still be draining from the serial
+# driver's buffer, so they would land inside a guest line.
+VIREO_SYS=/sys/hypervisor/vireo
+console_level=7
+read -r console_level _ </proc/sys/kernel/printk
+echo 1 >/proc/sys/kernel/printk
+if [ ! -r /lib/modules/vireo.ko ]; then
+    vireo_status="absent reason=no-module-file"
+elif insmod /lib/modules/vireo.ko 2>/dev/null; then
+    vireo_status="loaded abi=$(first_line "$VIREO_SYS/abi_version") vcpus=$(first_line "$VIREO_SYS/vcpus")"
+else
+    reason="$(dmesg | awk '/vireo: absent reason=/ { sub(/.*vireo: absent reason=/, ""); r = $1 } END { print r }')"
+    vireo_status="absent reason=${reason:-insmod-failed}"
+fi
+echo "$console_level" >/proc/sys/kernel/printk
+echo "linux-guest: vireo_module $vireo_status"
+
 # Restart test: with linux_guest_reboot=1 the first boot resets the machine; Vireo builds the
 # VM again and adds vireo_boot=N (N >= 2) to the kernel command line of later boots.
 echo "linux-guest: boot ${vireo_boot:-1}"
@@ -174,6 +196,17 @@ echo "linux-guest: ipi $(awk 'NR == 1 { n = NF; next }
 # since (e.g. its watchdog found the TSC unstable).
 echo "linux-guest: clocksource_end $(first_line /sys/devices/system/clocksource/clocksource0/current_clocksource)"
 echo "linux-guest: done"
+
+# The very last lines: the VM's exits so far as Vireo counts them (one STATS hypercall: the
+# file is read once, through one open), one line per kind with a non-zero count, and its
+# steal time. The guest still exits between this read and the power-off, so Vireo's own
+# end-of-VM table counts a little more.
+if [ -r "$VIREO_SYS/exits" ]; then
+    while read -r kind count _; do
+        echo "linux-guest: vireo_exits $kind=$count"
+    done <"$VIREO_SYS/exits"
+    echo "linux-guest: vireo_steal_ns $(first_line "$VIREO_SYS/steal_ns")"
+fi
 
 # -f: straight to the reboot(2) system call, no init to ask. The kernel powers off through
 # ACPI (S5) where it has an ACPI FADT; without one it halts the CPUs instead.
