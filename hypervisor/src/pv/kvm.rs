@@ -15,7 +15,7 @@
 
 use guest_abi::kvm::{features as f, hc, hints, msr, pvclock, steal as st, LEAF_FEATURES, LEAF_SIGNATURE, SIGNATURE};
 
-use super::{clock, VcpuPv, VmPv};
+use super::{clock, Gp, VcpuPv, VmPv};
 use crate::{
     devices::irq::{DeliveryMode, Destination, Message},
     vmm::{cpuid::CpuidRegs, guest_mem::GuestMemory},
@@ -90,7 +90,7 @@ pub enum MsrEffect {
     WallClock(u64),
 }
 
-/// WRMSR of a KVM MSR (after [`is_pv_msr`]). `Err` is #GP(0), with nothing changed.
+/// WRMSR of a KVM MSR (after [`is_pv_msr`]). `Err(Gp)` is #GP(0), with nothing changed.
 pub fn wrmsr(
     pv: &VmPv,
     mem: &GuestMemory,
@@ -98,27 +98,27 @@ pub fn wrmsr(
     start_tsc: u64,
     index: u32,
     value: u64,
-) -> Result<MsrEffect, ()> {
-    let in_ram = |gpa: u64, len: usize| if mem.contains(gpa, len as u64) { Ok(()) } else { Err(()) };
+) -> Result<MsrEffect, Gp> {
+    let in_ram = |gpa: u64, len: usize| if mem.contains(gpa, len as u64) { Ok(()) } else { Err(Gp) };
     match index {
         msr::WALL_CLOCK_NEW => {
             in_ram(value, pvclock::WALL_CLOCK_SIZE)?;
-            clock::write_wall_clock(mem, value, pv.wall_at_start_ns).map_err(|_| ())?;
+            clock::write_wall_clock(mem, value, pv.wall_at_start_ns).map_err(|_| Gp)?;
             Ok(MsrEffect::WallClock(value))
         }
         msr::SYSTEM_TIME_NEW => {
             if value & msr::ENABLED != 0 {
                 let gpa = value & !1;
                 in_ram(gpa, pvclock::SIZE)?;
-                let info = clock::TimeInfo::for_vm(start_tsc, pv.tsc_hz, pv.tsc_stable).ok_or(())?;
-                clock::write(mem, gpa, &info).map_err(|_| ())?;
+                let info = clock::TimeInfo::for_vm(start_tsc, pv.tsc_hz, pv.tsc_stable).ok_or(Gp)?;
+                clock::write(mem, gpa, &info).map_err(|_| Gp)?;
             }
             v.system_time_msr = value;
             Ok(MsrEffect::None)
         }
         msr::STEAL_TIME => {
             if value & msr::STEAL_RESERVED != 0 {
-                return Err(());
+                return Err(Gp);
             }
             let enable = value & msr::ENABLED != 0;
             if enable {
@@ -129,7 +129,7 @@ pub fn wrmsr(
         }
         msr::PV_EOI_EN => {
             if value & msr::PV_EOI_RESERVED != 0 {
-                return Err(());
+                return Err(Gp);
             }
             if value & msr::ENABLED != 0 {
                 in_ram(value & !0x3, 4)?;
@@ -142,12 +142,12 @@ pub fn wrmsr(
             // Bit 0: the guest allows host-side halt polling. Vireo does not poll; the value
             // is kept for reads.
             if value & !1 != 0 {
-                return Err(());
+                return Err(Gp);
             }
             v.poll_control_msr = value;
             Ok(MsrEffect::None)
         }
-        _ => Err(()),
+        _ => Err(Gp),
     }
 }
 
@@ -267,27 +267,27 @@ mod tests {
         assert_eq!(wrmsr(&pv, &mem, &mut v, 0, msr::SYSTEM_TIME_NEW, 0x1000 | 1), Ok(MsrEffect::None));
         assert_eq!(v.system_time(), Some(0x1000));
         assert_eq!(mem.read_u64(0x1000).unwrap() & 0xFFFF_FFFF, 2);
-        assert_eq!(wrmsr(&pv, &mem, &mut v, 0, msr::SYSTEM_TIME_NEW, (end - 16) | 1), Err(()));
-        assert_eq!(wrmsr(&pv, &mem, &mut v, 0, msr::SYSTEM_TIME_NEW, 0xFEE0_0001), Err(()));
+        assert_eq!(wrmsr(&pv, &mem, &mut v, 0, msr::SYSTEM_TIME_NEW, (end - 16) | 1), Err(Gp));
+        assert_eq!(wrmsr(&pv, &mem, &mut v, 0, msr::SYSTEM_TIME_NEW, 0xFEE0_0001), Err(Gp));
         assert_eq!(rdmsr(&v, 0, msr::SYSTEM_TIME_NEW), 0x1001, "a refused write changes nothing");
         assert_eq!(wrmsr(&pv, &mem, &mut v, 0, msr::SYSTEM_TIME_NEW, 0), Ok(MsrEffect::None));
         assert_eq!(v.system_time(), None);
         // Steal time: 64-byte aligned (bits 5:1 reserved), wholly in RAM.
         assert_eq!(wrmsr(&pv, &mem, &mut v, 0, msr::STEAL_TIME, 0x2000 | 1), Ok(MsrEffect::StealEnabled));
-        assert_eq!(wrmsr(&pv, &mem, &mut v, 0, msr::STEAL_TIME, 0x2008 | 1), Err(()), "misaligned");
-        assert_eq!(wrmsr(&pv, &mem, &mut v, 0, msr::STEAL_TIME, (end - 32) | 1), Err(()), "straddles the end");
+        assert_eq!(wrmsr(&pv, &mem, &mut v, 0, msr::STEAL_TIME, 0x2008 | 1), Err(Gp), "misaligned");
+        assert_eq!(wrmsr(&pv, &mem, &mut v, 0, msr::STEAL_TIME, (end - 32) | 1), Err(Gp), "straddles the end");
         assert_eq!(v.steal(), Some(0x2000));
         // PV EOI: bit 1 reserved, 4 bytes in RAM.
         assert_eq!(wrmsr(&pv, &mem, &mut v, 0, msr::PV_EOI_EN, 0x3000 | 1), Ok(MsrEffect::None));
-        assert_eq!(wrmsr(&pv, &mem, &mut v, 0, msr::PV_EOI_EN, 0x3000 | 3), Err(()));
-        assert_eq!(wrmsr(&pv, &mem, &mut v, 0, msr::PV_EOI_EN, end | 1), Err(()));
+        assert_eq!(wrmsr(&pv, &mem, &mut v, 0, msr::PV_EOI_EN, 0x3000 | 3), Err(Gp));
+        assert_eq!(wrmsr(&pv, &mem, &mut v, 0, msr::PV_EOI_EN, end | 1), Err(Gp));
         assert_eq!(v.pv_eoi(), Some(0x3000));
         // Poll control: only bit 0.
         assert_eq!(wrmsr(&pv, &mem, &mut v, 0, msr::POLL_CONTROL, 1), Ok(MsrEffect::None));
-        assert_eq!(wrmsr(&pv, &mem, &mut v, 0, msr::POLL_CONTROL, 2), Err(()));
+        assert_eq!(wrmsr(&pv, &mem, &mut v, 0, msr::POLL_CONTROL, 2), Err(Gp));
         // Wall clock.
         assert_eq!(wrmsr(&pv, &mem, &mut v, 0, msr::WALL_CLOCK_NEW, 0x4000), Ok(MsrEffect::WallClock(0x4000)));
-        assert_eq!(wrmsr(&pv, &mem, &mut v, 0, msr::WALL_CLOCK_NEW, end - 4), Err(()));
+        assert_eq!(wrmsr(&pv, &mem, &mut v, 0, msr::WALL_CLOCK_NEW, end - 4), Err(Gp));
     }
 
     #[test]

@@ -16,6 +16,10 @@ pub mod steal;
 
 use core::sync::atomic::AtomicU64;
 
+/// A guest MSR write the architecture refuses: the vCPU gets #GP(0) and nothing changes.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Gp;
+
 /// Which paravirtual interface a VM offers at CPUID 0x4000_0000 (`pv=` on the VM line).
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub enum PvMode {

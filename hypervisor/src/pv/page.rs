@@ -6,7 +6,7 @@ use core::sync::atomic::Ordering;
 
 use guest_abi::hypercall::{page, Instruction};
 
-use super::VmPv;
+use super::{Gp, VmPv};
 use crate::vmm::guest_mem::GuestMemory;
 
 /// The MSR's value.
@@ -14,20 +14,20 @@ pub fn read(pv: &VmPv) -> u64 {
     pv.hypercall_page.load(Ordering::Relaxed)
 }
 
-/// A guest write of `value`. `Err` is #GP(0): reserved bits, or an enabled page that is not
+/// A guest write of `value`. `Err(Gp)` is #GP(0): reserved bits, or an enabled page that is not
 /// a page of the VM's RAM (it is then neither written nor recorded).
-pub fn write(pv: &VmPv, mem: &GuestMemory, value: u64, native_vmmcall: bool) -> Result<(), ()> {
+pub fn write(pv: &VmPv, mem: &GuestMemory, value: u64, native_vmmcall: bool) -> Result<(), Gp> {
     if value & page::RESERVED != 0 {
-        return Err(());
+        return Err(Gp);
     }
     if value & page::ENABLE != 0 {
         let gpa = value & !0xFFF;
         if !mem.contains(gpa, 4096) {
-            return Err(());
+            return Err(Gp);
         }
         let insn = if native_vmmcall { Instruction::Vmmcall } else { Instruction::Vmcall };
         for i in 0..page::STUBS {
-            mem.write(gpa + (i * page::STUB_SIZE) as u64, &page::stub(i, insn)).map_err(|_| ())?;
+            mem.write(gpa + (i * page::STUB_SIZE) as u64, &page::stub(i, insn)).map_err(|_| Gp)?;
         }
     }
     pv.hypercall_page.store(value, Ordering::Relaxed);
@@ -49,9 +49,9 @@ mod tests {
         let mut stub = [0u8; 9];
         mem.read(0x5000 + 32, &mut stub).unwrap();
         assert_eq!(stub, [0xB8, 0x01, 0x00, 0x49, 0x56, 0x0F, 0x01, 0xC1, 0xC3]);
-        assert_eq!(write(&pv, &mem, 0x5002, false), Err(()), "reserved bit");
-        assert_eq!(write(&pv, &mem, mem.size() | page::ENABLE, false), Err(()), "beyond RAM");
-        assert_eq!(write(&pv, &mem, 0xFEE0_0000 | page::ENABLE, true), Err(()), "MMIO");
+        assert_eq!(write(&pv, &mem, 0x5002, false), Err(Gp), "reserved bit");
+        assert_eq!(write(&pv, &mem, mem.size() | page::ENABLE, false), Err(Gp), "beyond RAM");
+        assert_eq!(write(&pv, &mem, 0xFEE0_0000 | page::ENABLE, true), Err(Gp), "MMIO");
         assert_eq!(read(&pv), 0x5001, "a refused write changes nothing");
         write(&pv, &mem, 0, false).unwrap();
         assert_eq!(read(&pv), 0);

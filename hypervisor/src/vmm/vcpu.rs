@@ -570,7 +570,7 @@ impl Vcpu {
                     guest_abi::hypercall::page::MSR => match pv::page::write(&vm.pv, &vm.mem, value, vm.native_vmmcall)
                     {
                         Ok(()) => msr::MsrOutcome::Ok(value),
-                        Err(()) => msr::MsrOutcome::Fault,
+                        Err(pv::Gp) => msr::MsrOutcome::Fault,
                     },
                     _ => msr::write(&mut self.msrs, msr_index, value),
                 };
@@ -713,7 +713,7 @@ impl Vcpu {
                 }
                 msr::MsrOutcome::Ok(value)
             }
-            Err(()) => msr::MsrOutcome::Fault,
+            Err(pv::Gp) => msr::MsrOutcome::Fault,
         }
     }
 
