@@ -8,6 +8,10 @@
 //! - `ipibench=N` (with `cpus=2` or more): N IPI round trips BSP -> AP 1 -> BSP, timed with
 //!   the TSC (`selftest: ipi_round_trip n=N ticks=T ns=X ...`);
 //! - `hostile=N`: N random hostile operations (wild MSRs, ports, hypercalls, pointers);
+//! - `mode=pv` (with `pv=kvm` or `pv=off` on the VM line): the hypercall page checks, then
+//!   the new MSRs and hypercalls of ABI version 2 and of the KVM interface given bad values,
+//!   then valid kvmclock, steal-time and PV EOI registrations (`pv.rs`); summary and exit
+//!   status as in the default mode;
 //! - `mode=triple-fault`: fault with no usable IDT, which triple-faults;
 //! - `mode=spin` / `mode=spin-sti`: loop forever with interrupts off / on and no exits (a
 //!   runaway guest, for the VM time limit).
@@ -17,6 +21,8 @@
 mod checks;
 #[cfg(target_os = "none")]
 mod console;
+#[cfg(target_os = "none")]
+mod pv;
 #[cfg(target_os = "none")]
 mod smp;
 #[cfg(target_os = "none")]
@@ -105,6 +111,9 @@ mod guest {
         }
         // Vireo hands the guest its whole VM line, `cpus=N` included.
         let cpus = args.split_whitespace().find_map(|a| a.strip_prefix("cpus=")).and_then(|n| n.parse().ok());
+        if args.split_whitespace().any(|a| a == "mode=pv") {
+            exit(crate::pv::run(ram, cpus.unwrap_or(1)) as u64);
+        }
         if let Some(n) = args.split_whitespace().find_map(|a| a.strip_prefix("ipibench=")) {
             let n: u64 = n.parse().unwrap_or(1000);
             exit(crate::smp::ipi_bench(cpus.unwrap_or(1), n) as u64);
