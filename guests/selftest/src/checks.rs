@@ -333,17 +333,31 @@ impl Rng {
 }
 
 /// `n` random hostile operations: wild MSRs, ports, hypercall numbers and pointers,
-/// accesses to unassigned memory. Each must get its architectural answer; Vireo must
-/// survive all of them. Returns the number of wrong answers.
+/// accesses to unassigned memory, the paravirtual MSRs given areas outside RAM. Each must
+/// get its architectural answer; Vireo must survive all of them. Returns the number of
+/// wrong answers. With `pv=kvm` KVM's own numbers (1..=12) do things, so only unknown KVM
+/// numbers are tried then (`mode=pv` checks the known ones).
 pub fn hostile(n: u64, ram: u64) -> u32 {
+    use guest_abi::{hypercall::scope, kvm};
     let mut rng = Rng(rdtsc() | 1);
     let mut wrong = 0u32;
     let mut faults = 0u64;
+    let kvm_pv = __cpuid(abi::LEAF_VERSION).ebx & abi::features::KVM_PV != 0;
     // Ports that would reset or power off the VM, or flood the console.
     let spared = |p: u16| matches!(p, 0xE9 | 0x64 | 0x92 | 0xCF9 | 0x604 | 0xB004 | 0x4004);
+    // MSRs that name a guest area: an enabled area outside RAM must be #GP (with pv=off the
+    // KVM ones do not exist: #GP too). Areas inside RAM are never tried: Vireo would write
+    // them, over this guest's code or data.
+    let area_msrs = [
+        hypercall::page::MSR,
+        kvm::msr::SYSTEM_TIME_NEW,
+        kvm::msr::STEAL_TIME,
+        kvm::msr::PV_EOI_EN,
+        kvm::msr::WALL_CLOCK_NEW,
+    ];
     for _ in 0..n {
         let r = rng.next();
-        match r % 6 {
+        match r % 7 {
             0 => {
                 if rdmsr(rng.next() as u32).is_err() {
                     faults += 1;
@@ -382,14 +396,33 @@ pub fn hostile(n: u64, ram: u64) -> u32 {
                 // Wild numbers and pointers outside RAM: -ENOSYS / -EFAULT / -E2BIG.
                 let bad_ptr = ram + (rng.next() % (u64::MAX - ram));
                 let len = rng.next() % 8192;
-                let (num, expect): (u64, &[i64]) = match r >> 8 & 3 {
-                    0 => (rng.next() | (1 << 40), &[-errno::ENOSYS]),
-                    1 => (nr::CONSOLE_WRITE, &[-errno::EFAULT, -errno::E2BIG]),
-                    2 => (nr::EXIT_STATS, &[-errno::EFAULT, -errno::E2BIG]),
-                    _ => (1 + rng.next() % 12, &[-errno::ENOSYS]),
+                let bad_buffer: &[i64] = &[-errno::EFAULT, -errno::E2BIG, -errno::EINVAL];
+                let (num, args, expect): (u64, [u64; 4], &[i64]) = match r >> 8 & 7 {
+                    0 => (rng.next() | (1 << 40), [bad_ptr, len, rng.next(), rng.next()], &[-errno::ENOSYS]),
+                    1 => (nr::CONSOLE_WRITE, [bad_ptr, len, rng.next(), rng.next()], &[-errno::EFAULT, -errno::E2BIG]),
+                    2 => (nr::EXIT_STATS, [bad_ptr, len, rng.next(), rng.next()], &[-errno::EFAULT, -errno::E2BIG]),
+                    3 if kvm_pv => (13 + rng.next() % 900, [rng.next(); 4], &[-errno::ENOSYS]),
+                    3 => (1 + rng.next() % 12, [bad_ptr, len, rng.next(), rng.next()], &[-errno::ENOSYS]),
+                    4 | 5 => {
+                        // STATS into a buffer outside RAM, any scope, any flags.
+                        let s = [scope::SELF, scope::VM, 0, rng.next()][(r >> 12 & 3) as usize];
+                        (nr::STATS, [bad_ptr, len, s, rng.next() & 3], bad_buffer)
+                    }
+                    // A scope that is no vCPU (bit 63 clear: never SELF or VM).
+                    6 => (nr::STATS_MARK, [(rng.next() | 1 << 40) & !(1 << 63), 0, 0, 0], &[-errno::EINVAL]),
+                    _ => (nr::STEAL_TIME, [(rng.next() | 1 << 40) & !(1 << 63), 0, 0, 0], &[-errno::EINVAL]),
                 };
-                let got = call(num, [bad_ptr, len, rng.next(), rng.next()]);
+                let got = call(num, args);
                 wrong += (!expect.contains(&got)) as u32;
+            }
+            5 => {
+                let msr = area_msrs[(r >> 8) as usize % area_msrs.len()];
+                // Beyond RAM (up to 2^46), page-aligned, enabled; bit 0 is ignored by the wall
+                // clock, whose area is then beyond RAM all the same.
+                let gpa = (ram + 0x1000 + rng.next() % (1 << 46)) & !0xFFF;
+                let fault = wrmsr(msr, gpa | 1);
+                faults += fault.is_some() as u64;
+                wrong += (fault != Some((13, 0))) as u32;
             }
             _ => {
                 let gpa = (ram + 0x1000 + (rng.next() % (0xF000_0000 - ram))) & !7;
