@@ -42,6 +42,10 @@ fn check_selftest(out: &Outcome) {
     let passed: u32 = summary.trim_start_matches("selftest: ").split(' ').next().unwrap().parse().unwrap();
     assert!(summary.ends_with(", 0 failed"), "{summary}\n{out:?}");
     assert!(passed >= 19, "only {passed} checks ran\n{out:?}");
+    // ABI version 2's hypercall page, used for every statistics call (guests/selftest/src/pv.rs).
+    for check in HYPERCALL_PAGE_CHECKS {
+        assert!(lines.iter().any(|l| l.starts_with(&format!("selftest: {check} ok"))), "no {check} ok\n{out:?}");
+    }
     let end = out.line("vm name=selftest end ");
     assert_eq!(field(end, "outcome").as_deref(), Some("exited"), "{out:?}");
     assert_eq!(field(end, "status").as_deref(), Some("0"), "{out:?}");
@@ -205,4 +209,116 @@ fn bad_vm_spec_is_refused() {
     assert!(out.line("vm module=3 not started").contains("bad value '0' for key 'cpus' (expected 1-16)"), "{out:?}");
     assert!(out.line("vm module=4 not started").contains("mem=8M is too small for cpus=16"), "{out:?}");
     assert_eq!(out.field("vm name=selftest end", "outcome"), "exited", "{out:?}");
+}
+
+/// The checks of the hypercall page (ABI version 2) every self-test run makes.
+const HYPERCALL_PAGE_CHECKS: [&str; 4] =
+    ["hypercall_page", "hypercall_page_stats", "hypercall_page_stats_mark", "hypercall_page_steal_time"];
+
+/// `mode=pv` checks that run with either `pv=` (after the page checks).
+const PV_CHECKS: [&str; 3] = ["pv_cpuid", "hypercall_page_msr_refuses_bad_values", "stats_bad_arguments"];
+
+/// `mode=pv` checks of the KVM interface (`pv=kvm`).
+const PV_KVM_CHECKS: [&str; 6] = [
+    "kvm_msr_bad_areas",
+    "kvm_msr_reserved_bits",
+    "kvm_hypercalls",
+    "kvmclock",
+    "kvm_steal_time_area",
+    "kvm_pv_eoi_and_poll_control",
+];
+
+/// ABI version 2 and the KVM paravirtual interface on `machine`, whose native hypercall
+/// instruction is `insn`: the self-test's `mode=pv` with `pv=kvm` (2 vCPUs, so the VM has
+/// local APICs and its end reports the PV figures; vCPU 1 is never started) and with
+/// `pv=off`, the default checks under `pv=kvm`, and random hostile operations under `pv=kvm`.
+fn pv_interfaces(machine: Machine, insn: &str) {
+    let out = Boot::new(machine)
+        .guest("selftest=pvk mode=pv pv=kvm cpus=2")
+        .guest("selftest=pvoff mode=pv pv=off")
+        .guest("selftest=kvm pv=kvm")
+        .guest("selftest=hostilekvm hostile=2000 pv=kvm")
+        .run();
+    check_verdict(&out, 4, 0);
+    assert_eq!(out.field("vm name=pvk start ", "pv"), "kvm", "{out:?}");
+    assert_eq!(out.field("vm name=pvoff start ", "pv"), "off", "{out:?}");
+    assert_eq!(out.field("vm name=kvm start ", "pv"), "kvm", "{out:?}");
+
+    let check_pv_vm = |vm: &str, checks: &[&str]| {
+        let lines = out.guest_lines(vm);
+        let failed: Vec<_> = lines.iter().filter(|l| l.contains(" FAIL") || l.contains(" detail: ")).collect();
+        assert!(failed.is_empty(), "{vm}: failing checks: {failed:?}\n{out:?}");
+        for check in checks {
+            let ok = format!("selftest: {check} ok");
+            assert!(lines.iter().any(|l| *l == ok || l.starts_with(&format!("{ok} "))), "{vm}: no `{ok}`\n{out:?}");
+        }
+        let summary = format!("selftest: {} passed, 0 failed", checks.len());
+        assert!(lines.contains(&summary.as_str()), "{vm}: no `{summary}`\n{out:?}");
+        let end = out.line(&format!("vm name={vm} end "));
+        assert_eq!(field(end, "outcome").as_deref(), Some("exited"), "{out:?}");
+        assert_eq!(field(end, "status").as_deref(), Some("0"), "{out:?}");
+        lines
+    };
+    let kvm_checks: Vec<&str> = HYPERCALL_PAGE_CHECKS.iter().chain(&PV_CHECKS).chain(&PV_KVM_CHECKS).copied().collect();
+    let off_checks: Vec<&str> =
+        HYPERCALL_PAGE_CHECKS.iter().chain(&PV_CHECKS).chain(&["kvm_interface_absent"]).copied().collect();
+    let pvk = check_pv_vm("pvk", &kvm_checks);
+    check_pv_vm("pvoff", &off_checks);
+
+    // The page holds this CPU's own instruction; the statistics header is complete.
+    let page = pvk.iter().find(|l| l.starts_with("selftest: hypercall_page ok ")).unwrap();
+    assert_eq!(field(page, "insn").as_deref(), Some(insn), "{out:?}");
+    assert_eq!(field(page, "msr").as_deref(), Some("0x400000f0"), "{out:?}");
+    assert_eq!(field(page, "stubs").as_deref(), Some("128"), "{out:?}");
+    let stats = pvk.iter().find(|l| l.starts_with("selftest: hypercall_page_stats ok ")).unwrap();
+    assert_eq!(field(stats, "kinds").as_deref(), Some("19"), "{out:?}");
+    assert_eq!(field(stats, "vm_vcpus").as_deref(), Some("2"), "{out:?}");
+    let clock = pvk.iter().find(|l| l.starts_with("selftest: kvmclock ok ")).unwrap();
+    assert_ne!(field(clock, "mul").as_deref(), Some("0x0"), "{out:?}");
+    assert!(
+        pvk.iter().any(|l| l.starts_with("selftest: kvm_hypercall_cpl3 not applicable")),
+        "the CPL 3 case says why it is skipped\n{out:?}"
+    );
+
+    // What the pv=kvm VM left registered and did, as Vireo reports it at the VM's end.
+    let pv0 = out.line("vm name=pvk pv vcpu=0 ");
+    for (key, want) in [
+        ("mode", "kvm"),
+        ("kvmclock", "on"),
+        ("steal_time", "on"),
+        ("pv_eoi", "on"),
+        ("kicks", "1"),
+        ("pv_ipis", "3"),
+        ("pv_ipi_targets", "2"),
+        ("yields", "2"),
+    ] {
+        assert_eq!(field(pv0, key).as_deref(), Some(want), "{key}\n{out:?}");
+    }
+    let pv1 = out.line("vm name=pvk pv vcpu=1 ");
+    assert_eq!(field(pv1, "kvmclock").as_deref(), Some("off"), "{out:?}");
+    assert!(out.lines("vm name=pvoff pv ").is_empty(), "a 1-vCPU test guest has no local APIC\n{out:?}");
+
+    // The default checks pass under pv=kvm too, and random hostile operations get their answers.
+    let kvm = out.guest_lines("kvm");
+    assert!(kvm.iter().any(|l| l.ends_with(" passed, 0 failed")), "{out:?}");
+    assert!(!kvm.iter().any(|l| l.contains(" FAIL")), "{out:?}");
+    let hostile = out.guest_lines("hostilekvm").into_iter().find(|l| l.contains("hostile operations=")).unwrap();
+    assert_eq!(field(hostile, "operations").as_deref(), Some("2000"), "{out:?}");
+    assert_eq!(field(hostile, "wrong").as_deref(), Some("0"), "{out:?}");
+    assert!(out.lines("crash").is_empty(), "{out:?}");
+}
+
+#[test]
+fn pv_interfaces_qemu_tcg_svm() {
+    pv_interfaces(Machine::QemuSvm, "vmmcall");
+}
+
+#[test]
+fn pv_interfaces_bochs_vmx() {
+    pv_interfaces(Machine::BochsVmx, "vmcall");
+}
+
+#[test]
+fn pv_interfaces_bochs_svm() {
+    pv_interfaces(Machine::BochsSvm, "vmmcall");
 }
