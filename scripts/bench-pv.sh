@@ -374,6 +374,18 @@ def exits(manifest):
                 show(rates.get((mode, kind, "eoi_exits"), [])), show(rates.get((mode, kind, "pv_eois"), []))))
         r, txt = ratio(rates.get(("off", kind, "exits"), []), rates.get(("kvm", kind, "exits"), []))
         print("   %-5s exits/s off/kvm: %s" % (kind, txt))
+        if kind == "timer":
+            # The guests do not manage the same wake-ups per second: per wake-up too.
+            per = {}
+            for mode in ("kvm", "off"):
+                for (m, k, rep), d in by.items():
+                    b = by.get((m, "base", rep))
+                    if m == mode and k == "timer" and b and d.get("wakeups_per_s") and d["phases"].get("timer"):
+                        per.setdefault(mode, []).append((d["exits"] - b["exits"]) / (d["wakeups_per_s"] * d["phases"]["timer"]))
+                print("   timer pv=%-3s wake-ups/s %s   exits per wake-up %s" % (
+                    mode, show([d["wakeups_per_s"] for (m, k, _), d in by.items() if m == mode and k == "timer"]),
+                    show(per.get(mode, []))))
+            SUMMARY.append(("timer exits per wake-up", fmt(stats(per.get("kvm", []))[0]), fmt(stats(per.get("off", []))[0]), ""))
         SUMMARY.append(("%s exits/s (pv=kvm | pv=off)" % kind,
                         fmt(stats(rates.get(("kvm", kind, "exits"), []))[0]),
                         fmt(stats(rates.get(("off", kind, "exits"), []))[0]), "off/kvm %s" % (fmt(r) if r else "n/a")))
