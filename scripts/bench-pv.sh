@@ -484,9 +484,9 @@ run_one() {
         printf '   %-5s pv=%-3s run %d (%s s): %s\n' "$kind" "$mode" "$rep" "$(tail -n 1 "$WORK/durations")" "$line"
     else
         printf '   %-5s pv=%-3s run %d: %s (run-qemu status %s)\n' "$kind" "$mode" "$rep" "$line" "$BOOT_RC"
-        note "  serial evidence (last relevant lines of $log):"
-        serial_clean "$log" | grep -aE 'bench-pv|vireo: vm name=linux (end|vcpu|last-exit)|exit status|Kernel panic|BUG|stuck' |
-            tail -n 8 | sed 's/^/    /' >&2 || true
+        cp "$log" "$OUTDIR/failed-$part-$kind-$mode-$rep.log" 2>/dev/null || true
+        note "  serial log kept in $OUTDIR/failed-$part-$kind-$mode-$rep.log; its last lines:"
+        serial_clean "$log" | grep -av '^[[:space:]]*$' | tail -n 12 | sed 's/^/    /' >&2 || true
         FAILED=1
     fi
 }
