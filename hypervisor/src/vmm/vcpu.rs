@@ -598,7 +598,10 @@ impl Vcpu {
                 return self.reflect(cpu, VECTOR_UD, None);
             }
             ExitKind::Exception { vector, error_code } => return self.reflect(cpu, vector, error_code),
-            ExitKind::TripleFault => return Flow::Stop(VmOutcome::TripleFault { vcpu: self.index }),
+            ExitKind::TripleFault => {
+                self.report_fault_state(vm, cpu, exit);
+                return Flow::Stop(VmOutcome::TripleFault { vcpu: self.index });
+            }
             // A host interrupt (timer, kick) or NMI: the exit itself was all that was needed.
             // A host interrupt: the hardware acknowledged it (VMX), so it is handled here;
             // one still pending in the APIC (SVM) is taken before the next entry.
@@ -621,6 +624,31 @@ impl Vcpu {
             ExitKind::Unhandled => return Flow::Stop(VmOutcome::Fatal { reason: "exit Vireo does not handle" }),
         }
         Flow::Continue
+    }
+
+    /// For a guest that shut down: its control registers, and whether its own page tables,
+    /// read from its RAM, map the RIP it died at (if they do, the CPU saw something else
+    /// than what is in memory; if not, the tables or CR3 are what broke).
+    fn report_fault_state<B: Backend>(&self, vm: &Vm, cpu: &B, exit: &Exit) {
+        let paging = GuestPaging { cr0: cpu.cr0(), cr3: cpu.cr3(), cr4: cpu.cr4(), efer: cpu.efer() };
+        let walk = walk::translate(&vm.mem, paging, exit.rip);
+        let cs = cpu.segment(SegReg::Cs);
+        let tr = cpu.segment(SegReg::Tr);
+        crate::report!(
+            "vm name={} fault-state vcpu={} rip={:#x} cr0={:#x} cr3={:#x} cr4={:#x} efer={:#x} rflags={:#x} cpl={} cs={:#x} tr_base={:#x} rip_walk={:?}",
+            vm.name,
+            self.index,
+            exit.rip,
+            paging.cr0,
+            paging.cr3,
+            paging.cr4,
+            paging.efer,
+            cpu.rflags(),
+            cpu.cpl(),
+            cs.selector,
+            tr.base,
+            walk
+        );
     }
 
     /// Delivers an intercepted exception to the guest. If the exit interrupted the delivery
