@@ -774,6 +774,27 @@ impl<F: EntryFormat> PageTables<F> {
         }
     }
 
+    /// The physical address of the leaf entry that maps `virt` (the 8-byte slot in its
+    /// table), or `None` if `virt` is unmapped. For a caller that toggles a leaf in place
+    /// (lazily populated guest memory) through its own pointer to the table.
+    pub fn leaf_slot<M: PageTableMemory + ?Sized>(&self, mem: &mut M, virt: u64) -> Option<u64> {
+        check_input_range::<F>(virt, 1).ok()?;
+        let mut table = self.root;
+        let mut level = ROOT_LEVEL;
+        loop {
+            let idx = index(virt, level);
+            let entry = mem.table(table)[idx];
+            if !F::is_present(entry) {
+                return None;
+            }
+            if PageSize::from_level(level).is_some() && (level == 1 || F::is_large(entry)) {
+                return Some(table + idx as u64 * 8);
+            }
+            table = F::table_address(entry);
+            level -= 1;
+        }
+    }
+
     /// The lowest mapped address in `[virt, virt + size)` (already validated).
     fn first_mapped<M: PageTableMemory + ?Sized>(&self, mem: &mut M, virt: u64, size: u64) -> Option<u64> {
         let last = virt + (size - 1);

@@ -859,6 +859,11 @@ impl Vcpu {
     /// PC bus does), after decoding the instruction.
     fn mmio_access<B: Backend>(&mut self, vm: &Vm, cpu: &mut B, access: NptAccess, exit: &Exit) -> Flow {
         if vm.mem.contains(access.gpa, 1) {
+            // First touch of a lazily populated chunk of RAM: zero and map it, then let the
+            // guest retry the access (or the event delivery the backend re-queued).
+            if vm.mem.populate_at(access.gpa) && vm.mem.host_addr_populated(access.gpa) {
+                return Flow::Continue;
+            }
             return Flow::Stop(VmOutcome::Fatal { reason: "nested page fault inside guest RAM" });
         }
         if access.fetch {
