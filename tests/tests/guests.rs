@@ -46,6 +46,11 @@ fn check_selftest(out: &Outcome) {
     for check in HYPERCALL_PAGE_CHECKS {
         assert!(lines.iter().any(|l| l.starts_with(&format!("selftest: {check} ok"))), "no {check} ok\n{out:?}");
     }
+    // Lazily populated RAM the guest never wrote reads as zeros (every chunk probed).
+    assert!(lines.contains(&"selftest: ram_untouched_reads_zero ok"), "{out:?}");
+    let probe = lines.iter().find(|l| l.starts_with("selftest: ram_untouched ")).expect("ram_untouched line");
+    assert!(field(probe, "chunks").unwrap().parse::<u64>().unwrap() > 0, "{probe}\n{out:?}");
+    assert_eq!(field(probe, "nonzero_words").as_deref(), Some("0"), "{probe}\n{out:?}");
     let end = out.line("vm name=selftest end ");
     assert_eq!(field(end, "outcome").as_deref(), Some("exited"), "{out:?}");
     assert_eq!(field(end, "status").as_deref(), Some("0"), "{out:?}");

@@ -172,7 +172,8 @@ impl GuestMemory {
     /// Whether the chunk of `gpa` is populated (a nested page fault on a populated chunk is a
     /// real fault: the tables were not supposed to refuse it).
     pub fn host_addr_populated(&self, gpa: u64) -> bool {
-        self.contains(gpa, 1) && self.chunk_state[(gpa / LARGE_PAGE_SIZE) as usize].load(Ordering::Acquire) == CHUNK_READY
+        self.contains(gpa, 1)
+            && self.chunk_state[(gpa / LARGE_PAGE_SIZE) as usize].load(Ordering::Acquire) == CHUNK_READY
     }
 
     /// How many chunks have been populated so far (for reports and tests).
