@@ -320,6 +320,12 @@ impl Vm {
             }
             o => report!("vm name={name} end outcome={} exits={}", o.name(), total.count),
         }
+        // RAM is populated on first touch (2 MiB chunks): how much the guest ever touched.
+        report!(
+            "vm name={name} memory ram_mib={} touched_mib={}",
+            self.mem.size() >> 20,
+            (self.mem.populated_chunks() as u64 * crate::mm::LARGE_PAGE_SIZE) >> 20
+        );
         for (class, s) in stats.nonzero() {
             report!(
                 "vm name={name} exit reason={class} count={} cycles={} avg_cycles={}",
