@@ -12,7 +12,7 @@ use crate::{
     mm::{FrameAllocator, PAGE_SIZE},
     vmm::{
         backend::{Backend, BackendError},
-        exit::{Event, Exit, ExitEvents, ExitKind},
+        exit::{Event, Exit, ExitEvents, ExitKind, HypercallInsn},
         regs::GuestRegs,
         state::{
             CpuState, DescriptorTable, SegAttr, SegReg, Segment, CR0_PE, CR0_PG, EFER_LMA, EFER_LME, EFER_SVME,
@@ -358,6 +358,56 @@ impl SvmVcpu {
         v.control.v_intr = e.v_intr;
         v.control.interrupt_shadow = e.interrupt_shadow;
     }
+
+    /// Everything after a VMRUN that returned (`tsc`: when): restores and explains a
+    /// refused entry, decodes an exit, re-queues an interrupted event. `entry`: the guest
+    /// state before the VMRUN.
+    fn complete_exit(&mut self, regs: &mut GuestRegs, entry: &EntrySnapshot, tsc: u64) -> Exit {
+        let injected = core::mem::replace(&mut self.injected, 0);
+        let nrip = self.caps.nrip;
+        let v = self.vmcb_mut();
+        let exitcode = decode::normalize(v.control.exitcode);
+        if exitcode == code::INVALID {
+            // Nothing ran: the queued event and TLB flush still stand. Put back the guest
+            // state a CPU may have overwritten, then name the check that failed.
+            self.restore(&entry, regs);
+            self.injected = injected;
+            let reason = check::explain_invalid(self.vmcb());
+            return Exit {
+                kind: ExitKind::EntryFailed { reason, code: exitcode },
+                rip: entry.rip,
+                next_rip: entry.rip,
+                raw: exitcode,
+                tsc,
+                events: Default::default(),
+            };
+        }
+        regs.rax = v.save.rax;
+        regs.rsp = v.save.rsp;
+        let raw = RawExit {
+            code: exitcode,
+            info1: v.control.exitinfo1,
+            info2: v.control.exitinfo2,
+            rip: v.save.rip,
+            nrip: nrip.then_some(v.control.next_rip),
+        };
+        let (kind, next_rip) = decode::decode(&raw);
+        let v = self.vmcb_mut();
+        // The injected event was delivered, or its delivery was interrupted and
+        // EXITINTINFO says so (§15.7.2): retry it at the next entry.
+        v.control.eventinj = 0;
+        let info = v.control.exitintinfo;
+        let events = ExitEvents {
+            injected: Event::decode(injected as u32, (injected >> 32) as u32),
+            interrupted: Event::decode(info as u32, (info >> 32) as u32),
+        };
+        if let Some(again) = event::requeue(info, injected) {
+            v.control.eventinj = again;
+            self.injected = again;
+        }
+        self.tlb_next = tlb_control::DO_NOTHING;
+        Exit { kind, rip: raw.rip, next_rip, raw: exitcode, tsc, events }
+    }
 }
 
 impl Backend for SvmVcpu {
@@ -442,50 +492,47 @@ impl Backend for SvmVcpu {
         // this vCPU and were initialized by `new`; the caller built the nested page tables
         // at N_CR3; no reference into the VMCB is live across the call.
         let tsc = unsafe { run::world_switch(self.vmcb_pa, regs, host_save) };
-        let injected = core::mem::replace(&mut self.injected, 0);
+        self.complete_exit(regs, &entry, tsc)
+    }
+
+    fn run_floor(&mut self, regs: &mut GuestRegs, max: u32) -> Exit {
+        use guest_abi::hypercall::nr::PING;
+        let mut exit = self.run(regs);
+        // Only a PING the core would see with nothing else to report (no event delivered,
+        // none interrupted, none queued) is answered here.
+        if exit.kind != ExitKind::Hypercall(HypercallInsn::Vmmcall)
+            || regs.rax != PING
+            || self.injected != 0
+            || exit.events != ExitEvents::default()
+        {
+            return exit;
+        }
+        let host_save = percpu::current().svm_host_save();
         let nrip = self.caps.nrip;
-        let v = self.vmcb_mut();
-        let exitcode = decode::normalize(v.control.exitcode);
-        if exitcode == code::INVALID {
-            // Nothing ran: the queued event and TLB flush still stand. Put back the guest
-            // state a CPU may have overwritten, then name the check that failed.
-            self.restore(&entry, regs);
-            self.injected = injected;
-            let reason = check::explain_invalid(self.vmcb());
-            return Exit {
-                kind: ExitKind::EntryFailed { reason, code: exitcode },
-                rip: entry.rip,
-                next_rip: entry.rip,
-                raw: exitcode,
-                tsc,
-                events: Default::default(),
-            };
+        let mut entry = self.snapshot();
+        for _ in 0..max {
+            regs.rax = regs.rbx.wrapping_add(1);
+            let v = self.vmcb_mut();
+            v.save.rip = exit.next_rip;
+            v.save.rax = regs.rax;
+            v.control.interrupt_shadow &= !INTERRUPT_SHADOW;
+            v.control.tlb_control = tlb_control::DO_NOTHING;
+            v.control.vmcb_clean = 0;
+            (entry.rip, entry.interrupt_shadow, entry.eventinj) = (exit.next_rip, v.control.interrupt_shadow, 0);
+            // SAFETY: as in `run`, whose entry on this CPU just exited.
+            let tsc = unsafe { run::world_switch(self.vmcb_pa, regs, host_save) };
+            let v = self.vmcb();
+            if decode::normalize(v.control.exitcode) != code::VMMCALL || v.save.rax != PING {
+                return self.complete_exit(regs, &entry, tsc);
+            }
+            exit.rip = v.save.rip;
+            exit.next_rip = if nrip { v.control.next_rip } else { exit.rip.wrapping_add(decode::insn_len::VMMCALL) };
+            exit.tsc = tsc;
         }
-        regs.rax = v.save.rax;
-        regs.rsp = v.save.rsp;
-        let raw = RawExit {
-            code: exitcode,
-            info1: v.control.exitinfo1,
-            info2: v.control.exitinfo2,
-            rip: v.save.rip,
-            nrip: nrip.then_some(v.control.next_rip),
-        };
-        let (kind, next_rip) = decode::decode(&raw);
-        let v = self.vmcb_mut();
-        // The injected event was delivered, or its delivery was interrupted and
-        // EXITINTINFO says so (§15.7.2): retry it at the next entry.
-        v.control.eventinj = 0;
-        let info = v.control.exitintinfo;
-        let events = ExitEvents {
-            injected: Event::decode(injected as u32, (injected >> 32) as u32),
-            interrupted: Event::decode(info as u32, (info >> 32) as u32),
-        };
-        if let Some(again) = event::requeue(info, injected) {
-            v.control.eventinj = again;
-            self.injected = again;
-        }
-        self.tlb_next = tlb_control::DO_NOTHING;
-        Exit { kind, rip: raw.rip, next_rip, raw: exitcode, tsc, events }
+        // The last PING goes to the core.
+        let v = self.vmcb();
+        (regs.rax, regs.rsp) = (v.save.rax, v.save.rsp);
+        exit
     }
 
     fn rip(&self) -> u64 {
