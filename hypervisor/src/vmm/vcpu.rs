@@ -757,7 +757,8 @@ impl Vcpu {
         let t = |v: u64| if long { v } else { v & 0xFFFF_FFFF };
         let r = self.regs;
         let (number, args) = (t(r.rax), [t(r.rbx), t(r.rcx), t(r.rdx), t(r.rsi)]);
-        if let Some(call) = pv::kvm::hypercall(&vm.pv, number, args, cpu.cpl(), vm.vcpus.len()) {
+        let cpl = cpu.cpl();
+        if let Some(call) = pv::kvm::hypercall(&vm.pv, number, args, cpl, vm.vcpus.len()) {
             let c = &vm.counters[self.index].pv;
             let (ret, flow) = match call {
                 pv::kvm::Hypercall::Return(v) => (v, Flow::Continue),
@@ -792,7 +793,7 @@ impl Vcpu {
             features: cpuid::vireo_features(vm.pv.kvm()),
             console: &mut out,
         };
-        match hypercall::handle(number, args, cpu.cpl(), &mut cx) {
+        match hypercall::handle(number, args, cpl, &mut cx) {
             hypercall::Outcome::Return(v) => {
                 self.regs.rax = t(v as u64);
                 cpu.set_rip(next_rip);
