@@ -88,36 +88,6 @@ fn scale(v: u64, mul: u64, div: u64) -> u64 {
     }
 }
 
-#[cfg(test)]
-mod scale_tests {
-    use super::scale;
-
-    fn reference(v: u64, mul: u64, div: u64) -> u64 {
-        ((v as u128 * mul as u128) / div as u128).min(u64::MAX as u128) as u64
-    }
-
-    #[test]
-    fn scale_is_the_128_bit_formula() {
-        let mut x = 0x9E37_79B9_7F4A_7C15u64;
-        let rates = [1, 999, 1_000_000_000, 1_000_000_007, 2_400_000_000, 3_000_000_000, 20_000_000_000, u64::MAX];
-        for &hz in &rates {
-            for v in [0, 1, hz.wrapping_sub(1), hz, hz.wrapping_add(1), u64::MAX, u64::MAX / 1_000_000_000] {
-                assert_eq!(scale(v, 1_000_000_000, hz), reference(v, 1_000_000_000, hz), "to_nanos({v}) at {hz}");
-                assert_eq!(scale(v, hz, 1_000_000_000), reference(v, hz, 1_000_000_000), "from_nanos({v}) at {hz}");
-            }
-            for _ in 0..2000 {
-                x ^= x << 13;
-                x ^= x >> 7;
-                x ^= x << 17;
-                for v in [x, x >> 20, x >> 40] {
-                    assert_eq!(scale(v, 1_000_000_000, hz), reference(v, 1_000_000_000, hz));
-                    assert_eq!(scale(v, hz, 1_000_000_000), reference(v, hz, 1_000_000_000));
-                }
-            }
-        }
-    }
-}
-
 /// TSC readings seen going backwards between two CPUs (a "warp") during the boot checks.
 static WARPS: AtomicU64 = AtomicU64::new(0);
 /// The latest TSC reading any CPU published during a check.
@@ -188,4 +158,34 @@ pub fn synchronized() -> bool {
 /// (pairwise checks run, warps seen), for the boot report.
 pub fn sync_figures() -> (u64, u64) {
     (CHECKS.load(Ordering::Relaxed), WARPS.load(Ordering::Relaxed))
+}
+
+#[cfg(test)]
+mod scale_tests {
+    use super::scale;
+
+    fn reference(v: u64, mul: u64, div: u64) -> u64 {
+        ((v as u128 * mul as u128) / div as u128).min(u64::MAX as u128) as u64
+    }
+
+    #[test]
+    fn scale_is_the_128_bit_formula() {
+        let mut x = 0x9E37_79B9_7F4A_7C15u64;
+        let rates = [1, 999, 1_000_000_000, 1_000_000_007, 2_400_000_000, 3_000_000_000, 20_000_000_000, u64::MAX];
+        for &hz in &rates {
+            for v in [0, 1, hz.wrapping_sub(1), hz, hz.wrapping_add(1), u64::MAX, u64::MAX / 1_000_000_000] {
+                assert_eq!(scale(v, 1_000_000_000, hz), reference(v, 1_000_000_000, hz), "to_nanos({v}) at {hz}");
+                assert_eq!(scale(v, hz, 1_000_000_000), reference(v, hz, 1_000_000_000), "from_nanos({v}) at {hz}");
+            }
+            for _ in 0..2000 {
+                x ^= x << 13;
+                x ^= x >> 7;
+                x ^= x << 17;
+                for v in [x, x >> 20, x >> 40] {
+                    assert_eq!(scale(v, 1_000_000_000, hz), reference(v, 1_000_000_000, hz));
+                    assert_eq!(scale(v, hz, 1_000_000_000), reference(v, hz, 1_000_000_000));
+                }
+            }
+        }
+    }
 }
