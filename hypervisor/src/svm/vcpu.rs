@@ -365,8 +365,7 @@ impl SvmVcpu {
 
     /// VMCB_CLEAN for the entry about to happen on this CPU; from now on the VMCB counts as
     /// last run here, with nothing changed since.
-    fn clean_for_entry(&mut self) -> u32 {
-        let cpu = percpu::current().index();
+    fn clean_for_entry(&mut self, cpu: usize) -> u32 {
         let last = last_vmcb(cpu);
         let same_place = self.last_cpu == cpu && last.load(Ordering::Relaxed) == self.vmcb_pa;
         let bits = clean::for_entry(self.caps.vmcb_clean, same_place, self.dirty);
@@ -524,7 +523,8 @@ impl Backend for SvmVcpu {
     }
 
     fn run(&mut self, regs: &mut GuestRegs) -> Exit {
-        let host_save = percpu::current().svm_host_save();
+        let this_cpu = percpu::current();
+        let host_save = this_cpu.svm_host_save();
         if host_save == 0 {
             let rip = self.rip();
             return Exit {
@@ -540,7 +540,7 @@ impl Backend for SvmVcpu {
             };
         }
         let tlb = self.tlb_next;
-        let clean = self.clean_for_entry();
+        let clean = self.clean_for_entry(this_cpu.index());
         let v = self.vmcb_areas(0);
         v.save.rax = regs.rax;
         v.save.rsp = regs.rsp;

@@ -165,7 +165,7 @@ impl Vcpu {
             if vm.ended() {
                 break SliceEnd::VmEnded;
             }
-            if self.take_apic_events(vm) {
+            if vm.irq.has_lapics() && self.take_apic_events(vm) {
                 // INIT: the vCPU waits for SIPI (its new state is loaded then).
                 break SliceEnd::Blocked;
             }
@@ -185,11 +185,15 @@ impl Vcpu {
                 break SliceEnd::Preempted;
             }
             self.arm_host_timer(vm, cpu, slice_end);
-            self.pv_eoi_offer(vm);
+            if self.pv.pv_eoi().is_some() {
+                self.pv_eoi_offer(vm);
+            }
             // The policy of floor mode (a measuring mode, `floor=on`): the backend answers
             // PING hypercalls in its entry loop; everything else comes back here.
             let exit = if vm.floor { cpu.run_floor(&mut self.regs, FLOOR_BATCH) } else { cpu.run(&mut self.regs) };
-            self.pv_eoi_check(vm);
+            if self.pv.eoi_offered.is_some() {
+                self.pv_eoi_check(vm);
+            }
             self.history[self.history_next] = Some(exit);
             self.history_next = (self.history_next + 1) % HISTORY;
             let flow = match vm.deadline {
