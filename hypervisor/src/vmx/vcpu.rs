@@ -285,6 +285,20 @@ impl VmxVcpu {
         }
     }
 
+    /// VMREAD from this vCPU's VMCS, which the caller made current since the last time
+    /// another VMCS could have been (the exit path: `run` made it current before entering,
+    /// and VM exits leave it so).
+    fn read_cur<F: VmcsField>(&self, field: F) -> F::Value {
+        // SAFETY: VMX root operation with our VMCS current (the caller's promise).
+        match unsafe { instr::vmread(field) } {
+            Ok(v) => v,
+            Err(e) => {
+                log::error!("vmx: VMREAD {field:?}: {e}");
+                vmx_bug("VMREAD", e)
+            }
+        }
+    }
+
     /// VMREAD from this vCPU's VMCS (made current first).
     fn read<F: VmcsField>(&self, field: F) -> F::Value {
         self.current();
@@ -628,30 +642,30 @@ impl VmxVcpu {
     /// needs, decodes it and emulates what the backend emulates itself. `injected`: the
     /// event queued at the entry.
     fn complete_exit(&mut self, regs: &mut GuestRegs, tsc: u64, injected: Option<Event>) -> Exit {
-        let mut raw = RawExit { reason: self.read(Field32::ExitReason), ..RawExit::default() };
+        let mut raw = RawExit { reason: self.read_cur(Field32::ExitReason), ..RawExit::default() };
         let basic = raw.basic();
         if !raw.entry_failed() {
             self.launched = true;
         }
-        regs.rsp = self.read(FieldNat::GuestRsp);
+        regs.rsp = self.read_cur(FieldNat::GuestRsp);
         self.rsp_cache = regs.rsp;
-        raw.rip = self.read(FieldNat::GuestRip);
+        raw.rip = self.read_cur(FieldNat::GuestRip);
         if decode::is_instruction_exit(basic) {
-            raw.instr_len = self.read(Field32::VmExitInstructionLength);
+            raw.instr_len = self.read_cur(Field32::VmExitInstructionLength);
         }
         if matches!(basic, reason::SIPI | reason::CR_ACCESS | reason::IO | reason::EPT_VIOLATION) {
-            raw.qualification = self.read(FieldNat::ExitQualification);
+            raw.qualification = self.read_cur(FieldNat::ExitQualification);
         }
         if decode::needs_intr_info(basic) {
-            raw.intr_info = self.read(Field32::VmExitInterruptionInfo);
+            raw.intr_info = self.read_cur(Field32::VmExitInterruptionInfo);
             if raw.intr_info & intr::ERROR_CODE_VALID != 0 {
-                raw.intr_error = self.read(Field32::VmExitInterruptionErrorCode);
+                raw.intr_error = self.read_cur(Field32::VmExitInterruptionErrorCode);
             }
         }
         if decode::needs_gpa(basic) {
-            raw.gpa = self.read(Field64::GuestPhysicalAddress);
+            raw.gpa = self.read_cur(Field64::GuestPhysicalAddress);
             if basic == reason::EPT_VIOLATION && raw.qualification & (1 << 7) != 0 {
-                raw.gla = self.read(FieldNat::GuestLinearAddress);
+                raw.gla = self.read_cur(FieldNat::GuestLinearAddress);
             }
         }
 
@@ -827,15 +841,15 @@ impl Backend for VmxVcpu {
             if entered != Entered::Exited {
                 return self.entry_instruction_failed(entered, tsc);
             }
-            if self.read(Field32::ExitReason) != u32::from(reason::VMCALL) || regs.rax != PING {
+            if self.read_cur(Field32::ExitReason) != u32::from(reason::VMCALL) || regs.rax != PING {
                 return self.complete_exit(regs, tsc, None);
             }
-            exit.rip = self.read(FieldNat::GuestRip);
-            exit.next_rip = exit.rip.wrapping_add(self.read(Field32::VmExitInstructionLength) as u64);
+            exit.rip = self.read_cur(FieldNat::GuestRip);
+            exit.next_rip = exit.rip.wrapping_add(self.read_cur(Field32::VmExitInstructionLength) as u64);
             exit.tsc = tsc;
         }
         // The last PING goes to the core. GUEST_RSP may have moved meanwhile.
-        regs.rsp = self.read(FieldNat::GuestRsp);
+        regs.rsp = self.read_cur(FieldNat::GuestRsp);
         self.rsp_cache = regs.rsp;
         exit
     }
