@@ -225,6 +225,7 @@ fn register(cpu: &'static PerCpu) {
 
 /// This CPU's block, once [`init_bsp`] ran (on APs, from their first Rust instruction).
 #[cfg(target_os = "none")]
+#[inline]
 pub fn try_current() -> Option<&'static PerCpu> {
     if !GS_READY.load(Ordering::Acquire) {
         return None;
@@ -262,6 +263,7 @@ pub fn try_current() -> Option<&'static PerCpu> {
 ///
 /// # Panics
 /// Before [`init_bsp`] (only the first instructions of `kernel_main` run then).
+#[inline]
 pub fn current() -> &'static PerCpu {
     try_current().expect("percpu::current() before percpu::init_bsp()")
 }

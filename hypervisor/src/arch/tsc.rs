@@ -63,14 +63,28 @@ pub fn hz() -> u64 {
 
 /// TSC ticks in `ns` nanoseconds (saturating).
 pub fn from_nanos(ns: u64) -> u64 {
-    ((ns as u128 * hz() as u128) / 1_000_000_000).min(u64::MAX as u128) as u64
+    scale(ns, hz(), 1_000_000_000)
 }
 
 /// Nanoseconds in `ticks` TSC ticks.
 pub fn to_nanos(ticks: u64) -> u64 {
     match hz() {
         0 => 0,
-        hz => ((ticks as u128 * 1_000_000_000) / hz as u128).min(u64::MAX as u128) as u64,
+        hz => scale(ticks, 1_000_000_000, hz),
+    }
+}
+
+/// `floor(v * mul / div)`, saturated to u64 (`div` > 0). Split as
+/// `(v / div) * mul + (v % div) * mul / div`, which is exact, in 64-bit arithmetic when
+/// `(div - 1) * mul` fits: a 128-bit division is a library call on the exit path (vm.now()
+/// runs at every exit), while these are single instructions.
+fn scale(v: u64, mul: u64, div: u64) -> u64 {
+    match (div - 1).checked_mul(mul) {
+        Some(_) => {
+            let (q, r) = (v / div, v % div);
+            q.saturating_mul(mul).saturating_add(r * mul / div)
+        }
+        None => ((v as u128 * mul as u128) / div as u128).min(u64::MAX as u128) as u64,
     }
 }
 
@@ -144,4 +158,34 @@ pub fn synchronized() -> bool {
 /// (pairwise checks run, warps seen), for the boot report.
 pub fn sync_figures() -> (u64, u64) {
     (CHECKS.load(Ordering::Relaxed), WARPS.load(Ordering::Relaxed))
+}
+
+#[cfg(test)]
+mod scale_tests {
+    use super::scale;
+
+    fn reference(v: u64, mul: u64, div: u64) -> u64 {
+        ((v as u128 * mul as u128) / div as u128).min(u64::MAX as u128) as u64
+    }
+
+    #[test]
+    fn scale_is_the_128_bit_formula() {
+        let mut x = 0x9E37_79B9_7F4A_7C15u64;
+        let rates = [1, 999, 1_000_000_000, 1_000_000_007, 2_400_000_000, 3_000_000_000, 20_000_000_000, u64::MAX];
+        for &hz in &rates {
+            for v in [0, 1, hz.wrapping_sub(1), hz, hz.wrapping_add(1), u64::MAX, u64::MAX / 1_000_000_000] {
+                assert_eq!(scale(v, 1_000_000_000, hz), reference(v, 1_000_000_000, hz), "to_nanos({v}) at {hz}");
+                assert_eq!(scale(v, hz, 1_000_000_000), reference(v, hz, 1_000_000_000), "from_nanos({v}) at {hz}");
+            }
+            for _ in 0..2000 {
+                x ^= x << 13;
+                x ^= x >> 7;
+                x ^= x << 17;
+                for v in [x, x >> 20, x >> 40] {
+                    assert_eq!(scale(v, 1_000_000_000, hz), reference(v, 1_000_000_000, hz));
+                    assert_eq!(scale(v, hz, 1_000_000_000), reference(v, hz, 1_000_000_000));
+                }
+            }
+        }
+    }
 }

@@ -7,7 +7,7 @@ use super::{
     check, event,
     run::sim,
     vcpu::{base_intercepts_misc1, base_intercepts_misc2},
-    vmcb::{tlb_control, vintr, InterceptMisc1, InterceptMisc2, Vmcb, INTERRUPT_SHADOW, NP_ENABLE},
+    vmcb::{clean, tlb_control, vintr, InterceptMisc1, InterceptMisc2, Vmcb, INTERRUPT_SHADOW, NP_ENABLE},
     SvmVcpu,
 };
 use crate::{
@@ -371,4 +371,126 @@ fn vmexit_invalid_names_the_check_despite_overwritten_state() {
     let exit = v.run(&mut regs);
     assert!(matches!(exit.kind, ExitKind::EntryFailed { reason, .. } if reason.contains("ASID is 0")));
     assert_eq!((exit.raw, exit.rip), (u64::MAX, 0x40_1000));
+}
+
+#[test]
+fn clean_bits_for_an_entry() {
+    assert_eq!(clean::for_entry(false, true, 0), 0, "a CPU without clean bits");
+    assert_eq!(clean::for_entry(true, false, 0), 0, "another CPU or VMCB since");
+    assert_eq!(clean::for_entry(true, true, 0), clean::TRACKED);
+    assert_eq!(clean::for_entry(true, true, clean::CRX | clean::NP), clean::TRACKED & !(clean::CRX | clean::NP));
+    assert_eq!(clean::for_entry(true, true, clean::ALL), 0);
+    // LBR, AVIC and CET state are never declared clean.
+    assert_eq!(clean::TRACKED, 0x3FF);
+}
+
+/// Runs `v` once (a VMMCALL exit) and returns the VMCB_CLEAN its entry had.
+fn entry_clean_bits(v: &mut SvmVcpu) -> u32 {
+    let mut regs = GuestRegs::default();
+    sim::set(|vmcb, _| {
+        exit_with(0x81, 0, 0, vmcb.save.rip + 3)(vmcb, &mut GuestRegs::default());
+    });
+    v.run(&mut regs);
+    v.vmcb().control.vmcb_clean
+}
+
+#[test]
+fn clean_bits_track_what_the_backend_changed() {
+    enable_for_tests();
+    let with_clean = SvmCaps { vmcb_clean: true, ..caps() };
+    let (mut v, mut frames) = vcpu(&with_clean);
+    assert_eq!(entry_clean_bits(&mut v), 0, "a new VMCB: everything dirty");
+    assert_eq!(entry_clean_bits(&mut v), clean::TRACKED, "nothing changed");
+    // Fields no clean bit covers.
+    v.set_rip(v.rip() + 3);
+    v.set_rflags(RFLAGS_IF);
+    v.inject(Event::Nmi);
+    v.flush_guest_tlb();
+    assert_eq!(entry_clean_bits(&mut v), clean::TRACKED);
+    v.set_efer(EFER_LME | EFER_SVME);
+    assert_eq!(entry_clean_bits(&mut v), clean::TRACKED & !clean::CRX);
+    v.set_pat(0x0007_0406_0007_0406);
+    v.set_cr2(0x1000);
+    assert_eq!(entry_clean_bits(&mut v), clean::TRACKED & !(clean::NP | clean::CR2));
+    v.set_interrupt_window(true);
+    assert_eq!(entry_clean_bits(&mut v), clean::TRACKED & !(clean::TPR | clean::INTERCEPTS));
+    v.set_interrupt_window(false);
+    let e = v.vmcb().control.intercept_exceptions;
+    v.set_exception_intercepts(e);
+    assert_eq!(entry_clean_bits(&mut v), clean::TRACKED & !(clean::TPR | clean::INTERCEPTS));
+    v.set_exception_intercepts(e);
+    assert_eq!(entry_clean_bits(&mut v), clean::TRACKED, "the same intercepts again change nothing");
+    v.set_exception_intercepts(e | 1 << 14);
+    assert_eq!(entry_clean_bits(&mut v), clean::TRACKED & !clean::INTERCEPTS);
+    // Any write through vmcb_mut, or a new state, dirties everything.
+    v.vmcb_mut().save.dr7 = 0x400;
+    assert_eq!(entry_clean_bits(&mut v), 0);
+    v.load_state(&long_mode());
+    assert_eq!(entry_clean_bits(&mut v), 0);
+    assert_eq!(entry_clean_bits(&mut v), clean::TRACKED);
+    // Another VMCB ran on this CPU meanwhile: its state, not ours, may be cached.
+    let mut other = SvmVcpu::new(&mut frames, NPT_ROOT, 2, &with_clean).unwrap();
+    other.load_state(&long_mode());
+    assert_eq!(entry_clean_bits(&mut other), 0);
+    assert_eq!(entry_clean_bits(&mut v), 0);
+    assert_eq!(entry_clean_bits(&mut v), clean::TRACKED);
+    // A refused entry puts state back: everything dirty again.
+    sim::set(|vmcb, _| vmcb.control.exitcode = u64::MAX);
+    let exit = v.run(&mut GuestRegs::default());
+    assert!(matches!(exit.kind, ExitKind::EntryFailed { .. }));
+    assert_eq!(entry_clean_bits(&mut v), 0);
+    // Without clean bits on the CPU, none are ever set.
+    let (mut plain, _f) = vcpu(&caps());
+    for _ in 0..3 {
+        assert_eq!(entry_clean_bits(&mut plain), 0);
+    }
+}
+
+#[test]
+fn run_floor_answers_pings_in_the_backend_and_returns_other_exits() {
+    use guest_abi::hypercall::nr::PING;
+    enable_for_tests();
+    let (mut v, _f) = vcpu(&caps());
+    let start = v.rip();
+    let mut regs = GuestRegs { rax: PING, ..GuestRegs::default() };
+    let seen = std::rc::Rc::new(std::cell::RefCell::new(Vec::new()));
+    let log = seen.clone();
+    let mut n = 0u64;
+    sim::set(move |vmcb, regs| {
+        // What the entry handed the guest: RIP and RAX.
+        log.borrow_mut().push((vmcb.save.rip, vmcb.save.rax));
+        n += 1;
+        let code = if n <= 4 { 0x81 } else { 0x78 }; // VMMCALL, then HLT
+        exit_with(code, 0, 0, 0)(vmcb, regs);
+        vmcb.save.rax = PING;
+        regs.rbx = 10 * n;
+    });
+    let exit = v.run_floor(&mut regs, 100);
+    assert_eq!(exit.kind, ExitKind::Hlt, "the first non-PING exit comes back");
+    let seen = seen.borrow();
+    assert_eq!(seen.len(), 5);
+    for (i, &(rip, rax)) in seen.iter().enumerate().skip(1) {
+        assert_eq!(rip, start + 3 * i as u64, "RIP advanced past VMMCALL");
+        assert_eq!(rax, 10 * i as u64 + 1, "RAX = RBX + 1");
+    }
+    // At most `max` answered: the last PING goes to the core.
+    let mut m = 0;
+    sim::set(move |vmcb, regs| {
+        m += 1;
+        exit_with(0x81, 0, 0, 0)(vmcb, regs);
+        vmcb.save.rax = PING;
+        regs.rbx = m;
+    });
+    let exit = v.run_floor(&mut regs, 2);
+    assert_eq!(exit.kind, ExitKind::Hypercall(HypercallInsn::Vmmcall));
+    assert_eq!(regs.rax, PING);
+    assert_eq!(exit.next_rip, exit.rip + 3);
+    // Anything but PING is the core's at once.
+    sim::set(|vmcb, regs| {
+        exit_with(0x81, 0, 0, 0)(vmcb, regs);
+        vmcb.save.rax = PING + 1;
+    });
+    let exit = v.run_floor(&mut regs, 100);
+    assert_eq!(exit.kind, ExitKind::Hypercall(HypercallInsn::Vmmcall));
+    assert_eq!(regs.rax, PING + 1);
 }

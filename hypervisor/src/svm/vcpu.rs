@@ -5,14 +5,16 @@ use super::{
     check,
     decode::{self, code, RawExit},
     event, run,
-    vmcb::{tlb_control, vintr, InterceptMisc1, InterceptMisc2, Vmcb, VmcbSegment, INTERRUPT_SHADOW, NP_ENABLE},
+    vmcb::{clean, tlb_control, vintr, InterceptMisc1, InterceptMisc2, Vmcb, VmcbSegment, INTERRUPT_SHADOW, NP_ENABLE},
 };
+use core::sync::atomic::{AtomicU64, Ordering};
+
 use crate::{
     arch::{cpu::SvmCaps, msr, percpu},
     mm::{FrameAllocator, PAGE_SIZE},
     vmm::{
         backend::{Backend, BackendError},
-        exit::{Event, Exit, ExitEvents, ExitKind},
+        exit::{Event, Exit, ExitEvents, ExitKind, HypercallInsn},
         regs::GuestRegs,
         state::{
             CpuState, DescriptorTable, SegAttr, SegReg, Segment, CR0_PE, CR0_PG, EFER_LMA, EFER_LME, EFER_SVME,
@@ -143,6 +145,29 @@ pub struct SvmVcpu {
     /// The EVENTINJ value Vireo queued for the next entry (0 = none), to tell its own
     /// injections from events the guest raised when EXITINTINFO reports them.
     injected: u64,
+    /// VMCB areas ([`clean`]) written since the last VMRUN: their clean bits stay clear.
+    dirty: u32,
+    /// The host CPU of the last VMRUN (`usize::MAX`: none yet).
+    last_cpu: usize,
+}
+
+/// Per host CPU: the VMCB of its last VMRUN (a CPU's cached VMCB state is another VMCB's
+/// once that one ran there).
+#[cfg(not(test))]
+static LAST_VMCB: [AtomicU64; percpu::MAX_CPUS] = [const { AtomicU64::new(0) }; percpu::MAX_CPUS];
+
+#[cfg(not(test))]
+fn last_vmcb(cpu: usize) -> &'static AtomicU64 {
+    &LAST_VMCB[cpu % percpu::MAX_CPUS]
+}
+
+/// Host tests: every test thread is a CPU of its own (they all share percpu index 0).
+#[cfg(test)]
+fn last_vmcb(_cpu: usize) -> &'static AtomicU64 {
+    std::thread_local! {
+        static SLOT: &'static AtomicU64 = Box::leak(Box::new(AtomicU64::new(0)));
+    }
+    SLOT.with(|s| *s)
 }
 
 fn to_vmcb(seg: &Segment) -> VmcbSegment {
@@ -228,8 +253,16 @@ impl SvmVcpu {
             bitmap::fill_iopm(&mut *(iopm_pa as *mut [u8; IOPM_SIZE]));
             bitmap::fill_msrpm(&mut *(msrpm_pa as *mut [u8; MSRPM_SIZE]));
         }
-        let mut vcpu =
-            SvmVcpu { vmcb_pa, iopm_pa, msrpm_pa, caps: *caps, tlb_next: tlb_control::FLUSH_ALL, injected: 0 };
+        let mut vcpu = SvmVcpu {
+            vmcb_pa,
+            iopm_pa,
+            msrpm_pa,
+            caps: *caps,
+            tlb_next: tlb_control::FLUSH_ALL,
+            injected: 0,
+            dirty: clean::ALL,
+            last_cpu: usize::MAX,
+        };
         let rdpru = cpu_has_rdpru();
         let v = vcpu.vmcb_mut();
         let c = &mut v.control;
@@ -273,9 +306,24 @@ impl SvmVcpu {
         unsafe { &*(self.vmcb_pa as *const Vmcb) }
     }
 
+    /// The VMCB to change anything in: every area counts as changed (no clean bit at
+    /// the next entry). The backend's own hot paths use [`Self::vmcb_areas`].
     pub fn vmcb_mut(&mut self) -> &mut Vmcb {
+        self.vmcb_areas(clean::ALL)
+    }
+
+    /// The VMCB to change fields of `areas` ([`clean`]) in, and of no other cached area
+    /// (0: only fields no clean bit covers, such as RIP, RSP, RAX, RFLAGS, EVENTINJ,
+    /// TLB_CONTROL and the interrupt shadow).
+    fn vmcb_areas(&mut self, areas: u32) -> &mut Vmcb {
+        self.dirty |= areas;
         // SAFETY: as in `vmcb`; `&mut self` makes this the only reference.
         unsafe { &mut *(self.vmcb_pa as *mut Vmcb) }
+    }
+
+    /// VMCB areas written since the last VMRUN.
+    pub fn dirty_areas(&self) -> u32 {
+        self.dirty
     }
 
     /// EXITINFO1 and EXITINFO2 of the last exit (e.g. the faulting address of an
@@ -291,7 +339,7 @@ impl SvmVcpu {
     }
 
     pub fn set_pat(&mut self, pat: u64) {
-        self.vmcb_mut().save.g_pat = pat;
+        self.vmcb_areas(clean::NP).save.g_pat = pat;
     }
 
     pub fn cr2(&self) -> u64 {
@@ -299,7 +347,7 @@ impl SvmVcpu {
     }
 
     pub fn set_cr2(&mut self, cr2: u64) {
-        self.vmcb_mut().save.cr2 = cr2;
+        self.vmcb_areas(clean::CR2).save.cr2 = cr2;
     }
 
     /// Flushes this guest's TLB entries at the next entry (after the core changed the
@@ -313,6 +361,18 @@ impl SvmVcpu {
     /// The architectural power-on state (APM Vol. 2 §14.1.3): real mode at F000:FFF0.
     fn load_reset_state(&mut self) {
         self.load_state(&CpuState::reset());
+    }
+
+    /// VMCB_CLEAN for the entry about to happen on this CPU; from now on the VMCB counts as
+    /// last run here, with nothing changed since.
+    fn clean_for_entry(&mut self, cpu: usize) -> u32 {
+        let last = last_vmcb(cpu);
+        let same_place = self.last_cpu == cpu && last.load(Ordering::Relaxed) == self.vmcb_pa;
+        let bits = clean::for_entry(self.caps.vmcb_clean, same_place, self.dirty);
+        last.store(self.vmcb_pa, Ordering::Relaxed);
+        self.last_cpu = cpu;
+        self.dirty = 0;
+        bits
     }
 
     fn snapshot(&self) -> EntrySnapshot {
@@ -357,6 +417,56 @@ impl SvmVcpu {
         v.control.eventinj = e.eventinj;
         v.control.v_intr = e.v_intr;
         v.control.interrupt_shadow = e.interrupt_shadow;
+    }
+
+    /// Everything after a VMRUN that returned (`tsc`: when): restores and explains a
+    /// refused entry, decodes an exit, re-queues an interrupted event. `entry`: the guest
+    /// state before the VMRUN.
+    fn complete_exit(&mut self, regs: &mut GuestRegs, entry: &EntrySnapshot, tsc: u64) -> Exit {
+        let injected = core::mem::replace(&mut self.injected, 0);
+        let nrip = self.caps.nrip;
+        let v = self.vmcb_areas(0);
+        let exitcode = decode::normalize(v.control.exitcode);
+        if exitcode == code::INVALID {
+            // Nothing ran: the queued event and TLB flush still stand. Put back the guest
+            // state a CPU may have overwritten, then name the check that failed.
+            self.restore(entry, regs);
+            self.injected = injected;
+            let reason = check::explain_invalid(self.vmcb());
+            return Exit {
+                kind: ExitKind::EntryFailed { reason, code: exitcode },
+                rip: entry.rip,
+                next_rip: entry.rip,
+                raw: exitcode,
+                tsc,
+                events: Default::default(),
+            };
+        }
+        regs.rax = v.save.rax;
+        regs.rsp = v.save.rsp;
+        let raw = RawExit {
+            code: exitcode,
+            info1: v.control.exitinfo1,
+            info2: v.control.exitinfo2,
+            rip: v.save.rip,
+            nrip: nrip.then_some(v.control.next_rip),
+        };
+        let (kind, next_rip) = decode::decode(&raw);
+        let v = self.vmcb_areas(0);
+        // The injected event was delivered, or its delivery was interrupted and
+        // EXITINTINFO says so (§15.7.2): retry it at the next entry.
+        v.control.eventinj = 0;
+        let info = v.control.exitintinfo;
+        let events = ExitEvents {
+            injected: Event::decode(injected as u32, (injected >> 32) as u32),
+            interrupted: Event::decode(info as u32, (info >> 32) as u32),
+        };
+        if let Some(again) = event::requeue(info, injected) {
+            v.control.eventinj = again;
+            self.injected = again;
+        }
+        self.tlb_next = tlb_control::DO_NOTHING;
+        Exit { kind, rip: raw.rip, next_rip, raw: exitcode, tsc, events }
     }
 }
 
@@ -413,7 +523,8 @@ impl Backend for SvmVcpu {
     }
 
     fn run(&mut self, regs: &mut GuestRegs) -> Exit {
-        let host_save = percpu::current().svm_host_save();
+        let this_cpu = percpu::current();
+        let host_save = this_cpu.svm_host_save();
         if host_save == 0 {
             let rip = self.rip();
             return Exit {
@@ -429,63 +540,60 @@ impl Backend for SvmVcpu {
             };
         }
         let tlb = self.tlb_next;
-        let v = self.vmcb_mut();
+        let clean = self.clean_for_entry(this_cpu.index());
+        let v = self.vmcb_areas(0);
         v.save.rax = regs.rax;
         v.save.rsp = regs.rsp;
         v.control.tlb_control = tlb;
-        // No clean bits (§15.15): the CPU reloads every VMCB field, so the backend may
-        // change any of them between runs without tracking which.
-        v.control.vmcb_clean = 0;
+        v.control.vmcb_clean = clean;
         let entry = self.snapshot();
         // SAFETY: `host_save` is non-zero only after `enable` set EFER.SVME and
         // VM_HSAVE_PA on this CPU and reserved the page; the VMCB, IOPM and MSRPM belong to
         // this vCPU and were initialized by `new`; the caller built the nested page tables
         // at N_CR3; no reference into the VMCB is live across the call.
         let tsc = unsafe { run::world_switch(self.vmcb_pa, regs, host_save) };
-        let injected = core::mem::replace(&mut self.injected, 0);
+        self.complete_exit(regs, &entry, tsc)
+    }
+
+    fn run_floor(&mut self, regs: &mut GuestRegs, max: u32) -> Exit {
+        use guest_abi::hypercall::nr::PING;
+        let mut exit = self.run(regs);
+        // Only a PING the core would see with nothing else to report (no event delivered,
+        // none interrupted, none queued) is answered here.
+        if exit.kind != ExitKind::Hypercall(HypercallInsn::Vmmcall)
+            || regs.rax != PING
+            || self.injected != 0
+            || exit.events != ExitEvents::default()
+        {
+            return exit;
+        }
+        let host_save = percpu::current().svm_host_save();
         let nrip = self.caps.nrip;
-        let v = self.vmcb_mut();
-        let exitcode = decode::normalize(v.control.exitcode);
-        if exitcode == code::INVALID {
-            // Nothing ran: the queued event and TLB flush still stand. Put back the guest
-            // state a CPU may have overwritten, then name the check that failed.
-            self.restore(&entry, regs);
-            self.injected = injected;
-            let reason = check::explain_invalid(self.vmcb());
-            return Exit {
-                kind: ExitKind::EntryFailed { reason, code: exitcode },
-                rip: entry.rip,
-                next_rip: entry.rip,
-                raw: exitcode,
-                tsc,
-                events: Default::default(),
-            };
+        let mut entry = self.snapshot();
+        for _ in 0..max {
+            regs.rax = regs.rbx.wrapping_add(1);
+            let v = self.vmcb_areas(0);
+            v.save.rip = exit.next_rip;
+            v.save.rax = regs.rax;
+            v.control.interrupt_shadow &= !INTERRUPT_SHADOW;
+            v.control.tlb_control = tlb_control::DO_NOTHING;
+            // Only RIP, RAX and the shadow changed, none of them cached: the clean bits
+            // of the entry in `run` still hold.
+            (entry.rip, entry.interrupt_shadow, entry.eventinj) = (exit.next_rip, v.control.interrupt_shadow, 0);
+            // SAFETY: as in `run`, whose entry on this CPU just exited.
+            let tsc = unsafe { run::world_switch(self.vmcb_pa, regs, host_save) };
+            let v = self.vmcb();
+            if decode::normalize(v.control.exitcode) != code::VMMCALL || v.save.rax != PING {
+                return self.complete_exit(regs, &entry, tsc);
+            }
+            exit.rip = v.save.rip;
+            exit.next_rip = if nrip { v.control.next_rip } else { exit.rip.wrapping_add(decode::insn_len::VMMCALL) };
+            exit.tsc = tsc;
         }
-        regs.rax = v.save.rax;
-        regs.rsp = v.save.rsp;
-        let raw = RawExit {
-            code: exitcode,
-            info1: v.control.exitinfo1,
-            info2: v.control.exitinfo2,
-            rip: v.save.rip,
-            nrip: nrip.then_some(v.control.next_rip),
-        };
-        let (kind, next_rip) = decode::decode(&raw);
-        let v = self.vmcb_mut();
-        // The injected event was delivered, or its delivery was interrupted and
-        // EXITINTINFO says so (§15.7.2): retry it at the next entry.
-        v.control.eventinj = 0;
-        let info = v.control.exitintinfo;
-        let events = ExitEvents {
-            injected: Event::decode(injected as u32, (injected >> 32) as u32),
-            interrupted: Event::decode(info as u32, (info >> 32) as u32),
-        };
-        if let Some(again) = event::requeue(info, injected) {
-            v.control.eventinj = again;
-            self.injected = again;
-        }
-        self.tlb_next = tlb_control::DO_NOTHING;
-        Exit { kind, rip: raw.rip, next_rip, raw: exitcode, tsc, events }
+        // The last PING goes to the core.
+        let v = self.vmcb();
+        (regs.rax, regs.rsp) = (v.save.rax, v.save.rsp);
+        exit
     }
 
     fn rip(&self) -> u64 {
@@ -497,7 +605,7 @@ impl Backend for SvmVcpu {
     /// interrupts are recognized again (APM Vol. 2 §15.21.5; KVM does the same when it skips
     /// an instruction). Left set, the shadow would wrongly cover the next instruction too.
     fn set_rip(&mut self, rip: u64) {
-        let v = self.vmcb_mut();
+        let v = self.vmcb_areas(0);
         if v.save.rip != rip {
             v.control.interrupt_shadow &= !INTERRUPT_SHADOW;
         }
@@ -509,7 +617,7 @@ impl Backend for SvmVcpu {
     }
 
     fn set_rflags(&mut self, rflags: u64) {
-        self.vmcb_mut().save.rflags = rflags | RFLAGS_RESERVED_1;
+        self.vmcb_areas(0).save.rflags = rflags | RFLAGS_RESERVED_1;
     }
 
     fn cr0(&self) -> u64 {
@@ -531,7 +639,7 @@ impl Backend for SvmVcpu {
     /// EFER.LMA is read-only (APM Vol. 2 §14.6.1): it is recomputed as LME & CR0.PG;
     /// EFER.SVME is forced on in the VMCB copy (§15.5.1) and hidden by [`Backend::efer`].
     fn set_efer(&mut self, efer: u64) {
-        let s = &mut self.vmcb_mut().save;
+        let s = &mut self.vmcb_areas(clean::CRX).save;
         let mut e = efer & !EFER_LMA;
         if e & EFER_LME != 0 && s.cr0 & CR0_PG != 0 {
             e |= EFER_LMA;
@@ -560,7 +668,7 @@ impl Backend for SvmVcpu {
 
     fn inject(&mut self, event: Event) {
         let value = event::encode(event);
-        let c = &mut self.vmcb_mut().control;
+        let c = &mut self.vmcb_areas(0).control;
         if event::is_valid(c.eventinj) {
             log::warn!("svm: inject {event:?} replaces queued EVENTINJ {:#x}", c.eventinj);
         }
@@ -594,7 +702,7 @@ impl Backend for SvmVcpu {
     /// as soon as the guest could take the virtual interrupt. An InterruptWindow exit
     /// clears the request.
     fn set_interrupt_window(&mut self, enable: bool) {
-        let c = &mut self.vmcb_mut().control;
+        let c = &mut self.vmcb_areas(clean::TPR | clean::INTERCEPTS).control;
         let cleared =
             c.v_intr & !(vintr::V_IRQ | vintr::V_IGN_TPR | vintr::V_INTR_PRIO_MASK | vintr::V_INTR_VECTOR_MASK);
         if enable {
@@ -611,7 +719,9 @@ impl Backend for SvmVcpu {
     }
 
     fn set_exception_intercepts(&mut self, vectors: u32) {
-        self.vmcb_mut().control.intercept_exceptions = vectors;
+        if self.vmcb().control.intercept_exceptions != vectors {
+            self.vmcb_areas(clean::INTERCEPTS).control.intercept_exceptions = vectors;
+        }
     }
 
     fn flush_guest_tlb(&mut self) {

@@ -355,6 +355,47 @@ pub mod vintr {
 }
 
 /// TLB_CONTROL values (APM Vol. 2 §15.16.1).
+/// VMCB clean bits (APM Vol. 2 §15.15.3, Table 15-9): a set bit tells the CPU the area is
+/// unchanged since the last VMRUN of this VMCB on this CPU, so it may use a cached copy.
+pub mod clean {
+    /// Intercept vectors, TSC_OFFSET, pause filter count and threshold.
+    pub const INTERCEPTS: u32 = 1 << 0;
+    /// IOPM_BASE_PA, MSRPM_BASE_PA.
+    pub const IOPM: u32 = 1 << 1;
+    /// GUEST_ASID.
+    pub const ASID: u32 = 1 << 2;
+    /// V_TPR, V_IRQ, V_INTR_PRIO, V_IGN_TPR, V_INTR_MASKING, V_INTR_VECTOR.
+    pub const TPR: u32 = 1 << 3;
+    /// NP_ENABLE, N_CR3, G_PAT.
+    pub const NP: u32 = 1 << 4;
+    /// CR0, CR3, CR4, EFER.
+    pub const CRX: u32 = 1 << 5;
+    /// DR6, DR7.
+    pub const DRX: u32 = 1 << 6;
+    /// GDTR, IDTR.
+    pub const DT: u32 = 1 << 7;
+    /// CS, DS, SS, ES (selector, base, limit, attributes), CPL.
+    pub const SEG: u32 = 1 << 8;
+    /// CR2.
+    pub const CR2: u32 = 1 << 9;
+    /// The areas Vireo tracks. The others (LBR, AVIC, CET, ...) are always reloaded.
+    pub const TRACKED: u32 = INTERCEPTS | IOPM | ASID | TPR | NP | CRX | DRX | DT | SEG | CR2;
+    /// Every area: a new VMCB, or one last run elsewhere.
+    pub const ALL: u32 = u32::MAX;
+
+    /// VMCB_CLEAN for an entry: the tracked areas not in `dirty` (changed since this
+    /// VMCB's last VMRUN), none when the CPU has no clean bits or the VMCB's last VMRUN
+    /// was not the last one on this CPU (`same_place` false: another CPU, or another
+    /// VMCB ran here since).
+    pub fn for_entry(cpu_has_clean_bits: bool, same_place: bool, dirty: u32) -> u32 {
+        if cpu_has_clean_bits && same_place {
+            TRACKED & !dirty
+        } else {
+            0
+        }
+    }
+}
+
 pub mod tlb_control {
     pub const DO_NOTHING: u8 = 0;
     /// Flush the entire TLB (all ASIDs, the host's included) at VMRUN.

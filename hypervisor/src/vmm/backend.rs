@@ -28,6 +28,17 @@ pub trait Backend {
     /// still reported by [`Backend::event_pending`].
     fn run(&mut self, regs: &mut GuestRegs) -> Exit;
 
+    /// The floor of the exit path, for measurements (the VM line's `floor=on`): enters the
+    /// guest like [`Backend::run`], but answers the guest's native-instruction PING
+    /// hypercalls (RAX = `guest_abi::hypercall::nr::PING`) inside the backend's own entry
+    /// loop with nothing but RAX = RBX + 1, the RIP advance and re-entry (no privilege
+    /// check, no statistics, no event delivery), at most `max` of them. Returns the first
+    /// other exit, or the PING exit after `max` were answered, for the core to handle as
+    /// [`Backend::run`]'s. The default answers none.
+    fn run_floor(&mut self, regs: &mut GuestRegs, _max: u32) -> Exit {
+        self.run(regs)
+    }
+
     fn rip(&self) -> u64;
     fn set_rip(&mut self, rip: u64);
     fn rflags(&self) -> u64;

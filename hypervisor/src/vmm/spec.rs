@@ -1,11 +1,12 @@
 //! A VM described by a multiboot2 module: the module holds the guest image, its command
 //! line names the VM and sets its options.
 //!
-//! Module command line: `<name> [mem=SIZE] [cpus=N] [apic=on|off] [pv=kvm|off] [timeout=SECONDS] [guest arguments...]
+//! Module command line: `<name> [mem=SIZE] [cpus=N] [apic=on|off] [pv=kvm|off] [floor=on|off] [timeout=SECONDS] [guest arguments...]
 //! [-- kernel command line]`; `timeout` stops the VM after that many seconds of running
 //! (default: no limit); everything after ` -- ` is a Linux guest's kernel command line.
 //! `pv` picks the paravirtual interface at CPUID 0x4000_0000 (`crate::pv`): default `kvm`
-//! for Linux VMs with local APICs, `off` otherwise.
+//! for Linux VMs with local APICs, `off` otherwise. `floor=on` is a measuring mode: the
+//! backend answers PING hypercalls in its own entry loop (`Backend::run_floor`).
 //! `cpus` is 1..=[`MAX_VCPUS`] (default 1), and `mem` must hold them: at least [`MIN_MEM`]
 //! plus [`MEM_PER_EXTRA_VCPU`] for every vCPU beyond the first ([`min_mem_for`]).
 //! A module whose line is `<name>:initrd` is the initramfs of VM `<name>`.
@@ -53,6 +54,9 @@ pub struct VmSpec<'a> {
     pub expect: Option<&'static str>,
     /// `pv=`; `None`: the default for the kind of guest.
     pub pv: Option<crate::pv::PvMode>,
+    /// `floor=on`: the backend answers PING hypercalls itself ([`crate::vmm::backend::Backend::run_floor`]),
+    /// to measure the exit path's floor (`scripts/bench-hypercall.sh`).
+    pub floor: bool,
     /// The module's whole command line, passed to the guest.
     pub args: &'a str,
 }
@@ -73,6 +77,7 @@ pub enum SpecError<'a> {
     BadCpus(&'a str),
     BadApic(&'a str),
     BadExpect(&'a str),
+    BadFloor(&'a str),
 }
 
 impl fmt::Display for SpecError<'_> {
@@ -84,6 +89,7 @@ impl fmt::Display for SpecError<'_> {
             SpecError::MemTooSmall(m) => write!(f, "mem={m} is below the minimum of 4M"),
             SpecError::BadTimeout(v) => write!(f, "bad value '{v}' for key 'timeout' (expected 1-86400 seconds)"),
             SpecError::BadApic(v) => write!(f, "bad value '{v}' for key 'apic' (expected on or off)"),
+            SpecError::BadFloor(v) => write!(f, "bad value '{v}' for key 'floor' (expected on or off)"),
             SpecError::BadPv(v) => write!(f, "bad value '{v}' for key 'pv' (expected kvm or off)"),
             SpecError::BadExpect(v) => {
                 write!(f, "bad value '{v}' for key 'expect' (expected one of: {})", EXPECTABLE.join(" "))
@@ -138,7 +144,15 @@ pub fn parse(cmdline: &str) -> Result<VmSpec<'_>, SpecError<'_>> {
     let mut apic = true;
     let mut expect = None;
     let mut pv = None;
+    let mut floor = false;
     for w in words {
+        if let Some(v) = w.strip_prefix("floor=") {
+            floor = match v {
+                "on" => true,
+                "off" => false,
+                _ => return Err(SpecError::BadFloor(v)),
+            };
+        }
         if let Some(v) = w.strip_prefix("pv=") {
             pv = Some(crate::pv::PvMode::parse(v).ok_or(SpecError::BadPv(v))?);
         }
@@ -172,7 +186,7 @@ pub fn parse(cmdline: &str) -> Result<VmSpec<'_>, SpecError<'_>> {
     if mem < min_mem_for(cpus) {
         return Err(SpecError::MemTooSmallForCpus { mem, cpus });
     }
-    Ok(VmSpec { name, mem, timeout_s, cpus, kernel_cmdline, apic, expect, pv, args: cmdline })
+    Ok(VmSpec { name, mem, timeout_s, cpus, kernel_cmdline, apic, expect, pv, floor, args: cmdline })
 }
 
 #[cfg(test)]
@@ -192,9 +206,13 @@ mod tests {
                 apic: true,
                 expect: None,
                 pv: None,
+                floor: false,
                 args: "selftest"
             }
         );
+        assert!(parse("s floor=on bench=5").unwrap().floor);
+        assert!(!parse("s floor=off").unwrap().floor);
+        assert_eq!(parse("s floor=1"), Err(SpecError::BadFloor("1")));
         let linux = parse("deb mem=256M cpus=1 -- console=ttyS0 quiet mem=1G").unwrap();
         assert_eq!((linux.name, linux.mem, linux.kernel_cmdline), ("deb", 256 << 20, "console=ttyS0 quiet mem=1G"));
         assert_eq!(parse("deb cpus=4").unwrap().cpus, 4);

@@ -108,6 +108,10 @@ pub struct Vcpu {
     wall_clock_msr: u64,
 }
 
+/// Floor mode: PING hypercalls the backend answers before the core sees one (and its
+/// deadlines, slice end and events) again.
+const FLOOR_BATCH: u32 = 4096;
+
 /// Reads EDX holds after INIT/RESET: the processor signature (CPUID.1:EAX).
 fn processor_signature() -> u64 {
     cpuid::host(1, 0).eax as u64
@@ -161,7 +165,7 @@ impl Vcpu {
             if vm.ended() {
                 break SliceEnd::VmEnded;
             }
-            if self.take_apic_events(vm) {
+            if vm.irq.has_lapics() && self.take_apic_events(vm) {
                 // INIT: the vCPU waits for SIPI (its new state is loaded then).
                 break SliceEnd::Blocked;
             }
@@ -181,9 +185,15 @@ impl Vcpu {
                 break SliceEnd::Preempted;
             }
             self.arm_host_timer(vm, cpu, slice_end);
-            self.pv_eoi_offer(vm);
-            let exit = cpu.run(&mut self.regs);
-            self.pv_eoi_check(vm);
+            if self.pv.pv_eoi().is_some() {
+                self.pv_eoi_offer(vm);
+            }
+            // The policy of floor mode (a measuring mode, `floor=on`): the backend answers
+            // PING hypercalls in its entry loop; everything else comes back here.
+            let exit = if vm.floor { cpu.run_floor(&mut self.regs, FLOOR_BATCH) } else { cpu.run(&mut self.regs) };
+            if self.pv.eoi_offered.is_some() {
+                self.pv_eoi_check(vm);
+            }
             self.history[self.history_next] = Some(exit);
             self.history_next = (self.history_next + 1) % HISTORY;
             let flow = match vm.deadline {
@@ -751,7 +761,8 @@ impl Vcpu {
         let t = |v: u64| if long { v } else { v & 0xFFFF_FFFF };
         let r = self.regs;
         let (number, args) = (t(r.rax), [t(r.rbx), t(r.rcx), t(r.rdx), t(r.rsi)]);
-        if let Some(call) = pv::kvm::hypercall(&vm.pv, number, args, cpu.cpl(), vm.vcpus.len()) {
+        let cpl = cpu.cpl();
+        if let Some(call) = pv::kvm::hypercall(&vm.pv, number, args, cpl, vm.vcpus.len()) {
             let c = &vm.counters[self.index].pv;
             let (ret, flow) = match call {
                 pv::kvm::Hypercall::Return(v) => (v, Flow::Continue),
@@ -786,7 +797,7 @@ impl Vcpu {
             features: cpuid::vireo_features(vm.pv.kvm()),
             console: &mut out,
         };
-        match hypercall::handle(number, args, cpu.cpl(), &mut cx) {
+        match hypercall::handle(number, args, cpl, &mut cx) {
             hypercall::Outcome::Return(v) => {
                 self.regs.rax = t(v as u64);
                 cpu.set_rip(next_rip);

@@ -103,6 +103,8 @@ pub struct Vm {
     pub native_vmmcall: bool,
     /// The outcome the VM line expects (`expect=`), if not the default.
     pub expect: Option<&'static str>,
+    /// `floor=on`: the backend answers PING hypercalls itself (`Backend::run_floor`).
+    pub floor: bool,
     /// A Linux VM's PC platform is on the bus (test guests have none).
     platform: bool,
     /// Earliest guest time (ns) a device needs a tick; u64::MAX: none.
@@ -146,6 +148,7 @@ impl Vm {
             time_limit: None,
             native_vmmcall,
             expect: None,
+            floor: false,
             platform,
             device_deadline: AtomicU64::new(0),
             outcome: Mutex::new(None),

@@ -25,7 +25,7 @@ use crate::{
     mm::{Ept, FrameAllocator, PAGE_SIZE},
     vmm::{
         backend::{Backend, BackendError},
-        exit::{Event, Exit, ExitEvents, ExitKind},
+        exit::{Event, Exit, ExitEvents, ExitKind, HypercallInsn},
         regs::GuestRegs,
         state::{CpuState, SegAttr, SegReg, Segment, CR0_PE, EFER_LMA, RFLAGS_IF},
     },
@@ -282,6 +282,20 @@ impl VmxVcpu {
     fn current(&self) {
         if let Err(e) = self.make_current() {
             vmx_bug("VMPTRLD of the vCPU's VMCS", e);
+        }
+    }
+
+    /// VMREAD from this vCPU's VMCS, which the caller made current since the last time
+    /// another VMCS could have been (the exit path: `run` made it current before entering,
+    /// and VM exits leave it so).
+    fn read_cur<F: VmcsField>(&self, field: F) -> F::Value {
+        // SAFETY: VMX root operation with our VMCS current (the caller's promise).
+        match unsafe { instr::vmread(field) } {
+            Ok(v) => v,
+            Err(e) => {
+                log::error!("vmx: VMREAD {field:?}: {e}");
+                vmx_bug("VMREAD", e)
+            }
         }
     }
 
@@ -624,6 +638,75 @@ impl VmxVcpu {
         }
     }
 
+    /// Everything after an entry that exited (`tsc`: when): reads the fields this exit
+    /// needs, decodes it and emulates what the backend emulates itself. `injected`: the
+    /// event queued at the entry.
+    fn complete_exit(&mut self, regs: &mut GuestRegs, tsc: u64, injected: Option<Event>) -> Exit {
+        let mut raw = RawExit { reason: self.read_cur(Field32::ExitReason), ..RawExit::default() };
+        let basic = raw.basic();
+        if !raw.entry_failed() {
+            self.launched = true;
+        }
+        regs.rsp = self.read_cur(FieldNat::GuestRsp);
+        self.rsp_cache = regs.rsp;
+        raw.rip = self.read_cur(FieldNat::GuestRip);
+        if decode::is_instruction_exit(basic) {
+            raw.instr_len = self.read_cur(Field32::VmExitInstructionLength);
+        }
+        if matches!(basic, reason::SIPI | reason::CR_ACCESS | reason::IO | reason::EPT_VIOLATION) {
+            raw.qualification = self.read_cur(FieldNat::ExitQualification);
+        }
+        if decode::needs_intr_info(basic) {
+            raw.intr_info = self.read_cur(Field32::VmExitInterruptionInfo);
+            if raw.intr_info & intr::ERROR_CODE_VALID != 0 {
+                raw.intr_error = self.read_cur(Field32::VmExitInterruptionErrorCode);
+            }
+        }
+        if decode::needs_gpa(basic) {
+            raw.gpa = self.read_cur(Field64::GuestPhysicalAddress);
+            if basic == reason::EPT_VIOLATION && raw.qualification & (1 << 7) != 0 {
+                raw.gla = self.read_cur(FieldNat::GuestLinearAddress);
+            }
+        }
+
+        // A failed entry delivered nothing: a queued event stays queued. IDT-vectoring
+        // information is valid only for exits during event delivery, which instruction
+        // exits never are (SDM Vol. 3C §28.2.4): skip the VMREAD for them.
+        let mut events = ExitEvents { injected, interrupted: None };
+        if !raw.entry_failed() {
+            self.pending_event = false;
+            if !decode::is_instruction_exit(basic) {
+                events.interrupted = self.requeue_idt_vectoring();
+            }
+        }
+
+        let (mut kind, next_rip) = decode::decode(&raw);
+        match basic {
+            _ if raw.entry_failed() => {
+                if basic == reason::INVALID_GUEST_STATE {
+                    let snap = self.snapshot();
+                    if let Some(why) = check::check(&snap, &self.fixed) {
+                        kind = ExitKind::EntryFailed { reason: why, code: basic as u64 };
+                    }
+                    log::error!(
+                        "vmx: VM entry failed: {kind:?} (qualification {:#x})",
+                        self.read(FieldNat::ExitQualification)
+                    );
+                } else {
+                    log::error!("vmx: VM entry failed: {kind:?}");
+                }
+            }
+            reason::CR_ACCESS => kind = self.emulate_cr(raw.qualification, regs, next_rip),
+            reason::EPT_MISCONFIG => log::error!("vmx: EPT misconfiguration at guest-physical {:#x}", raw.gpa),
+            _ if kind == ExitKind::Unhandled => {
+                log::debug!("vmx: unhandled exit {} ({})", basic, super::error::exit_reason_name(basic));
+            }
+            _ => {}
+        }
+        let raw_code = if raw.entry_failed() { raw.reason as u64 } else { basic as u64 };
+        Exit { kind, rip: raw.rip, next_rip, raw: raw_code, tsc, events }
+    }
+
     fn entry_instruction_failed(&self, entered: Entered, tsc: u64) -> Exit {
         let fail = match entered {
             Entered::FailInvalid => VmxFail::Invalid,
@@ -733,70 +816,42 @@ impl Backend for VmxVcpu {
         if entered != Entered::Exited {
             return self.entry_instruction_failed(entered, tsc);
         }
+        self.complete_exit(regs, tsc, injected)
+    }
 
-        let mut raw = RawExit { reason: self.read(Field32::ExitReason), ..RawExit::default() };
-        let basic = raw.basic();
-        if !raw.entry_failed() {
-            self.launched = true;
+    fn run_floor(&mut self, regs: &mut GuestRegs, max: u32) -> Exit {
+        use guest_abi::hypercall::nr::PING;
+        let mut exit = self.run(regs);
+        // Only a PING the core would see with nothing else to report (no event delivered,
+        // none interrupted, none queued) is answered here.
+        if exit.kind != ExitKind::Hypercall(HypercallInsn::Vmcall)
+            || regs.rax != PING
+            || self.pending_event
+            || exit.events != ExitEvents::default()
+        {
+            return exit;
         }
-        regs.rsp = self.read(FieldNat::GuestRsp);
+        for _ in 0..max {
+            self.write(FieldNat::GuestRip, exit.next_rip);
+            self.end_interrupt_shadow();
+            regs.rax = regs.rbx.wrapping_add(1);
+            // SAFETY: as in `run`, whose entry just exited with this VMCS current and launched.
+            let entered = unsafe { run::enter(regs, true) };
+            let tsc = instr::rdtsc();
+            if entered != Entered::Exited {
+                return self.entry_instruction_failed(entered, tsc);
+            }
+            if self.read_cur(Field32::ExitReason) != u32::from(reason::VMCALL) || regs.rax != PING {
+                return self.complete_exit(regs, tsc, None);
+            }
+            exit.rip = self.read_cur(FieldNat::GuestRip);
+            exit.next_rip = exit.rip.wrapping_add(self.read_cur(Field32::VmExitInstructionLength) as u64);
+            exit.tsc = tsc;
+        }
+        // The last PING goes to the core. GUEST_RSP may have moved meanwhile.
+        regs.rsp = self.read_cur(FieldNat::GuestRsp);
         self.rsp_cache = regs.rsp;
-        raw.rip = self.read(FieldNat::GuestRip);
-        if decode::is_instruction_exit(basic) {
-            raw.instr_len = self.read(Field32::VmExitInstructionLength);
-        }
-        if matches!(basic, reason::SIPI | reason::CR_ACCESS | reason::IO | reason::EPT_VIOLATION) {
-            raw.qualification = self.read(FieldNat::ExitQualification);
-        }
-        if decode::needs_intr_info(basic) {
-            raw.intr_info = self.read(Field32::VmExitInterruptionInfo);
-            if raw.intr_info & intr::ERROR_CODE_VALID != 0 {
-                raw.intr_error = self.read(Field32::VmExitInterruptionErrorCode);
-            }
-        }
-        if decode::needs_gpa(basic) {
-            raw.gpa = self.read(Field64::GuestPhysicalAddress);
-            if basic == reason::EPT_VIOLATION && raw.qualification & (1 << 7) != 0 {
-                raw.gla = self.read(FieldNat::GuestLinearAddress);
-            }
-        }
-
-        // A failed entry delivered nothing: a queued event stays queued. IDT-vectoring
-        // information is valid only for exits during event delivery, which instruction
-        // exits never are (SDM Vol. 3C §28.2.4): skip the VMREAD for them.
-        let mut events = ExitEvents { injected, interrupted: None };
-        if !raw.entry_failed() {
-            self.pending_event = false;
-            if !decode::is_instruction_exit(basic) {
-                events.interrupted = self.requeue_idt_vectoring();
-            }
-        }
-
-        let (mut kind, next_rip) = decode::decode(&raw);
-        match basic {
-            _ if raw.entry_failed() => {
-                if basic == reason::INVALID_GUEST_STATE {
-                    let snap = self.snapshot();
-                    if let Some(why) = check::check(&snap, &self.fixed) {
-                        kind = ExitKind::EntryFailed { reason: why, code: basic as u64 };
-                    }
-                    log::error!(
-                        "vmx: VM entry failed: {kind:?} (qualification {:#x})",
-                        self.read(FieldNat::ExitQualification)
-                    );
-                } else {
-                    log::error!("vmx: VM entry failed: {kind:?}");
-                }
-            }
-            reason::CR_ACCESS => kind = self.emulate_cr(raw.qualification, regs, next_rip),
-            reason::EPT_MISCONFIG => log::error!("vmx: EPT misconfiguration at guest-physical {:#x}", raw.gpa),
-            _ if kind == ExitKind::Unhandled => {
-                log::debug!("vmx: unhandled exit {} ({})", basic, super::error::exit_reason_name(basic));
-            }
-            _ => {}
-        }
-        let raw_code = if raw.entry_failed() { raw.reason as u64 } else { basic as u64 };
-        Exit { kind, rip: raw.rip, next_rip, raw: raw_code, tsc, events }
+        exit
     }
 
     fn rip(&self) -> u64 {
