@@ -339,8 +339,8 @@ def main(manifest, benches, out, meta):
         print("%-10s native  ns_per_op=%s ci95=%s n=%d" % (b, fmt(r["native_ns_per_op"]), fmt(r["native_ci95"]), r["native_n"]))
         print("%-10s vireo   ns_per_op=%s ci95=%s n=%d" % (b, fmt(r["vireo_ns_per_op"]), fmt(r["vireo_ci95"]), r["vireo_n"]))
         print("%-10s ratio   %s ci95=%s" % (b, fmt(r["ratio"]), fmt(r["ratio_ci95"])))
-        ex = " ".join("%s=%s" % (k, fmt(v, 1)) for k, v in sorted(r["exits_per_s"].items(), key=lambda kv: -kv[1]) if v)
-        print("%-10s exits/s total=%s %s" % (b, fmt(r["exits_per_s_total"], 1), ex))
+        ex = " ".join("%s=%.1f" % (k, v) for k, v in sorted(r["exits_per_s"].items(), key=lambda kv: -kv[1]) if v)
+        print("%-10s exits/s total=%s %s" % (b, "n/a" if r["exits_per_s_total"] is None else "%.1f" % r["exits_per_s_total"], ex))
     print("== summary: Vireo/native (ns per operation), 95% CI")
     for r in rows:
         print("   %-10s %10s ns %10s ns   %s%s   %s exits/s" % (

@@ -56,8 +56,9 @@ fn scoreboard_tiny() {
         line("exits/s");
     }
 
-    // The JSON parses and names every benchmark with a finite positive ratio (python3's json,
-    // which the script itself needs: the tests crate has no JSON parser).
+    // The JSON parses and names every benchmark with a finite positive ratio, and the SVG is
+    // well-formed XML with an <svg> root (python3's json and xml, which the script itself
+    // needs: the tests crate has no JSON parser).
     let json = out_dir.join("scoreboard.json");
     let check = Command::new("python3")
         .arg("-c")
@@ -69,10 +70,13 @@ fn scoreboard_tiny() {
              for b in d['benchmarks']:\n\
              \x20   assert isinstance(b['ratio'], float) and math.isfinite(b['ratio']) and b['ratio'] > 0, b\n\
              \x20   assert b['native_n'] > 0 and b['vireo_n'] > 0, b\n\
-             \x20   assert isinstance(b['exits_per_s'], dict), b\n",
+             \x20   assert isinstance(b['exits_per_s'], dict), b\n\
+             import xml.etree.ElementTree as E\n\
+             assert E.parse(sys.argv[3]).getroot().tag == '{http://www.w3.org/2000/svg}svg'\n",
         )
         .arg(&json)
         .arg(BENCHES.join(","))
+        .arg(out_dir.join("scoreboard.svg"))
         .output()
         .expect("run python3");
     assert!(
