@@ -9,7 +9,8 @@
 # build/scoreboard/initramfs.cpio.gz: busybox, /init = guests/linux/scoreboard/init.sh,
 # /lib/modules/vireo.ko (scripts/guest-linux.sh's module) and the static programs scorebench
 # and nullprog built from guests/linux/scoreboard/*.c (gcc -O2 -static) each time this script
-# runs. The kernel command line (sb_iters=NAME:N,... sb_reps=R) says what the guest runs; it
+# runs, and Debian's sysbench (scripts/install-deps.sh bench) with the shared libraries ldd
+# names for it, for the one third-party benchmark, sysbench-threads. The kernel command line (sb_iters=NAME:N,... sb_reps=R) says what the guest runs; it
 # is the same on both sides: "console=ttyS0 panic=-1 sb_iters=... sb_reps=...".
 #
 # Both sides: QEMU TCG, -cpu qemu64,+svm,+npt, one emulated CPU. Native: -m 256 -kernel
@@ -33,12 +34,12 @@ set -euo pipefail
 # shellcheck source=lib.sh
 source "$(dirname "${BASH_SOURCE[0]}")/lib.sh"
 
-ALL_BENCHES=(null sigsegv sigfpe fork exec pipe mmap pagefault compute)
+ALL_BENCHES=(null sigsegv sigfpe fork exec pipe mmap pagefault compute sysbench-threads)
 # Default iterations per round (0.2-0.8 s of guest time each under -icount: about 3.5 s a
 # round; the Vireo boot itself takes about 35 s of host time).
 declare -A ITERS=(
     [null]=600000 [sigsegv]=60000 [sigfpe]=60000 [fork]=1200 [exec]=900 [pipe]=30000
-    [mmap]=30000 [pagefault]=150000 [compute]=60000000
+    [mmap]=30000 [pagefault]=150000 [compute]=60000000 [sysbench-threads]=3000
 )
 REPEATS=10
 BOOTS=1
@@ -56,7 +57,7 @@ Usage: scripts/scoreboard.sh [OPTIONS]
 
 The VMI-style overhead scoreboard: micro-benchmarks of the Debian Linux guest (null system
 call, SIGSEGV and SIGFPE delivery, fork+wait, fork+exec, pipe round trip, mmap/munmap,
-first-touch page faults, a compute loop) natively in QEMU and as a 1-vCPU VM under Vireo in
+first-touch page faults, a compute loop; and sysbench threads) natively in QEMU and as a 1-vCPU VM under Vireo in
 QEMU, in one run: per benchmark the native and Vireo ns per operation, the ratio
 Vireo/native with a 95% confidence interval over the repetitions, and the VM's exits per
 second by reason. The method is in this script's header. About 3 minutes by default, 1 with
@@ -130,7 +131,7 @@ done
 [[ -n "$OUT" ]] || OUT="$VIREO_ROOT/build/scoreboard"
 
 T_START="$(now)"
-"$VIREO_ROOT/scripts/install-deps.sh" --quiet rust host iso qemu linux
+"$VIREO_ROOT/scripts/install-deps.sh" --quiet rust host iso qemu linux bench
 ELF="$("$VIREO_ROOT/scripts/build.sh" --no-deps | tail -n 1)"
 GUEST="$("$VIREO_ROOT/scripts/guest-linux.sh" --quiet)"
 KERNEL="$(sed -n 's/^kernel=//p' <<<"$GUEST")"
@@ -144,6 +145,17 @@ rm -f "$OUT"/logs/*.log "$OUT/scoreboard.json" "$OUT/scoreboard.svg"
 INITRD="$VIREO_ROOT/build/scoreboard/initramfs.cpio.gz"
 SRC="$VIREO_ROOT/guests/linux/scoreboard"
 
+# add_dynamic BINARY STAGE NAME: a dynamically linked program as STAGE/bin/NAME, with the
+# shared libraries ldd names for it (the dynamic loader included) at their own paths, the
+# real files rather than links (a small resolver: no package metadata needed).
+add_dynamic() {
+    local bin="$1" stage="$2" lib
+    install -D -m 755 "$bin" "$stage/bin/$3"
+    while read -r lib; do
+        install -D -m 755 "$(readlink -f "$lib")" "$stage$lib"
+    done < <(ldd "$bin" | awk '$2 == "=>" && $3 ~ /^\// { print $3 } $1 ~ /^\// { print $1 }')
+}
+
 # make_initramfs: build/scoreboard/initramfs.cpio.gz (reproducible, replaced only when its
 # bytes change), with the benchmark programs compiled now.
 make_initramfs() {
@@ -156,8 +168,9 @@ make_initramfs() {
     cp /bin/busybox "$stage/bin/busybox"
     cp "$SRC/init.sh" "$stage/init"
     cp "$MODULE" "$stage/lib/modules/vireo.ko"
+    add_dynamic "$(command -v sysbench)" "$stage" sysbench
     chmod 755 "$stage/bin/busybox" "$stage/init"
-    for a in sh mount poweroff insmod nproc uname tr sleep; do
+    for a in sh mount poweroff insmod nproc uname tr sleep awk tail; do
         ln -s busybox "$stage/bin/$a"
     done
     find "$stage" -exec touch -h -d "@${SOURCE_DATE_EPOCH:-0}" {} +
@@ -343,7 +356,7 @@ def main(manifest, benches, out, meta):
         print("%-10s exits/s total=%s %s" % (b, "n/a" if r["exits_per_s_total"] is None else "%.1f" % r["exits_per_s_total"], ex))
     print("== summary: Vireo/native (ns per operation), 95% CI")
     for r in rows:
-        print("   %-10s %10s ns %10s ns   %s%s   %s exits/s" % (
+        print("   %-16s %10s ns %10s ns   %s%s   %s exits/s" % (
             r["name"], fmt(r["native_ns_per_op"]), fmt(r["vireo_ns_per_op"]), fmt(r["ratio"]),
             "" if r["ratio_ci95"] is None else " +- " + fmt(r["ratio_ci95"]), fmt(r["exits_per_s_total"], 1)))
     meta["guest_native"] = starts.get("native", "")

@@ -7,7 +7,8 @@ use std::process::Command;
 
 use vireo_tests::repo_root;
 
-const BENCHES: [&str; 9] = ["null", "sigsegv", "sigfpe", "fork", "exec", "pipe", "mmap", "pagefault", "compute"];
+const BENCHES: [&str; 10] =
+    ["null", "sigsegv", "sigfpe", "fork", "exec", "pipe", "mmap", "pagefault", "compute", "sysbench-threads"];
 
 /// The value after `key=` in a whitespace-separated line.
 fn value<'a>(line: &'a str, key: &str) -> Option<&'a str> {
