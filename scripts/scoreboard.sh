@@ -35,13 +35,14 @@ set -euo pipefail
 source "$(dirname "${BASH_SOURCE[0]}")/lib.sh"
 
 ALL_BENCHES=(null sigsegv sigfpe fork exec pipe mmap pagefault compute sysbench-threads)
-# Default iterations per round (0.2-0.8 s of guest time each under -icount: about 3.5 s a
-# round; the Vireo boot itself takes about 35 s of host time).
+# Default iterations per round (0.07-0.3 s of guest time each under -icount, about 1.3 s a
+# round; in host time about 5 s natively and 23 s under Vireo, where the boot itself takes
+# about 35 s).
 declare -A ITERS=(
-    [null]=600000 [sigsegv]=60000 [sigfpe]=60000 [fork]=1200 [exec]=900 [pipe]=30000
-    [mmap]=30000 [pagefault]=150000 [compute]=60000000 [sysbench-threads]=3000
+    [null]=200000 [sigsegv]=20000 [sigfpe]=20000 [fork]=400 [exec]=300 [pipe]=10000
+    [mmap]=10000 [pagefault]=50000 [compute]=20000000 [sysbench-threads]=1000
 )
-REPEATS=10
+REPEATS=8
 BOOTS=1
 DIVISOR=1
 ICOUNT=1
@@ -60,12 +61,12 @@ call, SIGSEGV and SIGFPE delivery, fork+wait, fork+exec, pipe round trip, mmap/m
 first-touch page faults, a compute loop; and sysbench threads) natively in QEMU and as a 1-vCPU VM under Vireo in
 QEMU, in one run: per benchmark the native and Vireo ns per operation, the ratio
 Vireo/native with a 95% confidence interval over the repetitions, and the VM's exits per
-second by reason. The method is in this script's header. About 3 minutes by default, 1 with
---quick or --tiny (plus waits for the emulator lock; more on a loaded host).
+second by reason. The method is in this script's header. About 5 minutes by default, 1.5
+with --quick, 1 with --tiny (plus waits for the emulator lock; more on a loaded host).
 
 Options:
   --quick            2 repetitions, half the iterations
-  --tiny             for tests: 2 repetitions, 1/300 of the iterations (the boots dominate)
+  --tiny             for tests: 2 repetitions, 1/100 of the iterations (the boots dominate)
   --repeats R        rounds over the benchmarks per boot (default $REPEATS)
   --boots B          boots per side (default $BOOTS); the rounds of all boots are pooled
   --divide D         divide every benchmark's iterations by D
@@ -94,7 +95,7 @@ while [[ $# -gt 0 ]]; do
     case "$1" in
         -h|--help) usage; exit 0 ;;
         --quick) MODE=quick; REPEATS=2; DIVISOR=2 ;;
-        --tiny) MODE=tiny; REPEATS=2; DIVISOR=300 ;;
+        --tiny) MODE=tiny; REPEATS=2; DIVISOR=100 ;;
         --wall) ICOUNT=0 ;;
         --repeats|--boots|--divide|--timeout)
             need_arg "$1" "$#"
@@ -197,9 +198,9 @@ if [[ "$ICOUNT" == 1 ]]; then
     QEMU_ICOUNT=(-icount "shift=0,sleep=off")
     VIREO_EXTRA=(-- "${QEMU_ICOUNT[@]}")
 fi
-# Limit of a boot: generous, from the work asked (a round is about 3.5 guest seconds at
-# divisor 1, and guest seconds are about host seconds under -icount on this machine).
-if [[ "$TIMEOUT" -gt 0 ]]; then LIMIT="$TIMEOUT"; else LIMIT=$(( 180 + 30 * REPEATS / DIVISOR )); fi
+# Limit of a boot: generous, from the work asked (a round at divisor 1 takes about 23 s of
+# host time under Vireo on this machine, about 5 s natively).
+if [[ "$TIMEOUT" -gt 0 ]]; then LIMIT="$TIMEOUT"; else LIMIT=$(( 180 + 50 * REPEATS / DIVISOR )); fi
 
 : >"$WORK/durations"
 # boot SIDE LOG: one boot, native or vireo, the serial log in LOG; its seconds (the lock wait
