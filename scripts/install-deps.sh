@@ -24,6 +24,8 @@ Installs what is missing for the given components (default: all of them):
           is installed), cpio, gzip; and to build the guest's kernel module against Debian's
           kernel headers: gcc-12 (the compiler Debian built the bookworm kernel with), make,
           binutils, libelf1 (objtool from linux-kbuild links it)
+  bench   third-party benchmarks for scripts/scoreboard.sh's guest: sysbench (copied with
+          the shared libraries it links into that guest's initramfs)
   all     all of the above
 
 Debian packages are installed with apt-get (non-interactive, --no-install-recommends, after
@@ -44,14 +46,14 @@ while [[ $# -gt 0 ]]; do
         -h|--help) usage; exit 0 ;;
         --check) CHECK=1 ;;
         --quiet) QUIET=1 ;;
-        rust|host|iso|qemu|bochs|linux) COMPONENTS+=("$1") ;;
-        all) COMPONENTS+=(rust host iso qemu bochs linux) ;;
+        rust|host|iso|qemu|bochs|linux|bench) COMPONENTS+=("$1") ;;
+        all) COMPONENTS+=(rust host iso qemu bochs linux bench) ;;
         -*) usage_error "unknown option: $1" ;;
-        *) usage_error "unknown component: $1 (rust, host, iso, qemu, bochs, linux, all)" ;;
+        *) usage_error "unknown component: $1 (rust, host, iso, qemu, bochs, linux, bench, all)" ;;
     esac
     shift
 done
-[[ ${#COMPONENTS[@]} -gt 0 ]] || COMPONENTS=(rust host iso qemu bochs linux)
+[[ ${#COMPONENTS[@]} -gt 0 ]] || COMPONENTS=(rust host iso qemu bochs linux bench)
 
 has() {
     local c
@@ -96,6 +98,9 @@ apt_wanted() {
         echo "make make"
         echo "objcopy binutils"
         echo "/usr/lib/x86_64-linux-gnu/libelf.so.1 libelf1"
+    fi
+    if has bench; then
+        echo "sysbench sysbench"
     fi
 }
 

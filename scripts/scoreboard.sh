@@ -1,0 +1,403 @@
+#!/usr/bin/env bash
+# shellcheck source-path=SCRIPTDIR
+# The VMI-style overhead scoreboard: the same micro-benchmarks run natively (QEMU -kernel) and
+# in a VM under Vireo (QEMU TCG with AMD SVM emulated), in one run, and per benchmark the
+# native and Vireo figures, the ratio Vireo/native with a 95% confidence interval over the
+# repetitions, and the VM's exits per second by reason during that benchmark.
+#
+# The guest: build/linux/vmlinuz (scripts/guest-linux.sh) with its own initramfs,
+# build/scoreboard/initramfs.cpio.gz: busybox, /init = guests/linux/scoreboard/init.sh,
+# /lib/modules/vireo.ko (scripts/guest-linux.sh's module) and the static programs scorebench
+# and nullprog built from guests/linux/scoreboard/*.c (gcc -O2 -static) each time this script
+# runs, and Debian's sysbench (scripts/install-deps.sh bench) with the shared libraries ldd
+# names for it, for the one third-party benchmark, sysbench-threads. The kernel command line (sb_iters=NAME:N,... sb_reps=R) says what the guest runs; it
+# is the same on both sides: "console=ttyS0 panic=-1 sb_iters=... sb_reps=...".
+#
+# Both sides: QEMU TCG, -cpu qemu64,+svm,+npt, one emulated CPU. Native: -m 256 -kernel
+# vmlinuz -initrd initramfs. Vireo: scripts/run-qemu.sh --smp 1 (QEMU -m 512) with the VM
+# "linux mem=256M cpus=1 CONFIG" (CONFIG: --config options, default pv=kvm). By default QEMU
+# runs with -icount shift=0,sleep=off (single-threaded TCG): guest time counts executed
+# instructions (1 ns each), so the load of the host does not move the figures; --wall
+# leaves it out (guest time = host time). In each boot the guest runs the whole list of
+# benchmarks R times (rounds); scorebench times its loop with clock_gettime(CLOCK_MONOTONIC)
+# and prints "score: name=X iterations=N ns_per_op=F". Under Vireo, vireo.ko loads and
+# scorebench writes /sys/hypervisor/vireo/mark just before its loop and reads
+# exits_since_mark just after ("score: exits name=X elapsed_ns=T KIND=COUNT ..."): exits per
+# second by reason = COUNT / T (guest time), averaged over the rounds. Natively the module
+# refuses to load and there are no exit figures.
+#
+# Means and 95% confidence intervals (Student t) over the rounds (pooled over --boots boots);
+# the ratio's interval by the delta method from the two sides' intervals. No pass/fail on
+# timing: the figures are printed and written to OUT/scoreboard.json and OUT/scoreboard.svg
+# (ratio bars with their intervals as whiskers), with the serial logs in OUT/logs/.
+set -euo pipefail
+# shellcheck source=lib.sh
+source "$(dirname "${BASH_SOURCE[0]}")/lib.sh"
+
+ALL_BENCHES=(null sigsegv sigfpe fork exec pipe mmap pagefault compute sysbench-threads)
+# Default iterations per round (0.07-0.3 s of guest time each under -icount, about 1.3 s a
+# round; in host time about 5 s natively and 23 s under Vireo, where the boot itself takes
+# about 35 s).
+declare -A ITERS=(
+    [null]=200000 [sigsegv]=20000 [sigfpe]=20000 [fork]=400 [exec]=300 [pipe]=10000
+    [mmap]=10000 [pagefault]=50000 [compute]=20000000 [sysbench-threads]=1000
+)
+REPEATS=8
+BOOTS=1
+DIVISOR=1
+ICOUNT=1
+TIMEOUT=0
+CONFIG=()
+BENCHES=()
+OUT=""
+MODE=default
+
+usage() {
+    cat <<EOF2
+Usage: scripts/scoreboard.sh [OPTIONS]
+
+The VMI-style overhead scoreboard: micro-benchmarks of the Debian Linux guest (null system
+call, SIGSEGV and SIGFPE delivery, fork+wait, fork+exec, pipe round trip, mmap/munmap,
+first-touch page faults, a compute loop; and sysbench threads) natively in QEMU and as a 1-vCPU VM under Vireo in
+QEMU, in one run: per benchmark the native and Vireo ns per operation, the ratio
+Vireo/native with a 95% confidence interval over the repetitions, and the VM's exits per
+second by reason. The method is in this script's header. About 5 minutes by default, 1.5
+with --quick, 1 with --tiny (plus waits for the emulator lock; more on a loaded host).
+
+Options:
+  --quick            2 repetitions, half the iterations
+  --tiny             for tests: 2 repetitions, 1/100 of the iterations (the boots dominate)
+  --repeats R        rounds over the benchmarks per boot (default $REPEATS)
+  --boots B          boots per side (default $BOOTS); the rounds of all boots are pooled
+  --divide D         divide every benchmark's iterations by D
+  --only LIST        comma-separated benchmarks (default: all: ${ALL_BENCHES[*]})
+  --config KEY=VAL   appended to the VM's line (repeatable; default: pv=kvm), e.g. pv=off
+  --wall             wall-clock timing: no -icount (multi-threaded TCG, guest time = host
+                     time; figures then move with the load of the host)
+  --out DIR          where scoreboard.json, scoreboard.svg and logs/ go (default
+                     build/scoreboard)
+  --timeout S        limit of each boot in seconds (default: from the work asked)
+  -h, --help         this text
+
+Environment: VIREO_EMU_LOCK=FILE runs each emulator boot under flock FILE (for machines
+shared with others; the wait is not counted in the durations printed).
+
+Figures go to stdout; progress and failures to stderr. Exit status 0 if every benchmark has
+figures on both sides, 1 otherwise.
+EOF2
+}
+
+posint() {
+    [[ "$2" =~ ^[0-9]+$ && "$2" -gt 0 ]] || usage_error "$1 wants a positive number, not '$2'"
+}
+
+while [[ $# -gt 0 ]]; do
+    case "$1" in
+        -h|--help) usage; exit 0 ;;
+        --quick) MODE=quick; REPEATS=2; DIVISOR=2 ;;
+        --tiny) MODE=tiny; REPEATS=2; DIVISOR=100 ;;
+        --wall) ICOUNT=0 ;;
+        --repeats|--boots|--divide|--timeout)
+            need_arg "$1" "$#"
+            posint "$1" "$2"
+            case "$1" in
+                --repeats) REPEATS="$2" ;;
+                --boots) BOOTS="$2" ;;
+                --divide) DIVISOR="$2" ;;
+                --timeout) TIMEOUT="$2" ;;
+            esac
+            shift ;;
+        --only)
+            need_arg "$1" "$#"
+            IFS=, read -r -a BENCHES <<<"$2"
+            shift ;;
+        --config)
+            need_arg "$1" "$#"
+            [[ "$2" =~ ^[A-Za-z0-9_.]+=[^[:space:]]+$ ]] || usage_error "--config wants KEY=VALUE, not '$2'"
+            CONFIG+=("$2")
+            shift ;;
+        --out)
+            need_arg "$1" "$#"
+            OUT="$(abspath "$2")"
+            shift ;;
+        *) usage_error "unknown option: $1" ;;
+    esac
+    shift
+done
+[[ ${#BENCHES[@]} -gt 0 ]] || BENCHES=("${ALL_BENCHES[@]}")
+for b in "${BENCHES[@]}"; do
+    [[ -n "${ITERS[$b]:-}" ]] || usage_error "unknown benchmark '$b' (known: ${ALL_BENCHES[*]})"
+done
+[[ ${#CONFIG[@]} -gt 0 ]] || CONFIG=(pv=kvm)
+[[ -n "$OUT" ]] || OUT="$VIREO_ROOT/build/scoreboard"
+
+T_START="$(now)"
+"$VIREO_ROOT/scripts/install-deps.sh" --quiet rust host iso qemu linux bench
+ELF="$("$VIREO_ROOT/scripts/build.sh" --no-deps | tail -n 1)"
+GUEST="$("$VIREO_ROOT/scripts/guest-linux.sh" --quiet)"
+KERNEL="$(sed -n 's/^kernel=//p' <<<"$GUEST")"
+MODULE="$(sed -n 's/^module=//p' <<<"$GUEST")"
+[[ -s "$KERNEL" ]] || die "scripts/guest-linux.sh named no kernel"
+[[ -s "$MODULE" ]] || die "scripts/guest-linux.sh named no vireo.ko"
+WORK="$(mktemp -d "${TMPDIR:-/tmp}/vireo-scoreboard.XXXXXX")"
+trap 'rm -rf "$WORK"' EXIT
+mkdir -p "$OUT/logs"
+rm -f "$OUT"/logs/*.log "$OUT/scoreboard.json" "$OUT/scoreboard.svg"
+INITRD="$VIREO_ROOT/build/scoreboard/initramfs.cpio.gz"
+SRC="$VIREO_ROOT/guests/linux/scoreboard"
+
+# add_dynamic BINARY STAGE NAME: a dynamically linked program as STAGE/bin/NAME, with the
+# shared libraries ldd names for it (the dynamic loader included) at their own paths, the
+# real files rather than links (a small resolver: no package metadata needed).
+add_dynamic() {
+    local bin="$1" stage="$2" lib
+    install -D -m 755 "$bin" "$stage/bin/$3"
+    while read -r lib; do
+        install -D -m 755 "$(readlink -f "$lib")" "$stage$lib"
+    done < <(ldd "$bin" | awk '$2 == "=>" && $3 ~ /^\// { print $3 } $1 ~ /^\// { print $1 }')
+}
+
+# make_initramfs: build/scoreboard/initramfs.cpio.gz (reproducible, replaced only when its
+# bytes change), with the benchmark programs compiled now.
+make_initramfs() {
+    local stage="$WORK/stage" a out="$INITRD"
+    mkdir -p "$(dirname "$out")" "$stage"/{bin,dev,proc,sys,tmp,lib/modules}
+    chmod 1777 "$stage/tmp"
+    gcc -O2 -static -Wall -o "$stage/bin/scorebench" "$SRC/scorebench.c" || die "cannot build $SRC/scorebench.c"
+    gcc -O2 -static -nostdlib -Wall -o "$stage/bin/nullprog" "$SRC/nullprog.c" || die "cannot build $SRC/nullprog.c"
+    [[ -x /bin/busybox ]] || die "no /bin/busybox (scripts/install-deps.sh linux installs busybox-static)"
+    cp /bin/busybox "$stage/bin/busybox"
+    cp "$SRC/init.sh" "$stage/init"
+    cp "$MODULE" "$stage/lib/modules/vireo.ko"
+    add_dynamic "$(command -v sysbench)" "$stage" sysbench
+    chmod 755 "$stage/bin/busybox" "$stage/init"
+    for a in sh mount poweroff insmod nproc uname tr sleep awk tail; do
+        ln -s busybox "$stage/bin/$a"
+    done
+    find "$stage" -exec touch -h -d "@${SOURCE_DATE_EPOCH:-0}" {} +
+    (cd "$stage" && find . -mindepth 1 -printf '%P\n' | LC_ALL=C sort |
+        cpio -o -H newc --reproducible -R 0:0 --quiet) | gzip -9 -n >"$out.tmp"
+    if cmp -s "$out.tmp" "$out"; then rm -f "$out.tmp"; else mv -f "$out.tmp" "$out"; fi
+}
+
+# The guest's work, the same on both sides.
+SB_ITERS=""
+for b in "${BENCHES[@]}"; do
+    n=$(( ITERS[$b] / DIVISOR ))
+    [[ "$n" -gt 0 ]] || n=1
+    SB_ITERS+="${SB_ITERS:+,}$b:$n"
+done
+APPEND="console=ttyS0 panic=-1 sb_iters=$SB_ITERS sb_reps=$REPEATS"
+VM_LINE="linux mem=256M cpus=1 ${CONFIG[*]}"
+
+QEMU_ICOUNT=()
+VIREO_EXTRA=()
+TCG_THREAD=multi
+if [[ "$ICOUNT" == 1 ]]; then
+    TCG_THREAD=single
+    QEMU_ICOUNT=(-icount "shift=0,sleep=off")
+    VIREO_EXTRA=(-- "${QEMU_ICOUNT[@]}")
+fi
+# Limit of a boot: generous, from the work asked (a round at divisor 1 takes about 23 s of
+# host time under Vireo on this machine, about 5 s natively).
+if [[ "$TIMEOUT" -gt 0 ]]; then LIMIT="$TIMEOUT"; else LIMIT=$(( 180 + 50 * REPEATS / DIVISOR )); fi
+
+: >"$WORK/durations"
+# boot SIDE LOG: one boot, native or vireo, the serial log in LOG; its seconds (the lock wait
+# excluded) appended to $WORK/durations; BOOT_RC its status.
+boot() {
+    local side="$1" log="$2" t0 rc=0
+    if [[ -n "${VIREO_EMU_LOCK:-}" ]]; then
+        exec 9>>"$VIREO_EMU_LOCK"
+        flock 9
+    fi
+    t0="$(now)"
+    if [[ "$side" == native ]]; then
+        timeout -k 5 "$LIMIT" qemu-system-x86_64 -accel "tcg,thread=$TCG_THREAD" -cpu qemu64,+svm,+npt \
+            -m 256 -smp 1 -display none -serial "file:$log" -monitor none -no-reboot -nic none \
+            -kernel "$KERNEL" -initrd "$INITRD" -append "$APPEND" ${QEMU_ICOUNT[@]+"${QEMU_ICOUNT[@]}"} \
+            </dev/null >/dev/null 2>&1 || rc=$?
+    else
+        VIREO_TCG_THREAD="$TCG_THREAD" "$VIREO_ROOT/scripts/run-qemu.sh" --headless --accel tcg --timeout "$LIMIT" \
+            --elf "$ELF" --log "$log" --smp 1 --module "$KERNEL=$VM_LINE -- $APPEND" \
+            --module "$INITRD=linux:initrd" ${VIREO_EXTRA[@]+"${VIREO_EXTRA[@]}"} >/dev/null 2>&1 || rc=$?
+    fi
+    elapsed "$t0" >>"$WORK/durations"
+    echo >>"$WORK/durations"
+    if [[ -n "${VIREO_EMU_LOCK:-}" ]]; then
+        flock -u 9
+        exec 9>&-
+    fi
+    [[ -f "$log" ]] || : >"$log"
+    BOOT_RC="$rc"
+}
+
+cat >"$WORK/an.py" <<'PY'
+import json, math, re, sys
+
+T95 = [0, 12.706, 4.303, 3.182, 2.776, 2.571, 2.447, 2.365, 2.306, 2.262, 2.228, 2.201, 2.179,
+       2.160, 2.145, 2.131, 2.120, 2.110, 2.101, 2.093, 2.086, 2.080, 2.074, 2.069, 2.064, 2.060,
+       2.056, 2.052, 2.048, 2.045, 2.042]
+
+def t95(df):
+    return T95[df] if df < len(T95) else 1.96
+
+def parse(path):
+    """{name: [ns_per_op...]}, {name: [{kind: rate}...]}, whether the guest said done."""
+    ns, rates, done, start = {}, {}, False, ""
+    with open(path, errors="replace") as f:
+        for l in f:
+            l = re.sub(r"\x1b\[[0-9;=?]*[A-Za-z]", "", l.replace("\r", ""))
+            m = re.search(r"score: name=(\S+) iterations=(\d+) ns_per_op=([0-9.]+)", l)
+            if m:
+                ns.setdefault(m.group(1), []).append(float(m.group(3)))
+            m = re.search(r"score: exits name=(\S+) elapsed_ns=([0-9.]+)((?: \S+=\d+)*)", l)
+            if m and float(m.group(2)) > 0:
+                t = float(m.group(2)) / 1e9
+                kinds = dict((k, int(v) / t) for k, v in re.findall(r" (\S+)=(\d+)", m.group(3)))
+                rates.setdefault(m.group(1), []).append(kinds)
+            m = re.search(r"score: start (.*)", l)
+            if m:
+                start = m.group(1).strip()
+            if "score: done" in l:
+                done = True
+    return ns, rates, done, start
+
+def stats(v):
+    n = len(v)
+    if n == 0:
+        return None, None, 0
+    m = sum(v) / n
+    if n < 2:
+        return m, None, n
+    sd = math.sqrt(sum((x - m) ** 2 for x in v) / (n - 1))
+    return m, t95(n - 1) * sd / math.sqrt(n), n
+
+def ratio(a, b):
+    """mean(a)/mean(b) with the half-width of an approximate 95% CI (delta method)."""
+    ma, ha, na = stats(a)
+    mb, hb, nb = stats(b)
+    if not ma or not mb:
+        return None, None
+    r = ma / mb
+    if ha is None or hb is None:
+        return r, None
+    sa = ha / t95(na - 1); sb = hb / t95(nb - 1)
+    rel = math.sqrt((sa / ma) ** 2 + (sb / mb) ** 2)
+    return r, r * rel * t95(min(na, nb) - 1)
+
+def fmt(x, nd=3):
+    if x is None:
+        return "n/a"
+    a = abs(x)
+    return ("%%.%df" % nd) % x if a < 10 else "%.2f" % x if a < 1000 else "%.0f" % x
+
+def svg(rows, path, title):
+    ok = [r for r in rows if r["ratio"] is not None]
+    top, left, bar, gap, width = 50, 110, 22, 12, 480
+    hi = max([1.2] + [r["ratio"] + (r["ratio_ci95"] or 0) for r in ok]) * 1.1
+    x = lambda v: left + width * v / hi
+    h = top + len(rows) * (bar + gap) + 40
+    o = ['<svg xmlns="http://www.w3.org/2000/svg" width="%d" height="%d" font-family="sans-serif" font-size="12">' % (left + width + 120, h),
+         '<rect width="100%" height="100%" fill="white"/>',
+         '<text x="10" y="20" font-size="14">%s</text>' % title,
+         '<text x="10" y="38" fill="#555">Vireo / native, ns per operation (lower is better); whiskers: 95% CI</text>']
+    for i, r in enumerate(rows):
+        y = top + i * (bar + gap)
+        o.append('<text x="%d" y="%d" text-anchor="end">%s</text>' % (left - 8, y + bar * 0.7, r["name"]))
+        if r["ratio"] is None:
+            o.append('<text x="%d" y="%d" fill="#a00">no figures</text>' % (left + 4, y + bar * 0.7))
+            continue
+        o.append('<rect x="%d" y="%d" width="%.1f" height="%d" fill="%s"/>' % (
+            left, y, x(r["ratio"]) - left, bar, "#4a7ab5" if r["ratio"] < 1.25 else "#c0504d"))
+        if r["ratio_ci95"]:
+            lo, up, c = x(max(0, r["ratio"] - r["ratio_ci95"])), x(r["ratio"] + r["ratio_ci95"]), y + bar / 2
+            o.append('<path d="M%.1f %.1f H%.1f M%.1f %.1f V%.1f M%.1f %.1f V%.1f" stroke="black" fill="none"/>' % (
+                lo, c, up, lo, c - 6, c + 6, up, c - 6, c + 6))
+        o.append('<text x="%.1f" y="%d">%.3f</text>' % (x(r["ratio"] + (r["ratio_ci95"] or 0)) + 6, y + bar * 0.7, r["ratio"]))
+    base = top + len(rows) * (bar + gap)
+    o.append('<line x1="%.1f" y1="%d" x2="%.1f" y2="%d" stroke="#333" stroke-dasharray="4 3"/>' % (x(1), top - 6, x(1), base))
+    o.append('<text x="%.1f" y="%d" text-anchor="middle">1.0 (native)</text>' % (x(1), base + 16))
+    o.append('</svg>')
+    with open(path, "w") as f:
+        f.write("\n".join(o) + "\n")
+
+def main(manifest, benches, out, meta):
+    meta = json.loads(meta)
+    nat, vir, rates, starts = {}, {}, {}, {}
+    for line in open(manifest):
+        side, path = line.split()
+        ns, rt, done, start = parse(path)
+        starts.setdefault(side, start)
+        for k, v in ns.items():
+            (nat if side == "native" else vir).setdefault(k, []).extend(v)
+        if side == "vireo":
+            for k, v in rt.items():
+                rates.setdefault(k, []).extend(v)
+    rows, bad = [], 0
+    for b in benches.split(","):
+        a, v = nat.get(b, []), vir.get(b, [])
+        mn, hn, nn = stats(a)
+        mv, hv, nv = stats(v)
+        r, h = ratio(v, a)
+        kinds = sorted({k for d in rates.get(b, []) for k in d})
+        ex = {k: stats([d.get(k, 0) for d in rates.get(b, [])])[0] for k in kinds}
+        total = stats([sum(d.values()) for d in rates.get(b, [])])[0] if rates.get(b) else None
+        rows.append(dict(name=b, native_ns_per_op=mn, native_ci95=hn, native_n=nn, vireo_ns_per_op=mv,
+                         vireo_ci95=hv, vireo_n=nv, ratio=r, ratio_ci95=h, native_samples=a, vireo_samples=v,
+                         exits_per_s_total=total, exits_per_s=ex))
+        if r is None:
+            bad = 1
+    for r in rows:
+        b = r["name"]
+        print("%-10s native  ns_per_op=%s ci95=%s n=%d" % (b, fmt(r["native_ns_per_op"]), fmt(r["native_ci95"]), r["native_n"]))
+        print("%-10s vireo   ns_per_op=%s ci95=%s n=%d" % (b, fmt(r["vireo_ns_per_op"]), fmt(r["vireo_ci95"]), r["vireo_n"]))
+        print("%-10s ratio   %s ci95=%s" % (b, fmt(r["ratio"]), fmt(r["ratio_ci95"])))
+        ex = " ".join("%s=%.1f" % (k, v) for k, v in sorted(r["exits_per_s"].items(), key=lambda kv: -kv[1]) if v)
+        print("%-10s exits/s total=%s %s" % (b, "n/a" if r["exits_per_s_total"] is None else "%.1f" % r["exits_per_s_total"], ex))
+    print("== summary: Vireo/native (ns per operation), 95% CI")
+    for r in rows:
+        print("   %-16s %10s ns %10s ns   %s%s   %s exits/s" % (
+            r["name"], fmt(r["native_ns_per_op"]), fmt(r["vireo_ns_per_op"]), fmt(r["ratio"]),
+            "" if r["ratio_ci95"] is None else " +- " + fmt(r["ratio_ci95"]), fmt(r["exits_per_s_total"], 1)))
+    meta["guest_native"] = starts.get("native", "")
+    meta["guest_vireo"] = starts.get("vireo", "")
+    doc = dict(meta, benchmarks=rows)
+    with open(out + "/scoreboard.json", "w") as f:
+        json.dump(doc, f, indent=1)
+        f.write("\n")
+    svg(rows, out + "/scoreboard.svg", "Vireo overhead scoreboard (%s, %s)" % (meta["timing"], meta["config"]))
+    return bad
+
+sys.exit(main(*sys.argv[1:]))
+PY
+
+make_initramfs
+note "ELF $ELF; kernel $KERNEL; initramfs $INITRD; out $OUT"
+TIMING="$([[ "$ICOUNT" == 1 ]] && echo "icount shift=0,sleep=off" || echo "wall clock")"
+echo "scoreboard: QEMU $(qemu-system-x86_64 --version | head -n 1 | awk '{ print $4 }') TCG, $TIMING; host $(nproc) cores, load $(cut -d' ' -f1-3 /proc/loadavg); $MODE"
+echo "   Vireo $(git -C "$VIREO_ROOT" rev-parse --short HEAD 2>/dev/null || echo '?'), kernel $(sed -n 's/^release=//p' "$(dirname "$KERNEL")/kernel.version" 2>/dev/null || echo '?'); VM: $VM_LINE; --smp 1"
+echo "   guest: $APPEND"
+MANIFEST="$WORK/manifest"
+: >"$MANIFEST"
+FAILED=0
+for b in $(seq "$BOOTS"); do
+    for side in native vireo; do
+        log="$OUT/logs/$side-$b.log"
+        note "$side boot $b/$BOOTS"
+        boot "$side" "$log"
+        if serial_clean "$log" | grep -aq 'score: done'; then
+            note "  $side boot $b: $(tail -n 1 "$WORK/durations") s"
+        else
+            note "  $side boot $b did not finish its benchmarks (status $BOOT_RC); the last serial lines of $log:"
+            serial_clean "$log" | grep -av '^[[:space:]]*$' | tail -n 12 | sed 's/^/    /' >&2 || true
+            FAILED=1
+        fi
+        echo "$side $log" >>"$MANIFEST"
+    done
+done
+META="$(python3 -c 'import json, sys; print(json.dumps(dict(timing=sys.argv[1], config=sys.argv[2], mode=sys.argv[3], repeats=int(sys.argv[4]), boots=int(sys.argv[5]), kernel_cmdline=sys.argv[6], vm_line=sys.argv[7])))' \
+    "$TIMING" "${CONFIG[*]}" "$MODE" "$REPEATS" "$BOOTS" "$APPEND" "$VM_LINE")"
+python3 "$WORK/an.py" "$MANIFEST" "$(IFS=,; echo "${BENCHES[*]}")" "$OUT" "$META" || FAILED=1
+echo "scoreboard: done in $(elapsed "$T_START") s ($(awk '{ s += $1 } END { printf "%.0f", s }' "$WORK/durations") s of emulator time over $(wc -l <"$WORK/durations") boots); $OUT/scoreboard.json, $OUT/scoreboard.svg"
+exit "$FAILED"
