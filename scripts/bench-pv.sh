@@ -205,34 +205,24 @@ fi
 # in LOG; the seconds the emulator ran (the lock wait excluded) appended to $WORK/durations.
 boot() {
     local log="$1" smp="$2" cpus="$3" pv="$4" limit="$5" append="$6" t0 rc=0
-    if [[ -n "${VIREO_EMU_LOCK:-}" ]]; then
-        exec 9>>"$VIREO_EMU_LOCK"
-        flock 9
-    fi
+    emu_lock
     t0="$(now)"
     "$VIREO_ROOT/scripts/run-qemu.sh" --headless --accel tcg --timeout "$limit" --elf "$ELF" --log "$log" \
         --smp "$smp" --module "$KERNEL=linux mem=256M cpus=$cpus pv=$pv -- console=ttyS0 panic=-1 $append" \
         --module "$INITRD=linux:initrd" ${QEMU_EXTRA[@]+"${QEMU_EXTRA[@]}"} >/dev/null 2>&1 || rc=$?
     elapsed "$t0" >>"$WORK/durations"
     echo >>"$WORK/durations"
-    if [[ -n "${VIREO_EMU_LOCK:-}" ]]; then
-        flock -u 9
-        exec 9>&-
-    fi
+    emu_unlock
     [[ -f "$log" ]] || : >"$log"
     BOOT_RC="$rc"
 }
 
 # The analysis: python3 "$WORK/an.py" COMMAND ARGS (see its functions).
+cp "$VIREO_ROOT/scripts/benchstats.py" "$WORK/"
 cat >"$WORK/an.py" <<'PY'
-import math, re, sys
+import re, sys
 
-T95 = [0, 12.706, 4.303, 3.182, 2.776, 2.571, 2.447, 2.365, 2.306, 2.262, 2.228, 2.201, 2.179,
-       2.160, 2.145, 2.131, 2.120, 2.110, 2.101, 2.093, 2.086, 2.080, 2.074, 2.069, 2.064, 2.060,
-       2.056, 2.052, 2.048, 2.045, 2.042]
-
-def t95(df):
-    return T95[df] if df < len(T95) else 1.96
+from benchstats import ratio_ci, stats  # scripts/benchstats.py, copied beside this file
 
 def clean(path):
     with open(path, errors="replace") as f:
@@ -283,18 +273,6 @@ def parse(path):
         return None
     return d
 
-def stats(v):
-    """(mean, half-width of the 95% CI or None, n)"""
-    v = [x for x in v if x is not None]
-    n = len(v)
-    if n == 0:
-        return None, None, 0
-    m = sum(v) / n
-    if n < 2:
-        return m, None, n
-    sd = math.sqrt(sum((x - m) ** 2 for x in v) / (n - 1))
-    return m, t95(n - 1) * sd / math.sqrt(n), n
-
 def fmt(x):
     if x is None:
         return "n/a"
@@ -310,17 +288,12 @@ def show(v, unit=""):
     return "%s%s +- %s (95%% CI, n=%d)" % (fmt(m), unit, fmt(h), n)
 
 def ratio(a, b):
-    """ratio of the means of a and b with an approximate 95% CI (delta method)."""
-    ma, ha, na = stats(a)
-    mb, hb, nb = stats(b)
-    if not ma or not mb:
+    """ratio of the means of a and b with an approximate 95% CI (delta method), as text."""
+    r, h = ratio_ci(a, b)
+    if r is None:
         return None, "n/a"
-    r = ma / mb
-    if ha is None or hb is None:
+    if h is None:
         return r, "%.2fx (no CI)" % r
-    sa = ha / t95(na - 1); sb = hb / t95(nb - 1)
-    rel = math.sqrt((sa / ma) ** 2 + (sb / mb) ** 2)
-    h = r * rel * t95(min(na, nb) - 1)
     return r, "%.2fx +- %.2f (approx. 95%% CI)" % (r, h)
 
 def load(manifest):

@@ -375,3 +375,19 @@ run_verdict() {
     serial_tail "$RUN_SERIAL"
     return 1
 }
+
+# emu_lock / emu_unlock: with VIREO_EMU_LOCK=FILE set, hold `flock FILE` (on fd 9) around one
+# emulator run, so benchmark scripts on a machine shared with others run one emulator at a time.
+emu_lock() {
+    if [[ -n "${VIREO_EMU_LOCK:-}" ]]; then
+        exec 9>>"$VIREO_EMU_LOCK"
+        flock 9
+    fi
+}
+
+emu_unlock() {
+    if [[ -n "${VIREO_EMU_LOCK:-}" ]]; then
+        flock -u 9
+        exec 9>&-
+    fi
+}

@@ -207,10 +207,7 @@ if [[ "$TIMEOUT" -gt 0 ]]; then LIMIT="$TIMEOUT"; else LIMIT=$(( 180 + 50 * REPE
 # excluded) appended to $WORK/durations; BOOT_RC its status.
 boot() {
     local side="$1" log="$2" t0 rc=0
-    if [[ -n "${VIREO_EMU_LOCK:-}" ]]; then
-        exec 9>>"$VIREO_EMU_LOCK"
-        flock 9
-    fi
+    emu_lock
     t0="$(now)"
     if [[ "$side" == native ]]; then
         timeout -k 5 "$LIMIT" qemu-system-x86_64 -accel "tcg,thread=$TCG_THREAD" -cpu qemu64,+svm,+npt \
@@ -224,23 +221,16 @@ boot() {
     fi
     elapsed "$t0" >>"$WORK/durations"
     echo >>"$WORK/durations"
-    if [[ -n "${VIREO_EMU_LOCK:-}" ]]; then
-        flock -u 9
-        exec 9>&-
-    fi
+    emu_unlock
     [[ -f "$log" ]] || : >"$log"
     BOOT_RC="$rc"
 }
 
+cp "$VIREO_ROOT/scripts/benchstats.py" "$WORK/"
 cat >"$WORK/an.py" <<'PY'
-import json, math, re, sys
+import json, re, sys
 
-T95 = [0, 12.706, 4.303, 3.182, 2.776, 2.571, 2.447, 2.365, 2.306, 2.262, 2.228, 2.201, 2.179,
-       2.160, 2.145, 2.131, 2.120, 2.110, 2.101, 2.093, 2.086, 2.080, 2.074, 2.069, 2.064, 2.060,
-       2.056, 2.052, 2.048, 2.045, 2.042]
-
-def t95(df):
-    return T95[df] if df < len(T95) else 1.96
+from benchstats import ratio_ci, stats  # scripts/benchstats.py, copied beside this file
 
 def parse(path):
     """{name: [ns_per_op...]}, {name: [{kind: rate}...]}, whether the guest said done."""
@@ -263,28 +253,7 @@ def parse(path):
                 done = True
     return ns, rates, done, start
 
-def stats(v):
-    n = len(v)
-    if n == 0:
-        return None, None, 0
-    m = sum(v) / n
-    if n < 2:
-        return m, None, n
-    sd = math.sqrt(sum((x - m) ** 2 for x in v) / (n - 1))
-    return m, t95(n - 1) * sd / math.sqrt(n), n
-
-def ratio(a, b):
-    """mean(a)/mean(b) with the half-width of an approximate 95% CI (delta method)."""
-    ma, ha, na = stats(a)
-    mb, hb, nb = stats(b)
-    if not ma or not mb:
-        return None, None
-    r = ma / mb
-    if ha is None or hb is None:
-        return r, None
-    sa = ha / t95(na - 1); sb = hb / t95(nb - 1)
-    rel = math.sqrt((sa / ma) ** 2 + (sb / mb) ** 2)
-    return r, r * rel * t95(min(na, nb) - 1)
+ratio = ratio_ci
 
 def fmt(x, nd=3):
     if x is None:
