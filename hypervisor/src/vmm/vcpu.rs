@@ -231,12 +231,17 @@ impl Vcpu {
     /// At the start of a slice: publish the steal time, clear `preempted`, and flush the
     /// guest TLB if another vCPU asked for it meanwhile (KVM PV TLB flush).
     fn pv_slice_start<B: Backend>(&mut self, vm: &Vm, cpu: &mut B) {
-        let Some(gpa) = self.pv.steal() else { return };
-        let steal_ns = tsc::to_nanos(self.sched.steal);
-        if let Ok(true) = pv::steal::enter(&vm.mem, gpa, steal_ns) {
+        if self.publish_steal(vm) {
             cpu.flush_guest_tlb();
             PvCounters::bump(&vm.counters[self.index].pv.tlb_flushes, 1);
         }
+    }
+
+    /// Writes the steal time into the guest's registered area and marks the vCPU running;
+    /// returns whether the guest asked for a TLB flush meanwhile (false: no area).
+    fn publish_steal(&self, vm: &Vm) -> bool {
+        let Some(gpa) = self.pv.steal() else { return false };
+        matches!(pv::steal::enter(&vm.mem, gpa, tsc::to_nanos(self.sched.steal)), Ok(true))
     }
 
     /// Before an entry (KVM PV EOI): when the one interrupt in service may be ended without
@@ -742,9 +747,8 @@ impl Vcpu {
             Ok(effect) => {
                 match effect {
                     pv::kvm::MsrEffect::StealEnabled => {
-                        if let Some(gpa) = self.pv.steal() {
-                            let _ = pv::steal::enter(&vm.mem, gpa, tsc::to_nanos(self.sched.steal));
-                        }
+                        // A fresh area: nothing can have asked for a flush through it yet.
+                        self.publish_steal(vm);
                     }
                     pv::kvm::MsrEffect::WallClock(v) => self.wall_clock_msr = v,
                     pv::kvm::MsrEffect::None => {}
