@@ -33,6 +33,23 @@ pub const MAX_CPUS: usize = 64;
 
 /// Default time slice.
 pub const DEFAULT_SLICE_US: u64 = 5_000;
+/// The slice of a vCPU alone on its host CPU: nobody waits for that CPU (a vCPU placed or
+/// woken there kicks it at once), so the slice timer only costs the guest exits. It still
+/// ends now and then so the host loop comes round (retiring, bookkeeping).
+pub const LONE_SLICE_US: u64 = 100_000;
+/// ... except on CPU 0 while keyboard input is polled between slices: a typed key then waits
+/// at most this long.
+pub const LONE_POLLING_SLICE_US: u64 = 20_000;
+
+/// The time slice in microseconds: `base_us` (`slice_us=`) when other vCPUs share the host
+/// CPU, longer when the vCPU is `alone` there (never shorter than `base_us`).
+pub fn slice_us(base_us: u64, alone: bool, polling_input: bool) -> u64 {
+    match (alone, polling_input) {
+        (false, _) => base_us,
+        (true, false) => base_us.max(LONE_SLICE_US),
+        (true, true) => base_us.max(LONE_POLLING_SLICE_US),
+    }
+}
 
 /// One vCPU as its host CPU holds it.
 struct Task {
@@ -330,8 +347,10 @@ pub fn cpu_main(cpu: usize, hw: Hardware) -> ! {
                 }
             }
         }
-        // The slice ends early if a blocked vCPU here has a timer due before it.
-        let slice = tsc::from_nanos(SLICE_US.load(Ordering::Relaxed) * 1000);
+        // The slice ends early if a blocked vCPU here has a timer due before it. A vCPU alone
+        // here gets a long one: its slice timer would only cost it exits.
+        let polling = cpu == 0 && focus::wants_polling();
+        let slice = tsc::from_nanos(slice_us(SLICE_US.load(Ordering::Relaxed), count == 1, polling) * 1000);
         let others = tasks
             .iter()
             .enumerate()
@@ -413,5 +432,21 @@ pub fn all_ended() -> ! {
         crate::platform::exit::fail("a VM did not end as expected")
     } else {
         crate::platform::exit::fail("a VM line was refused")
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn lone_vcpus_get_long_slices() {
+        assert_eq!(slice_us(DEFAULT_SLICE_US, false, false), DEFAULT_SLICE_US);
+        assert_eq!(slice_us(DEFAULT_SLICE_US, false, true), DEFAULT_SLICE_US);
+        assert_eq!(slice_us(DEFAULT_SLICE_US, true, false), LONE_SLICE_US);
+        assert_eq!(slice_us(DEFAULT_SLICE_US, true, true), LONE_POLLING_SLICE_US);
+        // A slice_us= longer than the lone slice is kept.
+        assert_eq!(slice_us(500_000, true, false), 500_000);
+        assert_eq!(slice_us(500_000, true, true), 500_000);
     }
 }
