@@ -2,6 +2,8 @@
 
 pub mod bus;
 pub mod console;
+pub mod debug_exit;
+pub mod fw_cfg;
 pub mod ioapic;
 pub mod irq;
 pub mod irqchip;

@@ -9,6 +9,8 @@ use spin::Mutex;
 
 use super::{
     bus::{device, Bus, Overlap, Range},
+    debug_exit::DebugExit,
+    fw_cfg::FwCfg,
     ioapic::{IOAPIC_BASE, IOAPIC_MMIO_SIZE},
     irqchip::{Interrupts, IoApicMmio, IrqLine, PicPorts},
     pci::PciBus,
@@ -45,6 +47,21 @@ pub fn build(
         bus.add(device(IoApicMmio(irq.clone())), &[Range::mmio(IOAPIC_BASE, IOAPIC_MMIO_SIZE)])?;
     }
     Ok(uart)
+}
+
+/// Adds QEMU's test devices that kernels written for `qemu -kernel` use: `isa-debug-exit`
+/// at port 0xF4 and `fw_cfg` at 0x510 (RAM size `ram`, `cpus`, kernel command line `cmdline`).
+pub fn add_qemu_test_devices(
+    bus: &mut Bus,
+    _irq: &Arc<Interrupts>,
+    ram: u64,
+    cpus: u16,
+    cmdline: &str,
+    name: &str,
+) -> Result<(), Overlap> {
+    bus.add(device(DebugExit), &DebugExit::RANGES)?;
+    bus.add(device(FwCfg::new(ram, cpus, cmdline, name)), &FwCfg::RANGES)?;
+    Ok(())
 }
 
 #[cfg(test)]

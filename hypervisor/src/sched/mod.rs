@@ -160,10 +160,14 @@ impl core::fmt::Display for CpuList<'_> {
 }
 
 /// What a VM's end says about the run: powered off or exited with status 0 is as expected,
-/// unless the VM line expects something else (`expect=` on the VM line).
+/// unless the VM line expects something else (`expect=` on the VM line; `expect=exited:N`
+/// also names the status).
 fn as_expected(vm: &Vm, outcome: VmOutcome) -> bool {
     match vm.expect {
-        Some(want) => want == outcome.name(),
+        Some(want) => {
+            want == outcome.name()
+                && vm.expect_status.is_none_or(|s| matches!(outcome, VmOutcome::Exited { status } if status == s))
+        }
         None => matches!(outcome, VmOutcome::PoweredOff | VmOutcome::Exited { status: 0 }),
     }
 }
@@ -205,7 +209,7 @@ fn restart(name: &str, r: crate::vmm::vm::Relaunch) {
     let Some(hw) = HW.get() else { return };
     let boot = r.boot + 1;
     report!("vm name={name} restart boot={boot}");
-    match crate::vmm::launch::build_vm(hw, &mut mm::frames(), &r.spec, r.image, r.initrd, kick, boot) {
+    match crate::vmm::launch::build_vm(hw, &mut mm::frames(), &r.spec, r.files, kick, boot) {
         Ok(mut vm) => {
             vm.relaunch = Some(crate::vmm::vm::Relaunch { boot, ..r });
             start_vm(vm);

@@ -706,6 +706,7 @@ impl Vcpu {
                     match effect {
                         BusEffect::PowerOff => return Flow::Stop(VmOutcome::PoweredOff),
                         BusEffect::Reset => return Flow::Stop(VmOutcome::Reset),
+                        BusEffect::Exit(status) => return Flow::Stop(VmOutcome::Exited { status }),
                         BusEffect::None => {}
                     }
                 }
@@ -940,6 +941,7 @@ impl Vcpu {
         match effect {
             BusEffect::PowerOff => Flow::Stop(VmOutcome::PoweredOff),
             BusEffect::Reset => Flow::Stop(VmOutcome::Reset),
+            BusEffect::Exit(status) => Flow::Stop(VmOutcome::Exited { status }),
             BusEffect::None => Flow::Continue,
         }
     }
