@@ -113,6 +113,7 @@ pub const EFER_NXE: u64 = 1 << 11;
 pub const EFER_SVME: u64 = 1 << 12;
 pub const RFLAGS_RESERVED_1: u64 = 1 << 1;
 pub const RFLAGS_IF: u64 = 1 << 9;
+pub const RFLAGS_DF: u64 = 1 << 10;
 pub const PAT_POWER_ON: u64 = 0x0007_0406_0007_0406;
 
 /// Selectors of the flat GDT that [`CpuState::long_mode_flat`] assumes (the same layout
