@@ -97,7 +97,9 @@ fn under_vireo(machine: Machine, kernel: &PathBuf, bad_input: bool) -> Outcome {
     boot.run()
 }
 
-fn compare(out: &Outcome, kernel: &PathBuf) {
+fn compare(out: &Outcome, kernel: &PathBuf, backend: &str) {
+    assert_eq!(out.field("virt enabled", "backend"), backend, "{out:?}");
+    assert_eq!(out.field("vm name=mb start ", "backend"), backend, "{out:?}");
     let (pass_lines, pass_status) = native(kernel, "a=1 b=2");
     let (fail_lines, fail_status) = native(kernel, "mode=fail");
     assert_eq!(pass_status, Some(1), "native QEMU, pass: {pass_lines:?}");
@@ -125,7 +127,7 @@ fn compare(out: &Outcome, kernel: &PathBuf) {
 fn multiboot_matches_qemu_on_qemu_tcg_svm() {
     let kernel = kernel();
     let out = under_vireo(Machine::QemuSvm, &kernel, true);
-    compare(&out, &kernel);
+    compare(&out, &kernel, "svm");
     // Bad input: refused by name, the others ran.
     let refused = |vm: &str| out.line(&format!("vm name={vm} not started")).to_string();
     assert!(refused("noheader").contains("32-bit ELF without a multiboot header"), "{out:?}");
@@ -141,7 +143,7 @@ fn multiboot_matches_qemu_on_qemu_tcg_svm() {
 fn multiboot_matches_qemu_on_bochs_vmx() {
     let kernel = kernel();
     let out = under_vireo(Machine::BochsVmx, &kernel, false);
-    compare(&out, &kernel);
+    compare(&out, &kernel, "vmx");
     out.assert_exit_ok();
 }
 
@@ -149,6 +151,6 @@ fn multiboot_matches_qemu_on_bochs_vmx() {
 fn multiboot_matches_qemu_on_bochs_svm() {
     let kernel = kernel();
     let out = under_vireo(Machine::BochsSvm, &kernel, false);
-    compare(&out, &kernel);
+    compare(&out, &kernel, "svm");
     out.assert_exit_ok();
 }
