@@ -1,6 +1,7 @@
 //! Multiboot (v1) kernels as `qemu -kernel` runs them: our test kernel (guests/mbtest) booted
 //! natively in plain QEMU and as a Vireo VM gives the same checks and the same verdicts
-//! (isa-debug-exit statuses 1 = pass, 3 = `mode=fail`), with a module of its own; modules that
+//! (isa-debug-exit statuses 1 = pass, 3 = `mode=fail`; pc-testdev's registers, memory window
+//! and an interrupt through its IRQ line), with a module of its own; modules that
 //! are no valid multiboot kernel are refused by name while the others run.
 
 use std::{path::PathBuf, process::Command};
@@ -27,7 +28,17 @@ fn kernel() -> PathBuf {
 fn native(kernel: &PathBuf, append: &str) -> (Vec<String>, Option<i32>) {
     let out = Command::new("timeout")
         .args(["120", "qemu-system-x86_64", "-accel", "tcg", "-cpu", "qemu64", "-m", "64", "-display", "none"])
-        .args(["-serial", "stdio", "-no-reboot", "-nic", "none", "-device", "isa-debug-exit,iobase=0xf4,iosize=0x04"])
+        .args([
+            "-serial",
+            "stdio",
+            "-no-reboot",
+            "-nic",
+            "none",
+            "-device",
+            "isa-debug-exit,iobase=0xf4,iosize=0x04",
+            "-device",
+            "pc-testdev",
+        ])
         .arg("-kernel")
         .arg(kernel)
         .args(["-append", append])
@@ -111,7 +122,10 @@ fn compare(out: &Outcome, kernel: &PathBuf, backend: &str) {
         assert_eq!(field(end, "status").as_deref(), Some(status), "{out:?}");
         assert_eq!(out.field(&format!("vm name={vm} result"), "result"), "as-expected", "{out:?}");
         let (ours, theirs) = (checks(&lines), checks(native_lines));
-        assert!(ours.len() >= 10, "{vm}: {ours:?}\n{out:?}");
+        assert!(ours.len() >= 14, "{vm}: {ours:?}\n{out:?}");
+        for check in ["string_io_ins", "string_io_outs", "testdev_irq", "testdev_iomem", "fw_cfg_cmdline"] {
+            assert!(ours.contains(&(check.to_string(), true)), "{vm}: {check}\n{out:?}");
+        }
         assert_eq!(ours, theirs, "{vm}: the same checks with the same results as under plain QEMU\n{out:?}");
     }
     // The arguments arrive as under QEMU's -append, and the module with its own command line.

@@ -1,14 +1,18 @@
 //! A multiboot (version 1) test kernel written as kernels for `qemu -kernel` are: it runs
 //! the same under plain QEMU (`-kernel`, `-append`, `-device isa-debug-exit,iobase=0xf4`)
 //! and as a Vireo VM, and says the same there. 32-bit entry code (the multiboot machine
-//! state) saves EAX/EBX, identity-maps the first GiB and enters 64-bit mode; the checks:
+//! state) saves EAX/EBX, identity-maps the first GiB and the one below 4 GiB and enters 64-bit
+//! mode; the checks:
 //! - `boot_magic`: EAX = 0x2BADB002; `boot_info`: EBX's information has memory sizes, a
 //!   memory map with RAM at 1 MiB, a command line and the boot loader's name;
 //! - `fw_cfg_signature`, `fw_cfg_id`, `fw_cfg_cpus`, `fw_cfg_ram_size` (the multiboot
 //!   memory sizes, to within the 128 KiB QEMU keeps for its ACPI tables), `fw_cfg_file_dir`, `fw_cfg_cmdline` (equal to the multiboot
 //!   command line after its first word, the kernel's path or VM name, where fw_cfg has one);
 //! - `string_io_ins`: `rep insb` of the fw_cfg signature; `string_io_outs`: a line sent to
-//!   COM1 with `rep outsb` (its text appears on the console).
+//!   COM1 with `rep outsb` (its text appears on the console);
+//! - `testdev_ioport`, `testdev_width_echo`, `testdev_iomem`, `testdev_irq`: pc-testdev's
+//!   register through ports 0xE0 and 0xE8, its MMIO window, and IRQ 3 raised through port
+//!   0x2003 and taken through the 8259 (vector 0x23).
 //!
 //! Every line goes to COM1 as `mbtest: ...`; at the end `mbtest: N passed, M failed` and the
 //! kernel writes 0 (all passed: status 1) or 1 (status 3) to isa-debug-exit at port 0xF4.
@@ -38,18 +42,24 @@ mod kernel {
         movl %eax, boot_eax
         movl %ebx, boot_ebx
         movl $stack_top, %esp
-        /* PML4[0] -> PDPT, PDPT[0] -> PD, PD: 512 x 2 MiB identity pages (the first GiB). */
+        /* PML4[0] -> PDPT; PDPT[0] -> PD (the first GiB), PDPT[3] -> PD_HI (the last GiB
+           below 4 GiB: pc-testdev's MMIO window); 2 MiB identity pages. */
         movl $pdpt, %eax
         orl $3, %eax
         movl %eax, pml4
         movl $pd, %eax
         orl $3, %eax
         movl %eax, pdpt
+        movl $pd_hi, %eax
+        orl $3, %eax
+        movl %eax, pdpt + 24
         xorl %ecx, %ecx
     1:  movl %ecx, %eax
         shll $21, %eax
         orl $0x83, %eax
         movl %eax, pd(,%ecx,8)
+        orl $0xC0000000, %eax
+        movl %eax, pd_hi(,%ecx,8)
         incl %ecx
         cmpl $512, %ecx
         jne 1b
@@ -69,6 +79,20 @@ mod kernel {
         ljmp $0x08, $long_entry
 
         .code64
+        /* pc-testdev IRQ 3 through the 8259 (vector 0x23): count it, lower the line, EOI. */
+        .global irq3_stub
+    irq3_stub:
+        pushq %rax
+        pushq %rdx
+        lock incl irq_count
+        movw $0x2003, %dx
+        xorb %al, %al
+        outb %al, %dx
+        movb $0x20, %al
+        outb %al, $0x20
+        popq %rdx
+        popq %rax
+        iretq
     long_entry:
         movw $0x10, %ax
         movw %ax, %ds
@@ -96,12 +120,16 @@ mod kernel {
     boot_eax: .long 0
         .global boot_ebx
     boot_ebx: .long 0
+        .global irq_count
+    irq_count: .long 0
 
         .section .bss
         .balign 4096
     pml4: .skip 4096
     pdpt: .skip 4096
     pd: .skip 4096
+    pd_hi: .skip 4096
+    idt: .skip 4096
         .balign 16
         .skip 64 * 1024
     stack_top:
@@ -112,6 +140,9 @@ mod kernel {
     extern "C" {
         static boot_eax: u32;
         static boot_ebx: u32;
+        static irq_count: u32;
+        static mut idt: [u64; 512];
+        fn irq3_stub();
     }
 
     const COM1: u16 = 0x3F8;
@@ -127,6 +158,18 @@ mod kernel {
     fn outw(port: u16, v: u16) {
         // SAFETY: as in `outb`.
         unsafe { core::arch::asm!("out dx, ax", in("dx") port, in("ax") v, options(nomem, nostack)) };
+    }
+
+    fn outl(port: u16, v: u32) {
+        // SAFETY: as in `outb`.
+        unsafe { core::arch::asm!("out dx, eax", in("dx") port, in("eax") v, options(nomem, nostack)) };
+    }
+
+    fn inl(port: u16) -> u32 {
+        let v: u32;
+        // SAFETY: as in `outb`.
+        unsafe { core::arch::asm!("in eax, dx", out("eax") v, in("dx") port, options(nomem, nostack)) };
+        v
     }
 
     fn inb(port: u16) -> u8 {
@@ -316,6 +359,8 @@ mod kernel {
         };
         t.passed += 1;
 
+        testdev(&mut t);
+
         if args.split_ascii_whitespace().any(|w| w == "mode=fail") {
             t.check("forced_failure", false, format_args!("mode=fail"));
         }
@@ -326,6 +371,73 @@ mod kernel {
             // SAFETY: halting with interrupts off ends this kernel's execution.
             unsafe { core::arch::asm!("cli; hlt", options(nomem, nostack)) };
         }
+    }
+
+    /// QEMU's pc-testdev: its register through both port windows, its memory window, and an
+    /// interrupt raised through its IRQ line 3 and taken through the 8259.
+    fn testdev(t: &mut Tally) {
+        outl(0xE0, 0x1234_5678);
+        let (dword, byte) = (inl(0xE0), inb(0xE1));
+        t.check(
+            "testdev_ioport",
+            dword == 0x1234_5678 && byte == 0x56,
+            format_args!("dword={dword:#x} byte={byte:#x}"),
+        );
+        for (i, b) in [0xAAu8, 0xBB, 0xCC, 0xDD].iter().enumerate() {
+            outb(0xE8 + i as u16, *b);
+        }
+        let echo = inl(0xE8);
+        t.check("testdev_width_echo", echo == 0xDDCC_BBAA, format_args!("{echo:#x}"));
+        let window = 0xFF00_0100usize as *mut u32;
+        // SAFETY: pc-testdev's MMIO window, identity-mapped by the entry code's upper table.
+        let back = unsafe {
+            window.write_volatile(0xC0FF_EE00);
+            window.read_volatile()
+        };
+        t.check("testdev_iomem", back == 0xC0FF_EE00, format_args!("{back:#x}"));
+
+        // The IDT: vector 0x23 -> irq3_stub (64-bit interrupt gate, selector 0x08).
+        let handler = irq3_stub as *const () as usize as u64;
+        let low = (handler & 0xFFFF) | (0x08 << 16) | (0x8E << 40) | ((handler >> 16 & 0xFFFF) << 48);
+        // SAFETY: the IDT lives in this kernel's .bss; only this code writes it, before interrupts are on.
+        unsafe {
+            let idt_base = core::ptr::addr_of_mut!(idt) as *mut u64;
+            idt_base.add(0x23 * 2).write_volatile(low);
+            idt_base.add(0x23 * 2 + 1).write_volatile(handler >> 32);
+            let ptr: [u16; 5] = [
+                (256 * 16 - 1) as u16,
+                idt_base as u64 as u16,
+                (idt_base as u64 >> 16) as u16,
+                (idt_base as u64 >> 32) as u16,
+                (idt_base as u64 >> 48) as u16,
+            ];
+            core::arch::asm!("lidt [{}]", in(reg) ptr.as_ptr(), options(nostack, readonly));
+        }
+        // The 8259 pair: vectors 0x20 and 0x28, everything masked but IRQ 3.
+        for (port, v) in
+            [(0x20, 0x11), (0xA0, 0x11), (0x21, 0x20), (0xA1, 0x28), (0x21, 4), (0xA1, 2), (0x21, 1), (0xA1, 1)]
+        {
+            outb(port, v);
+        }
+        outb(0x21, !(1u8 << 3));
+        outb(0xA1, 0xFF);
+        outb(0x2003, 1);
+        let count = || {
+            // SAFETY: a 4-byte counter the interrupt handler increments.
+            unsafe { core::ptr::addr_of!(irq_count).read_volatile() }
+        };
+        let mut spins = 0u32;
+        // SAFETY: the IDT handles the one unmasked vector; interrupts go off again after.
+        unsafe { core::arch::asm!("sti", options(nomem, nostack)) };
+        while count() == 0 && spins < 50_000_000 {
+            core::hint::spin_loop();
+            spins += 1;
+        }
+        // SAFETY: interrupts off again.
+        unsafe { core::arch::asm!("cli", options(nomem, nostack)) };
+        outb(0x21, 0xFF);
+        let n = count();
+        t.check("testdev_irq", n == 1, format_args!("interrupts={n}"));
     }
 
     #[panic_handler]

@@ -9,6 +9,7 @@ pub mod irq;
 pub mod irqchip;
 pub mod lapic;
 pub mod pc;
+pub mod pc_testdev;
 pub mod pci;
 pub mod pic;
 pub mod pit;
