@@ -99,6 +99,8 @@ fn under_vireo(machine: Machine, kernel: &PathBuf, bad_input: bool) -> Outcome {
         .module(&module, "mb:module mod0 x=y")
         .module(kernel, "mbfail mem=64M expect=exited:3 -- mode=fail");
     if bad_input {
+        // Two vCPUs (the second waits for a SIPI that never comes); a module for no VM.
+        boot = boot.module(kernel, "mbsmp mem=64M cpus=2 expect=exited:1").module(&module, "ghost:module");
         let image = std::fs::read(kernel).expect("read the kernel");
         boot = boot
             .module(scratch_file("mb-noheader.elf32", &broken(&image, false)), "noheader mem=64M")
@@ -147,10 +149,25 @@ fn multiboot_matches_qemu_on_qemu_tcg_svm() {
     assert!(refused("noheader").contains("32-bit ELF without a multiboot header"), "{out:?}");
     assert!(refused("badsum").contains("bad checksum"), "{out:?}");
     assert!(refused("outside").contains("lies outside the VM's RAM"), "{out:?}");
+    // fw_cfg counts the vCPUs (the MADT lists them); a module naming no VM is reported.
+    assert!(out.guest_lines("mbsmp").contains(&"mbtest: fw_cfg_cpus ok cpus=2"), "{out:?}");
+    assert!(out.line("vm module=").contains("module for VM 'ghost', which no module describes"), "{out:?}");
     let ended = out.line("vms ended ");
-    assert_eq!(field(ended, "as_expected").as_deref(), Some("2"), "{out:?}");
+    assert_eq!(field(ended, "as_expected").as_deref(), Some("3"), "{out:?}");
     assert_eq!(field(ended, "refused").as_deref(), Some("3"), "{out:?}");
     out.assert_exit_fail();
+}
+
+/// A kernel that fails (isa-debug-exit status 3 where the line expects 1) fails the run, as
+/// it fails under plain QEMU.
+#[test]
+fn a_failing_multiboot_kernel_fails_the_run() {
+    let kernel = kernel();
+    let out = Boot::new(Machine::QemuSvm).module(&kernel, "mbfail mem=64M expect=exited:1 -- mode=fail").run();
+    assert_eq!(out.field("vm name=mbfail end ", "status"), "3", "{out:?}");
+    assert_eq!(out.field("vm name=mbfail result", "result"), "unexpected", "{out:?}");
+    out.assert_exit_fail();
+    assert!(out.line("exit status=fail").contains("a VM did not end as expected"), "{out:?}");
 }
 
 #[test]
