@@ -464,7 +464,7 @@ fn kernel_loads<'a>(image: &'a [u8], off: usize, h: &Header) -> Result<(Vec<Load
         // A kernel linked at virtual addresses other than its load addresses: the entry is
         // translated as GRUB and QEMU do (from the segment holding it).
         if ph.p_vaddr != ph.p_paddr && (ph.p_vaddr..ph.p_vaddr.saturating_add(ph.p_memsz)).contains(&hdr.e_entry) {
-            entry = hdr.e_entry - ph.p_vaddr + ph.p_paddr;
+            entry = (hdr.e_entry - ph.p_vaddr).wrapping_add(ph.p_paddr);
         }
         loads.push(Load {
             part: Part::Segment(index),
@@ -834,6 +834,61 @@ mod tests {
             }
             let _ = plan(&g, ram, "", &[]);
         }
+    }
+
+    /// Random headers (valid checksums, random flags and addresses) and random corruptions
+    /// of a good ELF32 kernel: the plan refuses or accepts, never panics, and what it accepts
+    /// lies in RAM without overlaps.
+    #[test]
+    fn random_images_never_panic() {
+        let mut x: u64 = 0x9E37_79B9_7F4A_7C15;
+        let mut next = || {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            x
+        };
+        let ram = 16 * MIB;
+        let good = elf32(&[(0x10_0000, 0x200, 0x1000), (0x20_0000, 0x100, 0x100)], 0x10_0000, 0);
+        let module = [BootModule { bytes: b"m", cmdline: "c" }];
+        let mut accepted = 0;
+        for i in 0..20_000 {
+            let img = if i % 2 == 0 {
+                let flags = (next() as u32) & (flags::AOUT_KLUDGE | 0x7);
+                let addrs = [0u32; 5].map(|_| match next() % 4 {
+                    0 => 0,
+                    1 => (next() % (32 * MIB)) as u32,
+                    2 => 0x10_0000 + (next() % 0x1000) as u32,
+                    _ => next() as u32,
+                });
+                let mut img = alloc::vec![0u8; (next() % 0x3000) as usize + 32];
+                let off = ((next() as usize) % (img.len() - 31)) & !3;
+                img[off..off + 32].copy_from_slice(&header(flags, addrs));
+                img
+            } else {
+                let mut img = good.clone();
+                for _ in 0..(next() % 8) {
+                    let at = (next() as usize) % img.len();
+                    img[at] = next() as u8;
+                }
+                img
+            };
+            if let Ok(Some(p)) = plan(&img, ram, "cmd", &module) {
+                let mut ranges: Vec<(u64, u64)> = p.kernel.iter().map(|l| (l.gpa, l.end())).collect();
+                ranges.extend(p.modules.iter().map(|(g, b)| (*g, g + b.len().max(1) as u64)));
+                ranges.push((p.stack_top - STACK, p.info_gpa + p.info.len() as u64));
+                for (k, a) in ranges.iter().enumerate() {
+                    assert!(a.1 <= ram, "{a:x?}");
+                    assert!(!(a.0 < BIOS_AREA.1 && BIOS_AREA.0 < a.1), "{a:x?}");
+                    for b in &ranges[k + 1..] {
+                        assert!(!(a.0 < b.1 && b.0 < a.1), "{a:x?} overlaps {b:x?}");
+                    }
+                }
+                assert!((p.entry as u64) < ram);
+                accepted += 1;
+            }
+        }
+        assert!(accepted > 1000, "only {accepted} random images were loadable: the test tests little");
     }
 
     #[test]

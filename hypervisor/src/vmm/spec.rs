@@ -3,7 +3,8 @@
 //!
 //! Module command line: `<name> [mem=SIZE] [cpus=N] [apic=on|off] [pv=kvm|off] [floor=on|off] [timeout=SECONDS] [guest arguments...]
 //! [-- kernel command line]`; `timeout` stops the VM after that many seconds of running
-//! (default: no limit); everything after ` -- ` is a Linux guest's kernel command line.
+//! (default: no limit); everything after ` -- ` is a Linux guest's or a multiboot kernel's
+//! command line. `expect=OUTCOME` (or `expect=exited:STATUS`) is how the VM should end.
 //! `pv` picks the paravirtual interface at CPUID 0x4000_0000 (`crate::pv`): default `kvm`
 //! for Linux VMs with local APICs, `off` otherwise. `floor=on` is a measuring mode: the
 //! backend answers PING hypercalls in its own entry loop (`Backend::run_floor`).
@@ -46,7 +47,7 @@ pub struct VmSpec<'a> {
     pub timeout_s: u64,
     /// vCPUs, 1..=[`MAX_VCPUS`].
     pub cpus: u32,
-    /// A Linux kernel's command line (after ` -- `), empty if none.
+    /// A Linux or multiboot kernel's command line (after ` -- `), empty if none.
     pub kernel_cmdline: &'a str,
     /// A Linux VM's local APIC and I/O APIC (`apic=off`: 8259 PIC mode only).
     pub apic: bool,
