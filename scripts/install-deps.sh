@@ -24,8 +24,9 @@ Installs what is missing for the given components (default: all of them):
           is installed), cpio, gzip; and to build the guest's kernel module against Debian's
           kernel headers: gcc-12 (the compiler Debian built the bookworm kernel with), make,
           binutils, libelf1 (objtool from linux-kbuild links it)
-  bench   third-party benchmarks for scripts/scoreboard.sh's guest: sysbench (copied with
-          the shared libraries it links into that guest's initramfs)
+  bench   third-party benchmarks for scripts/scoreboard.sh's guest: sysbench and
+          linux-perf (perf bench), copied with the shared libraries they link into that
+          guest's initramfs
   all     all of the above
 
 Debian packages are installed with apt-get (non-interactive, --no-install-recommends, after
@@ -101,6 +102,7 @@ apt_wanted() {
     fi
     if has bench; then
         echo "sysbench sysbench"
+        echo "perf linux-perf"
     fi
 }
 

@@ -9,9 +9,13 @@
 # build/scoreboard/initramfs.cpio.gz: busybox, /init = guests/linux/scoreboard/init.sh,
 # /lib/modules/vireo.ko (scripts/guest-linux.sh's module) and the static programs scorebench
 # and nullprog built from guests/linux/scoreboard/*.c (gcc -O2 -static) each time this script
-# runs, and Debian's sysbench (scripts/install-deps.sh bench) with the shared libraries ldd
-# names for it, for the one third-party benchmark, sysbench-threads. The kernel command line (sb_iters=NAME:N,... sb_reps=R) says what the guest runs; it
-# is the same on both sides: "console=ttyS0 panic=-1 sb_iters=... sb_reps=...".
+# runs, and Debian's sysbench and perf (linux-perf; scripts/install-deps.sh bench) with the
+# shared libraries ldd names for them, for the third-party benchmarks: sysbench-threads,
+# perf-syscall (`perf bench syscall basic`: getppid), perf-pipe (`perf bench sched pipe`: two
+# processes ping-pong through pipes) and perf-messaging (`perf bench sched messaging -g 1`:
+# 40 processes exchanging messages over sockets, hackbench). The kernel command line
+# (sb_iters=NAME:N,... sb_reps=R) says what the guest runs; it is the same on both sides:
+# "console=ttyS0 panic=-1 sb_iters=... sb_reps=...".
 #
 # Both sides: QEMU TCG, -cpu qemu64,+svm,+npt, one emulated CPU. Native: -m 256 -kernel
 # vmlinuz -initrd initramfs. Vireo: scripts/run-qemu.sh --smp 1 (QEMU -m 512) with the VM
@@ -34,13 +38,15 @@ set -euo pipefail
 # shellcheck source=lib.sh
 source "$(dirname "${BASH_SOURCE[0]}")/lib.sh"
 
-ALL_BENCHES=(null sigsegv sigfpe fork exec pipe mmap pagefault compute sysbench-threads)
+ALL_BENCHES=(null sigsegv sigfpe fork exec pipe mmap pagefault compute sysbench-threads perf-syscall perf-pipe
+    perf-messaging)
 # Default iterations per round (0.07-0.3 s of guest time each under -icount, about 1.3 s a
 # round; in host time about 5 s natively and 23 s under Vireo, where the boot itself takes
 # about 35 s).
 declare -A ITERS=(
     [null]=200000 [sigsegv]=20000 [sigfpe]=20000 [fork]=400 [exec]=300 [pipe]=10000
     [mmap]=10000 [pagefault]=50000 [compute]=20000000 [sysbench-threads]=1000
+    [perf-syscall]=200000 [perf-pipe]=10000 [perf-messaging]=20
 )
 REPEATS=8
 BOOTS=1
@@ -58,7 +64,8 @@ Usage: scripts/scoreboard.sh [OPTIONS]
 
 The VMI-style overhead scoreboard: micro-benchmarks of the Debian Linux guest (null system
 call, SIGSEGV and SIGFPE delivery, fork+wait, fork+exec, pipe round trip, mmap/munmap,
-first-touch page faults, a compute loop; and sysbench threads) natively in QEMU and as a 1-vCPU VM under Vireo in
+first-touch page faults, a compute loop; and the third-party sysbench threads, perf bench
+syscall basic, perf bench sched pipe and perf bench sched messaging) natively in QEMU and as a 1-vCPU VM under Vireo in
 QEMU, in one run: per benchmark the native and Vireo ns per operation, the ratio
 Vireo/native with a 95% confidence interval over the repetitions, and the VM's exits per
 second by reason. The method is in this script's header. About 5 minutes by default, 1.5
@@ -170,6 +177,7 @@ make_initramfs() {
     cp "$SRC/init.sh" "$stage/init"
     cp "$MODULE" "$stage/lib/modules/vireo.ko"
     add_dynamic "$(command -v sysbench)" "$stage" sysbench
+    add_dynamic "$(command -v perf)" "$stage" perf
     chmod 755 "$stage/bin/busybox" "$stage/init"
     for a in sh mount poweroff insmod nproc uname tr sleep awk tail; do
         ln -s busybox "$stage/bin/$a"

@@ -49,8 +49,13 @@ pub mod nr {
     /// Returns the calling vCPU's index in bits 15:0 and the VM's vCPU count in bits 31:16.
     /// (Version 2.)
     pub const VCPU_INFO: u64 = BASE + 9;
+    /// Resets the calling VM as a machine reset would: Vireo ends it and builds it again from
+    /// its module (fresh memory, devices and vCPUs); an ELF test guest finds
+    /// `vireo_boot=N` (N = 2, 3, ...) at the end of its command line. Does not return.
+    /// (Version 3.)
+    pub const VM_RESET: u64 = BASE + 10;
     /// The highest number defined today.
-    pub const LAST: u64 = VCPU_INFO;
+    pub const LAST: u64 = VM_RESET;
 }
 
 /// What a statistics call covers (RDX of [`nr::STATS`], RBX of [`nr::STATS_MARK`] and
@@ -227,6 +232,7 @@ mod tests {
             nr::STATS_MARK,
             nr::STEAL_TIME,
             nr::VCPU_INFO,
+            nr::VM_RESET,
         ];
         for (i, a) in all.iter().enumerate() {
             assert!(*a >= BASE, "Vireo numbers start at BASE, far above KVM's 1..=12");

@@ -18,6 +18,7 @@ pub mod stats;
 /// - Version 2 (0.2): the hypercall page ([`hypercall::page`]), FEATURES, STATS,
 ///   STATS_MARK, STEAL_TIME, VCPU_INFO ([`stats`] has the layouts). Version 1's calls work
 ///   unchanged.
+/// - Version 3 (0.3): VM_RESET.
 pub const ABI_VERSION: u32 = (ABI_MAJOR << 16) | ABI_MINOR;
 pub const ABI_MAJOR: u32 = 0;
-pub const ABI_MINOR: u32 = 2;
+pub const ABI_MINOR: u32 = 3;

@@ -98,6 +98,46 @@ fn check_spinner_stopped(out: &Outcome) {
     assert_ne!(out.field("time ", "lapic_timer_hz"), "0", "{out:?}");
 }
 
+/// `mode=reuse`, alone on `machine` (so its second boot gets the host RAM its first boot
+/// gave back, not that of some other VM that ended): the first boot wrote a marker all over
+/// its RAM and reset its VM (VM_RESET); the second boot got the same host RAM back and read
+/// only zeros there.
+fn ram_reuse(machine: Machine) {
+    let out = Boot::new(machine).guest("selftest=reuse mode=reuse").run();
+    check_verdict(&out, 1, 0);
+    let lines = out.guest_lines("reuse");
+    let dirtied = lines.iter().find(|l| l.starts_with("selftest: reuse boot=1 ")).expect("first boot's line");
+    assert!(field(dirtied, "dirtied_chunks").unwrap().parse::<u64>().unwrap() > 0, "{dirtied}\n{out:?}");
+    let restart = out.line("vm name=reuse restart ");
+    assert_eq!(field(restart, "boot").as_deref(), Some("2"), "{out:?}");
+    let reused: u64 = field(restart, "reused_mib").unwrap().parse().unwrap();
+    assert!(reused > 0, "the second boot got none of the first boot's RAM back: nothing shown\n{out:?}");
+    let probe = lines.iter().find(|l| l.starts_with("selftest: reuse boot=2 ")).expect("second boot's line");
+    assert!(field(probe, "chunks").unwrap().parse::<u64>().unwrap() > 0, "{probe}\n{out:?}");
+    assert_eq!(field(probe, "nonzero_words").as_deref(), Some("0"), "{probe}\n{out:?}");
+    let ends = out.lines("vm name=reuse end ");
+    assert_eq!(ends.len(), 2, "{out:?}");
+    assert_eq!(field(ends[0], "outcome").as_deref(), Some("reset"), "{out:?}");
+    let end = ends[1];
+    assert_eq!(field(end, "outcome").as_deref(), Some("exited"), "{out:?}");
+    assert_eq!(field(end, "status").as_deref(), Some("0"), "{out:?}");
+}
+
+#[test]
+fn ram_reuse_qemu_tcg_svm() {
+    ram_reuse(Machine::QemuSvm);
+}
+
+#[test]
+fn ram_reuse_bochs_vmx() {
+    ram_reuse(Machine::BochsVmx);
+}
+
+#[test]
+fn ram_reuse_bochs_svm() {
+    ram_reuse(Machine::BochsSvm);
+}
+
 fn check_garbage_refused(out: &Outcome) {
     let l = out.line("vm name=garbage not started");
     assert!(l.contains("not a guest image"), "{out:?}");

@@ -7,8 +7,21 @@ use std::process::Command;
 
 use vireo_tests::repo_root;
 
-const BENCHES: [&str; 10] =
-    ["null", "sigsegv", "sigfpe", "fork", "exec", "pipe", "mmap", "pagefault", "compute", "sysbench-threads"];
+const BENCHES: [&str; 13] = [
+    "null",
+    "sigsegv",
+    "sigfpe",
+    "fork",
+    "exec",
+    "pipe",
+    "mmap",
+    "pagefault",
+    "compute",
+    "sysbench-threads",
+    "perf-syscall",
+    "perf-pipe",
+    "perf-messaging",
+];
 
 /// The value after `key=` in a whitespace-separated line.
 fn value<'a>(line: &'a str, key: &str) -> Option<&'a str> {

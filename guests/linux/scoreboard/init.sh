@@ -1,7 +1,7 @@
 #!/bin/sh
 # /init of scripts/scoreboard.sh's guest (build/scoreboard/initramfs.cpio.gz: busybox, this
 # script, /lib/modules/vireo.ko, the static programs scorebench and nullprog from this
-# folder in /bin, and Debian's sysbench with the shared libraries it links). The same image boots natively (QEMU -kernel) and as a VM under Vireo.
+# folder in /bin, and Debian's sysbench and perf with the shared libraries they link). The same image boots natively (QEMU -kernel) and as a VM under Vireo.
 # The kernel command line says what to run (the kernel hands unknown key=value parameters to
 # init as environment variables):
 #   sb_iters=NAME:N,NAME:N,...   the benchmarks, in this order, with their iterations
@@ -29,25 +29,54 @@ echo "score: start cpus=$(nproc) clocksource=$cs vireo_module=$vireo kernel=$(un
 
 V=/sys/hypervisor/vireo
 
-# sysbench_threads EVENTS: the third-party benchmark `sysbench threads` (2 threads, 100
-# sched_yield() and 2 mutex lock/unlock pairs per event), as a score line: ns per event from
-# sysbench's own "total time"; the exits from a mark just before sysbench starts to a read
-# just after it ends (its start-up is counted in the exits, not in the time).
-sysbench_threads() {
-    [ -w "$V/mark" ] && echo 1 >"$V/mark"
-    sb_out="$(sysbench threads --threads=2 --thread-yields=100 --thread-locks=2 --events="$1" --time=0 run 2>&1)"
-    sb_status=$?
-    sb_ex=""
+# exits_since_mark: " KIND=COUNT ..." from vireo.ko (empty natively).
+exits_since_mark() {
+    ex=""
     if [ -r "$V/exits_since_mark" ]; then
-        while read -r sb_k sb_c _; do sb_ex="$sb_ex $sb_k=$sb_c"; done <"$V/exits_since_mark"
+        while read -r k c _; do ex="$ex $k=$c"; done <"$V/exits_since_mark"
     fi
-    sb_t="$(echo "$sb_out" | awk '/total time:/ { sub(/s$/, "", $3); print $3 }')"
-    if [ "$sb_status" != 0 ] || [ -z "$sb_t" ]; then
-        echo "$sb_out" | tail -n 5
+    echo "$ex"
+}
+
+# third_party NAME N SECONDS OUTPUT STATUS: the score lines of a third-party benchmark that
+# did N operations in SECONDS (its own figure), with the exits from a mark just before it
+# started to a read just after it ended (its start-up is counted in the exits, not in the time).
+third_party() {
+    tp_ex="$(exits_since_mark)"
+    if [ "$5" != 0 ] || [ -z "$3" ]; then
+        echo "$4" | tail -n 5
         return 1
     fi
-    awk -v t="$sb_t" -v n="$1" 'BEGIN { printf "score: name=sysbench-threads iterations=%d ns_per_op=%.2f\n", n, t * 1e9 / n }'
-    [ -z "$sb_ex" ] || awk -v t="$sb_t" -v ex="$sb_ex" 'BEGIN { printf "score: exits name=sysbench-threads elapsed_ns=%.0f%s\n", t * 1e9, ex }'
+    awk -v t="$3" -v n="$2" -v name="$1" 'BEGIN { printf "score: name=%s iterations=%d ns_per_op=%.2f\n", name, n, t * 1e9 / n }'
+    [ -z "$tp_ex" ] || awk -v t="$3" -v ex="$tp_ex" -v name="$1" 'BEGIN { printf "score: exits name=%s elapsed_ns=%.0f%s\n", name, t * 1e9, ex }'
+}
+
+mark() {
+    [ -w "$V/mark" ] && echo 1 >"$V/mark"
+}
+
+# sysbench_threads EVENTS: `sysbench threads` (2 threads, 100 sched_yield() and 2 mutex
+# lock/unlock pairs per event); time from sysbench's own "total time".
+sysbench_threads() {
+    mark
+    out="$(sysbench threads --threads=2 --thread-yields=100 --thread-locks=2 --events="$1" --time=0 run 2>&1)"
+    st=$?
+    t="$(echo "$out" | awk '/total time:/ { sub(/s$/, "", $3); print $3 }')"
+    third_party sysbench-threads "$1" "$t" "$out" "$st"
+}
+
+# perf_bench NAME N ARGS...: `perf bench ARGS` doing N operations; time from perf's own
+# "usecs/op" (6 decimals) where it prints one, else its "Total time: T [sec]".
+perf_bench() {
+    name="$1"
+    n="$2"
+    shift 2
+    mark
+    out="$(perf bench "$@" 2>&1)"
+    st=$?
+    t="$(echo "$out" | awk -v n="$n" '/usecs\/op/ { u = $1 } /Total time:/ { tt = $3 }
+        END { if (u != "") printf "%.9f\n", u * n / 1e6; else if (tt != "") print tt }')"
+    third_party "$name" "$n" "$t" "$out" "$st"
 }
 
 reps="${sb_reps:-1}"
@@ -59,11 +88,13 @@ while [ "$r" -le "$reps" ]; do
         name="${item%%:*}"
         n="${item#*:}"
         echo "score: run rep=$r name=$name"
-        if [ "$name" = sysbench-threads ]; then
-            sysbench_threads "$n" || echo "score: failed rep=$r name=$name"
-        else
-            scorebench "$name" "$n" || echo "score: failed rep=$r name=$name status=$?"
-        fi
+        case "$name" in
+            sysbench-threads) sysbench_threads "$n" ;;
+            perf-syscall) perf_bench "$name" "$n" syscall basic --loop "$n" ;;
+            perf-pipe) perf_bench "$name" "$n" sched pipe --loop "$n" ;;
+            perf-messaging) perf_bench "$name" "$n" sched messaging --group 1 --nr_loops "$n" ;;
+            *) scorebench "$name" "$n" ;;
+        esac || echo "score: failed rep=$r name=$name status=$?"
     done
     r=$((r + 1))
 done

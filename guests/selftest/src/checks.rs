@@ -98,6 +98,44 @@ fn other(insn: Instruction) -> Instruction {
     }
 }
 
+/// The words [`probe_untouched`] and [`dirty_ram`] look at in each 2 MiB chunk.
+const PROBE_OFFSETS: [u64; 3] = [0, 0x1000, (2 << 20) - 8];
+
+/// The 2 MiB chunks from 16 MiB (above the image and its data) to 4 MiB below the top of RAM
+/// (the stack).
+fn probed_chunks(ram: u64) -> impl Iterator<Item = u64> {
+    (8u64..).map(|i| i << 21).take_while(move |addr| addr + (4 << 20) <= ram)
+}
+
+/// Reads three words of every chunk this guest never wrote; returns (chunks, non-zero words).
+pub fn probe_untouched(ram: u64) -> (u64, u64) {
+    let (mut chunks, mut nonzero) = (0u64, 0u64);
+    for addr in probed_chunks(ram) {
+        for offset in PROBE_OFFSETS {
+            // SAFETY: the guest runs identity-mapped over all of its RAM (Vireo's boot
+            // tables cover 4 GiB); `addr + offset` is below `ram - 4 MiB`.
+            let v = unsafe { core::ptr::read_volatile((addr + offset) as *const u64) };
+            nonzero += (v != 0) as u64;
+        }
+        chunks += 1;
+    }
+    (chunks, nonzero)
+}
+
+/// Writes a marker into the words [`probe_untouched`] reads, in every chunk; returns the
+/// number of chunks (`mode=reuse`: the next boot must see none of it).
+pub fn dirty_ram(ram: u64) -> u64 {
+    let mut chunks = 0;
+    for addr in probed_chunks(ram) {
+        for offset in PROBE_OFFSETS {
+            // SAFETY: as in `probe_untouched`; nothing of this guest lives there.
+            unsafe { core::ptr::write_volatile((addr + offset) as *mut u64, 0x5649_5245_4f4c_4421) };
+        }
+        chunks += 1;
+    }
+    chunks
+}
+
 /// Runs every check (the SMP ones too when `cpus` > 1); returns the number that failed.
 pub fn run_all(ram: u64, cpus: usize) -> u32 {
     let mut t = Tally::new();
@@ -105,21 +143,8 @@ pub fn run_all(ram: u64, cpus: usize) -> u32 {
 
     // RAM nobody wrote reads as zeros: Vireo populates it lazily, per 2 MiB, zeroing each
     // chunk at the first touch (this one), never exposing host data or an earlier VM's.
-    // From 16 MiB (above the image and its data) to 4 MiB below the top (the stack).
     t.check("ram_untouched_reads_zero", {
-        let mut nonzero = 0u64;
-        let mut chunks = 0u64;
-        let mut addr = 16u64 << 20;
-        while addr + (4 << 20) <= ram {
-            for offset in [0u64, 0x1000, (2 << 20) - 8] {
-                // SAFETY: the guest runs identity-mapped over all of its RAM (Vireo's boot
-                // tables cover 4 GiB); `addr + offset` is below `ram - 4 MiB`.
-                let v = unsafe { core::ptr::read_volatile((addr + offset) as *const u64) };
-                nonzero += (v != 0) as u64;
-            }
-            chunks += 1;
-            addr += 2 << 20;
-        }
+        let (chunks, nonzero) = probe_untouched(ram);
         let _ = writeln!(Console, "selftest: ram_untouched chunks={chunks} nonzero_words={nonzero}");
         ensure(nonzero == 0, "untouched RAM is not zero")
     });

@@ -12,6 +12,10 @@
 //!   the new MSRs and hypercalls of ABI version 2 and of the KVM interface given bad values,
 //!   then valid kvmclock, steal-time and PV EOI registrations (`pv.rs`); summary and exit
 //!   status as in the default mode;
+//! - `mode=reuse`: the first boot writes a marker into all of its free RAM and resets the VM
+//!   (hypercall VM_RESET); the next boot (`vireo_boot=N` on its line) checks that its
+//!   untouched RAM reads as zeros (`selftest: reuse boot=N chunks=C nonzero_words=W`) and
+//!   exits with status 0 if so;
 //! - `mode=triple-fault`: fault with no usable IDT, which triple-faults;
 //! - `mode=spin` / `mode=spin-sti`: loop forever with interrupts off / on and no exits (a
 //!   runaway guest, for the VM time limit).
@@ -108,6 +112,22 @@ mod guest {
             let n: u64 = n.parse().unwrap_or(100_000);
             crate::checks::bench(n);
             exit(0);
+        }
+        if args.split_whitespace().any(|a| a == "mode=reuse") {
+            match args.split_whitespace().find_map(|a| a.strip_prefix("vireo_boot=")) {
+                None => {
+                    let chunks = crate::checks::dirty_ram(ram);
+                    let _ = writeln!(out, "selftest: reuse boot=1 dirtied_chunks={chunks}");
+                    call(nr::VM_RESET, [0; 4]);
+                    let _ = writeln!(out, "selftest: reuse VM_RESET returned FAIL");
+                    exit(1);
+                }
+                Some(boot) => {
+                    let (chunks, nonzero) = crate::checks::probe_untouched(ram);
+                    let _ = writeln!(out, "selftest: reuse boot={boot} chunks={chunks} nonzero_words={nonzero}");
+                    exit((nonzero != 0) as u64);
+                }
+            }
         }
         // Vireo hands the guest its whole VM line, `cpus=N` included.
         let cpus = args.split_whitespace().find_map(|a| a.strip_prefix("cpus=")).and_then(|n| n.parse().ok());

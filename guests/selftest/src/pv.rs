@@ -174,7 +174,11 @@ pub fn hypercall_page(t: &mut Tally, cpus: usize) {
     let leaf = __cpuid(abi::LEAF_HYPERCALL_PAGE);
     let insn = native();
     let mut f = Fails::new("hypercall_page");
-    f.expect(version.eax == 0x2, "ABI version", format_args!("eax={:#x}", version.eax));
+    f.expect(
+        version.eax == guest_abi::ABI_VERSION && version.eax >= 0x2,
+        "ABI version",
+        format_args!("eax={:#x}", version.eax),
+    );
     f.expect(
         version.ebx & abi::features::HYPERCALL_PAGE != 0 && version.ebx & abi::features::STATS != 0,
         "feature bits",
@@ -220,7 +224,7 @@ pub fn hypercall_page(t: &mut Tally, cpus: usize) {
         let ping = pcall(nr::PING, [41, 0, 0, 0]);
         f.expect(ping == 42, "PING", format_args!("{ping}"));
         let v = pcall(nr::VERSION, [0; 4]);
-        f.expect(v == 2, "VERSION", format_args!("{v:#x}"));
+        f.expect(v == guest_abi::ABI_VERSION as i64, "VERSION", format_args!("{v:#x}"));
         let feat = pcall(nr::FEATURES, [0; 4]);
         f.expect(feat == version.ebx as i64, "FEATURES != CPUID", format_args!("{feat:#x} vs {:#x}", version.ebx));
         let info = pcall(nr::VCPU_INFO, [0; 4]);
@@ -237,7 +241,7 @@ pub fn hypercall_page(t: &mut Tally, cpus: usize) {
             format_args!("{on:?} {s1:02x?}"),
         );
         let v = pcall(nr::VERSION, [0; 4]);
-        f.expect(v == 2, "VERSION after re-enabling", format_args!("{v:#x}"));
+        f.expect(v == guest_abi::ABI_VERSION as i64, "VERSION after re-enabling", format_args!("{v:#x}"));
     }
     let page_ok = f.first.is_none();
     t.check_detail(

@@ -183,8 +183,9 @@ fn finish(vm: Arc<Vm>) {
     let relaunch = vm.relaunch.filter(|r| outcome == VmOutcome::Reset && r.boot <= MAX_RESTARTS);
     if let Some(r) = relaunch {
         let name = vm.name.clone();
+        let old = vm.mem.host_range();
         release(vm);
-        restart(&name, r);
+        restart(&name, r, old);
         if LIVE_VMS.fetch_sub(1, Ordering::AcqRel) == 1 {
             kick(0);
         }
@@ -204,12 +205,22 @@ fn finish(vm: Arc<Vm>) {
 }
 
 /// Builds and starts a reset VM again (its LIVE_VMS count is taken before the old one's is
-/// dropped, so the run does not end in between).
-fn restart(name: &str, r: crate::vmm::vm::Relaunch) {
+/// dropped, so the run does not end in between). `old` is the host RAM the previous boot
+/// had: the report says how much of it the new boot got back (`reused_mib`), which lazy
+/// zeroing keeps from showing the previous boot's data (`vmm::guest_mem`).
+fn restart(name: &str, r: crate::vmm::vm::Relaunch, old: core::ops::Range<u64>) {
     let Some(hw) = HW.get() else { return };
     let boot = r.boot + 1;
-    report!("vm name={name} restart boot={boot}");
-    match crate::vmm::launch::build_vm(hw, &mut mm::frames(), &r.spec, r.files, kick, boot) {
+    let built = crate::vmm::launch::build_vm(hw, &mut mm::frames(), &r.spec, r.files, kick, boot);
+    let reused = match &built {
+        Ok(vm) => {
+            let new = vm.mem.host_range();
+            new.end.min(old.end).saturating_sub(new.start.max(old.start)) >> 20
+        }
+        Err(_) => 0,
+    };
+    report!("vm name={name} restart boot={boot} reused_mib={reused}");
+    match built {
         Ok(mut vm) => {
             vm.relaunch = Some(crate::vmm::vm::Relaunch { boot, ..r });
             start_vm(vm);

@@ -224,6 +224,11 @@ impl GuestMemory {
     }
 
     /// Physical address of the NPT root (nCR3) or EPT PML4.
+    /// The host-physical range holding guest RAM (guest-physical 0 is its start).
+    pub fn host_range(&self) -> core::ops::Range<u64> {
+        self.host_base..self.host_base + self.size
+    }
+
     pub fn nested_root(&self) -> u64 {
         match &self.tables {
             Tables::Npt(t) => t.root(),

@@ -20,6 +20,8 @@ pub enum Outcome {
     Return(i64),
     /// The guest asked to end its VM with this status.
     Exit(u64),
+    /// The guest asked for its VM to be reset (built again from its module).
+    Reset,
 }
 
 /// Everything a hypercall may touch.
@@ -82,6 +84,7 @@ pub fn handle(number: u64, args: [u64; 4], cpl: u8, cx: &mut Context<'_>) -> Out
             }
         }
         nr::VM_EXIT => Outcome::Exit(args[0]),
+        nr::VM_RESET => Outcome::Reset,
         nr::EXIT_STATS => {
             // Version 1: EXIT_KINDS bare records of the calling vCPU; returns their number.
             let (gpa, len) = (args[0], args[1]);
@@ -224,7 +227,9 @@ mod tests {
             assert_eq!(handle(nr::PING, [1, 0, 0, 0], 3, cx), Outcome::Return(-errno::EPERM));
             assert_eq!(handle(nr::PING, [1, 0, 0, 0], 0, cx), Outcome::Return(2));
             assert_eq!(handle(nr::LAST + 1, [0; 4], 0, cx), Outcome::Return(-errno::ENOSYS));
-            assert_eq!(handle(nr::VERSION, [0; 4], 0, cx), Outcome::Return(2));
+            assert_eq!(handle(nr::VERSION, [0; 4], 0, cx), Outcome::Return(3));
+            assert_eq!(handle(nr::VM_RESET, [0; 4], 0, cx), Outcome::Reset);
+            assert_eq!(handle(nr::VM_RESET, [0; 4], 3, cx), Outcome::Return(-errno::EPERM));
             assert_eq!(handle(nr::FEATURES, [0; 4], 0, cx), Outcome::Return(0xF));
         });
     }

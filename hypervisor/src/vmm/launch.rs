@@ -171,7 +171,8 @@ enum Kind<'a> {
 /// Builds the VM for `spec` from `image` (its memory, devices and vCPUs), ready to run.
 ///
 /// `boot_number` counts the VM's boots (1 = first; a guest reset starts the next): a Linux
-/// guest sees it from the second boot on as `vireo_boot=N` at the end of its kernel command line.
+/// guest sees it from the second boot on as `vireo_boot=N` at the end of its kernel command line,
+/// an ELF test guest at the end of its VM line.
 pub fn build_vm(
     hw: &Hardware,
     frames: &mut FrameAllocator,
@@ -265,9 +266,18 @@ pub fn build_vm(
         Kind::TestElf => {
             let entry = elf::load(image, &mem, boot64::RESERVED_END).map_err(LaunchError::Image)?;
             let state = boot64::setup(&mem, entry).map_err(LaunchError::Memory)?;
+            // The VM line, then ` vireo_boot=N` from the second boot on (VM_RESET), at most
+            // 255 bytes and a NUL.
             let mut args = [0u8; 256];
-            let n = spec.args.len().min(255);
-            args[..n].copy_from_slice(&spec.args.as_bytes()[..n]);
+            let with_boot;
+            let line = if boot_number > 1 {
+                with_boot = alloc::format!("{} vireo_boot={boot_number}", spec.args);
+                with_boot.as_str()
+            } else {
+                spec.args
+            };
+            let n = line.len().min(255);
+            args[..n].copy_from_slice(&line.as_bytes()[..n]);
             mem.write(ARGS_GPA, &args).map_err(LaunchError::Memory)?;
             Ok((entry, state, GuestRegs { rdi: size, rsi: ARGS_GPA, ..GuestRegs::default() }))
         }

@@ -913,6 +913,7 @@ impl Vcpu {
                 Flow::Continue
             }
             hypercall::Outcome::Exit(status) => Flow::Stop(VmOutcome::Exited { status }),
+            hypercall::Outcome::Reset => Flow::Stop(VmOutcome::Reset),
         }
     }
 
