@@ -14,7 +14,7 @@ Usage: scripts/test.sh [CARGO TEST ARGS...]
 Runs scripts/install-deps.sh (everything), then the lints
   cargo fmt --all -- --check
   cargo clippy --workspace --all-targets -- -D warnings          (host build, tests included)
-  cargo clippy -p hypervisor -p vireo-selftest --target x86_64-unknown-none -- -D warnings
+  cargo clippy -p hypervisor -p vireo-selftest -p vireo-mbtest --target x86_64-unknown-none -- -D warnings
 and
   cargo test --workspace --no-fail-fast [CARGO TEST ARGS...]
 from the repository root, and prints a summary of all the test binaries' results. A lint
@@ -46,7 +46,7 @@ run_lint() {
 set +e
 run_lint fmt cargo fmt --all -- --check
 run_lint clippy-host cargo clippy --workspace --all-targets -q -- -D warnings
-run_lint clippy-bare-metal cargo clippy -p hypervisor -p vireo-selftest --target x86_64-unknown-none -q -- -D warnings
+run_lint clippy-bare-metal cargo clippy -p hypervisor -p vireo-selftest -p vireo-mbtest --target x86_64-unknown-none -q -- -D warnings
 cargo test --workspace --no-fail-fast "$@" 2>&1 | tee "$OUTPUT"
 rc="${PIPESTATUS[0]}"
 set -e

@@ -7,6 +7,7 @@ use crate::{
     bootinfo::RegionKind,
     bootinfo::{self, cmdline},
     console::{self, Bytes},
+    guest::multiboot1::BootModule,
     mm::{
         self,
         host::{ImageLayout, PagingFeatures, Segment, MAX_SEGMENTS},
@@ -188,21 +189,24 @@ pub fn kernel_main(magic: u32, mbi_addr: u32) -> ! {
 
     static BUILDING: &str = "building VMs";
     arch::idt::set_context(&BUILDING);
-    // Initramfs modules belong to the VM they name; one naming no VM is reported.
+    // Initramfs and multiboot modules belong to the VM they name; one naming no VM is reported.
     for m in info.modules() {
-        if let Some(vm) = spec::initrd_of(m.cmdline) {
-            let owner = info
-                .modules()
-                .any(|k| spec::initrd_of(k.cmdline).is_none() && spec::parse(k.cmdline).is_ok_and(|s| s.name == vm));
-            if !owner {
-                report!("vm module={} not used reason=\"initrd for VM '{vm}', which no module describes\"", m.index);
-            }
+        let (vm, what) = match (spec::initrd_of(m.cmdline), spec::module_of(m.cmdline)) {
+            (Some(vm), _) => (vm, "initrd"),
+            (None, Some((vm, _))) => (vm, "module"),
+            (None, None) => continue,
+        };
+        let owner = info
+            .modules()
+            .any(|k| !spec::is_attachment(k.cmdline) && spec::parse(k.cmdline).is_ok_and(|s| s.name == vm));
+        if !owner {
+            report!("vm module={} not used reason=\"{what} for VM '{vm}', which no module describes\"", m.index);
         }
     }
     // Every VM is built first, then all start together.
     let mut vms = alloc::vec::Vec::new();
     for m in info.modules() {
-        if spec::initrd_of(m.cmdline).is_some() {
+        if spec::is_attachment(m.cmdline) {
             continue;
         }
         // The line outlives this loop: a VM whose guest resets it is built again from it.
@@ -228,9 +232,25 @@ pub fn kernel_main(magic: u32, mbi_addr: u32) -> ! {
             .find(|k| spec::initrd_of(k.cmdline) == Some(spec.name))
             // SAFETY: as for `image`.
             .map(|k| unsafe { module_bytes(k) });
-        match launch::build_vm(hw, &mut mm::frames(), &spec, image, initrd, sched::kick, 1) {
+        // A multiboot kernel's modules, in module order, each with the rest of its line; kept
+        // (like the line) for a rebuild after a reset.
+        let modules: alloc::vec::Vec<_> = info
+            .modules()
+            .filter_map(|k| {
+                let (vm, args) = spec::module_of(k.cmdline)?;
+                (vm == spec.name).then(|| {
+                    let args: &'static str =
+                        alloc::boxed::Box::leak(alloc::string::String::from(args).into_boxed_str());
+                    // SAFETY: as for `image`.
+                    BootModule { bytes: unsafe { module_bytes(k) }, cmdline: args }
+                })
+            })
+            .collect();
+        let modules: &'static [BootModule<'static>] = alloc::boxed::Box::leak(modules.into_boxed_slice());
+        let files = launch::GuestFiles { image, initrd, modules };
+        match launch::build_vm(hw, &mut mm::frames(), &spec, files, sched::kick, 1) {
             Ok(mut vm) => {
-                vm.relaunch = Some(vmm::vm::Relaunch { spec, image, initrd, boot: 1 });
+                vm.relaunch = Some(vmm::vm::Relaunch { spec, files, boot: 1 });
                 vms.push(vm)
             }
             Err(e) => {

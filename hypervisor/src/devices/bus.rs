@@ -63,6 +63,8 @@ pub enum BusEffect {
     PowerOff,
     /// The guest reset its machine (reset register, keyboard controller, port 0x92).
     Reset,
+    /// The guest ended its machine with this status (QEMU's `isa-debug-exit`).
+    Exit(u64),
 }
 
 /// What a device may use while it handles an access or a tick.

@@ -2,11 +2,14 @@
 
 pub mod bus;
 pub mod console;
+pub mod debug_exit;
+pub mod fw_cfg;
 pub mod ioapic;
 pub mod irq;
 pub mod irqchip;
 pub mod lapic;
 pub mod pc;
+pub mod pc_testdev;
 pub mod pci;
 pub mod pic;
 pub mod pit;

@@ -9,8 +9,11 @@ use spin::Mutex;
 
 use super::{
     bus::{device, Bus, Overlap, Range},
+    debug_exit::DebugExit,
+    fw_cfg::FwCfg,
     ioapic::{IOAPIC_BASE, IOAPIC_MMIO_SIZE},
     irqchip::{Interrupts, IoApicMmio, IrqLine, PicPorts},
+    pc_testdev::PcTestdev,
     pci::PciBus,
     pic::{ELCR_MASTER, MASTER_CMD, SLAVE_CMD},
     pit::{PitDevice, PIT_IRQ},
@@ -45,6 +48,23 @@ pub fn build(
         bus.add(device(IoApicMmio(irq.clone())), &[Range::mmio(IOAPIC_BASE, IOAPIC_MMIO_SIZE)])?;
     }
     Ok(uart)
+}
+
+/// Adds QEMU's test devices that kernels written for `qemu -kernel` use: `isa-debug-exit`
+/// at port 0xF4, `fw_cfg` at 0x510 (RAM size `ram`, `cpus`, kernel command line `cmdline`,
+/// VM `name`) and `pc-testdev` (ports 0xE0-0xEB, 0x2000-0x2017, MMIO at 0xFF00_0000).
+pub fn add_qemu_test_devices(
+    bus: &mut Bus,
+    irq: &Arc<Interrupts>,
+    ram: u64,
+    cpus: u16,
+    cmdline: &str,
+    name: &str,
+) -> Result<(), Overlap> {
+    bus.add(device(DebugExit), &DebugExit::RANGES)?;
+    bus.add(device(FwCfg::new(ram, cpus, cmdline, name)), &FwCfg::RANGES)?;
+    bus.add(device(PcTestdev::new(irq)), &PcTestdev::RANGES)?;
+    Ok(())
 }
 
 #[cfg(test)]

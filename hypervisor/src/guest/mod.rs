@@ -5,3 +5,4 @@ pub mod boot64;
 pub mod elf;
 pub mod le;
 pub mod linux;
+pub mod multiboot1;

@@ -177,10 +177,14 @@ impl core::fmt::Display for CpuList<'_> {
 }
 
 /// What a VM's end says about the run: powered off or exited with status 0 is as expected,
-/// unless the VM line expects something else (`expect=` on the VM line).
+/// unless the VM line expects something else (`expect=` on the VM line; `expect=exited:N`
+/// also names the status).
 fn as_expected(vm: &Vm, outcome: VmOutcome) -> bool {
     match vm.expect {
-        Some(want) => want == outcome.name(),
+        Some(want) => {
+            want == outcome.name()
+                && vm.expect_status.is_none_or(|s| matches!(outcome, VmOutcome::Exited { status } if status == s))
+        }
         None => matches!(outcome, VmOutcome::PoweredOff | VmOutcome::Exited { status: 0 }),
     }
 }
@@ -224,7 +228,7 @@ fn finish(vm: Arc<Vm>) {
 fn restart(name: &str, r: crate::vmm::vm::Relaunch, old: core::ops::Range<u64>) {
     let Some(hw) = HW.get() else { return };
     let boot = r.boot + 1;
-    let built = crate::vmm::launch::build_vm(hw, &mut mm::frames(), &r.spec, r.image, r.initrd, kick, boot);
+    let built = crate::vmm::launch::build_vm(hw, &mut mm::frames(), &r.spec, r.files, kick, boot);
     let reused = match &built {
         Ok(vm) => {
             let new = vm.mem.host_range();

@@ -494,3 +494,14 @@ fn run_floor_answers_pings_in_the_backend_and_returns_other_exits() {
     assert_eq!(exit.kind, ExitKind::Hypercall(HypercallInsn::Vmmcall));
     assert_eq!(regs.rax, PING + 1);
 }
+
+#[test]
+fn multiboot_protected_mode_state_is_a_valid_vmcb() {
+    let (mut v, _f) = vcpu(&caps());
+    let st = CpuState::protected_mode_flat(0x10_0000, 0x2000, DescriptorTable { base: 0x2080, limit: 39 });
+    v.load_state(&st);
+    assert_eq!(check::first_failure(v.vmcb()), None);
+    assert!(!v.long_mode());
+    assert_eq!(v.cr0() & 0x8000_0001, 1, "protected mode, paging off");
+    assert_eq!(v.segment(SegReg::Cs).attr, st.cs.attr);
+}

@@ -8,7 +8,9 @@ use alloc::vec::Vec;
 use super::{
     backend::BackendError,
     guest_mem::{GuestMemError, GuestMemory, NestedFormat},
+    regs::GuestRegs,
     spec::VmSpec,
+    state::{CpuState, DescriptorTable},
     vcpu::{SliceEnd, Vcpu},
     vm::Vm,
 };
@@ -25,6 +27,7 @@ use crate::{
         acpi, boot64,
         elf::{self, ElfError},
         linux::{self, LinuxError, LinuxLayout},
+        multiboot1::{self, BootModule, Mb1Error},
     },
     mm::FrameAllocator,
     pv::{PvMode, VmPv},
@@ -62,6 +65,9 @@ pub enum LaunchError {
     Image(ElfError),
     NotAnImage,
     Kernel(LinuxError),
+    Multiboot(Mb1Error),
+    /// A 32-bit ELF without a multiboot header: nothing says how to start it.
+    NoMultibootHeader,
     Acpi(acpi::AcpiError),
     Backend(BackendError),
     OutOfHeap,
@@ -74,8 +80,12 @@ impl fmt::Display for LaunchError {
             LaunchError::Memory(e) => write!(f, "guest memory: {e}"),
             LaunchError::Image(e) => write!(f, "guest image: {e}"),
             LaunchError::NotAnImage => {
-                f.write_str("module is not a guest image Vireo can load (expected a Linux bzImage or an x86-64 ELF)")
+                f.write_str("module is not a guest image Vireo can load (expected a Linux bzImage, a multiboot kernel or an x86-64 ELF)")
             }
+            LaunchError::Multiboot(e) => write!(f, "multiboot kernel: {e}"),
+            LaunchError::NoMultibootHeader => f.write_str(
+                "32-bit ELF without a multiboot header (magic 0x1badb002, 4-byte aligned, in the first 8192 bytes)",
+            ),
             LaunchError::Kernel(e) => write!(f, "Linux kernel: {e}"),
             LaunchError::Acpi(e) => write!(f, "ACPI tables: {e}"),
             LaunchError::Backend(e) => write!(f, "virtualization hardware: {e}"),
@@ -140,6 +150,24 @@ impl AnyBackend {
     }
 }
 
+/// The modules a VM is built from: its image, a Linux kernel's initramfs (`<name>:initrd`),
+/// a multiboot kernel's modules (`<name>:module` lines).
+#[derive(Clone, Copy, Debug)]
+pub struct GuestFiles<'a> {
+    pub image: &'a [u8],
+    pub initrd: Option<&'a [u8]>,
+    pub modules: &'a [BootModule<'a>],
+}
+
+/// What kind of guest a module holds.
+enum Kind<'a> {
+    Linux(linux::BzImage<'a>),
+    /// A multiboot (v1) kernel: the PC platform, QEMU's test devices, 32-bit entry.
+    Multiboot,
+    /// A static x86-64 ELF (Vireo's test guests): 64-bit entry, no PC platform.
+    TestElf,
+}
+
 /// Builds the VM for `spec` from `image` (its memory, devices and vCPUs), ready to run.
 ///
 /// `boot_number` counts the VM's boots (1 = first; a guest reset starts the next): a Linux
@@ -149,22 +177,30 @@ pub fn build_vm(
     hw: &Hardware,
     frames: &mut FrameAllocator,
     spec: &VmSpec<'_>,
-    image: &[u8],
-    initrd: Option<&[u8]>,
+    files: GuestFiles<'_>,
     kick: KickFn,
     boot_number: u32,
 ) -> Result<Vm, LaunchError> {
-    // A Linux kernel is recognised by its setup header; anything that claims to be one and
-    // fails validation is reported as a bad kernel, not as an unknown file.
-    let kernel = if image.get(0x202..0x206) == Some(b"HdrS") {
-        Some(linux::parse(image).map_err(LaunchError::Kernel)?)
+    let GuestFiles { image, initrd, modules } = files;
+    // A Linux kernel is recognised by its setup header, a multiboot kernel by its header's
+    // magic; anything that claims to be one and fails validation is reported as a bad
+    // kernel of that kind, not as an unknown file.
+    let kind = if image.get(0x202..0x206) == Some(b"HdrS") {
+        Kind::Linux(linux::parse(image).map_err(LaunchError::Kernel)?)
+    } else if multiboot1::has_magic(image) {
+        Kind::Multiboot
+    } else if image.get(..5) == Some(b"\x7fELF\x01") {
+        return Err(LaunchError::NoMultibootHeader);
     } else if elf::is_elf(image) {
-        None
+        Kind::TestElf
     } else {
         return Err(LaunchError::NotAnImage);
     };
-    if kernel.is_none() && initrd.is_some() {
+    if !matches!(kind, Kind::Linux(_)) && initrd.is_some() {
         log::warn!("vm {}: an initrd is given but the guest is not a Linux kernel; ignored", spec.name);
+    }
+    if !matches!(kind, Kind::Multiboot) && !modules.is_empty() {
+        log::warn!("vm {}: modules are given but the guest is not a multiboot kernel; ignored", spec.name);
     }
     let format = match hw {
         Hardware::Svm(_) => NestedFormat::Npt,
@@ -172,8 +208,8 @@ pub fn build_vm(
     };
     let mut mem = GuestMemory::new(frames, spec.mem, format).map_err(LaunchError::Memory)?;
     let size = mem.size();
-    let prepared = (|| match &kernel {
-        Some(kernel) => {
+    let prepared = (|| match &kind {
+        Kind::Linux(kernel) => {
             // boot64's identity map and GDT are what the 64-bit boot protocol asks for;
             // the zero page goes above them (guest/linux.rs layout).
             let boot = boot64::setup(&mem, 0).map_err(LaunchError::Memory)?;
@@ -195,9 +231,39 @@ pub fn build_vm(
             let loaded = linux::load(kernel, &mut mem, &layout).map_err(LaunchError::Kernel)?;
             let mut state = boot;
             state.rip = loaded.entry;
-            Ok((loaded.entry, state, loaded.boot_params))
+            Ok((loaded.entry, state, GuestRegs { rsi: loaded.boot_params, ..GuestRegs::default() }))
         }
-        None => {
+        Kind::Multiboot => {
+            // The command line: the VM's name in the place of the kernel's path (as GRUB and
+            // QEMU pass "path arguments"), then the text after ` -- `.
+            let cmdline = if spec.kernel_cmdline.is_empty() {
+                alloc::string::String::from(spec.name)
+            } else {
+                alloc::format!("{} {}", spec.name, spec.kernel_cmdline)
+            };
+            let plan = multiboot1::plan(image, size, &cmdline, modules)
+                .map_err(LaunchError::Multiboot)?
+                .ok_or(LaunchError::NotAnImage)?;
+            // The ACPI tables in the BIOS area (the plan keeps it free), found by the RSDP scan.
+            let mut tables = alloc::vec![0u8; acpi::MAX_LEN];
+            let (_rsdp, used) =
+                acpi::build(&acpi::AcpiConfig::pc(spec.cpus), ACPI_GPA, &mut tables).map_err(LaunchError::Acpi)?;
+            mem.write(ACPI_GPA, &tables[..used]).map_err(LaunchError::Memory)?;
+            multiboot1::write(&plan, &mem).map_err(LaunchError::Memory)?;
+            let gdt = DescriptorTable { base: plan.gdt.0, limit: plan.gdt.1 };
+            let state = CpuState::protected_mode_flat(plan.entry as u64, plan.stack_top, gdt);
+            let regs = GuestRegs { rax: multiboot1::BOOT_MAGIC as u64, rbx: plan.info_gpa, ..GuestRegs::default() };
+            log::info!(
+                "vm {}: multiboot kernel header_offset={:#x} flags={:#x} info={:#x} modules={}",
+                spec.name,
+                plan.header_offset,
+                plan.header.flags,
+                plan.info_gpa,
+                plan.modules.len()
+            );
+            Ok((plan.entry as u64, state, regs))
+        }
+        Kind::TestElf => {
             let entry = elf::load(image, &mem, boot64::RESERVED_END).map_err(LaunchError::Image)?;
             let state = boot64::setup(&mem, entry).map_err(LaunchError::Memory)?;
             // The VM line, then ` vireo_boot=N` from the second boot on (VM_RESET), at most
@@ -213,22 +279,32 @@ pub fn build_vm(
             let n = line.len().min(255);
             args[..n].copy_from_slice(&line.as_bytes()[..n]);
             mem.write(ARGS_GPA, &args).map_err(LaunchError::Memory)?;
-            Ok((entry, state, ARGS_GPA))
+            Ok((entry, state, GuestRegs { rdi: size, rsi: ARGS_GPA, ..GuestRegs::default() }))
         }
     })();
-    let (entry, state, rsi) = match prepared {
+    let (entry, state, regs) = match prepared {
         Ok(p) => p,
         Err(e) => {
             mem.release(frames);
             return Err(e);
         }
     };
-    let linux = kernel.is_some();
+    let linux = matches!(kind, Kind::Linux(_));
+    let multiboot = matches!(kind, Kind::Multiboot);
+    // Linux and multiboot kernels get the PC platform; test ELFs talk to Vireo directly.
+    let platform = linux || multiboot;
     let cpus = spec.cpus.max(1) as usize;
-    let irq = Interrupts::new(cpus, linux && spec.apic, DEFAULT_TIMER_HZ, kick);
+    let irq = Interrupts::new(cpus, platform && spec.apic, DEFAULT_TIMER_HZ, kick);
     let mut bus = Bus::new();
-    let uart = if linux {
-        match pc::build(&mut bus, &irq, spec.name, RTC_EPOCH) {
+    let uart = if platform {
+        let built = pc::build(&mut bus, &irq, spec.name, RTC_EPOCH).and_then(|uart| {
+            if multiboot {
+                // QEMU's test devices, which kernels written for `qemu -kernel` use.
+                pc::add_qemu_test_devices(&mut bus, &irq, size, cpus as u16, spec.kernel_cmdline, spec.name)?;
+            }
+            Ok(uart)
+        });
+        match built {
             Ok(uart) => Some(uart),
             Err(e) => {
                 log::warn!("vm {}: {e}", spec.name);
@@ -248,14 +324,14 @@ pub fn build_vm(
             return Err(LaunchError::OutOfHeap);
         };
         if i == 0 {
-            v.regs.rdi = if linux { 0 } else { size };
-            v.regs.rsi = rsi;
+            v.regs = regs;
         }
         vcpus.push(v);
     }
-    let mut vm = Vm::new(spec.name, mem, bus, irq, vcpus, linux, !intel);
+    let mut vm = Vm::new(spec.name, mem, bus, irq, vcpus, platform, !intel);
     vm.uart = uart;
     vm.expect = spec.expect;
+    vm.expect_status = spec.expect_status;
     vm.floor = spec.floor;
     if spec.floor {
         log::info!("vm {}: floor=on: the backend answers PING hypercalls itself (measuring mode)", spec.name);

@@ -13,6 +13,7 @@ pub mod regs;
 pub mod spec;
 pub mod state;
 pub mod stats;
+pub mod string_io;
 pub mod vcpu;
 pub mod vm;
 pub mod walk;

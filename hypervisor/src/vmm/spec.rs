@@ -3,13 +3,15 @@
 //!
 //! Module command line: `<name> [mem=SIZE] [cpus=N] [apic=on|off] [pv=kvm|off] [floor=on|off] [timeout=SECONDS] [guest arguments...]
 //! [-- kernel command line]`; `timeout` stops the VM after that many seconds of running
-//! (default: no limit); everything after ` -- ` is a Linux guest's kernel command line.
+//! (default: no limit); everything after ` -- ` is a Linux guest's or a multiboot kernel's
+//! command line. `expect=OUTCOME` (or `expect=exited:STATUS`) is how the VM should end.
 //! `pv` picks the paravirtual interface at CPUID 0x4000_0000 (`crate::pv`): default `kvm`
 //! for Linux VMs with local APICs, `off` otherwise. `floor=on` is a measuring mode: the
 //! backend answers PING hypercalls in its own entry loop (`Backend::run_floor`).
 //! `cpus` is 1..=[`MAX_VCPUS`] (default 1), and `mem` must hold them: at least [`MIN_MEM`]
 //! plus [`MEM_PER_EXTRA_VCPU`] for every vCPU beyond the first ([`min_mem_for`]).
-//! A module whose line is `<name>:initrd` is the initramfs of VM `<name>`.
+//! A module whose line is `<name>:initrd` is the initramfs of VM `<name>`; one whose line is
+//! `<name>:module [command line]` is a module for the multiboot kernel of VM `<name>`.
 //! Unknown `key=value` words are left to the guest (test guests read `bench=`, `mode=`). The whole line is also
 //! handed to the guest (test guests read `bench=N`, `mode=...` from it). `name` is 1-32
 //! characters of `[A-Za-z0-9_-]`.
@@ -45,13 +47,16 @@ pub struct VmSpec<'a> {
     pub timeout_s: u64,
     /// vCPUs, 1..=[`MAX_VCPUS`].
     pub cpus: u32,
-    /// A Linux kernel's command line (after ` -- `), empty if none.
+    /// A Linux or multiboot kernel's command line (after ` -- `), empty if none.
     pub kernel_cmdline: &'a str,
     /// A Linux VM's local APIC and I/O APIC (`apic=off`: 8259 PIC mode only).
     pub apic: bool,
     /// How the VM is expected to end (`expect=` with an outcome name); `None`: powered off
     /// or exited with status 0. Vireo's exit status says whether every VM met its expectation.
     pub expect: Option<&'static str>,
+    /// `expect=exited:N`: the status the VM must exit with (e.g. 1 for a test kernel that
+    /// writes 0 to QEMU's `isa-debug-exit`, which ends with (V << 1) | 1).
+    pub expect_status: Option<u64>,
     /// `pv=`; `None`: the default for the kind of guest.
     pub pv: Option<crate::pv::PvMode>,
     /// `floor=on`: the backend answers PING hypercalls itself ([`crate::vmm::backend::Backend::run_floor`]),
@@ -77,6 +82,7 @@ pub enum SpecError<'a> {
     BadCpus(&'a str),
     BadApic(&'a str),
     BadExpect(&'a str),
+    BadExpectStatus(&'a str),
     BadFloor(&'a str),
 }
 
@@ -93,6 +99,9 @@ impl fmt::Display for SpecError<'_> {
             SpecError::BadPv(v) => write!(f, "bad value '{v}' for key 'pv' (expected kvm or off)"),
             SpecError::BadExpect(v) => {
                 write!(f, "bad value '{v}' for key 'expect' (expected one of: {})", EXPECTABLE.join(" "))
+            }
+            SpecError::BadExpectStatus(v) => {
+                write!(f, "bad value '{v}' for key 'expect' (expected exited:STATUS, a number such as 1 or 0x21)")
             }
             SpecError::BadCpus(v) => write!(f, "bad value '{v}' for key 'cpus' (expected 1-{MAX_VCPUS})"),
             SpecError::MemTooSmallForCpus { mem, cpus } => write!(
@@ -116,6 +125,19 @@ impl fmt::Display for Size {
             write!(f, "{}", self.0)
         }
     }
+}
+
+/// If the module line is `<name>:module [command line]`, a module for multiboot kernel VM
+/// `<name>`: the VM's name and the module's own command line (the rest of the line).
+pub fn module_of(cmdline: &str) -> Option<(&str, &str)> {
+    let line = cmdline.trim_start();
+    let (first, rest) = line.split_once(|c: char| c.is_ascii_whitespace()).unwrap_or((line, ""));
+    first.strip_suffix(":module").map(|vm| (vm, rest.trim()))
+}
+
+/// Whether the module line belongs to a VM rather than describing one (`:initrd`, `:module`).
+pub fn is_attachment(cmdline: &str) -> bool {
+    initrd_of(cmdline).is_some() || module_of(cmdline).is_some()
 }
 
 /// If the module line is `<name>:initrd`, the VM it belongs to.
@@ -143,6 +165,7 @@ pub fn parse(cmdline: &str) -> Result<VmSpec<'_>, SpecError<'_>> {
     let mut cpus = 1;
     let mut apic = true;
     let mut expect = None;
+    let mut expect_status = None;
     let mut pv = None;
     let mut floor = false;
     for w in words {
@@ -157,7 +180,19 @@ pub fn parse(cmdline: &str) -> Result<VmSpec<'_>, SpecError<'_>> {
             pv = Some(crate::pv::PvMode::parse(v).ok_or(SpecError::BadPv(v))?);
         }
         if let Some(v) = w.strip_prefix("expect=") {
-            expect = Some(EXPECTABLE.iter().copied().find(|e| *e == v).ok_or(SpecError::BadExpect(v))?);
+            let (name, status) = match v.split_once(':') {
+                Some(("exited", n)) => {
+                    let parsed = match n.strip_prefix("0x") {
+                        Some(hex) => u64::from_str_radix(hex, 16).ok(),
+                        None => n.parse().ok(),
+                    };
+                    ("exited", Some(parsed.ok_or(SpecError::BadExpectStatus(v))?))
+                }
+                Some(_) => return Err(SpecError::BadExpectStatus(v)),
+                None => (v, None),
+            };
+            expect = Some(EXPECTABLE.iter().copied().find(|e| *e == name).ok_or(SpecError::BadExpect(v))?);
+            expect_status = status;
         }
         if let Some(v) = w.strip_prefix("apic=") {
             apic = match v {
@@ -186,7 +221,7 @@ pub fn parse(cmdline: &str) -> Result<VmSpec<'_>, SpecError<'_>> {
     if mem < min_mem_for(cpus) {
         return Err(SpecError::MemTooSmallForCpus { mem, cpus });
     }
-    Ok(VmSpec { name, mem, timeout_s, cpus, kernel_cmdline, apic, expect, pv, floor, args: cmdline })
+    Ok(VmSpec { name, mem, timeout_s, cpus, kernel_cmdline, apic, expect, expect_status, pv, floor, args: cmdline })
 }
 
 #[cfg(test)]
@@ -205,6 +240,7 @@ mod tests {
                 kernel_cmdline: "",
                 apic: true,
                 expect: None,
+                expect_status: None,
                 pv: None,
                 floor: false,
                 args: "selftest"
@@ -219,6 +255,11 @@ mod tests {
         assert_eq!(initrd_of("deb:initrd"), Some("deb"));
         assert_eq!(initrd_of("deb:initrd extra"), None);
         assert_eq!(initrd_of("deb"), None);
+        assert_eq!(module_of("mb:module"), Some(("mb", "")));
+        assert_eq!(module_of("mb:module  /boot/m1 x=1 "), Some(("mb", "/boot/m1 x=1")));
+        assert_eq!(module_of("mb"), None);
+        assert_eq!(module_of("mb:initrd"), None);
+        assert!(is_attachment("mb:module a") && is_attachment("deb:initrd") && !is_attachment("deb mem=4M"));
         assert_eq!(parse("s timeout=5").unwrap().timeout_s, 5);
         assert_eq!(parse("s timeout=0"), Err(SpecError::BadTimeout("0")));
         assert_eq!(parse("s timeout=x"), Err(SpecError::BadTimeout("x")));
@@ -230,6 +271,12 @@ mod tests {
         assert!(parse(&"n".repeat(33)).is_err());
         assert_eq!(parse("c expect=triple-fault").unwrap().expect, Some("triple-fault"));
         assert_eq!(parse("c expect=crash"), Err(SpecError::BadExpect("crash")));
+        let mb = parse("c expect=exited:1").unwrap();
+        assert_eq!((mb.expect, mb.expect_status), (Some("exited"), Some(1)));
+        assert_eq!(parse("c expect=exited:0x21").unwrap().expect_status, Some(0x21));
+        assert_eq!(parse("c expect=exited").unwrap().expect_status, None);
+        assert_eq!(parse("c expect=exited:x"), Err(SpecError::BadExpectStatus("exited:x")));
+        assert_eq!(parse("c expect=halted:1"), Err(SpecError::BadExpectStatus("halted:1")));
         assert_eq!(parse("c pv=off").unwrap().pv, Some(crate::pv::PvMode::Off));
         assert_eq!(parse("c pv=kvm").unwrap().pv, Some(crate::pv::PvMode::Kvm));
         assert_eq!(parse("c").unwrap().pv, None);

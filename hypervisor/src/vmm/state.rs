@@ -113,6 +113,7 @@ pub const EFER_NXE: u64 = 1 << 11;
 pub const EFER_SVME: u64 = 1 << 12;
 pub const RFLAGS_RESERVED_1: u64 = 1 << 1;
 pub const RFLAGS_IF: u64 = 1 << 9;
+pub const RFLAGS_DF: u64 = 1 << 10;
 pub const PAT_POWER_ON: u64 = 0x0007_0406_0007_0406;
 
 /// Selectors of the flat GDT that [`CpuState::long_mode_flat`] assumes (the same layout
@@ -272,6 +273,36 @@ impl CpuState {
     }
 }
 
+impl CpuState {
+    /// 32-bit protected mode, paging off, flat 4 GiB code (selector 0x10) and data (0x18)
+    /// segments, interrupts off: the state a multiboot kernel starts in (Multiboot 0.6.96
+    /// §3.2). `gdt`: a GDT in guest memory whose descriptors match (the specification lets
+    /// the kernel assume nothing about GDTR; one that matches costs nothing). TR holds a
+    /// busy 32-bit TSS (VM entry wants a usable TR, SDM Vol. 3C §27.3.1.2).
+    pub fn protected_mode_flat(rip: u64, rsp: u64, gdt: DescriptorTable) -> Self {
+        let long = Self::long_mode_flat(rip, rsp, 0, gdt);
+        let code = Segment {
+            attr: SegAttr(
+                SegAttr::TYPE_CODE_RX_ACCESSED
+                    | SegAttr::S_CODE_DATA
+                    | SegAttr::PRESENT
+                    | SegAttr::DB
+                    | SegAttr::GRANULARITY,
+            ),
+            ..long.cs
+        };
+        Self {
+            cr0: CR0_PE | CR0_ET,
+            cr3: 0,
+            cr4: 0,
+            efer: 0,
+            cs: code,
+            idtr: DescriptorTable { base: 0, limit: 0x3FF },
+            ..long
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -312,6 +343,16 @@ mod tests {
         assert_eq!(CpuState::reset().after_init(), CpuState::reset());
         let s = i.at_sipi(0x10);
         assert_eq!((s.cs.selector, s.cs.base, s.rip, s.cr0), (0x1000, 0x1_0000, 0, 0x4000_0010));
+    }
+
+    #[test]
+    fn protected_mode_state() {
+        let s = CpuState::protected_mode_flat(0x10_0000, 0x2000, DescriptorTable { base: 0x2080, limit: 39 });
+        assert_eq!((s.cr0 & (CR0_PE | CR0_PG), s.efer, s.cr4), (CR0_PE, 0, 0));
+        assert_eq!(s.cs.attr.0 & (SegAttr::LONG | SegAttr::DB), SegAttr::DB, "32-bit code, not 64-bit");
+        assert_eq!((s.cs.base, s.cs.limit, s.ds.base, s.ds.limit), (0, 0xFFFF_FFFF, 0, 0xFFFF_FFFF));
+        assert_eq!(s.rflags & RFLAGS_IF, 0);
+        assert_eq!((s.rip, s.rsp), (0x10_0000, 0x2000));
     }
 
     #[test]

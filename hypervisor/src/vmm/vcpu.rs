@@ -14,8 +14,9 @@ use super::{
     exit::{merge, Event, Exit, ExitKind, IoAccess, Merge, NptAccess, VECTOR_DF, VECTOR_UD},
     hypercall, mmio, msr,
     regs::GuestRegs,
-    state::{CpuState, SegAttr, SegReg, CR4_OSXSAVE, EFER_LMA, RFLAGS_IF},
+    state::{CpuState, SegAttr, SegReg, CR4_OSXSAVE, EFER_LMA, RFLAGS_DF, RFLAGS_IF},
     stats::PvCounters,
+    string_io,
     vm::{rdtsc, Vm, VmOutcome},
     walk::{self, GuestPaging},
 };
@@ -690,35 +691,19 @@ impl Vcpu {
 
     fn port_io<B: Backend>(&mut self, vm: &Vm, cpu: &mut B, io: IoAccess, exit: &Exit) -> Flow {
         if io.string {
-            return Flow::Stop(VmOutcome::Fatal { reason: "string port I/O is not emulated yet" });
+            return self.string_io(vm, cpu, io, exit);
         }
         let mask = match io.size {
             1 => 0xFF,
             2 => 0xFFFF,
             _ => 0xFFFF_FFFF,
         };
-        let cx = vm.ctx();
-        let port = io.port as u64;
         if io.write {
-            match vm.bus.write_with_deadline(Space::Port, port, io.size, self.regs.rax & mask, &cx) {
-                Some((effect, deadline)) => {
-                    vm.note_device_deadline(deadline);
-                    match effect {
-                        BusEffect::PowerOff => return Flow::Stop(VmOutcome::PoweredOff),
-                        BusEffect::Reset => return Flow::Stop(VmOutcome::Reset),
-                        BusEffect::None => {}
-                    }
-                }
-                None => self.simple_port_write(vm, io, mask),
+            if let Some(stop) = self.port_out(vm, io.port, io.size, self.regs.rax & mask) {
+                return stop;
             }
         } else {
-            let v = match vm.bus.read_with_deadline(Space::Port, port, io.size, &cx) {
-                Some((v, deadline)) => {
-                    vm.note_device_deadline(deadline);
-                    v
-                }
-                None => ports::read(io.port, io.size, vm.testdev.lock().read()) as u64,
-            };
+            let v = self.port_in(vm, io.port, io.size);
             // IN AL/AX keeps the other bits; IN EAX zero-extends into RAX.
             self.regs.rax = if io.size == 4 { v & mask } else { (self.regs.rax & !mask) | (v & mask) };
         }
@@ -726,10 +711,130 @@ impl Vcpu {
         Flow::Continue
     }
 
+    /// One OUT of `size` bytes of `value` to `port`: a device on the bus, or Vireo's own
+    /// ports. `Some`: the write ended the VM (power-off, reset, debug exit).
+    fn port_out(&mut self, vm: &Vm, port: u16, size: u8, value: u64) -> Option<Flow> {
+        let cx = vm.ctx();
+        match vm.bus.write_with_deadline(Space::Port, port as u64, size, value, &cx) {
+            Some((effect, deadline)) => {
+                vm.note_device_deadline(deadline);
+                match effect {
+                    BusEffect::PowerOff => return Some(Flow::Stop(VmOutcome::PoweredOff)),
+                    BusEffect::Reset => return Some(Flow::Stop(VmOutcome::Reset)),
+                    BusEffect::Exit(status) => return Some(Flow::Stop(VmOutcome::Exited { status })),
+                    BusEffect::None => {}
+                }
+            }
+            None => self.simple_port_write(vm, port, size, value as u32),
+        }
+        None
+    }
+
+    /// One IN of `size` bytes from `port`.
+    fn port_in(&mut self, vm: &Vm, port: u16, size: u8) -> u64 {
+        let cx = vm.ctx();
+        match vm.bus.read_with_deadline(Space::Port, port as u64, size, &cx) {
+            Some((v, deadline)) => {
+                vm.note_device_deadline(deadline);
+                v
+            }
+            None => ports::read(port, size, vm.testdev.lock().read()) as u64,
+        }
+    }
+
+    /// INS/OUTS, with or without REP: the instruction is decoded for its address size,
+    /// segment and length (`string_io`), each element goes through the guest's segment base
+    /// and page tables to its RAM. A REP with many elements is done in batches: the vCPU
+    /// re-executes the instruction for the rest (RIP stays), as the CPU allows interrupts
+    /// between iterations, so neither a huge rCX nor pending interrupts wait on it.
+    /// Segment limits are not checked; an element outside RAM or unmapped stops the VM.
+    fn string_io<B: Backend>(&mut self, vm: &Vm, cpu: &mut B, io: IoAccess, exit: &Exit) -> Flow {
+        const BATCH: u64 = 4096;
+        let mut bytes = [0u8; 15];
+        let n = self.fetch(vm, cpu, exit.rip, &mut bytes);
+        let cs = cpu.segment(SegReg::Cs);
+        let long = cpu.efer() & EFER_LMA != 0 && cs.attr.0 & SegAttr::LONG != 0;
+        let bitness = if long {
+            64
+        } else if cs.attr.0 & SegAttr::DB != 0 {
+            32
+        } else {
+            16
+        };
+        let op = match string_io::decode(&bytes[..n], bitness) {
+            Ok(op) if op.size == io.size && op.ins != io.write => op,
+            Ok(_) => return Flow::Stop(VmOutcome::Fatal { reason: "string I/O exit does not match its instruction" }),
+            Err(e) => {
+                log::warn!("vm {}: at rip {:#x}: {e}", vm.name, exit.rip);
+                return Flow::Stop(VmOutcome::Fatal { reason: "cannot decode the string I/O instruction" });
+            }
+        };
+        let amask = string_io::mask(op.addr_size);
+        let mut left = if op.rep { self.regs.rcx & amask } else { 1 };
+        // In 64-bit mode only FS and GS have bases.
+        let base = if long && !matches!(op.seg, SegReg::Fs | SegReg::Gs) { 0 } else { cpu.segment(op.seg).base };
+        let paging = GuestPaging { cr0: cpu.cr0(), cr3: cpu.cr3(), cr4: cpu.cr4(), efer: cpu.efer() };
+        let step: i64 = if cpu.rflags() & RFLAGS_DF != 0 { -(op.size as i64) } else { op.size as i64 };
+        let mut done = 0;
+        while left > 0 && done < BATCH {
+            let index = if op.ins { self.regs.rdi } else { self.regs.rsi };
+            let mut linear = base.wrapping_add(index & amask);
+            if !long {
+                linear &= 0xFFFF_FFFF;
+            }
+            // Each byte through the page tables (an element may straddle a page).
+            let mut gpas = [0u64; 4];
+            for (i, g) in gpas[..op.size as usize].iter_mut().enumerate() {
+                match walk::translate(&vm.mem, paging, linear.wrapping_add(i as u64)) {
+                    Ok(gpa) => *g = gpa,
+                    Err(_) => {
+                        return Flow::Stop(VmOutcome::Fatal { reason: "string I/O through an unmapped guest address" })
+                    }
+                }
+            }
+            let mut data = [0u8; 4];
+            if op.ins {
+                let v = self.port_in(vm, io.port, op.size);
+                data = (v as u32).to_le_bytes();
+                for (i, g) in gpas[..op.size as usize].iter().enumerate() {
+                    if vm.mem.write(*g, &data[i..i + 1]).is_err() {
+                        return Flow::Stop(VmOutcome::Fatal {
+                            reason: "string I/O to guest-physical space with no RAM",
+                        });
+                    }
+                }
+                self.regs.rdi = string_io::add(self.regs.rdi, op.addr_size, step);
+            } else {
+                for (i, g) in gpas[..op.size as usize].iter().enumerate() {
+                    if vm.mem.read(*g, &mut data[i..i + 1]).is_err() {
+                        return Flow::Stop(VmOutcome::Fatal {
+                            reason: "string I/O from guest-physical space with no RAM",
+                        });
+                    }
+                }
+                self.regs.rsi = string_io::add(self.regs.rsi, op.addr_size, step);
+            }
+            left -= 1;
+            done += 1;
+            if op.rep {
+                self.regs.rcx = string_io::add(self.regs.rcx, op.addr_size, -1);
+            }
+            if !op.ins {
+                if let Some(stop) = self.port_out(vm, io.port, op.size, u32::from_le_bytes(data) as u64) {
+                    return stop;
+                }
+            }
+        }
+        if left == 0 {
+            cpu.set_rip(exit.rip.wrapping_add(op.len as u64));
+        }
+        Flow::Continue
+    }
+
     /// Port writes outside the bus: Vireo's debug console and test devices; the rest behave
     /// like an empty ISA bus.
-    fn simple_port_write(&mut self, vm: &Vm, io: IoAccess, mask: u64) {
-        match ports::write(io.port, io.size, (self.regs.rax & mask) as u32) {
+    fn simple_port_write(&mut self, vm: &Vm, port: u16, size: u8, value: u32) {
+        match ports::write(port, size, value) {
             PortEffect::ConsoleByte(b) => vm.console_write(&[b]),
             PortEffect::TestDevice(v) => vm.testdev.lock().write(v),
             PortEffect::TestIrq(v) => match IrqRequest::decode(v) {
@@ -941,6 +1046,7 @@ impl Vcpu {
         match effect {
             BusEffect::PowerOff => Flow::Stop(VmOutcome::PoweredOff),
             BusEffect::Reset => Flow::Stop(VmOutcome::Reset),
+            BusEffect::Exit(status) => Flow::Stop(VmOutcome::Exited { status }),
             BusEffect::None => Flow::Continue,
         }
     }

@@ -73,8 +73,8 @@ pub fn rdtsc() -> u64 {
 #[derive(Clone, Copy)]
 pub struct Relaunch {
     pub spec: super::spec::VmSpec<'static>,
-    pub image: &'static [u8],
-    pub initrd: Option<&'static [u8]>,
+    /// Its image, initramfs and multiboot modules.
+    pub files: super::launch::GuestFiles<'static>,
     /// This VM's boot number (1 = first).
     pub boot: u32,
 }
@@ -103,6 +103,8 @@ pub struct Vm {
     pub native_vmmcall: bool,
     /// The outcome the VM line expects (`expect=`), if not the default.
     pub expect: Option<&'static str>,
+    /// `expect=exited:N`: the exit status expected.
+    pub expect_status: Option<u64>,
     /// `floor=on`: the backend answers PING hypercalls itself (`Backend::run_floor`).
     pub floor: bool,
     /// A Linux VM's PC platform is on the bus (test guests have none).
@@ -148,6 +150,7 @@ impl Vm {
             time_limit: None,
             native_vmmcall,
             expect: None,
+            expect_status: None,
             floor: false,
             platform,
             device_deadline: AtomicU64::new(0),

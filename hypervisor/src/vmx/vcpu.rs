@@ -1011,6 +1011,48 @@ mod tests {
         assert_eq!(system_descriptor_base(low, high), base);
     }
 
+    /// The entry-check snapshot of `s` under Bochs's fixed bits with unrestricted guest.
+    fn snapshot_of(s: &CpuState, fixed: &CrFixed) -> GuestSnapshot {
+        let seg = |g: &Segment| SegFields {
+            selector: g.selector,
+            base: g.base,
+            limit: g.limit,
+            ar: g.attr.to_vmx(g.unusable),
+        };
+        GuestSnapshot {
+            cr0: fixed.cr0_real(s.cr0),
+            cr4: fixed.cr4_real(s.cr4),
+            dr7: s.dr7,
+            efer: s.efer,
+            pat: s.pat,
+            rflags: s.rflags,
+            rip: s.rip,
+            segs: [seg(&s.es), seg(&s.cs), seg(&s.ss), seg(&s.ds), seg(&s.fs), seg(&s.gs), seg(&s.ldtr), seg(&s.tr)],
+            gdtr_base: s.gdtr.base,
+            gdtr_limit: s.gdtr.limit as u32,
+            idtr_base: s.idtr.base,
+            idtr_limit: s.idtr.limit as u32,
+            link_pointer: !0,
+            entry_controls: entry::LOAD_EFER | entry::LOAD_PAT,
+            secondary_controls: secondary::ENABLE_EPT | secondary::UNRESTRICTED_GUEST,
+            ..GuestSnapshot::default()
+        }
+    }
+
+    #[test]
+    fn multiboot_protected_mode_state_passes_entry_checks() {
+        let fixed = CrFixed {
+            cr0_fixed0: 0x8000_0021,
+            cr0_fixed1: 0xFFFF_FFFF,
+            cr4_fixed0: 0x2000,
+            cr4_fixed1: 0x3767FF,
+            unrestricted: true,
+        };
+        let gdt = crate::vmm::state::DescriptorTable { base: 0x2080, limit: 39 };
+        let s = CpuState::protected_mode_flat(0x10_0000, 0x2000, gdt);
+        assert_eq!(check(&snapshot_of(&s, &fixed), &fixed), None);
+    }
+
     #[test]
     fn reset_state_passes_entry_checks() {
         let fixed = CrFixed {

@@ -33,6 +33,8 @@ struct Mock {
     injected: Vec<Event>,
     loaded: Vec<CpuState>,
     window: bool,
+    /// 32-bit protected mode, paging off, flat segments (a multiboot kernel's state).
+    flat32: bool,
 }
 
 impl Mock {
@@ -78,7 +80,11 @@ impl Backend for Mock {
         self.rflags = rflags;
     }
     fn cr0(&self) -> u64 {
-        0x8000_0011
+        if self.flat32 {
+            0x11
+        } else {
+            0x8000_0011
+        }
     }
     fn cr3(&self) -> u64 {
         0
@@ -105,7 +111,11 @@ impl Backend for Mock {
         0
     }
     fn segment(&self, _seg: SegReg) -> Segment {
-        Segment::default()
+        if self.flat32 {
+            Segment { limit: 0xFFFF_FFFF, attr: SegAttr(SegAttr::DB | SegAttr::PRESENT), ..Segment::default() }
+        } else {
+            Segment::default()
+        }
     }
     fn inject(&mut self, event: Event) {
         self.pending = Some(event);
@@ -292,4 +302,126 @@ fn every_vcpu_halted_with_interrupts_off_ends_the_vm() {
     // vCPU 1 still waits for SIPI: nothing can wake either.
     assert_eq!(run(&vm, 0, &mut m), SliceEnd::VmEnded);
     assert_eq!(vm.outcome().map(|o| o.0), Some(VmOutcome::Halted));
+}
+
+/// The (size, value) of every write a [`Recorder`] saw.
+type Writes = alloc::sync::Arc<spin::Mutex<Vec<(u8, u64)>>>;
+
+/// A port device that records what is written and reads back a counter.
+struct Recorder {
+    written: Writes,
+    next: u64,
+}
+
+impl crate::devices::bus::Device for Recorder {
+    fn name(&self) -> &'static str {
+        "recorder"
+    }
+    fn read(&mut self, _addr: u64, _size: u8, _cx: &crate::devices::bus::Ctx<'_>) -> u64 {
+        self.next += 1;
+        self.next
+    }
+    fn write(&mut self, _addr: u64, size: u8, value: u64, _cx: &crate::devices::bus::Ctx<'_>) -> BusEffect {
+        self.written.lock().push((size, value));
+        if value == 0xF4 {
+            BusEffect::Exit(0xF4 * 2 + 1)
+        } else {
+            BusEffect::None
+        }
+    }
+}
+
+/// A 1-vCPU VM starting at 0x1000 with a [`Recorder`] at port 0x80.
+fn recorder_vm() -> (Vm, Writes) {
+    let mut frames = FrameAllocator::for_tests();
+    let mem = GuestMemory::for_tests(&mut frames);
+    let irq = Interrupts::new(1, false, DEFAULT_TIMER_HZ, count_kick);
+    let written = alloc::sync::Arc::new(spin::Mutex::new(Vec::new()));
+    let mut bus = Bus::new();
+    let dev = crate::devices::bus::device(Recorder { written: written.clone(), next: 0 });
+    bus.add(dev, &[crate::devices::bus::Range::port(0x80, 1)]).unwrap();
+    let boot = CpuState { rip: 0x1000, ..CpuState::reset() };
+    let vcpus = alloc::vec![Vcpu::new(0, Some(boot), false).unwrap()];
+    (Vm::new("t", mem, bus, irq, vcpus, false, true), written)
+}
+
+const fn string_io(size: u8, write: bool) -> ExitKind {
+    ExitKind::Io(IoAccess { port: 0x80, size, write, string: true, rep: true })
+}
+
+#[test]
+fn rep_outsb_sends_each_byte_and_advances() {
+    let (vm, written) = recorder_vm();
+    vm.mem.write(0x1000, &[0xF3, 0x6E]).unwrap(); // rep outsb
+    vm.mem.write(0x3000, b"hello").unwrap();
+    let mut m = Mock::new(&[(
+        |r| {
+            r.rsi = 0x3000;
+            r.rcx = 5;
+        },
+        string_io(1, true),
+    )]);
+    m.flat32 = true;
+    assert_eq!(run(&vm, 0, &mut m), SliceEnd::VmEnded);
+    let bytes: Vec<u8> = written.lock().iter().map(|(s, v)| if *s == 1 { *v as u8 } else { 0 }).collect();
+    assert_eq!(bytes, b"hello");
+    let regs = vm.vcpus[0].lock().regs;
+    assert_eq!((regs.rsi, regs.rcx), (0x3005, 0));
+    assert_eq!(m.rip, 0x1002, "RIP past the 2-byte instruction");
+}
+
+#[test]
+fn rep_insw_fills_memory_downwards_in_batches() {
+    let (vm, _) = recorder_vm();
+    vm.mem.write(0x1000, &[0x66, 0xF3, 0x6D]).unwrap(); // rep insw (32-bit code)
+    let count = 5000u64;
+    let mut m = Mock::new(&[
+        (
+            |r| {
+                r.rdi = 0x10_0000;
+                r.rcx = 5000;
+            },
+            string_io(2, false),
+        ),
+        (|_| {}, string_io(2, false)),
+    ]);
+    m.flat32 = true;
+    m.rflags |= RFLAGS_DF;
+    assert_eq!(run(&vm, 0, &mut m), SliceEnd::VmEnded);
+    let regs = vm.vcpus[0].lock().regs;
+    assert_eq!(regs.rcx, 0);
+    assert_eq!(regs.rdi, 0x10_0000 - 2 * count);
+    assert_eq!(m.rip, 0x1003, "the second exit finished the REP");
+    // The first element went to 0x100000, the last to 0x100000 - 2 * 4999.
+    let mut w = [0u8; 2];
+    vm.mem.read(0x10_0000, &mut w).unwrap();
+    assert_eq!(u16::from_le_bytes(w), 1);
+    vm.mem.read(0x10_0000 - 2 * (count - 1), &mut w).unwrap();
+    assert_eq!(u16::from_le_bytes(w), count as u16);
+    assert_eq!(vm.counters[0].exits.snapshot().total().count, 3, "two string I/O exits and the final hypercall");
+}
+
+#[test]
+fn a_string_write_to_a_debug_exit_ends_the_vm_with_its_status() {
+    let (vm, written) = recorder_vm();
+    vm.mem.write(0x1000, &[0x6E]).unwrap(); // outsb
+    vm.mem.write(0x3000, &[0xF4]).unwrap();
+    let mut m = Mock::new(&[(
+        |r| r.rsi = 0x3000,
+        ExitKind::Io(IoAccess { port: 0x80, size: 1, write: true, string: true, rep: false }),
+    )]);
+    m.flat32 = true;
+    assert_eq!(run(&vm, 0, &mut m), SliceEnd::VmEnded);
+    assert_eq!(vm.outcome().map(|o| o.0), Some(VmOutcome::Exited { status: 0x1E9 }));
+    assert_eq!(written.lock().len(), 1);
+}
+
+#[test]
+fn a_string_io_exit_that_is_no_string_instruction_is_fatal() {
+    let (vm, _) = recorder_vm();
+    vm.mem.write(0x1000, &[0x90, 0x90]).unwrap();
+    let mut m = Mock::new(&[(|_| {}, string_io(1, true))]);
+    m.flat32 = true;
+    assert_eq!(run(&vm, 0, &mut m), SliceEnd::VmEnded);
+    assert!(matches!(vm.outcome().map(|o| o.0), Some(VmOutcome::Fatal { .. })));
 }
