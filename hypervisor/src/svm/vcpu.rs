@@ -681,6 +681,10 @@ impl Backend for SvmVcpu {
         Event::decode(e as u32, (e >> 32) as u32)
     }
 
+    fn set_cr2(&mut self, cr2: u64) {
+        SvmVcpu::set_cr2(self, cr2);
+    }
+
     fn pat(&self) -> u64 {
         SvmVcpu::pat(self)
     }

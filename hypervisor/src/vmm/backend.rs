@@ -91,4 +91,12 @@ pub trait Backend {
     /// VMX-preemption timer, SDM Vol. 3C §26.5.1; reported as an `ExternalInterrupt` exit).
     /// Backends without such a timer rely on the host's local APIC timer alone.
     fn set_deadline(&mut self, _tsc: Option<u64>) {}
+
+    /// Sets the guest's CR2 (the faulting address of a #PF the core injects).
+    fn set_cr2(&mut self, cr2: u64);
+    /// A slice of this vCPU starts on this host CPU: load guest state the hardware does not
+    /// switch on entry (VMX: CR2, SDM Vol. 3C §27.3 / §28.5 leave it alone).
+    fn slice_start(&mut self) {}
+    /// The slice ends: keep that state before another vCPU runs here.
+    fn slice_end(&mut self) {}
 }

@@ -11,7 +11,7 @@ use core::sync::atomic::{AtomicBool, Ordering};
 use super::{
     backend::Backend,
     cpuid::{self, CpuidContext},
-    exit::{merge, Event, Exit, ExitKind, IoAccess, Merge, NptAccess, VECTOR_DF, VECTOR_UD},
+    exit::{merge, Event, Exit, ExitKind, IoAccess, Merge, NptAccess, VECTOR_DF, VECTOR_PF, VECTOR_UD},
     hypercall, mmio, msr,
     regs::GuestRegs,
     state::{CpuState, SegAttr, SegReg, CR4_OSXSAVE, EFER_LMA, RFLAGS_DF, RFLAGS_IF},
@@ -111,6 +111,9 @@ pub struct Vcpu {
 
 /// Floor mode: PING hypercalls the backend answers before the core sees one (and its
 /// deadlines, slice end and events) again.
+/// #PF error code bits (SDM Vol. 3A §4.7): the access was a write; it was made at CPL 3.
+const PF_WRITE: u32 = 1 << 1;
+const PF_USER: u32 = 1 << 2;
 const FLOOR_BATCH: u32 = 4096;
 
 /// Reads EDX holds after INIT/RESET: the processor signature (CPUID.1:EAX).
@@ -159,6 +162,7 @@ impl Vcpu {
             self.regs.rsp = state.rsp;
         }
         self.fpu.restore();
+        cpu.slice_start();
         // #UD is intercepted so the other vendor's hypercall instruction works too.
         cpu.set_exception_intercepts(1 << VECTOR_UD);
         self.pv_slice_start(vm, cpu);
@@ -217,6 +221,7 @@ impl Vcpu {
         };
         crate::arch::lapic::disarm();
         self.armed = None;
+        cpu.slice_end();
         self.fpu.save();
         if end == SliceEnd::Preempted {
             if let Some(gpa) = self.pv.steal() {
@@ -747,7 +752,8 @@ impl Vcpu {
     /// and page tables to its RAM. A REP with many elements is done in batches: the vCPU
     /// re-executes the instruction for the rest (RIP stays), as the CPU allows interrupts
     /// between iterations, so neither a huge rCX nor pending interrupts wait on it.
-    /// Segment limits are not checked; an element outside RAM or unmapped stops the VM.
+    /// An element on a not-present page gets the guest a #PF; segment limits are not checked;
+    /// an element on guest-physical space without RAM stops the VM.
     fn string_io<B: Backend>(&mut self, vm: &Vm, cpu: &mut B, io: IoAccess, exit: &Exit) -> Flow {
         const BATCH: u64 = 4096;
         let mut bytes = [0u8; 15];
@@ -785,10 +791,21 @@ impl Vcpu {
             // Each byte through the page tables (an element may straddle a page).
             let mut gpas = [0u64; 4];
             for (i, g) in gpas[..op.size as usize].iter_mut().enumerate() {
-                match walk::translate(&vm.mem, paging, linear.wrapping_add(i as u64)) {
+                let at = linear.wrapping_add(i as u64);
+                match walk::translate(&vm.mem, paging, at) {
                     Ok(gpa) => *g = gpa,
+                    Err(walk::WalkError::NotPresent) => {
+                        // A #PF as the CPU raises it for this element (SDM Vol. 3A §4.7: W for
+                        // INS's store, U at CPL 3, P clear); the elements done so far stay
+                        // done, RIP stays on the instruction (a fault).
+                        let code = (PF_WRITE * op.ins as u32) | (PF_USER * (cpu.cpl() == 3) as u32);
+                        cpu.set_cr2(at);
+                        return self.reflect(cpu, VECTOR_PF, Some(code));
+                    }
                     Err(_) => {
-                        return Flow::Stop(VmOutcome::Fatal { reason: "string I/O through an unmapped guest address" })
+                        return Flow::Stop(VmOutcome::Fatal {
+                            reason: "string I/O through guest page tables outside RAM or in an unwalked mode",
+                        })
                     }
                 }
             }

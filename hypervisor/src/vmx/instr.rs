@@ -257,3 +257,22 @@ pub fn rdtsc() -> u64 {
     // the time-stamp counter.
     unsafe { core::arch::x86_64::_rdtsc() }
 }
+
+/// Reads CR2 (in VMX root operation after a VM exit: the guest's last page-fault address,
+/// which exits do not change, SDM Vol. 3C §28.5).
+#[inline]
+pub fn read_cr2() -> u64 {
+    let v: u64;
+    // SAFETY: reading CR2 at CPL 0 has no side effects (Vireo runs at CPL 0; the
+    // function is only called on the VMX run path).
+    unsafe { core::arch::asm!("mov {}, cr2", out(reg) v, options(nomem, nostack, preserves_flags)) };
+    v
+}
+
+/// Writes CR2 (the guest's, before entering it: VM entry does not load CR2, §27.3).
+#[inline]
+pub fn write_cr2(v: u64) {
+    // SAFETY: CR2 only records page-fault addresses; nothing in Vireo depends on its value
+    // (its own #PF handler reads it only to report a crash). CPL 0.
+    unsafe { core::arch::asm!("mov cr2, {}", in(reg) v, options(nomem, nostack, preserves_flags)) };
+}

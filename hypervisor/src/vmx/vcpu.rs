@@ -67,6 +67,10 @@ pub struct VmxVcpu {
     preemption_rate: Option<u8>,
     /// TSC by which the guest must exit (see `Backend::set_deadline`).
     deadline: Option<u64>,
+    /// The guest's CR2 while another vCPU may run on this host CPU: VM entries and exits
+    /// leave CR2 alone (SDM Vol. 3C §27.3, §28.5), so the guest's lives in the CPU's
+    /// register during a slice and here between slices (`Backend::slice_start`/`slice_end`).
+    cr2: u64,
 }
 
 /// PAUSE-loop exiting: PAUSEs at most this many TSC ticks apart form one loop ...
@@ -156,6 +160,7 @@ impl VmxVcpu {
             preemption_rate: (controls.pin & controls::pin::PREEMPTION_TIMER != 0)
                 .then(|| (unsafe { msr::read(msr::IA32_VMX_MISC) } & 0x1F) as u8),
             deadline: None,
+            cr2: 0,
         };
         match vcpu.build(frames, &cap) {
             Ok(()) => Ok(vcpu),
@@ -739,6 +744,8 @@ impl VmxVcpu {
 
 impl Backend for VmxVcpu {
     fn load_state(&mut self, s: &CpuState) {
+        // Power-up and INIT clear CR2 (SDM Vol. 3A Table 10-1); loaded at the slice start.
+        self.cr2 = 0;
         self.write(FieldNat::GuestCr0, self.fixed.cr0_real(s.cr0));
         self.write(FieldNat::Cr0ReadShadow, s.cr0);
         self.write(FieldNat::GuestCr4, self.fixed.cr4_real(s.cr4));
@@ -964,6 +971,20 @@ impl Backend for VmxVcpu {
 
     fn set_deadline(&mut self, tsc: Option<u64>) {
         self.deadline = tsc;
+    }
+
+    fn set_cr2(&mut self, cr2: u64) {
+        // Called during a slice: the guest's CR2 is the register's until `slice_end`.
+        self.cr2 = cr2;
+        instr::write_cr2(cr2);
+    }
+
+    fn slice_start(&mut self) {
+        instr::write_cr2(self.cr2);
+    }
+
+    fn slice_end(&mut self) {
+        self.cr2 = instr::read_cr2();
     }
 
     fn set_exception_intercepts(&mut self, vectors: u32) {

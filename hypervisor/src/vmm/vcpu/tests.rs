@@ -35,6 +35,7 @@ struct Mock {
     window: bool,
     /// 32-bit protected mode, paging off, flat segments (a multiboot kernel's state).
     flat32: bool,
+    cr2: u64,
 }
 
 impl Mock {
@@ -135,6 +136,10 @@ impl Backend for Mock {
     fn set_exception_intercepts(&mut self, _vectors: u32) {}
 
     fn flush_guest_tlb(&mut self) {}
+
+    fn set_cr2(&mut self, cr2: u64) {
+        self.cr2 = cr2;
+    }
 }
 
 /// `OUT` of a dword to the self-test interrupt source (`guest_abi`): vector in AL, delay above.
@@ -414,6 +419,37 @@ fn a_string_write_to_a_debug_exit_ends_the_vm_with_its_status() {
     assert_eq!(run(&vm, 0, &mut m), SliceEnd::VmEnded);
     assert_eq!(vm.outcome().map(|o| o.0), Some(VmOutcome::Exited { status: 0x1E9 }));
     assert_eq!(written.lock().len(), 1);
+}
+
+#[test]
+fn string_io_on_a_not_present_page_is_a_page_fault() {
+    let (vm, written) = recorder_vm();
+    // rep outsb (16-bit code, PAE paging). PAE tables (the mock's CR3 is 0): PDPTE 0 -> PD at
+    // 0x5000 -> PT at 0x6000, which maps the code page 0x1000 only; the string at 0x3000 is on
+    // a not-present page.
+    vm.mem.write(0x1000, &[0xF3, 0x6E]).unwrap();
+    vm.mem.write_u64(0, 0x5000 | 1).unwrap();
+    vm.mem.write_u64(0x5000, 0x6000 | 1).unwrap();
+    vm.mem.write_u64(0x6000 + 8, 0x1000 | 1).unwrap();
+    let mut m = Mock::new(&[(
+        |r| {
+            r.rsi = 0x3000;
+            r.rcx = 5;
+        },
+        string_io(1, true),
+    )]);
+    assert_eq!(run(&vm, 0, &mut m), SliceEnd::VmEnded);
+    assert_eq!(
+        m.injected.first(),
+        Some(&Event::Exception { vector: VECTOR_PF, error_code: Some(0) }),
+        "a read at CPL 0"
+    );
+    assert_eq!(m.cr2, 0x3000);
+    assert!(written.lock().is_empty());
+    let regs = vm.vcpus[0].lock().regs;
+    assert_eq!((regs.rsi, regs.rcx), (0x3000, 5), "nothing done");
+    assert_eq!(m.rip, 0x1000, "RIP on the faulting instruction");
+    assert!(matches!(vm.outcome().map(|o| o.0), Some(VmOutcome::Exited { .. })), "the VM went on");
 }
 
 #[test]
