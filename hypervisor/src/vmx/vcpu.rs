@@ -1062,50 +1062,28 @@ mod tests {
 
     #[test]
     fn multiboot_protected_mode_state_passes_entry_checks() {
-        let fixed = CrFixed {
-            cr0_fixed0: 0x8000_0021,
-            cr0_fixed1: 0xFFFF_FFFF,
-            cr4_fixed0: 0x2000,
-            cr4_fixed1: 0x3767FF,
-            unrestricted: true,
-        };
+        let fixed = bochs_fixed();
         let gdt = crate::vmm::state::DescriptorTable { base: 0x2080, limit: 39 };
         let s = CpuState::protected_mode_flat(0x10_0000, 0x2000, gdt);
         assert_eq!(check(&snapshot_of(&s, &fixed), &fixed), None);
     }
 
-    #[test]
-    fn reset_state_passes_entry_checks() {
-        let fixed = CrFixed {
+    /// Bochs's fixed CR0/CR4 bits (corei7_skylake_x) with unrestricted guest.
+    fn bochs_fixed() -> CrFixed {
+        CrFixed {
             cr0_fixed0: 0x8000_0021,
             cr0_fixed1: 0xFFFF_FFFF,
             cr4_fixed0: 0x2000,
             cr4_fixed1: 0x3767FF,
             unrestricted: true,
-        };
+        }
+    }
+
+    #[test]
+    fn reset_state_passes_entry_checks() {
+        let fixed = bochs_fixed();
         let s = reset_state();
-        let seg = |g: &Segment| SegFields {
-            selector: g.selector,
-            base: g.base,
-            limit: g.limit,
-            ar: g.attr.to_vmx(g.unusable),
-        };
-        let snap = GuestSnapshot {
-            cr0: fixed.cr0_real(s.cr0),
-            cr4: fixed.cr4_real(s.cr4),
-            dr7: s.dr7,
-            efer: s.efer,
-            pat: s.pat,
-            rflags: s.rflags,
-            rip: s.rip,
-            segs: [seg(&s.es), seg(&s.cs), seg(&s.ss), seg(&s.ds), seg(&s.fs), seg(&s.gs), seg(&s.ldtr), seg(&s.tr)],
-            gdtr_limit: 0xFFFF,
-            idtr_limit: 0xFFFF,
-            link_pointer: !0,
-            entry_controls: entry::LOAD_EFER | entry::LOAD_PAT,
-            secondary_controls: secondary::ENABLE_EPT | secondary::UNRESTRICTED_GUEST,
-            ..GuestSnapshot::default()
-        };
+        let snap = snapshot_of(&s, &fixed);
         assert_eq!(check(&snap, &fixed), None);
         // The guest sees CD/NW/ET as RESET leaves them, the real CR0 keeps caches on.
         assert_eq!(cr::guest_view(snap.cr0, s.cr0, fixed.cr0_mask()), 0x6000_0010);
