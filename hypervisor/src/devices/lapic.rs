@@ -265,6 +265,39 @@ struct Timer {
     tsc_at: Option<Nanos>,
 }
 
+/// [`LocalApic::post_mortem`]'s figures; `Display` writes them as `key=value` pairs.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct PostMortem {
+    pub irr: Option<u8>,
+    pub isr: Option<u8>,
+    pub tpr: u8,
+    pub ppr: u8,
+    pub svr: u32,
+    pub lvt_timer: u32,
+    pub initial: u32,
+    pub tsc_at: Option<Nanos>,
+    pub processed: Nanos,
+}
+
+impl core::fmt::Display for PostMortem {
+    fn fmt(&self, f: &mut core::fmt::Formatter<'_>) -> core::fmt::Result {
+        let v = |v: Option<u8>| v.map_or(-1, i32::from);
+        write!(
+            f,
+            "irr_top={} isr_top={} tpr={:#x} ppr={:#x} svr={:#x} lvt_timer={:#x} initial={} tsc_deadline_ns={} processed_ns={}",
+            v(self.irr),
+            v(self.isr),
+            self.tpr,
+            self.ppr,
+            self.svr,
+            self.lvt_timer,
+            self.initial,
+            self.tsc_at.map_or(-1, |t| t.0 as i64),
+            self.processed.0
+        )
+    }
+}
+
 /// One vCPU's local APIC.
 #[derive(Clone, Debug)]
 pub struct LocalApic {
@@ -357,6 +390,23 @@ impl LocalApic {
         };
         apic.reset_registers();
         apic
+    }
+
+    /// A one-line summary of the interrupt and timer state, for post-mortem reports (a VM
+    /// that timed out or halted): the highest requested and in-service vectors, TPR, PPR,
+    /// SVR, the timer LVT, the armed TSC deadline's guest time and the time processed.
+    pub fn post_mortem(&self) -> PostMortem {
+        PostMortem {
+            irr: highest(&self.irr),
+            isr: highest(&self.isr),
+            tpr: self.tpr,
+            ppr: self.ppr(),
+            svr: self.svr,
+            lvt_timer: self.lvt[Lvt::Timer as usize],
+            initial: self.timer.initial,
+            tsc_at: self.timer.tsc_at,
+            processed: self.processed,
+        }
     }
 
     /// Sets MAXPHYADDR (address bits of IA32_APIC_BASE above it are reserved; clamped to

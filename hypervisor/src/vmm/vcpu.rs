@@ -332,6 +332,12 @@ impl Vcpu {
         if vm.ended() {
             return true;
         }
+        // The VM's time limit ends it even while every vCPU is blocked (no exit would
+        // come to end it): the host timer woke this CPU at the limit (`wake_deadline`).
+        if vm.deadline.is_some_and(|d| rdtsc() >= d) {
+            vm.stop(VmOutcome::TimedOut);
+            return true;
+        }
         let init = self.take_apic_events(vm);
         match self.state {
             VcpuState::Runnable => return true,

@@ -410,6 +410,16 @@ impl Vm {
                 );
             }
         }
+        if self.irq.has_lapics() {
+            for (i, a) in (0..self.irq.vcpus()).map(|i| (i, self.irq.apic(i))) {
+                let state = if i == v.index { Some(v.state) } else { self.vcpus[i].try_lock().map(|w| w.state) };
+                report!(
+                    "vm name={name} lapic vcpu={i} state={state:?} now_ns={} {}",
+                    self.now().0,
+                    a.lapic.lock().post_mortem()
+                );
+            }
+        }
         let r = &v.regs;
         report!(
             "vm name={name} regs vcpu={} rax={:#x} rbx={:#x} rcx={:#x} rdx={:#x} rsi={:#x} rdi={:#x} rsp={:#x} rbp={:#x}",

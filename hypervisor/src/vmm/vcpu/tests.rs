@@ -219,6 +219,29 @@ fn hlt_blocks_and_a_test_interrupt_wakes() {
     assert_eq!(m.injected, [Event::Interrupt { vector: 0x40 }]);
 }
 
+#[test]
+fn the_time_limit_ends_a_vm_whose_vcpus_are_all_halted() {
+    let mut vm = test_vm(1);
+    // A wakeable HLT (the test timer is armed far ahead): no exit will come to see the limit.
+    let mut m = Mock::new(&[(|r| r.rax = 0x40 | (0xFF_FFFF << 8), TEST_IRQ_OUT), (|_| {}, ExitKind::Hlt)]);
+    assert_eq!(run(&vm, 0, &mut m), SliceEnd::Blocked);
+    assert!(!vm.vcpus[0].lock().poll(&vm), "nothing woke it yet");
+    // The limit passes while it is halted: the wake-up deadline names it and the poll then
+    // ends the VM.
+    vm.deadline = Some(rdtsc() + 1_000);
+    assert_eq!(vm.vcpus[0].lock().wake_deadline(&vm), vm.deadline);
+    let mut ended = false;
+    for _ in 0..10_000_000 {
+        if vm.vcpus[0].lock().poll(&vm) {
+            ended = true;
+            break;
+        }
+    }
+    assert!(ended && vm.ended(), "the VM timed out");
+    assert_eq!(vm.outcome().map(|o| o.0), Some(VmOutcome::TimedOut));
+    assert_eq!(run(&vm, 0, &mut m), SliceEnd::VmEnded);
+}
+
 const X2APIC_ON: u64 = 0xFEE0_0000 | (1 << 11) | (1 << 10);
 
 fn wrmsr(r: &mut GuestRegs, msr: u32, value: u64) {
