@@ -179,7 +179,7 @@ make_initramfs() {
     add_dynamic "$(command -v sysbench)" "$stage" sysbench
     add_dynamic "$(command -v perf)" "$stage" perf
     chmod 755 "$stage/bin/busybox" "$stage/init"
-    for a in sh mount poweroff insmod nproc uname tr sleep awk tail; do
+    for a in sh mount poweroff insmod nproc uname tr sleep awk tail stty; do
         ln -s busybox "$stage/bin/$a"
     done
     find "$stage" -exec touch -h -d "@${SOURCE_DATE_EPOCH:-0}" {} +
