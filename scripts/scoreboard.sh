@@ -92,7 +92,7 @@ ns per operation, the ratio Vireo/native with a 95% confidence interval over the
 repetitions, and the VM's exits per second by reason. The method is in this script's header.
 Durations (plus waits for the emulator lock; more on a loaded host):
   qemu-svm   about 5 minutes by default, 1.5 with --quick, 1 with --tiny
-  bochs-vmx  about 17 minutes by default, 7 with --quick, 4.5 with --tiny
+  bochs-vmx  about 12 minutes by default, 3.5 with --quick, 2 with --tiny
 
 Options:
   --emulator E       qemu-svm (default): QEMU TCG, AMD SVM (cpu qemu64,+svm,+npt), native
@@ -100,12 +100,12 @@ Options:
                      as scripts/run-bochs.sh --cpu vmx), native side a GRUB ISO booting the
                      same kernel, initramfs and command line
   --quick            fewer repetitions and iterations (qemu-svm: 2 repetitions, 1/2 of the
-                     iterations; bochs-vmx: 2 repetitions, 1/20)
+                     iterations; bochs-vmx: 2 repetitions, 1/4)
   --tiny             for tests: 2 repetitions, 1/100 of the iterations (the boots dominate)
-  --repeats R        rounds over the benchmarks per boot (default: qemu-svm 8, bochs-vmx 4)
+  --repeats R        rounds over the benchmarks per boot (default 8)
   --boots B          boots per side (default $BOOTS); the rounds of all boots are pooled
   --divide D         divide every benchmark's iterations by D (default: qemu-svm 1,
-                     bochs-vmx 8; --quick and --tiny set their own; D given here wins)
+                     bochs-vmx 2; --quick and --tiny set their own; D given here wins)
   --only LIST        comma-separated benchmarks (default: all: ${ALL_BENCHES[*]})
   --config KEY=VAL   appended to the VM's line (repeatable; default: pv=kvm), e.g. pv=off
   --wall             qemu-svm only: wall-clock timing: no -icount (multi-threaded TCG, guest
@@ -171,15 +171,18 @@ for b in "${BENCHES[@]}"; do
     [[ -n "${ITERS[$b]:-}" ]] || usage_error "unknown benchmark '$b' (known: ${ALL_BENCHES[*]})"
 done
 [[ ${#CONFIG[@]} -gt 0 ]] || CONFIG=(pv=kvm)
-# Repetitions and divisor by emulator and mode (--repeats and --divide win). Bochs: a round
-# at divisor 1 would take about ... s of host time under Vireo (... natively), and a boot
-# about ... s under Vireo (... natively, where GRUB also loads the 33 MB of kernel and
-# initramfs from the emulated CD).
+# Repetitions and divisor by emulator and mode (--repeats and --divide win). Bochs, measured
+# here (from --tiny and --quick --divide 20 runs, host seconds, lock waits excluded): the
+# boots with the fixed part of the guest's work take about 52 s natively and 70 s under Vireo
+# (Linux reaches /init after 57 s of emulated time, GRUB having loaded the 33 MB of kernel and
+# initramfs from the emulated CD), and a round at divisor 1 about 45 s natively and 101 s under
+# Vireo (40 s of emulated time natively): the default (8 rounds at 1/2) about 12 minutes,
+# --quick (2 at 1/4) about 3.5, --tiny (2 at 1/100) about 2.
 case "$EMULATOR:$MODE" in
     qemu-svm:default) DEF_REPEATS=8; DEF_DIVISOR=1 ;;
     qemu-svm:quick) DEF_REPEATS=2; DEF_DIVISOR=2 ;;
-    bochs-vmx:default) DEF_REPEATS=4; DEF_DIVISOR=8 ;;
-    bochs-vmx:quick) DEF_REPEATS=2; DEF_DIVISOR=20 ;;
+    bochs-vmx:default) DEF_REPEATS=8; DEF_DIVISOR=2 ;;
+    bochs-vmx:quick) DEF_REPEATS=2; DEF_DIVISOR=4 ;;
     *:tiny) DEF_REPEATS=2; DEF_DIVISOR=100 ;;
 esac
 [[ -n "$REPEATS" ]] || REPEATS="$DEF_REPEATS"
@@ -272,7 +275,7 @@ if [[ "$TIMEOUT" -gt 0 ]]; then
 elif [[ "$EMULATOR" == qemu-svm ]]; then
     LIMIT=$(( 180 + 50 * REPEATS / DIVISOR ))
 else
-    LIMIT=$(( 600 + 2400 * REPEATS / DIVISOR ))
+    LIMIT=$(( 300 + 400 * REPEATS / DIVISOR ))
 fi
 
 : >"$WORK/durations"
