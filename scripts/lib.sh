@@ -205,7 +205,7 @@ run_check_common() {
         [[ "$RUN_CMDLINE_SET" == 0 && ${#RUN_MODULES[@]} -eq 0 && ${#RUN_GUESTS[@]} -eq 0 ]] ||
             usage_error "--cmdline and --module do not apply to a ready-made --iso"
         if [[ "$RUN_HEADLESS" == 1 ]]; then
-            note "note: --iso is booted as it is; unless its cmdline has exit=$RUN_EXIT_KEY the run ends only at the timeout"
+            note "note: --iso is booted as it is; unless it ends the emulator itself (exit=$RUN_EXIT_KEY on Vireo's command line, a guest's ACPI power-off) the run ends only at the timeout"
         fi
     fi
     if [[ -n "$RUN_ELF" ]]; then

@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # shellcheck source-path=SCRIPTDIR
-# Makes a GRUB ISO that boots Vireo with BIOS and with UEFI.
+# Makes a GRUB ISO that boots Vireo (or, with --linux, a Linux kernel natively) with BIOS and
+# with UEFI.
 set -euo pipefail
 # shellcheck source=lib.sh
 source "$(dirname "${BASH_SOURCE[0]}")/lib.sh"
@@ -8,19 +9,29 @@ source "$(dirname "${BASH_SOURCE[0]}")/lib.sh"
 usage() {
     cat <<EOF
 Usage: scripts/mkiso.sh --elf ELF --out ISO [--cmdline "ARGS"] [--module PATH[=ARGS]]...
+       scripts/mkiso.sh --linux KERNEL [--initrd FILE] --out ISO [--cmdline "ARGS"]
 
 Makes a hybrid GRUB ISO (BIOS El Torito + UEFI x86_64) with grub-mkrescue. Its grub.cfg comes
 from boot/grub.cfg.in: GRUB talks over COM1 at 115200 and boots at once with
     multiboot2 /boot/vireo.elf ARGS
     module2 --nounzip /boot/modules/FILE ARGS      (one line per --module, in order)
+or, with --linux (a Linux kernel booted natively, e.g. to compare with the same kernel as a
+VM under Vireo):
+    linux /boot/vmlinuz ARGS
+    initrd /boot/initrd                            (with --initrd)
 
 Options:
   --elf ELF             the multiboot2 kernel (copied to /boot/vireo.elf)
+  --linux KERNEL        instead of --elf: a Linux bzImage (copied to /boot/vmlinuz), loaded
+                        with GRUB's linux command (GRUB puts BOOT_IMAGE=/boot/vmlinuz before
+                        ARGS on the kernel's command line)
+  --initrd FILE         with --linux: its initramfs (copied to /boot/initrd)
   --out ISO             where to write the ISO (replaced atomically)
-  --cmdline "ARGS"      the hypervisor command line; split on blanks, each word passed
-                        literally (GRUB itself backslash-escapes quotes and backslashes)
-  --module PATH[=ARGS]  a module file (copied to /boot/modules/ under its file name) and its
-                        command line ARGS (empty without '='); repeatable
+  --cmdline "ARGS"      the command line of the kernel (Vireo's or, with --linux, Linux's);
+                        split on blanks, each word passed literally (GRUB itself
+                        backslash-escapes quotes and backslashes)
+  --module PATH[=ARGS]  with --elf: a module file (copied to /boot/modules/ under its file
+                        name) and its command line ARGS (empty without '='); repeatable
   --keep-debug          copy the ELF as it is; by default its DWARF debug sections are left
                         out of the ISO's copy (objcopy --strip-debug: symbols stay), which
                         makes a release build with debug info about 50 times smaller and
@@ -32,6 +43,8 @@ EOF
 }
 
 ELF=""
+LINUX=""
+INITRD=""
 OUT=""
 CMDLINE=""
 MODULES=()
@@ -42,6 +55,8 @@ while [[ $# -gt 0 ]]; do
     case "$1" in
         -h|--help) usage; exit 0 ;;
         --elf) need_arg "$1" "$#"; ELF="$(abspath "$2")"; shift ;;
+        --linux) need_arg "$1" "$#"; LINUX="$(abspath "$2")"; shift ;;
+        --initrd) need_arg "$1" "$#"; INITRD="$(abspath "$2")"; shift ;;
         --out) need_arg "$1" "$#"; OUT="$(abspath "$2")"; shift ;;
         --cmdline) need_arg "$1" "$#"; CMDLINE="$2"; shift ;;
         --module) need_arg "$1" "$#"; MODULES+=("$2"); shift ;;
@@ -52,9 +67,17 @@ while [[ $# -gt 0 ]]; do
     esac
     shift
 done
-[[ -n "$ELF" ]] || usage_error "--elf is required"
+[[ -n "$ELF" || -n "$LINUX" ]] || usage_error "--elf (or --linux) is required"
+[[ -z "$ELF" || -z "$LINUX" ]] || usage_error "--elf and --linux exclude each other"
 [[ -n "$OUT" ]] || usage_error "--out is required"
-[[ -f "$ELF" ]] || die "no such ELF: $ELF"
+if [[ -n "$LINUX" ]]; then
+    [[ -f "$LINUX" ]] || die "no such kernel: $LINUX"
+    [[ -z "$INITRD" || -f "$INITRD" ]] || die "no such initramfs: $INITRD"
+    [[ ${#MODULES[@]} -eq 0 ]] || usage_error "--module goes with --elf, not --linux (--initrd is Linux's)"
+else
+    [[ -f "$ELF" ]] || die "no such ELF: $ELF"
+    [[ -z "$INITRD" ]] || usage_error "--initrd goes with --linux"
+fi
 
 if [[ "$DEPS" == 1 ]]; then
     "$VIREO_ROOT/scripts/install-deps.sh" --quiet iso
@@ -65,7 +88,7 @@ for platform in i386-pc x86_64-efi; do
     [[ -d "$GRUB_LIB/$platform" ]] || die "$GRUB_LIB/$platform is missing (scripts/install-deps.sh iso)"
 done
 
-if command -v grub-file >/dev/null 2>&1 && ! grub-file --is-x86-multiboot2 "$ELF"; then
+if [[ -n "$ELF" ]] && command -v grub-file >/dev/null 2>&1 && ! grub-file --is-x86-multiboot2 "$ELF"; then
     die "$ELF has no multiboot2 header in its first 32 KiB"
 fi
 
@@ -96,12 +119,27 @@ grub_words() {
 
 ISODIR="$WORK/iso"
 mkdir -p "$ISODIR/boot/grub" "$ISODIR/boot/modules"
-if [[ "$KEEP_DEBUG" == 1 ]] || ! command -v objcopy >/dev/null 2>&1 ||
-   ! objcopy --strip-debug "$ELF" "$ISODIR/boot/vireo.elf" 2>"$WORK/objcopy.log"; then
-    cp "$ELF" "$ISODIR/boot/vireo.elf"
+CMDLINE_WORDS="$(grub_words "$CMDLINE")"
+# BOOT_LINES: the loader lines of the menu entry.
+if [[ -n "$LINUX" ]]; then
+    TITLE=Linux
+    LOADER=linux
+    cp "$LINUX" "$ISODIR/boot/vmlinuz"
+    BOOT_LINES=("linux /boot/vmlinuz${CMDLINE_WORDS:+ $CMDLINE_WORDS}")
+    if [[ -n "$INITRD" ]]; then
+        cp "$INITRD" "$ISODIR/boot/initrd"
+        BOOT_LINES+=("initrd /boot/initrd")
+    fi
+else
+    TITLE=Vireo
+    LOADER=multiboot2
+    if [[ "$KEEP_DEBUG" == 1 ]] || ! command -v objcopy >/dev/null 2>&1 ||
+       ! objcopy --strip-debug "$ELF" "$ISODIR/boot/vireo.elf" 2>"$WORK/objcopy.log"; then
+        cp "$ELF" "$ISODIR/boot/vireo.elf"
+    fi
+    BOOT_LINES=("multiboot2 /boot/vireo.elf${CMDLINE_WORDS:+ $CMDLINE_WORDS}")
 fi
 
-MODULE_LINES=()
 for m in ${MODULES[@]+"${MODULES[@]}"}; do
     path="${m%%=*}"
     args=""
@@ -120,31 +158,30 @@ for m in ${MODULES[@]+"${MODULES[@]}"}; do
     line="module2 --nounzip /boot/modules/$name"
     words="$(grub_words "$args")"
     [[ -z "$words" ]] || line+=" $words"
-    MODULE_LINES+=("$line")
+    BOOT_LINES+=("$line")
 done
 
 # grub.cfg from the template.
 TEMPLATE="$VIREO_ROOT/boot/grub.cfg.in"
 [[ -f "$TEMPLATE" ]] || die "missing template $TEMPLATE"
-CMDLINE_WORDS="$(grub_words "$CMDLINE")"
 {
     while IFS= read -r line || [[ -n "$line" ]]; do
         if [[ "$line" =~ ^[[:space:]]*# ]]; then
             printf '%s\n' "$line"
-        elif [[ "$line" =~ ^([[:space:]]*)@MODULES@[[:space:]]*$ ]]; then
+        elif [[ "$line" =~ ^([[:space:]]*)@BOOT@[[:space:]]*$ ]]; then
             indent="${BASH_REMATCH[1]}"
-            for ml in ${MODULE_LINES[@]+"${MODULE_LINES[@]}"}; do
+            for ml in "${BOOT_LINES[@]}"; do
                 printf '%s%s\n' "$indent" "$ml"
             done
         else
-            printf '%s\n' "${line//@CMDLINE@/"$CMDLINE_WORDS"}"
+            printf '%s\n' "${line//@TITLE@/"$TITLE"}"
         fi
     done <"$TEMPLATE"
 } >"$ISODIR/boot/grub/grub.cfg"
 
 # Only what this grub.cfg needs, plus the partition-map modules that GRUB's EFI image tries to
 # load by itself (it prints "file not found" errors for any that are missing).
-GRUB_MODULES="multiboot2 normal serial terminal configfile boot"
+GRUB_MODULES="$LOADER normal serial terminal configfile boot"
 for platform in i386-pc x86_64-efi; do
     if [[ -f "$GRUB_LIB/$platform/partmap.lst" ]]; then
         GRUB_MODULES+=" $(tr '\n' ' ' <"$GRUB_LIB/$platform/partmap.lst")"

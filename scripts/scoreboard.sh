@@ -1,7 +1,9 @@
 #!/usr/bin/env bash
 # shellcheck source-path=SCRIPTDIR
-# The VMI-style overhead scoreboard: the same micro-benchmarks run natively (QEMU -kernel) and
-# in a VM under Vireo (QEMU TCG with AMD SVM emulated), in one run, and per benchmark the
+# The VMI-style overhead scoreboard: the same micro-benchmarks run natively and in a VM under
+# Vireo, in one run, in one of two configurations (--emulator): qemu-svm (default; QEMU TCG
+# with AMD SVM emulated, native side QEMU -kernel) or bochs-vmx (Bochs with Intel VMX, cpu
+# model corei7_skylake_x; native side a GRUB ISO with a linux/initrd entry); per benchmark the
 # native and Vireo figures, the ratio Vireo/native with a 95% confidence interval over the
 # repetitions, and the VM's exits per second by reason during that benchmark.
 #
@@ -17,12 +19,29 @@
 # (sb_iters=NAME:N,... sb_reps=R) says what the guest runs; it is the same on both sides:
 # "console=ttyS0 panic=-1 sb_iters=... sb_reps=...".
 #
-# Both sides: QEMU TCG, -cpu qemu64,+svm,+npt, one emulated CPU. Native: -m 256 -kernel
-# vmlinuz -initrd initramfs. Vireo: scripts/run-qemu.sh --smp 1 (QEMU -m 512) with the VM
-# "linux mem=256M cpus=1 CONFIG" (CONFIG: --config options, default pv=kvm). By default QEMU
-# runs with -icount shift=0,sleep=off (single-threaded TCG): guest time counts executed
+# qemu-svm, both sides: QEMU TCG, -cpu qemu64,+svm,+npt, one emulated CPU. Native: -m 256
+# -kernel vmlinuz -initrd initramfs. Vireo: scripts/run-qemu.sh --smp 1 (QEMU -m 512) with
+# the VM "linux mem=256M cpus=1 CONFIG" (CONFIG: --config options, default pv=kvm). By default
+# QEMU runs with -icount shift=0,sleep=off (single-threaded TCG): guest time counts executed
 # instructions (1 ns each), so the load of the host does not move the figures; --wall
-# leaves it out (guest time = host time). In each boot the guest runs the whole list of
+# leaves it out (guest time = host time).
+#
+# bochs-vmx, both sides: Bochs, cpu model corei7_skylake_x, one CPU, the bochsrc of
+# scripts/run-bochs.sh (boot/bochsrc.in). Native: scripts/mkiso.sh --linux vmlinuz --initrd
+# initramfs (GRUB's linux/initrd; GRUB puts BOOT_IMAGE=/boot/vmlinuz before the command line)
+# booted by scripts/run-bochs.sh --cpu vmx --iso ISO --smp 1 --mem 256; the guest's ACPI
+# power-off ends Bochs ("ACPI control: soft power off"). Vireo: scripts/run-bochs.sh --cpu vmx
+# --smp 1 (Bochs megs 512) with the same VM line as qemu-svm. Bochs always counts guest time
+# in executed instructions (the cpu line's ips=, 40000000 in boot/bochsrc.in: its TSC, PIT,
+# HPET and APIC timer advance with instructions, not with host time), so its figures are as
+# deterministic as QEMU's -icount ones; there is no --wall. The TSC counts one per
+# instruction, i.e. runs at ips Hz of emulated time (Vireo calibrates 40000500 Hz against the
+# PIT), but natively Linux would take corei7_skylake_x's CPUID frequency (3.5 GHz) as the
+# TSC's and run its clock 87.5 times slow: the kernel command line has tsc_early_khz=ips/1000
+# (Linux then also refines it against the HPET). It also has console=ttyS0,115200: Bochs's
+# UART keeps the baud rate (Linux's default 9600 would make every console line take tens of
+# milliseconds of guest time, drained by interrupts during the next benchmark). Both sides are killed after a limit (--timeout), and a boot whose
+# serial log lacks "score: done" is reported as failed. In each boot the guest runs the whole list of
 # benchmarks R times (rounds); scorebench times its loop with clock_gettime(CLOCK_MONOTONIC)
 # and prints "score: name=X iterations=N ns_per_op=F". Under Vireo, vireo.ko loads and
 # scorebench writes /sys/hypervisor/vireo/mark just before its loop and reads
@@ -38,19 +57,21 @@ set -euo pipefail
 # shellcheck source=lib.sh
 source "$(dirname "${BASH_SOURCE[0]}")/lib.sh"
 
+EMULATORS=(qemu-svm bochs-vmx)
 ALL_BENCHES=(null sigsegv sigfpe fork exec pipe mmap pagefault compute sysbench-threads perf-syscall perf-pipe
     perf-messaging)
 # Default iterations per round (0.07-0.3 s of guest time each under -icount, about 1.3 s a
 # round; in host time about 5 s natively and 23 s under Vireo, where the boot itself takes
-# about 35 s).
+# about 35 s). Bochs divides them further (bochs_defaults below).
 declare -A ITERS=(
     [null]=200000 [sigsegv]=20000 [sigfpe]=20000 [fork]=400 [exec]=300 [pipe]=10000
     [mmap]=10000 [pagefault]=50000 [compute]=20000000 [sysbench-threads]=1000
     [perf-syscall]=200000 [perf-pipe]=10000 [perf-messaging]=20
 )
-REPEATS=8
+EMULATOR=qemu-svm
+REPEATS=""
 BOOTS=1
-DIVISOR=1
+DIVISOR=""
 ICOUNT=1
 TIMEOUT=0
 CONFIG=()
@@ -60,29 +81,37 @@ MODE=default
 
 usage() {
     cat <<EOF2
-Usage: scripts/scoreboard.sh [OPTIONS]
+Usage: scripts/scoreboard.sh [--emulator qemu-svm|bochs-vmx] [OPTIONS]
 
 The VMI-style overhead scoreboard: micro-benchmarks of the Debian Linux guest (null system
 call, SIGSEGV and SIGFPE delivery, fork+wait, fork+exec, pipe round trip, mmap/munmap,
 first-touch page faults, a compute loop; and the third-party sysbench threads, perf bench
-syscall basic, perf bench sched pipe and perf bench sched messaging) natively in QEMU and as a 1-vCPU VM under Vireo in
-QEMU, in one run: per benchmark the native and Vireo ns per operation, the ratio
-Vireo/native with a 95% confidence interval over the repetitions, and the VM's exits per
-second by reason. The method is in this script's header. About 5 minutes by default, 1.5
-with --quick, 1 with --tiny (plus waits for the emulator lock; more on a loaded host).
+syscall basic, perf bench sched pipe and perf bench sched messaging) natively and as a
+1-vCPU VM under Vireo in the same emulator, in one run: per benchmark the native and Vireo
+ns per operation, the ratio Vireo/native with a 95% confidence interval over the
+repetitions, and the VM's exits per second by reason. The method is in this script's header.
+Durations (plus waits for the emulator lock; more on a loaded host):
+  qemu-svm   about 5 minutes by default, 1.5 with --quick, 1 with --tiny
+  bochs-vmx  about 12 minutes by default, 3.5 with --quick, 2 with --tiny
 
 Options:
-  --quick            2 repetitions, half the iterations
+  --emulator E       qemu-svm (default): QEMU TCG, AMD SVM (cpu qemu64,+svm,+npt), native
+                     side QEMU -kernel; bochs-vmx: Bochs, Intel VMX (cpu corei7_skylake_x,
+                     as scripts/run-bochs.sh --cpu vmx), native side a GRUB ISO booting the
+                     same kernel, initramfs and command line
+  --quick            fewer repetitions and iterations (qemu-svm: 2 repetitions, 1/2 of the
+                     iterations; bochs-vmx: 2 repetitions, 1/4)
   --tiny             for tests: 2 repetitions, 1/100 of the iterations (the boots dominate)
-  --repeats R        rounds over the benchmarks per boot (default $REPEATS)
+  --repeats R        rounds over the benchmarks per boot (default 8)
   --boots B          boots per side (default $BOOTS); the rounds of all boots are pooled
-  --divide D         divide every benchmark's iterations by D
+  --divide D         divide every benchmark's iterations by D (default: qemu-svm 1,
+                     bochs-vmx 2; --quick and --tiny set their own; D given here wins)
   --only LIST        comma-separated benchmarks (default: all: ${ALL_BENCHES[*]})
   --config KEY=VAL   appended to the VM's line (repeatable; default: pv=kvm), e.g. pv=off
-  --wall             wall-clock timing: no -icount (multi-threaded TCG, guest time = host
-                     time; figures then move with the load of the host)
+  --wall             qemu-svm only: wall-clock timing: no -icount (multi-threaded TCG, guest
+                     time = host time; figures then move with the load of the host)
   --out DIR          where scoreboard.json, scoreboard.svg and logs/ go (default
-                     build/scoreboard)
+                     build/scoreboard for qemu-svm, build/scoreboard-bochs-vmx for bochs-vmx)
   --timeout S        limit of each boot in seconds (default: from the work asked)
   -h, --help         this text
 
@@ -90,7 +119,8 @@ Environment: VIREO_EMU_LOCK=FILE runs each emulator boot under flock FILE (for m
 shared with others; the wait is not counted in the durations printed).
 
 Figures go to stdout; progress and failures to stderr. Exit status 0 if every benchmark has
-figures on both sides, 1 otherwise.
+figures on both sides, 1 otherwise (a boot that does not finish its benchmarks, a timeout
+included, is reported with the end of its serial log and of its run's messages).
 EOF2
 }
 
@@ -101,9 +131,14 @@ posint() {
 while [[ $# -gt 0 ]]; do
     case "$1" in
         -h|--help) usage; exit 0 ;;
-        --quick) MODE=quick; REPEATS=2; DIVISOR=2 ;;
-        --tiny) MODE=tiny; REPEATS=2; DIVISOR=100 ;;
+        --quick) MODE=quick ;;
+        --tiny) MODE=tiny ;;
         --wall) ICOUNT=0 ;;
+        --emulator)
+            need_arg "$1" "$#"
+            [[ " ${EMULATORS[*]} " == *" $2 "* ]] || usage_error "--emulator wants one of: ${EMULATORS[*]}; not '$2'"
+            EMULATOR="$2"
+            shift ;;
         --repeats|--boots|--divide|--timeout)
             need_arg "$1" "$#"
             posint "$1" "$2"
@@ -136,10 +171,31 @@ for b in "${BENCHES[@]}"; do
     [[ -n "${ITERS[$b]:-}" ]] || usage_error "unknown benchmark '$b' (known: ${ALL_BENCHES[*]})"
 done
 [[ ${#CONFIG[@]} -gt 0 ]] || CONFIG=(pv=kvm)
-[[ -n "$OUT" ]] || OUT="$VIREO_ROOT/build/scoreboard"
+# Repetitions and divisor by emulator and mode (--repeats and --divide win). Bochs, measured
+# here (from --tiny and --quick --divide 20 runs, host seconds, lock waits excluded): the
+# boots with the fixed part of the guest's work take about 52 s natively and 70 s under Vireo
+# (Linux reaches /init after 57 s of emulated time, GRUB having loaded the 33 MB of kernel and
+# initramfs from the emulated CD), and a round at divisor 1 about 45 s natively and 101 s under
+# Vireo (40 s of emulated time natively): the default (8 rounds at 1/2) about 12 minutes,
+# --quick (2 at 1/4) about 3.5, --tiny (2 at 1/100) about 2.
+case "$EMULATOR:$MODE" in
+    qemu-svm:default) DEF_REPEATS=8; DEF_DIVISOR=1 ;;
+    qemu-svm:quick) DEF_REPEATS=2; DEF_DIVISOR=2 ;;
+    bochs-vmx:default) DEF_REPEATS=8; DEF_DIVISOR=2 ;;
+    bochs-vmx:quick) DEF_REPEATS=2; DEF_DIVISOR=4 ;;
+    *:tiny) DEF_REPEATS=2; DEF_DIVISOR=100 ;;
+esac
+[[ -n "$REPEATS" ]] || REPEATS="$DEF_REPEATS"
+[[ -n "$DIVISOR" ]] || DIVISOR="$DEF_DIVISOR"
+if [[ "$EMULATOR" == bochs-vmx ]]; then
+    [[ "$ICOUNT" == 1 ]] || usage_error "--wall is for qemu-svm: Bochs always counts guest time in instructions"
+fi
+[[ -n "$OUT" ]] || OUT="$VIREO_ROOT/build/scoreboard$([[ "$EMULATOR" == qemu-svm ]] || echo "-$EMULATOR")"
 
 T_START="$(now)"
-"$VIREO_ROOT/scripts/install-deps.sh" --quiet rust host iso qemu linux bench
+DEPS=(rust host iso linux bench)
+if [[ "$EMULATOR" == qemu-svm ]]; then DEPS+=(qemu); else DEPS+=(bochs); fi
+"$VIREO_ROOT/scripts/install-deps.sh" --quiet "${DEPS[@]}"
 ELF="$("$VIREO_ROOT/scripts/build.sh" --no-deps | tail -n 1)"
 GUEST="$("$VIREO_ROOT/scripts/guest-linux.sh" --quiet)"
 KERNEL="$(sed -n 's/^kernel=//p' <<<"$GUEST")"
@@ -149,7 +205,7 @@ MODULE="$(sed -n 's/^module=//p' <<<"$GUEST")"
 WORK="$(mktemp -d "${TMPDIR:-/tmp}/vireo-scoreboard.XXXXXX")"
 trap 'rm -rf "$WORK"' EXIT
 mkdir -p "$OUT/logs"
-rm -f "$OUT"/logs/*.log "$OUT/scoreboard.json" "$OUT/scoreboard.svg"
+rm -f "$OUT"/logs/*.log "$OUT"/logs/*.err "$OUT/scoreboard.json" "$OUT/scoreboard.svg"
 INITRD="$VIREO_ROOT/build/scoreboard/initramfs.cpio.gz"
 SRC="$VIREO_ROOT/guests/linux/scoreboard"
 
@@ -179,7 +235,7 @@ make_initramfs() {
     add_dynamic "$(command -v sysbench)" "$stage" sysbench
     add_dynamic "$(command -v perf)" "$stage" perf
     chmod 755 "$stage/bin/busybox" "$stage/init"
-    for a in sh mount poweroff insmod nproc uname tr sleep awk tail; do
+    for a in sh mount poweroff insmod nproc uname tr sleep awk tail stty; do
         ln -s busybox "$stage/bin/$a"
     done
     find "$stage" -exec touch -h -d "@${SOURCE_DATE_EPOCH:-0}" {} +
@@ -195,7 +251,13 @@ for b in "${BENCHES[@]}"; do
     [[ "$n" -gt 0 ]] || n=1
     SB_ITERS+="${SB_ITERS:+,}$b:$n"
 done
-APPEND="console=ttyS0 panic=-1 sb_iters=$SB_ITERS sb_reps=$REPEATS"
+# Bochs: the UART sends at the baud rate set: 115200 rather than Linux's default 9600; and the
+# TSC's rate is given (the header).
+BOCHS_IPS="$(sed -n 's/^cpu:.*ips=\([0-9]*\).*/\1/p' "$VIREO_ROOT/boot/bochsrc.in" | head -n 1)"
+[[ "$EMULATOR" != bochs-vmx || -n "$BOCHS_IPS" ]] || die "no ips= on boot/bochsrc.in's cpu line"
+GUEST_CLOCK="console=ttyS0"
+[[ "$EMULATOR" != bochs-vmx ]] || GUEST_CLOCK="console=ttyS0,115200 tsc_early_khz=$(( BOCHS_IPS / 1000 ))"
+APPEND="$GUEST_CLOCK panic=-1 sb_iters=$SB_ITERS sb_reps=$REPEATS"
 VM_LINE="linux mem=256M cpus=1 ${CONFIG[*]}"
 
 QEMU_ICOUNT=()
@@ -206,27 +268,44 @@ if [[ "$ICOUNT" == 1 ]]; then
     QEMU_ICOUNT=(-icount "shift=0,sleep=off")
     VIREO_EXTRA=(-- "${QEMU_ICOUNT[@]}")
 fi
-# Limit of a boot: generous, from the work asked (a round at divisor 1 takes about 23 s of
-# host time under Vireo on this machine, about 5 s natively).
-if [[ "$TIMEOUT" -gt 0 ]]; then LIMIT="$TIMEOUT"; else LIMIT=$(( 180 + 50 * REPEATS / DIVISOR )); fi
+# Limit of a boot: generous, from the work asked (QEMU: a round at divisor 1 takes about 23
+# s of host time under Vireo on this machine, about 5 s natively; Bochs: the figures above).
+if [[ "$TIMEOUT" -gt 0 ]]; then
+    LIMIT="$TIMEOUT"
+elif [[ "$EMULATOR" == qemu-svm ]]; then
+    LIMIT=$(( 180 + 50 * REPEATS / DIVISOR ))
+else
+    LIMIT=$(( 300 + 400 * REPEATS / DIVISOR ))
+fi
 
 : >"$WORK/durations"
-# boot SIDE LOG: one boot, native or vireo, the serial log in LOG; its seconds (the lock wait
-# excluded) appended to $WORK/durations; BOOT_RC its status.
+# boot SIDE LOG: one boot, native or vireo, the serial log in LOG, the emulator's or run
+# script's messages (stderr) in LOG less .log plus .err; its seconds (the lock wait excluded)
+# appended to $WORK/durations; BOOT_RC its status (124 or 137: killed at the limit).
 boot() {
-    local side="$1" log="$2" t0 rc=0
+    local side="$1" log="$2" t0 rc=0 err="${2%.log}.err"
     emu_lock
     t0="$(now)"
-    if [[ "$side" == native ]]; then
-        timeout -k 5 "$LIMIT" qemu-system-x86_64 -accel "tcg,thread=$TCG_THREAD" -cpu qemu64,+svm,+npt \
-            -m 256 -smp 1 -display none -serial "file:$log" -monitor none -no-reboot -nic none \
-            -kernel "$KERNEL" -initrd "$INITRD" -append "$APPEND" ${QEMU_ICOUNT[@]+"${QEMU_ICOUNT[@]}"} \
-            </dev/null >/dev/null 2>&1 || rc=$?
-    else
-        VIREO_TCG_THREAD="$TCG_THREAD" "$VIREO_ROOT/scripts/run-qemu.sh" --headless --accel tcg --timeout "$LIMIT" \
-            --elf "$ELF" --log "$log" --smp 1 --module "$KERNEL=$VM_LINE -- $APPEND" \
-            --module "$INITRD=linux:initrd" ${VIREO_EXTRA[@]+"${VIREO_EXTRA[@]}"} >/dev/null 2>&1 || rc=$?
-    fi
+    case "$EMULATOR:$side" in
+        qemu-svm:native)
+            timeout -k 5 "$LIMIT" qemu-system-x86_64 -accel "tcg,thread=$TCG_THREAD" -cpu qemu64,+svm,+npt \
+                -m 256 -smp 1 -display none -serial "file:$log" -monitor none -no-reboot -nic none \
+                -kernel "$KERNEL" -initrd "$INITRD" -append "$APPEND" ${QEMU_ICOUNT[@]+"${QEMU_ICOUNT[@]}"} \
+                </dev/null >/dev/null 2>"$err" || rc=$? ;;
+        qemu-svm:vireo)
+            VIREO_TCG_THREAD="$TCG_THREAD" "$VIREO_ROOT/scripts/run-qemu.sh" --headless --accel tcg --timeout "$LIMIT" \
+                --elf "$ELF" --log "$log" --smp 1 --module "$KERNEL=$VM_LINE -- $APPEND" \
+                --module "$INITRD=linux:initrd" ${VIREO_EXTRA[@]+"${VIREO_EXTRA[@]}"} >/dev/null 2>"$err" || rc=$? ;;
+        # run-bochs.sh's own verdict looks for Vireo's "exit status=ok" line, which a native
+        # Linux never prints: its status counts here only as a timeout (124).
+        bochs-vmx:native)
+            "$VIREO_ROOT/scripts/run-bochs.sh" --cpu vmx --headless --timeout "$LIMIT" --iso "$NATIVE_ISO" \
+                --smp 1 --mem 256 --log "$log" >/dev/null 2>"$err" || rc=$? ;;
+        bochs-vmx:vireo)
+            "$VIREO_ROOT/scripts/run-bochs.sh" --cpu vmx --headless --timeout "$LIMIT" \
+                --elf "$ELF" --log "$log" --smp 1 --module "$KERNEL=$VM_LINE -- $APPEND" \
+                --module "$INITRD=linux:initrd" >/dev/null 2>"$err" || rc=$? ;;
+    esac
     elapsed "$t0" >>"$WORK/durations"
     echo >>"$WORK/durations"
     emu_unlock
@@ -343,38 +422,60 @@ def main(manifest, benches, out, meta):
     with open(out + "/scoreboard.json", "w") as f:
         json.dump(doc, f, indent=1)
         f.write("\n")
-    svg(rows, out + "/scoreboard.svg", "Vireo overhead scoreboard (%s, %s)" % (meta["timing"], meta["config"]))
+    svg(rows, out + "/scoreboard.svg", "Vireo overhead scoreboard (%s; %s; %s)" % (meta["emulator"], meta["timing"], meta["config"]))
     return bad
 
 sys.exit(main(*sys.argv[1:]))
 PY
 
 make_initramfs
+NATIVE_ISO=""
+if [[ "$EMULATOR" == bochs-vmx ]]; then
+    NATIVE_ISO="$WORK/native.iso"
+    "$VIREO_ROOT/scripts/mkiso.sh" --no-deps --quiet --linux "$KERNEL" --initrd "$INITRD" \
+        --cmdline "$APPEND" --out "$NATIVE_ISO"
+fi
 note "ELF $ELF; kernel $KERNEL; initramfs $INITRD; out $OUT"
-TIMING="$([[ "$ICOUNT" == 1 ]] && echo "icount shift=0,sleep=off" || echo "wall clock")"
-echo "scoreboard: QEMU $(qemu-system-x86_64 --version | head -n 1 | awk '{ print $4 }') TCG, $TIMING; host $(nproc) cores, load $(cut -d' ' -f1-3 /proc/loadavg); $MODE"
+if [[ "$EMULATOR" == qemu-svm ]]; then
+    TIMING="$([[ "$ICOUNT" == 1 ]] && echo "icount shift=0,sleep=off" || echo "wall clock")"
+    echo "scoreboard: qemu-svm: QEMU $(qemu-system-x86_64 --version | head -n 1 | awk '{ print $4 }') TCG, cpu qemu64,+svm,+npt, $TIMING; host $(nproc) cores, load $(cut -d' ' -f1-3 /proc/loadavg); $MODE: $REPEATS rounds, iterations / $DIVISOR"
+    echo "   native: QEMU -kernel -initrd, -m 256; Vireo: scripts/run-qemu.sh --smp 1 (-m 512)"
+else
+    TIMING="emulated instructions, ips=$BOCHS_IPS"
+    echo "scoreboard: bochs-vmx: Bochs $(dpkg-query -W -f '${Version}' bochs 2>/dev/null || echo '?'), cpu corei7_skylake_x (VMX), $TIMING (guest time counts executed instructions, not host time: deterministic, like QEMU -icount); host $(nproc) cores, load $(cut -d' ' -f1-3 /proc/loadavg); $MODE: $REPEATS rounds, iterations / $DIVISOR"
+    echo "   native: GRUB ISO linux/initrd, megs 256; Vireo: scripts/run-bochs.sh --cpu vmx --smp 1 (megs 512)"
+fi
 echo "   Vireo $(git -C "$VIREO_ROOT" rev-parse --short HEAD 2>/dev/null || echo '?'), kernel $(sed -n 's/^release=//p' "$(dirname "$KERNEL")/kernel.version" 2>/dev/null || echo '?'); VM: $VM_LINE; --smp 1"
 echo "   guest: $APPEND"
 MANIFEST="$WORK/manifest"
 : >"$MANIFEST"
 FAILED=0
+BOOT_TIMES=""
 for b in $(seq "$BOOTS"); do
     for side in native vireo; do
         log="$OUT/logs/$side-$b.log"
         note "$side boot $b/$BOOTS"
         boot "$side" "$log"
-        if serial_clean "$log" | grep -aq 'score: done'; then
+        # (not grep -q: its early exit would fail serial_clean with SIGPIPE, under pipefail)
+        if serial_clean "$log" | grep -a 'score: done' >/dev/null; then
             note "  $side boot $b: $(tail -n 1 "$WORK/durations") s"
         else
-            note "  $side boot $b did not finish its benchmarks (status $BOOT_RC); the last serial lines of $log:"
+            why="status $BOOT_RC"
+            [[ "$BOOT_RC" != 124 && "$BOOT_RC" != 137 ]] || why="killed at the limit of $LIMIT s"
+            note "  $side boot $b did not finish its benchmarks ($why, after $(tail -n 1 "$WORK/durations") s); the last serial lines of $log:"
             serial_clean "$log" | grep -av '^[[:space:]]*$' | tail -n 12 | sed 's/^/    /' >&2 || true
+            if [[ -s "${log%.log}.err" ]]; then
+                note "  and the last lines of ${log%.log}.err:"
+                grep -av '^[[:space:]]*$' "${log%.log}.err" | tail -n 12 | sed 's/^/    /' >&2 || true
+            fi
             FAILED=1
         fi
         echo "$side $log" >>"$MANIFEST"
+        BOOT_TIMES+="${BOOT_TIMES:+, }$side-$b $(tail -n 1 "$WORK/durations") s"
     done
 done
-META="$(python3 -c 'import json, sys; print(json.dumps(dict(timing=sys.argv[1], config=sys.argv[2], mode=sys.argv[3], repeats=int(sys.argv[4]), boots=int(sys.argv[5]), kernel_cmdline=sys.argv[6], vm_line=sys.argv[7])))' \
-    "$TIMING" "${CONFIG[*]}" "$MODE" "$REPEATS" "$BOOTS" "$APPEND" "$VM_LINE")"
+META="$(python3 -c 'import json, sys; print(json.dumps(dict(emulator=sys.argv[1], timing=sys.argv[2], config=sys.argv[3], mode=sys.argv[4], repeats=int(sys.argv[5]), divisor=int(sys.argv[6]), boots=int(sys.argv[7]), kernel_cmdline=sys.argv[8], vm_line=sys.argv[9])))' \
+    "$EMULATOR" "$TIMING" "${CONFIG[*]}" "$MODE" "$REPEATS" "$DIVISOR" "$BOOTS" "$APPEND" "$VM_LINE")"
 python3 "$WORK/an.py" "$MANIFEST" "$(IFS=,; echo "${BENCHES[*]}")" "$OUT" "$META" || FAILED=1
-echo "scoreboard: done in $(elapsed "$T_START") s ($(awk '{ s += $1 } END { printf "%.0f", s }' "$WORK/durations") s of emulator time over $(wc -l <"$WORK/durations") boots); $OUT/scoreboard.json, $OUT/scoreboard.svg"
+echo "scoreboard: done in $(elapsed "$T_START") s ($(awk '{ s += $1 } END { printf "%.0f", s }' "$WORK/durations") s of emulator time over $(wc -l <"$WORK/durations") boots: $BOOT_TIMES); $OUT/scoreboard.json, $OUT/scoreboard.svg"
 exit "$FAILED"

@@ -10,7 +10,8 @@
 # scorebench then prints no exit figures), then prints "score: start ...", the lines of
 # each scorebench run prefixed by nothing else ("score: name=..." and, under Vireo,
 # "score: exits name=..."), each run preceded by "score: run rep=R name=NAME", then
-# "score: done" and powers off. No `set -e`: PID 1 must never exit (the kernel would panic).
+# "score: done", waits for the console to drain and powers off. No `set -e`: PID 1 must
+# never exit (the kernel would panic).
 export PATH=/bin
 
 mount -t proc proc /proc
@@ -99,5 +100,9 @@ while [ "$r" -le "$reps" ]; do
     r=$((r + 1))
 done
 echo "score: done"
+# Let the console drain before the power goes: an emulated UART that keeps its baud rate (Bochs)
+# still has the last lines in the tty's buffer, and poweroff -f does not wait for them. stty
+# applies its settings with TCSADRAIN, which waits until the UART has sent everything.
+stty -F /dev/console "$(stty -F /dev/console -g)" 2>/dev/null || sleep 2
 poweroff -f
 while :; do sleep 3600; done
