@@ -200,11 +200,11 @@ impl Vcpu {
             if self.pv.pv_eoi().is_some() {
                 self.pv_eoi_offer(vm);
             }
-            let mut exit = self.enter(vm, cpu);
             // The exit fast path: after a cheap exit with nothing pending, the vCPU is
             // entered again from here, without the per-entry work above (which would find
             // nothing to do: see `reenter_at_once`).
             loop {
+                let exit = self.enter(vm, cpu);
                 let offered = self.pv.eoi_offered.is_some();
                 if offered {
                     self.pv_eoi_check(vm);
@@ -233,7 +233,6 @@ impl Vcpu {
                 if offered || !self.reenter_at_once(vm, cpu, &exit, now, yield_now) {
                     continue 'slice;
                 }
-                exit = self.enter(vm, cpu);
             }
         };
         crate::arch::lapic::disarm();
@@ -866,6 +865,12 @@ impl Vcpu {
             self.regs.rax = t(ret as u64);
             cpu.set_rip(next_rip);
             return flow;
+        }
+        // The calls that need no context (PING, VERSION) are answered without building it.
+        if let Some(hypercall::Outcome::Return(v)) = hypercall::handle_simple(number, args, cpl) {
+            self.regs.rax = t(v as u64);
+            cpu.set_rip(next_rip);
+            return Flow::Continue;
         }
         let mut out = |bytes: &[u8]| vm.console_write(bytes);
         let mut cx = hypercall::Context {
