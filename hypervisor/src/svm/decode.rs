@@ -117,6 +117,7 @@ fn after(raw: &RawExit, len: u64) -> u64 {
 /// Translates one exit. Returns the kind and the next RIP (equal to `raw.rip` for exits
 /// that are not instruction intercepts). VMEXIT_INVALID comes back as `EntryFailed` with a
 /// generic reason; the caller names the failing consistency check ([`super::check`]).
+#[inline]
 pub fn decode(raw: &RawExit) -> (ExitKind, u64) {
     let rip = raw.rip;
     match normalize(raw.code) {

@@ -480,6 +480,7 @@ impl SvmVcpu {
     /// Everything after a VMRUN that returned (`tsc`: when): restores and explains a
     /// refused entry, decodes an exit, re-queues an interrupted event. `entry`: the guest
     /// state before the VMRUN, where it was kept (`entry_snapshot`); `entry_rip`: its RIP.
+    #[inline]
     fn complete_exit(&mut self, regs: &mut GuestRegs, entry: Option<&EntrySnapshot>, entry_rip: u64, tsc: u64) -> Exit {
         let injected = core::mem::replace(&mut self.injected, 0);
         self.rflags_written = false;
