@@ -159,6 +159,7 @@ pub const fn io_access(qualification: u64) -> IoAccess {
 /// Control-register accesses decode to [`ExitKind::ControlRegister`]; `run` emulates them
 /// before returning. Invalid-guest-state failures decode with a generic reason that `run`
 /// may sharpen with [`super::check`].
+#[inline]
 pub fn decode(raw: &RawExit) -> (ExitKind, u64) {
     let basic = raw.basic();
     let next_rip = if is_instruction_exit(basic) { raw.rip.wrapping_add(raw.instr_len as u64) } else { raw.rip };

@@ -67,6 +67,10 @@ pub struct VmxVcpu {
     preemption_rate: Option<u8>,
     /// TSC by which the guest must exit (see `Backend::set_deadline`).
     deadline: Option<u64>,
+    /// The deadline the VMX-preemption timer field counts to, when VM exits save the
+    /// timer's value (`exit::SAVE_PREEMPTION_TIMER`): the field then counts on from entry
+    /// to entry and is written again only for a new deadline. `None`: written at every entry.
+    timer_for: Option<Option<u64>>,
 }
 
 /// PAUSE-loop exiting: PAUSEs at most this many TSC ticks apart form one loop ...
@@ -156,6 +160,7 @@ impl VmxVcpu {
             preemption_rate: (controls.pin & controls::pin::PREEMPTION_TIMER != 0)
                 .then(|| (unsafe { msr::read(msr::IA32_VMX_MISC) } & 0x1F) as u8),
             deadline: None,
+            timer_for: None,
         };
         match vcpu.build(frames, &cap) {
             Ok(()) => Ok(vcpu),
@@ -800,11 +805,19 @@ impl Backend for VmxVcpu {
         if let Some(rate) = self.preemption_rate {
             // Counts from the entry; 0 exits before the guest runs an instruction. No
             // deadline: the longest count (minutes at GHz rates; the host timer still runs).
-            let ticks = match self.deadline {
-                Some(d) => d.saturating_sub(instr::rdtsc()) >> rate,
-                None => u64::MAX,
-            };
-            self.write(Field32::VmxPreemptionTimerValue, ticks.min(u32::MAX as u64) as u32);
+            // Where exits save the timer, a count already running for this deadline goes on
+            // (it does not count while Vireo handles exits, so it may end late: the host's
+            // local APIC timer, armed for the same deadline, bounds that).
+            if self.timer_for != Some(self.deadline) {
+                let ticks = match self.deadline {
+                    Some(d) => d.saturating_sub(instr::rdtsc()) >> rate,
+                    None => u64::MAX,
+                };
+                self.write(Field32::VmxPreemptionTimerValue, ticks.min(u32::MAX as u64) as u32);
+                if self.controls.exit & controls::exit::SAVE_PREEMPTION_TIMER != 0 {
+                    self.timer_for = Some(self.deadline);
+                }
+            }
         }
         let injected = Backend::pending_event(self);
         // SAFETY: VMX root operation with this vCPU's fully set-up VMCS current (above);
