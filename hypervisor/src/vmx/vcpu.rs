@@ -112,6 +112,20 @@ fn vmx_bug(what: &str, e: VmxFail) -> ! {
     panic!("vmx: {what}: {e}")
 }
 
+#[cold]
+#[inline(never)]
+fn vmread_failed<F: VmcsField>(field: F, e: VmxFail) -> ! {
+    log::error!("vmx: VMREAD {field:?}: {e}");
+    vmx_bug("VMREAD", e)
+}
+
+#[cold]
+#[inline(never)]
+fn vmwrite_failed<F: VmcsField>(field: F, e: VmxFail) -> ! {
+    log::error!("vmx: VMWRITE {field:?}: {e}");
+    vmx_bug("VMWRITE", e)
+}
+
 impl VmxVcpu {
     /// Creates a vCPU on this CPU: VMCS (VMCLEAR, VMPTRLD), MSR bitmap, controls, host
     /// state, EPTP and VPID, and the RESET guest state. `vpid` 0 (or a CPU without VPID or
@@ -263,12 +277,20 @@ impl VmxVcpu {
     }
 
     /// Makes this vCPU's VMCS current on its CPU, switching the guest-owned MSRs VMX does
-    /// not switch (save the outgoing vCPU's, load ours).
+    /// not switch (save the outgoing vCPU's, load ours). Inline for the common case, on the
+    /// exit path before every VMCS access: it is current already.
+    #[inline]
     fn make_current(&self) -> Result<(), VmxFail> {
-        let slot = percpu::slot(self.cpu);
-        if slot.current_vmcs() == self.vmcs {
+        if percpu::slot(self.cpu).current_vmcs() == self.vmcs {
             return Ok(());
         }
+        self.switch_current()
+    }
+
+    #[cold]
+    #[inline(never)]
+    fn switch_current(&self) -> Result<(), VmxFail> {
+        let slot = percpu::slot(self.cpu);
         // SAFETY: VMX root operation; the VMCS is ours, initialised and VMCLEARed at
         // creation, and used only on this CPU.
         unsafe { instr::vmptrld(self.vmcs) }?;
@@ -284,6 +306,7 @@ impl VmxVcpu {
         Ok(())
     }
 
+    #[inline]
     fn current(&self) {
         if let Err(e) = self.make_current() {
             vmx_bug("VMPTRLD of the vCPU's VMCS", e);
@@ -293,39 +316,32 @@ impl VmxVcpu {
     /// VMREAD from this vCPU's VMCS, which the caller made current since the last time
     /// another VMCS could have been (the exit path: `run` made it current before entering,
     /// and VM exits leave it so).
+    #[inline]
     fn read_cur<F: VmcsField>(&self, field: F) -> F::Value {
         // SAFETY: VMX root operation with our VMCS current (the caller's promise).
         match unsafe { instr::vmread(field) } {
             Ok(v) => v,
-            Err(e) => {
-                log::error!("vmx: VMREAD {field:?}: {e}");
-                vmx_bug("VMREAD", e)
-            }
+            Err(e) => vmread_failed(field, e),
         }
     }
 
     /// VMREAD from this vCPU's VMCS (made current first).
+    #[inline]
     fn read<F: VmcsField>(&self, field: F) -> F::Value {
         self.current();
-        // SAFETY: VMX root operation with our VMCS current (above).
-        match unsafe { instr::vmread(field) } {
-            Ok(v) => v,
-            Err(e) => {
-                log::error!("vmx: VMREAD {field:?}: {e}");
-                vmx_bug("VMREAD", e)
-            }
-        }
+        self.read_cur(field)
     }
 
     /// VMWRITE to this vCPU's VMCS. Only guest-state and control fields that cannot point
     /// into host memory go through here (host state and addresses are written in `build`).
+    #[inline]
     fn write<F: VmcsField>(&mut self, field: F, value: F::Value) {
         if let Err(e) = self.try_write(field, value) {
-            log::error!("vmx: VMWRITE {field:?}: {e}");
-            vmx_bug("VMWRITE", e)
+            vmwrite_failed(field, e)
         }
     }
 
+    #[inline]
     fn try_write<F: VmcsField>(&self, field: F, value: F::Value) -> Result<(), VmxFail> {
         self.make_current()?;
         // SAFETY: our VMCS is current; callers write guest state, controls Vireo computed,
@@ -703,7 +719,7 @@ impl VmxVcpu {
             }
             reason::CR_ACCESS => kind = self.emulate_cr(raw.qualification, regs, next_rip),
             reason::EPT_MISCONFIG => log::error!("vmx: EPT misconfiguration at guest-physical {:#x}", raw.gpa),
-            _ if kind == ExitKind::Unhandled => {
+            _ if matches!(kind, ExitKind::Unhandled) => {
                 log::debug!("vmx: unhandled exit {} ({})", basic, super::error::exit_reason_name(basic));
             }
             _ => {}
