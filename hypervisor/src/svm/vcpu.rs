@@ -645,6 +645,7 @@ impl Backend for SvmVcpu {
         exit
     }
 
+    #[inline]
     fn rip(&self) -> u64 {
         self.vmcb().save.rip
     }
@@ -653,6 +654,7 @@ impl Backend for SvmVcpu {
     /// instruction it emulated (the shadowed one, e.g. the HLT of STI;HLT), after which
     /// interrupts are recognized again (APM Vol. 2 §15.21.5; KVM does the same when it skips
     /// an instruction). Left set, the shadow would wrongly cover the next instruction too.
+    #[inline]
     fn set_rip(&mut self, rip: u64) {
         let v = self.vmcb_areas(0);
         if v.save.rip != rip {
@@ -697,6 +699,7 @@ impl Backend for SvmVcpu {
         s.efer = e | EFER_SVME;
     }
 
+    #[inline]
     fn cpl(&self) -> u8 {
         self.vmcb().save.cpl & 3
     }
@@ -739,6 +742,7 @@ impl Backend for SvmVcpu {
         SvmVcpu::set_pat(self, pat)
     }
 
+    #[inline]
     fn event_pending(&self) -> bool {
         event::is_valid(self.vmcb().control.eventinj)
     }

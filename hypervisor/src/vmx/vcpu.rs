@@ -491,11 +491,13 @@ impl VmxVcpu {
         Ok(())
     }
 
+    #[inline]
     fn interruptibility(&self) -> u32 {
         self.read(Field32::GuestInterruptibilityState)
     }
 
     /// The instruction at the old RIP completed: its STI/MOV SS shadow is over.
+    #[inline]
     fn end_interrupt_shadow(&mut self) {
         let s = self.interruptibility();
         if s & (BLOCKING_BY_STI | BLOCKING_BY_MOV_SS) != 0 {
@@ -883,12 +885,14 @@ impl Backend for VmxVcpu {
         exit
     }
 
+    #[inline]
     fn rip(&self) -> u64 {
         self.read(FieldNat::GuestRip)
     }
 
     /// Also ends an STI/MOV SS interrupt shadow: the core moves RIP past an instruction it
     /// emulated, which completes that instruction (as KVM's skip_emulated_instruction).
+    #[inline]
     fn set_rip(&mut self, rip: u64) {
         self.write(FieldNat::GuestRip, rip);
         self.end_interrupt_shadow();
@@ -922,12 +926,14 @@ impl Backend for VmxVcpu {
         self.set_guest_efer(efer);
     }
 
+    #[inline]
     fn long_mode(&self) -> bool {
         // CS access rights bit 13 is L (SDM Vol. 3C §25.4.1); L=1 implies IA-32e mode.
         self.read(Field32::GuestCsAccessRights) & (1 << 13) != 0
             && self.read(Field64::GuestIa32Efer) & crate::vmm::state::EFER_LMA != 0
     }
 
+    #[inline]
     fn cpl(&self) -> u8 {
         SegAttr::from_vmx(self.read(Field32::GuestSsAccessRights)).dpl()
     }
@@ -954,6 +960,7 @@ impl Backend for VmxVcpu {
         self.pending_event = true;
     }
 
+    #[inline]
     fn pending_event(&self) -> Option<Event> {
         if !self.pending_event {
             return None;
@@ -970,6 +977,7 @@ impl Backend for VmxVcpu {
         self.write(Field64::GuestIa32Pat, pat);
     }
 
+    #[inline]
     fn event_pending(&self) -> bool {
         self.pending_event
     }
