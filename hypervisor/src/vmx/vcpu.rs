@@ -664,8 +664,34 @@ impl VmxVcpu {
     /// Everything after an entry that exited (`tsc`: when): reads the fields this exit
     /// needs, decodes it and emulates what the backend emulates itself. `injected`: the
     /// event queued at the entry.
+    #[inline]
     fn complete_exit(&mut self, regs: &mut GuestRegs, tsc: u64, injected: Option<Event>) -> Exit {
-        let mut raw = RawExit { reason: self.read_cur(Field32::ExitReason), ..RawExit::default() };
+        let reason = self.read_cur(Field32::ExitReason);
+        // The cheap instruction exits read only what every exit reads and the instruction
+        // length: no qualification, interruption or IDT-vectoring information (never valid
+        // for them, SDM Vol. 3C §28.2.4), nothing the backend emulates.
+        if let Some(kind) = decode::simple_instruction_exit(reason) {
+            self.launched = true;
+            self.pending_event = false;
+            regs.rsp = self.read_cur(FieldNat::GuestRsp);
+            self.rsp_cache = regs.rsp;
+            let rip = self.read_cur(FieldNat::GuestRip);
+            let len = self.read_cur(Field32::VmExitInstructionLength);
+            return Exit {
+                kind,
+                rip,
+                next_rip: rip.wrapping_add(len as u64),
+                raw: u64::from(reason),
+                tsc,
+                events: ExitEvents { injected, interrupted: None },
+            };
+        }
+        self.complete_other_exit(regs, tsc, injected, reason)
+    }
+
+    /// [`Self::complete_exit`] for every exit but the cheap instruction exits.
+    fn complete_other_exit(&mut self, regs: &mut GuestRegs, tsc: u64, injected: Option<Event>, reason: u32) -> Exit {
+        let mut raw = RawExit { reason, ..RawExit::default() };
         let basic = raw.basic();
         if !raw.entry_failed() {
             self.launched = true;
