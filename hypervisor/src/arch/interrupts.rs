@@ -20,6 +20,16 @@ pub fn take_timer_fired() -> bool {
     }
 }
 
+/// Whether this CPU's one-shot timer fired since [`take_timer_fired`] last looked, without
+/// clearing it (a plain load: the exit fast path's check).
+#[inline]
+pub fn timer_fired() -> bool {
+    match percpu::try_current() {
+        Some(cpu) => TIMER_FIRED[cpu.index() % percpu::MAX_CPUS].load(Ordering::Relaxed),
+        None => false,
+    }
+}
+
 static TIMER_INTERRUPTS: AtomicU64 = AtomicU64::new(0);
 static OTHER_INTERRUPTS: AtomicU64 = AtomicU64::new(0);
 static WAKE_INTERRUPTS: AtomicU64 = AtomicU64::new(0);

@@ -108,15 +108,37 @@ pub fn decode_npf(info1: u64, info2: u64) -> NptAccess {
 /// The RIP after an intercepted instruction of `len` bytes: nRIP where the CPU saves it
 /// (§15.7.1), else the instruction's known length.
 fn after(raw: &RawExit, len: u64) -> u64 {
-    match raw.nrip {
+    next_rip(raw.rip, raw.nrip, len)
+}
+
+/// The instruction intercepts that need nothing but their code (and EXITINFO1 for MSR
+/// accesses) to decode: CPUID, VMMCALL, RDMSR, WRMSR, with their length for a CPU without
+/// nRIP-save. `code` normalized; `None` for every other exit.
+#[inline]
+pub fn simple_instruction_exit(code: u64, info1: u64) -> Option<(ExitKind, u64)> {
+    match code {
+        code::CPUID => Some((ExitKind::Cpuid, insn_len::CPUID)),
+        code::VMMCALL => Some((ExitKind::Hypercall(HypercallInsn::Vmmcall), insn_len::VMMCALL)),
+        code::MSR if info1 & 1 == 0 => Some((ExitKind::Rdmsr, insn_len::RDMSR)),
+        code::MSR => Some((ExitKind::Wrmsr, insn_len::WRMSR)),
+        _ => None,
+    }
+}
+
+/// The RIP after an intercepted instruction of `len` bytes at `rip`: `nrip` where the CPU
+/// saved one (§15.7.1), else the instruction's known length.
+#[inline]
+pub fn next_rip(rip: u64, nrip: Option<u64>, len: u64) -> u64 {
+    match nrip {
         Some(nrip) if nrip != 0 => nrip,
-        _ => raw.rip.wrapping_add(len),
+        _ => rip.wrapping_add(len),
     }
 }
 
 /// Translates one exit. Returns the kind and the next RIP (equal to `raw.rip` for exits
 /// that are not instruction intercepts). VMEXIT_INVALID comes back as `EntryFailed` with a
 /// generic reason; the caller names the failing consistency check ([`super::check`]).
+#[inline]
 pub fn decode(raw: &RawExit) -> (ExitKind, u64) {
     let rip = raw.rip;
     match normalize(raw.code) {
@@ -184,6 +206,22 @@ mod tests {
         assert_eq!(d(0x7C, 1, 0, None), (ExitKind::Wrmsr, 0x1002));
         assert_eq!(d(0x81, 0, 0, None), (ExitKind::Hypercall(HypercallInsn::Vmmcall), 0x1003));
         assert_eq!(d(0x8D, 0, 0, None), (ExitKind::Xsetbv, 0x1003));
+    }
+
+    #[test]
+    fn simple_instruction_exits_decode_as_the_full_decoder() {
+        for code in 0..0x100u64 {
+            for info1 in [0, 1] {
+                for nrip in [None, Some(0), Some(0x1007)] {
+                    if let Some((kind, len)) = simple_instruction_exit(code, info1) {
+                        assert_eq!(d(code, info1, 0, nrip), (kind, next_rip(0x1000, nrip, len)), "{code:#x}");
+                    }
+                }
+            }
+        }
+        assert_eq!(simple_instruction_exit(0x81, 0), Some((ExitKind::Hypercall(HypercallInsn::Vmmcall), 3)));
+        assert_eq!(simple_instruction_exit(0x7B, 0), None, "IOIO");
+        assert_eq!(simple_instruction_exit(code::INVALID, 0), None);
     }
 
     #[test]

@@ -374,6 +374,32 @@ fn vmexit_invalid_names_the_check_despite_overwritten_state() {
 }
 
 #[test]
+fn an_entry_after_only_rip_changed_keeps_no_snapshot_and_still_reports_a_refusal() {
+    enable_for_tests();
+    let (mut v, _f) = vcpu(&caps());
+    let mut regs = GuestRegs::default();
+    // A first exit (VMMCALL at 0x40_1000): everything Vireo wrote is behind it.
+    sim::set(exit_with(0x81, 0, 0, 0x40_1003));
+    assert_eq!(v.run(&mut regs).kind, ExitKind::Hypercall(HypercallInsn::Vmmcall));
+    assert!(!v.keeps_entry_snapshot(), "only a #VMEXIT since: nothing VMRUN checks changed");
+    v.set_rip(0x40_1003);
+    regs.rax = 7;
+    assert!(!v.keeps_entry_snapshot(), "RIP and RAX are not checked");
+    // Refused anyway (a host-side cause), with the save area overwritten: RIP is Vireo's.
+    sim::set(|vmcb, _| {
+        vmcb.control.exitcode = u64::MAX;
+        vmcb.save.rip = 0xFFFF_8000_0000_1234;
+    });
+    let exit = v.run(&mut regs);
+    let ExitKind::EntryFailed { reason, .. } = exit.kind else { panic!("{exit}") };
+    assert!(reason.contains("not a guest-state check"), "{reason}");
+    assert_eq!((exit.rip, v.rip()), (0x40_1003, 0x40_1003));
+    // Any checked write since the exit brings the snapshot back.
+    v.set_rflags(0x202);
+    assert!(v.keeps_entry_snapshot());
+}
+
+#[test]
 fn clean_bits_for_an_entry() {
     assert_eq!(clean::for_entry(false, true, 0), 0, "a CPU without clean bits");
     assert_eq!(clean::for_entry(true, false, 0), 0, "another CPU or VMCB since");

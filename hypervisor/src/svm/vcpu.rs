@@ -111,9 +111,10 @@ pub fn enable(frames: &mut FrameAllocator, caps: &SvmCaps) -> Result<(), Backend
     Ok(())
 }
 
-/// The guest state VMRUN checks (and the interrupt state), kept from before each entry: a
-/// CPU or emulator may write host values into the VMCB when it refuses it (QEMU TCG saves
-/// its current, i.e. host, state and clears V_INTR and EVENTINJ).
+/// The guest state VMRUN checks (and the interrupt state), kept from before an entry that
+/// could be refused: a CPU or emulator may write host values into the VMCB when it refuses
+/// it (QEMU TCG saves its current, i.e. host, state and clears V_INTR and EVENTINJ). Only
+/// an entry after Vireo changed checked state needs one (see `SvmVcpu::entry_snapshot`).
 #[derive(Clone, Copy)]
 struct EntrySnapshot {
     efer: u64,
@@ -147,6 +148,9 @@ pub struct SvmVcpu {
     injected: u64,
     /// VMCB areas ([`clean`]) written since the last VMRUN: their clean bits stay clear.
     dirty: u32,
+    /// RFLAGS written since the last #VMEXIT (a field no clean bit covers that VMRUN's
+    /// consistency checks read; EVENTINJ is tracked by `injected`).
+    rflags_written: bool,
     /// The host CPU of the last VMRUN (`usize::MAX`: none yet).
     last_cpu: usize,
 }
@@ -261,6 +265,7 @@ impl SvmVcpu {
             tlb_next: tlb_control::FLUSH_ALL,
             injected: 0,
             dirty: clean::ALL,
+            rflags_written: true,
             last_cpu: usize::MAX,
         };
         let rdpru = cpu_has_rdpru();
@@ -375,6 +380,22 @@ impl SvmVcpu {
         bits
     }
 
+    /// The snapshot for the entry about to happen, or `None` where the entry cannot be
+    /// refused for the guest state: since the last #VMEXIT (which saved a state the CPU
+    /// itself ran, APM Vol. 2 §15.6) Vireo changed no field VMRUN's consistency checks read
+    /// (§15.5.1: EFER, CR0, CR3, CR4, DR6, DR7, the segments, EVENTINJ, the controls), only
+    /// RIP, RAX, RSP and the interrupt shadow, as after a cheap exit. To be called before
+    /// `clean_for_entry`, which forgets what was written.
+    fn entry_snapshot(&self) -> Option<EntrySnapshot> {
+        (self.dirty != 0 || self.rflags_written || self.injected != 0).then(|| self.snapshot())
+    }
+
+    /// Host tests: whether the next entry keeps a snapshot.
+    #[cfg(test)]
+    pub(super) fn keeps_entry_snapshot(&self) -> bool {
+        self.entry_snapshot().is_some()
+    }
+
     fn snapshot(&self) -> EntrySnapshot {
         let v = self.vmcb();
         let s = &v.save;
@@ -394,6 +415,43 @@ impl SvmVcpu {
             eventinj: v.control.eventinj,
             v_intr: v.control.v_intr,
             interrupt_shadow: v.control.interrupt_shadow,
+        }
+    }
+
+    /// A refused VMRUN (EXITCODE VMEXIT_INVALID): nothing ran, the queued event and TLB
+    /// flush still stand. Puts back the guest state a CPU may have overwritten, then names
+    /// the check that failed.
+    #[cold]
+    fn entry_refused(
+        &mut self,
+        regs: &GuestRegs,
+        entry: Option<&EntrySnapshot>,
+        entry_rip: u64,
+        injected: u64,
+        tsc: u64,
+    ) -> Exit {
+        self.injected = injected;
+        self.rflags_written = true;
+        let reason = match entry {
+            Some(e) => {
+                self.restore(e, regs);
+                check::explain_invalid(self.vmcb())
+            }
+            None => {
+                // Only RIP, RAX, RSP and the shadow changed since a #VMEXIT saved this
+                // state: no guest-state check can fail, and the VMCB may now hold what the
+                // CPU wrote over it, so it explains nothing (and no cached area is trusted).
+                self.vmcb_mut().save.rip = entry_rip;
+                "VMRUN refused the state of the last #VMEXIT with only RIP, RAX and RSP changed (not a guest-state check)"
+            }
+        };
+        Exit {
+            kind: ExitKind::EntryFailed { reason, code: code::INVALID },
+            rip: entry_rip,
+            next_rip: entry_rip,
+            raw: code::INVALID,
+            tsc,
+            events: Default::default(),
         }
     }
 
@@ -421,26 +479,32 @@ impl SvmVcpu {
 
     /// Everything after a VMRUN that returned (`tsc`: when): restores and explains a
     /// refused entry, decodes an exit, re-queues an interrupted event. `entry`: the guest
-    /// state before the VMRUN.
-    fn complete_exit(&mut self, regs: &mut GuestRegs, entry: &EntrySnapshot, tsc: u64) -> Exit {
+    /// state before the VMRUN, where it was kept (`entry_snapshot`); `entry_rip`: its RIP.
+    #[inline]
+    fn complete_exit(&mut self, regs: &mut GuestRegs, entry: Option<&EntrySnapshot>, entry_rip: u64, tsc: u64) -> Exit {
         let injected = core::mem::replace(&mut self.injected, 0);
+        self.rflags_written = false;
         let nrip = self.caps.nrip;
         let v = self.vmcb_areas(0);
         let exitcode = decode::normalize(v.control.exitcode);
+        // The cheap instruction intercepts: an instruction ran, so an event injected at
+        // the entry was delivered, and no delivery was under way (EXITINTINFO, APM Vol. 2
+        // §15.7.2, is checked all the same).
+        if let Some((kind, len)) = decode::simple_instruction_exit(exitcode, v.control.exitinfo1) {
+            if !event::is_valid(v.control.exitintinfo) {
+                regs.rax = v.save.rax;
+                regs.rsp = v.save.rsp;
+                let rip = v.save.rip;
+                let next_rip = decode::next_rip(rip, nrip.then_some(v.control.next_rip), len);
+                v.control.eventinj = 0;
+                self.tlb_next = tlb_control::DO_NOTHING;
+                let events =
+                    ExitEvents { injected: Event::decode(injected as u32, (injected >> 32) as u32), interrupted: None };
+                return Exit { kind, rip, next_rip, raw: exitcode, tsc, events };
+            }
+        }
         if exitcode == code::INVALID {
-            // Nothing ran: the queued event and TLB flush still stand. Put back the guest
-            // state a CPU may have overwritten, then name the check that failed.
-            self.restore(entry, regs);
-            self.injected = injected;
-            let reason = check::explain_invalid(self.vmcb());
-            return Exit {
-                kind: ExitKind::EntryFailed { reason, code: exitcode },
-                rip: entry.rip,
-                next_rip: entry.rip,
-                raw: exitcode,
-                tsc,
-                events: Default::default(),
-            };
+            return self.entry_refused(regs, entry, entry_rip, injected, tsc);
         }
         regs.rax = v.save.rax;
         regs.rsp = v.save.rsp;
@@ -540,19 +604,20 @@ impl Backend for SvmVcpu {
             };
         }
         let tlb = self.tlb_next;
-        let clean = self.clean_for_entry(this_cpu.index());
         let v = self.vmcb_areas(0);
         v.save.rax = regs.rax;
         v.save.rsp = regs.rsp;
         v.control.tlb_control = tlb;
-        v.control.vmcb_clean = clean;
-        let entry = self.snapshot();
+        let entry = self.entry_snapshot();
+        let entry_rip = self.vmcb().save.rip;
+        let clean = self.clean_for_entry(this_cpu.index());
+        self.vmcb_areas(0).control.vmcb_clean = clean;
         // SAFETY: `host_save` is non-zero only after `enable` set EFER.SVME and
         // VM_HSAVE_PA on this CPU and reserved the page; the VMCB, IOPM and MSRPM belong to
         // this vCPU and were initialized by `new`; the caller built the nested page tables
         // at N_CR3; no reference into the VMCB is live across the call.
         let tsc = unsafe { run::world_switch(self.vmcb_pa, regs, host_save) };
-        self.complete_exit(regs, &entry, tsc)
+        self.complete_exit(regs, entry.as_ref(), entry_rip, tsc)
     }
 
     fn run_floor(&mut self, regs: &mut GuestRegs, max: u32) -> Exit {
@@ -584,7 +649,7 @@ impl Backend for SvmVcpu {
             let tsc = unsafe { run::world_switch(self.vmcb_pa, regs, host_save) };
             let v = self.vmcb();
             if decode::normalize(v.control.exitcode) != code::VMMCALL || v.save.rax != PING {
-                return self.complete_exit(regs, &entry, tsc);
+                return self.complete_exit(regs, Some(&entry), entry.rip, tsc);
             }
             exit.rip = v.save.rip;
             exit.next_rip = if nrip { v.control.next_rip } else { exit.rip.wrapping_add(decode::insn_len::VMMCALL) };
@@ -596,6 +661,7 @@ impl Backend for SvmVcpu {
         exit
     }
 
+    #[inline]
     fn rip(&self) -> u64 {
         self.vmcb().save.rip
     }
@@ -604,6 +670,7 @@ impl Backend for SvmVcpu {
     /// instruction it emulated (the shadowed one, e.g. the HLT of STI;HLT), after which
     /// interrupts are recognized again (APM Vol. 2 §15.21.5; KVM does the same when it skips
     /// an instruction). Left set, the shadow would wrongly cover the next instruction too.
+    #[inline]
     fn set_rip(&mut self, rip: u64) {
         let v = self.vmcb_areas(0);
         if v.save.rip != rip {
@@ -617,6 +684,7 @@ impl Backend for SvmVcpu {
     }
 
     fn set_rflags(&mut self, rflags: u64) {
+        self.rflags_written = true;
         self.vmcb_areas(0).save.rflags = rflags | RFLAGS_RESERVED_1;
     }
 
@@ -647,6 +715,7 @@ impl Backend for SvmVcpu {
         s.efer = e | EFER_SVME;
     }
 
+    #[inline]
     fn cpl(&self) -> u8 {
         self.vmcb().save.cpl & 3
     }
@@ -693,6 +762,7 @@ impl Backend for SvmVcpu {
         SvmVcpu::set_pat(self, pat)
     }
 
+    #[inline]
     fn event_pending(&self) -> bool {
         event::is_valid(self.vmcb().control.eventinj)
     }

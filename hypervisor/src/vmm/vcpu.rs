@@ -104,6 +104,10 @@ pub struct Vcpu {
     unassigned_reported: u32,
     /// TSC deadline the host timer is armed for.
     armed: Option<u64>,
+    /// The exit fast path re-enters at once only before this TSC, and while the VM's device
+    /// deadline is still the one seen then (`reenter_at_once`).
+    fast_until: u64,
+    device_seen: u64,
     /// What the guest registered through the KVM PV MSRs.
     pv: VcpuPv,
     wall_clock_msr: u64,
@@ -115,6 +119,12 @@ pub struct Vcpu {
 const PF_WRITE: u32 = 1 << 1;
 const PF_USER: u32 = 1 << 2;
 const FLOOR_BATCH: u32 = 4096;
+
+/// MSRs of the local APIC (its base, the TSC deadline, the x2APIC registers): accesses
+/// change or depend on its interrupt and timer state.
+fn is_lapic_msr(index: u32) -> bool {
+    matches!(index, MSR_TSC_DEADLINE | MSR_APIC_BASE | X2APIC_MSR_FIRST..=X2APIC_MSR_LAST)
+}
 
 /// Reads EDX holds after INIT/RESET: the processor signature (CPUID.1:EAX).
 fn processor_signature() -> u64 {
@@ -144,6 +154,8 @@ impl Vcpu {
             history_next: 0,
             unassigned_reported: 0,
             armed: None,
+            fast_until: 0,
+            device_seen: u64::MAX,
             pv: VcpuPv::default(),
             wall_clock_msr: 0,
         })
@@ -166,11 +178,11 @@ impl Vcpu {
         // #UD is intercepted so the other vendor's hypercall instruction works too.
         cpu.set_exception_intercepts(1 << VECTOR_UD);
         self.pv_slice_start(vm, cpu);
-        let end = loop {
+        let end = 'slice: loop {
             if vm.ended() {
                 break SliceEnd::VmEnded;
             }
-            if vm.irq.has_lapics() && self.take_apic_events(vm) {
+            if self.take_apic_events(vm) {
                 // INIT: the vCPU waits for SIPI (its new state is loaded then).
                 break SliceEnd::Blocked;
             }
@@ -193,30 +205,39 @@ impl Vcpu {
             if self.pv.pv_eoi().is_some() {
                 self.pv_eoi_offer(vm);
             }
-            // The policy of floor mode (a measuring mode, `floor=on`): the backend answers
-            // PING hypercalls in its entry loop; everything else comes back here.
-            let exit = if vm.floor { cpu.run_floor(&mut self.regs, FLOOR_BATCH) } else { cpu.run(&mut self.regs) };
-            if self.pv.eoi_offered.is_some() {
-                self.pv_eoi_check(vm);
-            }
-            self.history[self.history_next] = Some(exit);
-            self.history_next = (self.history_next + 1) % HISTORY;
-            let flow = match vm.deadline {
-                Some(d) if exit.tsc >= d => Flow::Stop(VmOutcome::TimedOut),
-                _ => self.handle(vm, cpu, &exit),
-            };
-            vm.counters[self.index].exits.record(&exit.kind, rdtsc().wrapping_sub(exit.tsc));
-            match flow {
-                Flow::Continue => {}
-                Flow::Yield => break SliceEnd::Preempted,
-                Flow::Block => break SliceEnd::Blocked,
-                Flow::Stop(outcome) => {
-                    vm.stop(outcome);
-                    break SliceEnd::VmEnded;
+            // The exit fast path: after a cheap exit with nothing pending, the vCPU is
+            // entered again from here, without the per-entry work above (which would find
+            // nothing to do: see `reenter_at_once`).
+            loop {
+                let exit = self.enter(vm, cpu);
+                let offered = self.pv.eoi_offered.is_some();
+                if offered {
+                    self.pv_eoi_check(vm);
                 }
-            }
-            if rdtsc() >= slice_end || yield_now.load(Ordering::Relaxed) {
-                break SliceEnd::Preempted;
+                self.history[self.history_next] = Some(exit);
+                self.history_next = (self.history_next + 1) % HISTORY;
+                let flow = match vm.deadline {
+                    Some(d) if exit.tsc >= d => Flow::Stop(VmOutcome::TimedOut),
+                    _ => self.handle(vm, cpu, &exit),
+                };
+                let now = rdtsc();
+                vm.counters[self.index].exits.record(&exit.kind, now.wrapping_sub(exit.tsc));
+                match flow {
+                    Flow::Continue => {}
+                    Flow::Yield => break 'slice SliceEnd::Preempted,
+                    Flow::Block => break 'slice SliceEnd::Blocked,
+                    Flow::Stop(outcome) => {
+                        vm.stop(outcome);
+                        break 'slice SliceEnd::VmEnded;
+                    }
+                }
+                if now >= slice_end || yield_now.load(Ordering::Relaxed) {
+                    break 'slice SliceEnd::Preempted;
+                }
+                // A PV EOI offer was outstanding: it is renewed (or not) by the slow path.
+                if offered || !self.reenter_at_once(vm, cpu, &exit, now, yield_now) {
+                    continue 'slice;
+                }
             }
         };
         crate::arch::lapic::disarm();
@@ -232,6 +253,57 @@ impl Vcpu {
             }
         }
         end
+    }
+
+    /// One entry through the backend, up to the next exit. The policy of floor mode (a
+    /// measuring mode, `floor=on`): the backend answers PING hypercalls in its entry loop;
+    /// everything else comes back here.
+    #[inline]
+    fn enter<B: Backend>(&mut self, vm: &Vm, cpu: &mut B) -> Exit {
+        if vm.floor {
+            cpu.run_floor(&mut self.regs, FLOOR_BATCH)
+        } else {
+            cpu.run(&mut self.regs)
+        }
+    }
+
+    /// The exit fast path's test, after `exit` was handled (`now`: the TSC since): whether
+    /// the vCPU may be entered again at once, without the per-entry work of the slice loop.
+    ///
+    /// That work (APIC events, event delivery, device ticks, the host timer, the PV EOI
+    /// offer) depends on nothing a cheap exit changes: a hypercall, CPUID, or an MSR access
+    /// outside the local APIC's MSRs changes no interrupt state of this vCPU or its VM
+    /// (whatever such a hypercall does to another vCPU, e.g. an IPI to itself, raises
+    /// `attention`). What else could change it is checked here, each with one load:
+    /// - something was delivered to this vCPU (interrupt, NMI, INIT, SIPI; PIC output):
+    ///   `Interrupts::notify` sets its `attention` (and the slow path clears it before it
+    ///   looks);
+    /// - a deadline passed: `fast_until` is the earliest of the slice end, the VM's time
+    ///   limit, the devices', the local APIC timer's and the test timer's, as the last slow
+    ///   pass computed them; a device deadline another vCPU moved since is seen as a change
+    ///   of the stored value;
+    /// - a host interrupt (the host timer, a kick) or a request to yield the host CPU;
+    /// - the VM ended; an event is queued (a #GP the exit injected, an event the exit
+    ///   interrupted) or a test interrupt or NMI waits.
+    ///
+    /// A PV EOI offer skipped this way is harmless: without it the guest writes its EOI.
+    #[inline]
+    fn reenter_at_once<B: Backend>(&self, vm: &Vm, cpu: &B, exit: &Exit, now: u64, yield_now: &AtomicBool) -> bool {
+        let cheap = match exit.kind {
+            ExitKind::Hypercall(_) | ExitKind::Cpuid => true,
+            ExitKind::Rdmsr | ExitKind::Wrmsr => !is_lapic_msr(self.regs.rcx as u32),
+            _ => false,
+        };
+        if !cheap || now >= self.fast_until || self.pending_irq.is_some() || self.pending_nmi || cpu.event_pending() {
+            return false;
+        }
+        // As in the slow path: a host interrupt that arrived meanwhile is taken now.
+        crate::arch::interrupts::deliver_pending();
+        !(crate::arch::interrupts::timer_fired()
+            || yield_now.load(Ordering::Acquire)
+            || vm.ended()
+            || vm.irq.apic(self.index).attention.load(Ordering::Acquire)
+            || vm.device_deadline_raw() != self.device_seen)
     }
 
     /// At the start of a slice: publish the steal time, clear `preempted`, and flush the
@@ -287,11 +359,13 @@ impl Vcpu {
     /// Moves INIT, SIPI and NMI requests from the local APIC into the vCPU. Returns true if
     /// an INIT reset the vCPU (it now waits for SIPI).
     fn take_apic_events(&mut self, vm: &Vm) -> bool {
+        // Cleared before anything is looked at (the PIC included, which raises it too), so
+        // a delivery from now on is seen by the exit fast path (`reenter_at_once`).
+        let apic = vm.irq.apic(self.index);
+        apic.attention.store(false, Ordering::Relaxed);
         if !vm.irq.has_lapics() {
             return false;
         }
-        let apic = vm.irq.apic(self.index);
-        apic.attention.store(false, Ordering::Relaxed);
         let mut lapic = apic.lapic.lock();
         let init = lapic.take_init();
         let wait = lapic.waiting_for_sipi();
@@ -392,15 +466,17 @@ impl Vcpu {
         } else {
             None
         };
-        let want = [Some(slice_end), vm.deadline, vm.device_deadline_tsc(), lapic].into_iter().flatten().min();
-        cpu.set_deadline(want);
-        if want != self.armed {
-            match want {
-                Some(t) => crate::arch::lapic::arm(t),
-                None => crate::arch::lapic::disarm(),
-            }
-            self.armed = want;
+        let device_raw = vm.device_deadline_raw();
+        let device = (device_raw != u64::MAX).then(|| vm.tsc_at(Nanos(device_raw)));
+        let want = [vm.deadline, device, lapic].into_iter().flatten().fold(slice_end, u64::min);
+        cpu.set_deadline(Some(want));
+        if Some(want) != self.armed {
+            crate::arch::lapic::arm(want);
+            self.armed = Some(want);
         }
+        // The exit fast path goes back to the slow path by then (the test timer included).
+        self.device_seen = device_raw;
+        self.fast_until = self.timer.map_or(want, |(t, _)| t.min(want));
     }
 
     /// The interrupt vector the vCPU would take now: its local APIC's when enabled, the
@@ -917,6 +993,12 @@ impl Vcpu {
             self.regs.rax = t(ret as u64);
             cpu.set_rip(next_rip);
             return flow;
+        }
+        // The calls that need no context (PING, VERSION) are answered without building it.
+        if let Some(hypercall::Outcome::Return(v)) = hypercall::handle_simple(number, args, cpl) {
+            self.regs.rax = t(v as u64);
+            cpu.set_rip(next_rip);
+            return Flow::Continue;
         }
         let mut out = |bytes: &[u8]| vm.console_write(bytes);
         let mut cx = hypercall::Context {

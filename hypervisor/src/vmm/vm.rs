@@ -221,6 +221,13 @@ impl Vm {
         }
     }
 
+    /// The earliest device deadline as stored (guest ns; u64::MAX: none), to tell whether it
+    /// changed since it was last looked at.
+    #[inline]
+    pub fn device_deadline_raw(&self) -> u64 {
+        self.device_deadline.load(Ordering::Acquire)
+    }
+
     /// The earliest device deadline as a TSC value.
     pub fn device_deadline_tsc(&self) -> Option<u64> {
         match self.device_deadline.load(Ordering::Acquire) {

@@ -347,15 +347,19 @@ pub fn compute(caps: &CapMsrs, vpid: bool) -> Result<Controls, BackendError> {
     )?;
 
     let exit_cap = caps.exit_cap();
-    let exit = adjust(
-        exit::HOST_ADDRESS_SPACE_SIZE
-            | exit::SAVE_EFER
-            | exit::LOAD_EFER
-            | exit::SAVE_PAT
-            | exit::LOAD_PAT
-            | exit::ACKNOWLEDGE_INTERRUPT_ON_EXIT,
-        exit_cap,
-    );
+    let mut want_exit = exit::HOST_ADDRESS_SPACE_SIZE
+        | exit::SAVE_EFER
+        | exit::LOAD_EFER
+        | exit::SAVE_PAT
+        | exit::LOAD_PAT
+        | exit::ACKNOWLEDGE_INTERRUPT_ON_EXIT;
+    // With the preemption timer, its value is saved at every VM exit (SDM Vol. 3C §28.3.4)
+    // where the CPU allows it: the count goes on at the next entry, so the timer needs a
+    // VMWRITE only when its deadline changes, not at every entry.
+    if pin & pin::PREEMPTION_TIMER != 0 && allowed1(exit_cap, exit::SAVE_PREEMPTION_TIMER) {
+        want_exit |= exit::SAVE_PREEMPTION_TIMER;
+    }
+    let exit = adjust(want_exit, exit_cap);
     require(
         exit,
         &[

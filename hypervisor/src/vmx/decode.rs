@@ -154,11 +154,26 @@ pub const fn io_access(qualification: u64) -> IoAccess {
     }
 }
 
+/// The instruction exits that need no exit-information field beyond the instruction length
+/// (CPUID, VMCALL, RDMSR, WRMSR): their kind from the full exit reason, as [`decode`] gives
+/// it; `None` for every other exit and for VM-entry failures.
+#[inline]
+pub fn simple_instruction_exit(reason: u32) -> Option<ExitKind> {
+    match reason {
+        r if r == u32::from(reason::CPUID) => Some(ExitKind::Cpuid),
+        r if r == u32::from(reason::VMCALL) => Some(ExitKind::Hypercall(HypercallInsn::Vmcall)),
+        r if r == u32::from(reason::RDMSR) => Some(ExitKind::Rdmsr),
+        r if r == u32::from(reason::WRMSR) => Some(ExitKind::Wrmsr),
+        _ => None,
+    }
+}
+
 /// Decodes an exit into the vendor-neutral kind and the RIP after the instruction.
 ///
 /// Control-register accesses decode to [`ExitKind::ControlRegister`]; `run` emulates them
 /// before returning. Invalid-guest-state failures decode with a generic reason that `run`
 /// may sharpen with [`super::check`].
+#[inline]
 pub fn decode(raw: &RawExit) -> (ExitKind, u64) {
     let basic = raw.basic();
     let next_rip = if is_instruction_exit(basic) { raw.rip.wrapping_add(raw.instr_len as u64) } else { raw.rip };
@@ -223,6 +238,24 @@ mod tests {
 
     fn raw(reason: u32) -> RawExit {
         RawExit { reason, rip: 0x1000, instr_len: 2, ..RawExit::default() }
+    }
+
+    #[test]
+    fn simple_instruction_exits_decode_as_the_full_decoder() {
+        for r in 0..=64u32 {
+            for reason in [r, r | EXIT_REASON_ENTRY_FAILURE] {
+                if let Some(kind) = simple_instruction_exit(reason) {
+                    assert!(is_instruction_exit(reason as u16), "{reason}");
+                    assert_eq!(decode(&raw(reason)), (kind, 0x1002), "{reason}");
+                }
+            }
+        }
+        assert_eq!(
+            simple_instruction_exit(u32::from(reason::VMCALL)),
+            Some(ExitKind::Hypercall(HypercallInsn::Vmcall))
+        );
+        assert_eq!(simple_instruction_exit(u32::from(reason::VMCALL) | EXIT_REASON_ENTRY_FAILURE), None);
+        assert_eq!(simple_instruction_exit(u32::from(reason::IO)), None);
     }
 
     #[test]

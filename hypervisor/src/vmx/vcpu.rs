@@ -71,6 +71,10 @@ pub struct VmxVcpu {
     /// leave CR2 alone (SDM Vol. 3C §27.3, §28.5), so the guest's lives in the CPU's
     /// register during a slice and here between slices (`Backend::slice_start`/`slice_end`).
     cr2: u64,
+    /// The deadline the VMX-preemption timer field counts to, when VM exits save the
+    /// timer's value (`exit::SAVE_PREEMPTION_TIMER`): the field then counts on from entry
+    /// to entry and is written again only for a new deadline. `None`: written at every entry.
+    timer_for: Option<Option<u64>>,
 }
 
 /// PAUSE-loop exiting: PAUSEs at most this many TSC ticks apart form one loop ...
@@ -110,6 +114,20 @@ pub fn entry_interruption(event: Event, protected: bool) -> (u32, Option<u32>) {
 #[cold]
 fn vmx_bug(what: &str, e: VmxFail) -> ! {
     panic!("vmx: {what}: {e}")
+}
+
+#[cold]
+#[inline(never)]
+fn vmread_failed<F: VmcsField>(field: F, e: VmxFail) -> ! {
+    log::error!("vmx: VMREAD {field:?}: {e}");
+    vmx_bug("VMREAD", e)
+}
+
+#[cold]
+#[inline(never)]
+fn vmwrite_failed<F: VmcsField>(field: F, e: VmxFail) -> ! {
+    log::error!("vmx: VMWRITE {field:?}: {e}");
+    vmx_bug("VMWRITE", e)
 }
 
 impl VmxVcpu {
@@ -161,6 +179,7 @@ impl VmxVcpu {
                 .then(|| (unsafe { msr::read(msr::IA32_VMX_MISC) } & 0x1F) as u8),
             deadline: None,
             cr2: 0,
+            timer_for: None,
         };
         match vcpu.build(frames, &cap) {
             Ok(()) => Ok(vcpu),
@@ -263,12 +282,20 @@ impl VmxVcpu {
     }
 
     /// Makes this vCPU's VMCS current on its CPU, switching the guest-owned MSRs VMX does
-    /// not switch (save the outgoing vCPU's, load ours).
+    /// not switch (save the outgoing vCPU's, load ours). Inline for the common case, on the
+    /// exit path before every VMCS access: it is current already.
+    #[inline]
     fn make_current(&self) -> Result<(), VmxFail> {
-        let slot = percpu::slot(self.cpu);
-        if slot.current_vmcs() == self.vmcs {
+        if percpu::slot(self.cpu).current_vmcs() == self.vmcs {
             return Ok(());
         }
+        self.switch_current()
+    }
+
+    #[cold]
+    #[inline(never)]
+    fn switch_current(&self) -> Result<(), VmxFail> {
+        let slot = percpu::slot(self.cpu);
         // SAFETY: VMX root operation; the VMCS is ours, initialised and VMCLEARed at
         // creation, and used only on this CPU.
         unsafe { instr::vmptrld(self.vmcs) }?;
@@ -284,6 +311,7 @@ impl VmxVcpu {
         Ok(())
     }
 
+    #[inline]
     fn current(&self) {
         if let Err(e) = self.make_current() {
             vmx_bug("VMPTRLD of the vCPU's VMCS", e);
@@ -293,39 +321,32 @@ impl VmxVcpu {
     /// VMREAD from this vCPU's VMCS, which the caller made current since the last time
     /// another VMCS could have been (the exit path: `run` made it current before entering,
     /// and VM exits leave it so).
+    #[inline]
     fn read_cur<F: VmcsField>(&self, field: F) -> F::Value {
         // SAFETY: VMX root operation with our VMCS current (the caller's promise).
         match unsafe { instr::vmread(field) } {
             Ok(v) => v,
-            Err(e) => {
-                log::error!("vmx: VMREAD {field:?}: {e}");
-                vmx_bug("VMREAD", e)
-            }
+            Err(e) => vmread_failed(field, e),
         }
     }
 
     /// VMREAD from this vCPU's VMCS (made current first).
+    #[inline]
     fn read<F: VmcsField>(&self, field: F) -> F::Value {
         self.current();
-        // SAFETY: VMX root operation with our VMCS current (above).
-        match unsafe { instr::vmread(field) } {
-            Ok(v) => v,
-            Err(e) => {
-                log::error!("vmx: VMREAD {field:?}: {e}");
-                vmx_bug("VMREAD", e)
-            }
-        }
+        self.read_cur(field)
     }
 
     /// VMWRITE to this vCPU's VMCS. Only guest-state and control fields that cannot point
     /// into host memory go through here (host state and addresses are written in `build`).
+    #[inline]
     fn write<F: VmcsField>(&mut self, field: F, value: F::Value) {
         if let Err(e) = self.try_write(field, value) {
-            log::error!("vmx: VMWRITE {field:?}: {e}");
-            vmx_bug("VMWRITE", e)
+            vmwrite_failed(field, e)
         }
     }
 
+    #[inline]
     fn try_write<F: VmcsField>(&self, field: F, value: F::Value) -> Result<(), VmxFail> {
         self.make_current()?;
         // SAFETY: our VMCS is current; callers write guest state, controls Vireo computed,
@@ -475,11 +496,13 @@ impl VmxVcpu {
         Ok(())
     }
 
+    #[inline]
     fn interruptibility(&self) -> u32 {
         self.read(Field32::GuestInterruptibilityState)
     }
 
     /// The instruction at the old RIP completed: its STI/MOV SS shadow is over.
+    #[inline]
     fn end_interrupt_shadow(&mut self) {
         let s = self.interruptibility();
         if s & (BLOCKING_BY_STI | BLOCKING_BY_MOV_SS) != 0 {
@@ -646,8 +669,34 @@ impl VmxVcpu {
     /// Everything after an entry that exited (`tsc`: when): reads the fields this exit
     /// needs, decodes it and emulates what the backend emulates itself. `injected`: the
     /// event queued at the entry.
+    #[inline]
     fn complete_exit(&mut self, regs: &mut GuestRegs, tsc: u64, injected: Option<Event>) -> Exit {
-        let mut raw = RawExit { reason: self.read_cur(Field32::ExitReason), ..RawExit::default() };
+        let reason = self.read_cur(Field32::ExitReason);
+        // The cheap instruction exits read only what every exit reads and the instruction
+        // length: no qualification, interruption or IDT-vectoring information (never valid
+        // for them, SDM Vol. 3C §28.2.4), nothing the backend emulates.
+        if let Some(kind) = decode::simple_instruction_exit(reason) {
+            self.launched = true;
+            self.pending_event = false;
+            regs.rsp = self.read_cur(FieldNat::GuestRsp);
+            self.rsp_cache = regs.rsp;
+            let rip = self.read_cur(FieldNat::GuestRip);
+            let len = self.read_cur(Field32::VmExitInstructionLength);
+            return Exit {
+                kind,
+                rip,
+                next_rip: rip.wrapping_add(len as u64),
+                raw: u64::from(reason),
+                tsc,
+                events: ExitEvents { injected, interrupted: None },
+            };
+        }
+        self.complete_other_exit(regs, tsc, injected, reason)
+    }
+
+    /// [`Self::complete_exit`] for every exit but the cheap instruction exits.
+    fn complete_other_exit(&mut self, regs: &mut GuestRegs, tsc: u64, injected: Option<Event>, reason: u32) -> Exit {
+        let mut raw = RawExit { reason, ..RawExit::default() };
         let basic = raw.basic();
         if !raw.entry_failed() {
             self.launched = true;
@@ -703,7 +752,7 @@ impl VmxVcpu {
             }
             reason::CR_ACCESS => kind = self.emulate_cr(raw.qualification, regs, next_rip),
             reason::EPT_MISCONFIG => log::error!("vmx: EPT misconfiguration at guest-physical {:#x}", raw.gpa),
-            _ if kind == ExitKind::Unhandled => {
+            _ if matches!(kind, ExitKind::Unhandled) => {
                 log::debug!("vmx: unhandled exit {} ({})", basic, super::error::exit_reason_name(basic));
             }
             _ => {}
@@ -807,11 +856,19 @@ impl Backend for VmxVcpu {
         if let Some(rate) = self.preemption_rate {
             // Counts from the entry; 0 exits before the guest runs an instruction. No
             // deadline: the longest count (minutes at GHz rates; the host timer still runs).
-            let ticks = match self.deadline {
-                Some(d) => d.saturating_sub(instr::rdtsc()) >> rate,
-                None => u64::MAX,
-            };
-            self.write(Field32::VmxPreemptionTimerValue, ticks.min(u32::MAX as u64) as u32);
+            // Where exits save the timer, a count already running for this deadline goes on
+            // (it does not count while Vireo handles exits, so it may end late: the host's
+            // local APIC timer, armed for the same deadline, bounds that).
+            if self.timer_for != Some(self.deadline) {
+                let ticks = match self.deadline {
+                    Some(d) => d.saturating_sub(instr::rdtsc()) >> rate,
+                    None => u64::MAX,
+                };
+                self.write(Field32::VmxPreemptionTimerValue, ticks.min(u32::MAX as u64) as u32);
+                if self.controls.exit & controls::exit::SAVE_PREEMPTION_TIMER != 0 {
+                    self.timer_for = Some(self.deadline);
+                }
+            }
         }
         let injected = Backend::pending_event(self);
         // SAFETY: VMX root operation with this vCPU's fully set-up VMCS current (above);
@@ -861,12 +918,14 @@ impl Backend for VmxVcpu {
         exit
     }
 
+    #[inline]
     fn rip(&self) -> u64 {
         self.read(FieldNat::GuestRip)
     }
 
     /// Also ends an STI/MOV SS interrupt shadow: the core moves RIP past an instruction it
     /// emulated, which completes that instruction (as KVM's skip_emulated_instruction).
+    #[inline]
     fn set_rip(&mut self, rip: u64) {
         self.write(FieldNat::GuestRip, rip);
         self.end_interrupt_shadow();
@@ -900,12 +959,14 @@ impl Backend for VmxVcpu {
         self.set_guest_efer(efer);
     }
 
+    #[inline]
     fn long_mode(&self) -> bool {
         // CS access rights bit 13 is L (SDM Vol. 3C §25.4.1); L=1 implies IA-32e mode.
         self.read(Field32::GuestCsAccessRights) & (1 << 13) != 0
             && self.read(Field64::GuestIa32Efer) & crate::vmm::state::EFER_LMA != 0
     }
 
+    #[inline]
     fn cpl(&self) -> u8 {
         SegAttr::from_vmx(self.read(Field32::GuestSsAccessRights)).dpl()
     }
@@ -932,6 +993,7 @@ impl Backend for VmxVcpu {
         self.pending_event = true;
     }
 
+    #[inline]
     fn pending_event(&self) -> Option<Event> {
         if !self.pending_event {
             return None;
@@ -948,6 +1010,7 @@ impl Backend for VmxVcpu {
         self.write(Field64::GuestIa32Pat, pat);
     }
 
+    #[inline]
     fn event_pending(&self) -> bool {
         self.pending_event
     }
