@@ -8,6 +8,7 @@
 pub mod cpuid;
 pub mod hypercall;
 pub mod kvm;
+pub mod pmu;
 pub mod stats;
 
 /// The hypercall ABI version: major in bits 31:16, minor in bits 15:0. A guest must check
