@@ -31,9 +31,10 @@ pub const KIND_NAMES: [&str; KINDS] = [
     "entry_failed",
     "unhandled",
     "cr_access",
+    "rdpmc",
 ];
 /// Number of exit kinds Vireo counts today.
-pub const KINDS: usize = 19;
+pub const KINDS: usize = 20;
 
 /// The start of a [`crate::hypercall::nr::STATS`] buffer.
 #[repr(C)]
@@ -147,7 +148,7 @@ mod tests {
         assert_eq!(StatsHeader::from_bytes(&b), h);
         let r = ExitRecord { count: 3, cycles: 0xAB };
         assert_eq!(ExitRecord::from_bytes(&r.to_bytes()), r);
-        assert_eq!(FULL_SIZE, 48 + 19 * 16);
+        assert_eq!(FULL_SIZE, 48 + 20 * 16);
     }
 
     #[test]

@@ -227,7 +227,7 @@ mod tests {
             assert_eq!(handle(nr::PING, [1, 0, 0, 0], 3, cx), Outcome::Return(-errno::EPERM));
             assert_eq!(handle(nr::PING, [1, 0, 0, 0], 0, cx), Outcome::Return(2));
             assert_eq!(handle(nr::LAST + 1, [0; 4], 0, cx), Outcome::Return(-errno::ENOSYS));
-            assert_eq!(handle(nr::VERSION, [0; 4], 0, cx), Outcome::Return(3));
+            assert_eq!(handle(nr::VERSION, [0; 4], 0, cx), Outcome::Return(4));
             assert_eq!(handle(nr::VM_RESET, [0; 4], 0, cx), Outcome::Reset);
             assert_eq!(handle(nr::VM_RESET, [0; 4], 3, cx), Outcome::Return(-errno::EPERM));
             assert_eq!(handle(nr::FEATURES, [0; 4], 0, cx), Outcome::Return(0xF));

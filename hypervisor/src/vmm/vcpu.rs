@@ -14,7 +14,7 @@ use super::{
     exit::{merge, Event, Exit, ExitKind, IoAccess, Merge, NptAccess, VECTOR_DF, VECTOR_UD},
     hypercall, mmio, msr,
     regs::GuestRegs,
-    state::{CpuState, SegAttr, SegReg, CR4_OSXSAVE, EFER_LMA, RFLAGS_DF, RFLAGS_IF},
+    state::{CpuState, SegAttr, SegReg, CR4_OSXSAVE, CR4_PCE, EFER_LMA, RFLAGS_DF, RFLAGS_IF},
     stats::PvCounters,
     string_io,
     vm::{rdtsc, Vm, VmOutcome},
@@ -32,6 +32,7 @@ use crate::{
         testdev::IrqRequest,
         time::Nanos,
     },
+    pmu::{self, Pmu},
     pv::{self, VcpuPv},
 };
 
@@ -107,6 +108,8 @@ pub struct Vcpu {
     /// What the guest registered through the KVM PV MSRs.
     pv: VcpuPv,
     wall_clock_msr: u64,
+    /// The virtual PMU (`pmu=on`; off, it claims no MSR).
+    pmu: Pmu,
 }
 
 /// Floor mode: PING hypercalls the backend answers before the core sees one (and its
@@ -143,7 +146,19 @@ impl Vcpu {
             armed: None,
             pv: VcpuPv::default(),
             wall_clock_msr: 0,
+            pmu: Pmu::new(if intel { pmu::Vendor::Intel } else { pmu::Vendor::Amd }, false),
         })
+    }
+
+    /// Offers the virtual PMU (`pmu=on`) or not, at RESET state.
+    pub fn set_pmu(&mut self, on: bool) {
+        self.pmu = Pmu::new(self.pmu.vendor(), on);
+        self.msrs.set_perfmon(on);
+    }
+
+    /// The virtual PMU.
+    pub fn pmu(&self) -> &Pmu {
+        &self.pmu
     }
 
     /// The most recent exits, oldest first.
@@ -191,7 +206,14 @@ impl Vcpu {
             }
             // The policy of floor mode (a measuring mode, `floor=on`): the backend answers
             // PING hypercalls in its entry loop; everything else comes back here.
+            // Guest-mode time for the virtual PMU's cycle counters: from just before the
+            // entry to the exit's TSC (the backend's entry and exit instructions included).
+            let timed = self.pmu.counts_guest_time();
+            let entered = if timed { rdtsc() } else { 0 };
             let exit = if vm.floor { cpu.run_floor(&mut self.regs, FLOOR_BATCH) } else { cpu.run(&mut self.regs) };
+            if timed || self.pmu.counts_exits() {
+                self.pmu_account(vm, cpu, &exit, entered);
+            }
             if self.pv.eoi_offered.is_some() {
                 self.pv_eoi_check(vm);
             }
@@ -227,6 +249,22 @@ impl Vcpu {
             }
         }
         end
+    }
+
+    /// Counts a guest run and its exit in the virtual PMU (before the exit is handled: a
+    /// counter read by this very exit includes it) and raises a PMI that overflow asked for.
+    fn pmu_account<B: Backend>(&mut self, vm: &Vm, cpu: &B, exit: &Exit, entered: u64) {
+        let cpl = if self.pmu.needs_cpl() { cpu.cpl() } else { 0 };
+        if self.pmu.counts_guest_time() {
+            self.pmu.guest_ran(exit.tsc.saturating_sub(entered), cpl);
+        }
+        self.pmu.count_exit(exit.kind.index(), cpl);
+        if self.pmu.take_pmi() && vm.irq.has_lapics() {
+            // Through the LVT performance counter entry (a Linux guest programs it as NMI);
+            // a VM without local APICs has nowhere to take it.
+            let mut lapic = vm.irq.apic(self.index).lapic.lock();
+            lapic.performance_interrupt(self.pmu.pmi_masks_lvtpc());
+        }
     }
 
     /// At the start of a slice: publish the steal time, clear `preempted`, and flush the
@@ -381,7 +419,9 @@ impl Vcpu {
         } else {
             None
         };
-        let want = [Some(slice_end), vm.deadline, vm.device_deadline_tsc(), lapic].into_iter().flatten().min();
+        // A cycle counter that will overflow with a PMI: the guest must exit by then.
+        let pmu = self.pmu.ticks_to_overflow().map(|t| rdtsc().saturating_add(t));
+        let want = [Some(slice_end), vm.deadline, vm.device_deadline_tsc(), lapic, pmu].into_iter().flatten().min();
         cpu.set_deadline(want);
         if want != self.armed {
             match want {
@@ -504,6 +544,7 @@ impl Vcpu {
                     tsc_khz: tsc::hz() / 1000,
                     apic: vm.irq.has_lapics(),
                     kvm_pv: vm.pv.kvm(),
+                    pmu: self.pmu.on(),
                 };
                 let r = match pv::kvm::cpuid(leaf, &vm.pv) {
                     Some(r) => r,
@@ -538,7 +579,11 @@ impl Vcpu {
                         msr::MsrOutcome::Ok(pv::kvm::rdmsr(&self.pv, self.wall_clock_msr, i))
                     }
                     guest_abi::hypercall::page::MSR => msr::MsrOutcome::Ok(pv::page::read(&vm.pv)),
-                    _ => msr::read(&self.msrs, msr_index, rdtsc()),
+                    i => match self.pmu.read(i) {
+                        pmu::Access::Ok(v) => msr::MsrOutcome::Ok(v),
+                        pmu::Access::Gp => msr::MsrOutcome::Fault,
+                        pmu::Access::NotPmu => msr::read(&self.msrs, i, rdtsc()),
+                    },
                 };
                 match outcome {
                     msr::MsrOutcome::Ok(v) => {
@@ -588,11 +633,28 @@ impl Vcpu {
                         Ok(()) => msr::MsrOutcome::Ok(value),
                         Err(pv::Gp) => msr::MsrOutcome::Fault,
                     },
-                    _ => msr::write(&mut self.msrs, msr_index, value),
+                    i => match self.pmu.write(i, value) {
+                        pmu::Access::Ok(v) => msr::MsrOutcome::Ok(v),
+                        pmu::Access::Gp => msr::MsrOutcome::Fault,
+                        pmu::Access::NotPmu => msr::write(&mut self.msrs, i, value),
+                    },
                 };
                 match outcome {
                     msr::MsrOutcome::Ok(_) => cpu.set_rip(exit.next_rip),
                     msr::MsrOutcome::Fault => cpu.inject(Event::GP0),
+                }
+            }
+            ExitKind::Rdpmc => {
+                // CR4.PCE = 0 makes RDPMC privileged (SDM Vol. 2B RDPMC; the CPU checks this
+                // before the exit, checked again here); an index naming no counter is #GP.
+                let allowed = cpu.cpl() == 0 || cpu.cr4() & CR4_PCE != 0;
+                match self.pmu.rdpmc(self.regs.rcx as u32).filter(|_| allowed) {
+                    Some(v) => {
+                        self.regs.rax = v & 0xFFFF_FFFF;
+                        self.regs.rdx = v >> 32;
+                        cpu.set_rip(exit.next_rip);
+                    }
+                    None => cpu.inject(Event::GP0),
                 }
             }
             ExitKind::Io(io) => return self.port_io(vm, cpu, io, exit),
