@@ -27,9 +27,9 @@ pub mod nr {
     /// Ends the calling VM with exit status RBX (0 = success). Does not return.
     pub const VM_EXIT: u64 = BASE + 3;
     /// Version 1: copies the calling vCPU's exit statistics to guest-physical RBX (buffer
-    /// length RCX, at least [`crate::stats::KINDS`] * 16 bytes) as bare
-    /// [`crate::stats::ExitRecord`]s; returns the number of records. Version 2 guests use
-    /// [`STATS`].
+    /// length RCX, at least [`crate::stats::KINDS_V1`] * 16 bytes) as bare
+    /// [`crate::stats::ExitRecord`]s, as many kinds as fit up to [`crate::stats::KINDS`];
+    /// returns the number of records. Version 2 guests use [`STATS`].
     pub const EXIT_STATS: u64 = BASE + 4;
     /// Returns the feature bits of CPUID [`crate::cpuid::LEAF_VERSION`] EBX. (Version 2.)
     pub const FEATURES: u64 = BASE + 5;

@@ -8,6 +8,7 @@
 pub mod cpuid;
 pub mod hypercall;
 pub mod kvm;
+pub mod pmu;
 pub mod stats;
 
 /// The hypercall ABI version: major in bits 31:16, minor in bits 15:0. A guest must check
@@ -19,6 +20,8 @@ pub mod stats;
 ///   STATS_MARK, STEAL_TIME, VCPU_INFO ([`stats`] has the layouts). Version 1's calls work
 ///   unchanged.
 /// - Version 3 (0.3): VM_RESET.
+/// - Version 4 (0.4): the `rdpmc` exit class (appended: [`stats::KINDS`] is 20) and the
+///   virtual PMU's events ([`pmu`], VM line `pmu=on`).
 pub const ABI_VERSION: u32 = (ABI_MAJOR << 16) | ABI_MINOR;
 pub const ABI_MAJOR: u32 = 0;
-pub const ABI_MINOR: u32 = 3;
+pub const ABI_MINOR: u32 = 4;

@@ -31,9 +31,13 @@ pub const KIND_NAMES: [&str; KINDS] = [
     "entry_failed",
     "unhandled",
     "cr_access",
+    "rdpmc",
 ];
 /// Number of exit kinds Vireo counts today.
-pub const KINDS: usize = 19;
+pub const KINDS: usize = 20;
+/// The exit kinds of ABI versions 1-3 (before `rdpmc`): the least buffer version 1's
+/// EXIT_STATS accepts, so a guest built then keeps working.
+pub const KINDS_V1: usize = 19;
 
 /// The start of a [`crate::hypercall::nr::STATS`] buffer.
 #[repr(C)]
@@ -147,7 +151,7 @@ mod tests {
         assert_eq!(StatsHeader::from_bytes(&b), h);
         let r = ExitRecord { count: 3, cycles: 0xAB };
         assert_eq!(ExitRecord::from_bytes(&r.to_bytes()), r);
-        assert_eq!(FULL_SIZE, 48 + 19 * 16);
+        assert_eq!(FULL_SIZE, 48 + 20 * 16);
     }
 
     #[test]

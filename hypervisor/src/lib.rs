@@ -14,6 +14,7 @@ pub mod devices;
 pub mod guest;
 pub mod mm;
 pub mod platform;
+pub mod pmu;
 pub mod pv;
 pub mod sched;
 pub mod start;

@@ -316,7 +316,7 @@ fn pv_interfaces(machine: Machine, insn: &str) {
     assert_eq!(field(page, "msr").as_deref(), Some("0x400000f0"), "{out:?}");
     assert_eq!(field(page, "stubs").as_deref(), Some("128"), "{out:?}");
     let stats = pvk.iter().find(|l| l.starts_with("selftest: hypercall_page_stats ok ")).unwrap();
-    assert_eq!(field(stats, "kinds").as_deref(), Some("19"), "{out:?}");
+    assert_eq!(field(stats, "kinds").as_deref(), Some("20"), "{out:?}");
     assert_eq!(field(stats, "vm_vcpus").as_deref(), Some("2"), "{out:?}");
     let clock = pvk.iter().find(|l| l.starts_with("selftest: kvmclock ok ")).unwrap();
     assert_ne!(field(clock, "mul").as_deref(), Some("0x0"), "{out:?}");

@@ -204,6 +204,29 @@ fn linux_pv_off_qemu_tcg_svm() {
     assert!(sum_field(&pv, "eoi_exits") > 0, "every EOI is an exit\n{pv:#?}\n{out:?}");
 }
 
+/// The virtual PMU (issue 10): a Linux VM (`pmu=on` by default) finds the AMD core
+/// counters and uses them, one with `pmu=off` falls back to software events.
+#[test]
+fn linux_pmu_qemu_tcg_svm() {
+    let boot = with_linux(Boot::new(Machine::QemuSvm), "linux", 256, "");
+    let out = with_linux(boot, "nopmu", 128, "pmu=off").timeout(360).run();
+    out.assert_exit_ok();
+    check_userspace(&out);
+    let with = out.guest_lines("linux");
+    let without = out.guest_lines("nopmu");
+    assert_eq!(out.field("vm name=linux start ", "pmu"), "on", "{out:?}");
+    assert_eq!(out.field("vm name=nopmu start ", "pmu"), "off", "{out:?}");
+    // `Performance Events: core perfctr, AMD PMU driver.` (the six core counters) with it,
+    // `Performance Events: PMU not available due to virtualization, ...` without.
+    let perf = |lines: &[&str]| -> String {
+        lines.iter().filter(|l| l.contains("Performance Events:")).copied().collect::<Vec<_>>().join("\n")
+    };
+    let (p_with, p_without) = (perf(&with), perf(&without));
+    assert!(p_with.contains("core perfctr, AMD PMU driver"), "{p_with}\n{out:?}");
+    assert!(!p_with.contains("PMU not available due to virtualization"), "{p_with}\n{out:?}");
+    assert!(p_without.contains("PMU not available due to virtualization"), "{p_without}\n{out:?}");
+}
+
 #[test]
 fn corrupt_kernel_is_refused() {
     let (kernel, _) = linux_guest();
@@ -231,6 +254,10 @@ fn corrupt_kernel_is_refused() {
 fn linux_bochs_vmx() {
     let out = boot_linux(Machine::BochsVmx, 600);
     check_userspace(&out);
+    // The virtual PMU (pmu=on by default): Intel's architectural counters, full width.
+    let lines = out.guest_lines("linux");
+    let perf = lines.iter().find(|l| l.contains("Performance Events:")).unwrap_or_else(|| panic!("{out:?}"));
+    assert!(perf.contains("full-width counters, Intel PMU driver"), "{perf}\n{out:?}");
     check_apic_mode(&out, "linux");
 }
 

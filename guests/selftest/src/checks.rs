@@ -159,6 +159,8 @@ pub fn run_all(ram: u64, cpus: usize) -> u32 {
             .and(ensure(r.eax >= abi::LEAF_VERSION, "max leaf too small"))
             .and(ensure(__cpuid(abi::LEAF_VERSION).eax == guest_abi::ABI_VERSION, "ABI version mismatch"))
     });
+    // Test guests get no PMU unless their line says `pmu=on` (then `mode=pmu` checks it).
+    crate::pmu::hidden(&mut t);
     t.check(
         "cpuid_virtualization_hidden",
         ensure(__cpuid(1).ecx & (1 << 5) == 0, "VMX visible")

@@ -12,6 +12,9 @@
 //!   the new MSRs and hypercalls of ABI version 2 and of the KVM interface given bad values,
 //!   then valid kvmclock, steal-time and PV EOI registrations (`pv.rs`); summary and exit
 //!   status as in the default mode;
+//! - `mode=pmu` (with `pmu=on` on the VM line): the virtual PMU's checks (`pmu.rs`): CPUID,
+//!   counter state across exits and time slices, reserved bits and absent counters
+//!   faulting, cycles advancing in guest mode, Vireo's exit events, overflow;
 //! - `mode=reuse`: the first boot writes a marker into all of its free RAM and resets the VM
 //!   (hypercall VM_RESET); the next boot (`vireo_boot=N` on its line) checks that its
 //!   untouched RAM reads as zeros (`selftest: reuse boot=N chunks=C nonzero_words=W`) and
@@ -25,6 +28,8 @@
 mod checks;
 #[cfg(target_os = "none")]
 mod console;
+#[cfg(target_os = "none")]
+mod pmu;
 #[cfg(target_os = "none")]
 mod pv;
 #[cfg(target_os = "none")]
@@ -131,6 +136,9 @@ mod guest {
         }
         // Vireo hands the guest its whole VM line, `cpus=N` included.
         let cpus = args.split_whitespace().find_map(|a| a.strip_prefix("cpus=")).and_then(|n| n.parse().ok());
+        if args.split_whitespace().any(|a| a == "mode=pmu") {
+            exit(crate::pmu::run() as u64);
+        }
         if args.split_whitespace().any(|a| a == "mode=pv") {
             exit(crate::pv::run(ram, cpus.unwrap_or(1)) as u64);
         }

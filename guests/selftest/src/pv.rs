@@ -273,7 +273,7 @@ pub fn hypercall_page(t: &mut Tally, cpus: usize) {
         "header magic/version",
         format_args!("magic={:#x} version={}", h1.magic, h1.version),
     );
-    f.expect(h1.kinds == 19 && h1.kinds as usize == KINDS, "kinds", format_args!("{}", h1.kinds));
+    f.expect(h1.kinds == 20 && h1.kinds as usize == KINDS, "kinds", format_args!("{}", h1.kinds));
     f.expect(h1.vcpus == 1, "vcpus (SELF)", format_args!("{}", h1.vcpus));
     f.expect(h1.tsc_khz > 0, "tsc_khz", format_args!("{}", h1.tsc_khz));
     f.expect(

@@ -154,7 +154,7 @@ fn rdtsc() -> u64 {
 /// TSC ticks per millisecond: CPUID leaf 0x16 (base frequency in MHz; Vireo reports the
 /// TSC rate it calibrated there, e.g. 40 MHz in Bochs), else a generous 4 GHz guess
 /// (timeouts get longer, delays never shorter than asked on a slower TSC).
-fn tsc_per_ms() -> u64 {
+pub fn tsc_per_ms() -> u64 {
     static CACHED: AtomicU64 = AtomicU64::new(0);
     let c = CACHED.load(Ordering::Relaxed);
     if c != 0 {

@@ -614,6 +614,28 @@ impl LocalApic {
         bit_put(&mut self.tmr, vector, level);
     }
 
+    /// A performance-monitoring counter overflowed with its interrupt enabled: the LVT
+    /// performance counter entry delivers it as its delivery mode says, fixed (its vector)
+    /// or NMI, unless masked (SDM §12.5.1). `mask_on_delivery`: the entry's mask bit is set
+    /// as the interrupt is delivered, as Intel processors do (SDM Figure 12-8 note; the
+    /// guest's handler unmasks it). Returns whether it was delivered.
+    pub fn performance_interrupt(&mut self, mask_on_delivery: bool) -> bool {
+        let lvt = self.lvt[Lvt::Perf as usize];
+        if lvt & LVT_MASKED != 0 || !self.hw_enabled() {
+            return false;
+        }
+        match (lvt >> 8) & 7 {
+            DELIVERY_FIXED => self.set_irr(lvt as u8, false),
+            DELIVERY_NMI if !self.wait_for_sipi => self.nmi_pending = true,
+            // SMI, INIT, ExtINT and the reserved modes are not allowed in this entry.
+            _ => return false,
+        }
+        if mask_on_delivery {
+            self.lvt[Lvt::Perf as usize] |= LVT_MASKED;
+        }
+        true
+    }
+
     /// Records an error; raises the error LVT interrupt if unmasked (SDM §12.5.3).
     fn error(&mut self, bits: u32) {
         self.esr_pending |= bits;
@@ -1602,6 +1624,28 @@ mod tests {
         assert!(b.matches(m.dest, true));
         b.accept(&m);
         assert_eq!(b.acknowledge(), Some(0x55));
+    }
+
+    #[test]
+    fn performance_counter_interrupt() {
+        let mut a = enabled();
+        assert!(!a.performance_interrupt(true), "masked at reset");
+        // NMI delivery, as Linux programs it; Intel masks the entry as it delivers.
+        a.mmio_write(reg::LVT_PERF, DELIVERY_NMI << 8, T0);
+        assert!(a.performance_interrupt(true));
+        assert!(a.take_nmi());
+        assert_eq!(a.lvt(Lvt::Perf), LVT_MASKED | DELIVERY_NMI << 8);
+        assert!(!a.performance_interrupt(true), "masked until the handler unmasks it");
+        // AMD leaves it unmasked; fixed delivery sets the vector's IRR bit.
+        a.mmio_write(reg::LVT_PERF, 0x55, T0);
+        assert!(a.performance_interrupt(false));
+        assert!(a.performance_interrupt(false));
+        assert_eq!(a.lvt(Lvt::Perf), 0x55);
+        assert_eq!(a.pending(), Some(0x55));
+        assert!(!a.take_nmi());
+        // SMI/INIT/ExtINT are not delivery modes of this entry.
+        a.mmio_write(reg::LVT_PERF, 7 << 8, T0);
+        assert!(!a.performance_interrupt(false));
     }
 
     #[test]

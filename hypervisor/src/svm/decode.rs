@@ -14,6 +14,7 @@ pub mod code {
     pub const SMI: u64 = 0x62;
     pub const INIT: u64 = 0x63;
     pub const VINTR: u64 = 0x64;
+    pub const RDPMC: u64 = 0x6F;
     pub const PAUSE: u64 = 0x77;
     pub const CPUID: u64 = 0x72;
     pub const HLT: u64 = 0x78;
@@ -39,11 +40,12 @@ pub mod code {
 }
 
 /// Instruction lengths for CPUs without nRIP-save (QEMU TCG), without prefixes:
-/// CPUID 0F A2, RDMSR 0F 32, WRMSR 0F 30, HLT F4, VMMCALL 0F 01 D9, XSETBV 0F 01 D1.
+/// CPUID 0F A2, RDMSR 0F 32, WRMSR 0F 30, RDPMC 0F 33, HLT F4, VMMCALL 0F 01 D9, XSETBV 0F 01 D1.
 pub mod insn_len {
     pub const CPUID: u64 = 2;
     pub const RDMSR: u64 = 2;
     pub const WRMSR: u64 = 2;
+    pub const RDPMC: u64 = 2;
     pub const HLT: u64 = 1;
     pub const VMMCALL: u64 = 3;
     pub const XSETBV: u64 = 3;
@@ -154,6 +156,7 @@ pub fn decode(raw: &RawExit) -> (ExitKind, u64) {
         // PAUSE is F3 90 (intercepted with the pause filter: pause-loop exiting).
         code::PAUSE => (ExitKind::Pause, after(raw, insn_len::PAUSE)),
         code::CPUID => (ExitKind::Cpuid, after(raw, insn_len::CPUID)),
+        code::RDPMC => (ExitKind::Rdpmc, after(raw, insn_len::RDPMC)),
         code::HLT => (ExitKind::Hlt, after(raw, insn_len::HLT)),
         // IOIO: EXITINFO2 is the next RIP on every CPU (§15.10.2).
         code::IOIO => (ExitKind::Io(decode_ioio(raw.info1)), raw.info2),
@@ -303,6 +306,7 @@ mod tests {
         assert_eq!(d(0x64, 0, 0, None).0, ExitKind::InterruptWindow);
         assert_eq!(d(0x7F, 0, 0, None).0, ExitKind::TripleFault);
         assert_eq!(d(0x77, 0, 0, None), (ExitKind::Pause, 0x1002));
+        assert_eq!(d(0x6F, 0, 0, None), (ExitKind::Rdpmc, 0x1002));
         assert!(matches!(d(u64::MAX, 0, 0, None).0, ExitKind::EntryFailed { code: u64::MAX, .. }));
         assert!(matches!(d(u64::MAX - 1, 0, 0, None).0, ExitKind::EntryFailed { .. }));
         // QEMU TCG's 32-bit VMEXIT_INVALID.

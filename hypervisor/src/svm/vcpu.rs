@@ -182,13 +182,15 @@ fn table(t: &DescriptorTable) -> VmcbSegment {
     VmcbSegment { selector: 0, attrib: 0, limit: t.limit as u32, base: t.base }
 }
 
-/// Intercept vector 3: physical interrupts, NMIs and INIT, CPUID, HLT, port I/O and MSRs
-/// through the maps, INVLPGA (an SVM instruction), shutdown (APM Vol. 2 §15.9-§15.13).
+/// Intercept vector 3: physical interrupts, NMIs and INIT, CPUID, RDPMC (the guest's
+/// counters are the virtual PMU's, never the host's), HLT, port I/O and MSRs through the
+/// maps, INVLPGA (an SVM instruction), shutdown (APM Vol. 2 §15.9-§15.13).
 pub fn base_intercepts_misc1() -> InterceptMisc1 {
     InterceptMisc1::INTR
         | InterceptMisc1::NMI
         | InterceptMisc1::INIT
         | InterceptMisc1::CPUID
+        | InterceptMisc1::RDPMC
         | InterceptMisc1::HLT
         | InterceptMisc1::INVLPGA
         | InterceptMisc1::IOIO_PROT

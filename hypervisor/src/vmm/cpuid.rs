@@ -3,8 +3,10 @@
 //! Policy: pass through what the guest can use safely on this CPU, set the hypervisor bit
 //! (CPUID.1:ECX[31]), add Vireo's signature leaves (`guest_abi::cpuid`), and hide every
 //! feature Vireo does not virtualize: VMX/SVM (no nested virtualization), the local APIC,
-//! x2APIC and TSC-deadline (no APIC model yet), MONITOR/MWAIT, performance monitoring
-//! (no vPMU yet), thermal/power management, SGX, Intel PT, 5-level paging.
+//! x2APIC and TSC-deadline (no APIC model yet), MONITOR/MWAIT, thermal/power management,
+//! SGX, Intel PT, 5-level paging. Performance monitoring is the host's hidden and, with
+//! `pmu=on`, Vireo's virtual PMU ([`crate::pmu`]) offered instead: Intel architectural
+//! PMU version 2 in leaf 0AH with PDCM (IA32_PERF_CAPABILITIES), AMD PerfCtrExtCore.
 
 use guest_abi::cpuid as abi;
 
@@ -33,6 +35,9 @@ pub struct CpuidContext {
     /// The VM offers the KVM PV interface (`pv=kvm`): kvmclock is its clock, so the
     /// invariant-TSC bit is hidden (with it, Linux would prefer the raw TSC).
     pub kvm_pv: bool,
+    /// The VM offers Vireo's virtual PMU (`pmu=on`), of the CPU's vendor
+    /// (`native_vmmcall`: AMD).
+    pub pmu: bool,
 }
 
 /// The feature bits of Vireo's version leaf (and of the FEATURES hypercall).
@@ -120,6 +125,9 @@ pub fn filter(leaf: u32, subleaf: u32, host: CpuidRegs, ctx: &CpuidContext) -> C
                 | bit::TSC_DEADLINE
                 | bit::OSXSAVE);
             r.ecx |= bit::HYPERVISOR;
+            if ctx.pmu && !ctx.native_vmmcall {
+                r.ecx |= bit::PDCM;
+            }
             if ctx.osxsave {
                 r.ecx |= bit::OSXSAVE;
             }
@@ -132,7 +140,12 @@ pub fn filter(leaf: u32, subleaf: u32, host: CpuidRegs, ctx: &CpuidContext) -> C
             // EBX: [31:24] initial APIC ID, [23:16] logical processors = 1.
             r.ebx = (r.ebx & 0x0000_FFFF) | (1 << 16) | ((ctx.apic_id as u32) << 24);
         }
-        // MONITOR/MWAIT, thermal/power, DCA, architectural PMU, Intel PT, SGX: hidden.
+        // Architectural performance monitoring: Vireo's virtual PMU (Intel), else hidden.
+        0xA if ctx.pmu && !ctx.native_vmmcall => {
+            let [eax, ebx, ecx, edx] = crate::pmu::intel::cpuid_0a();
+            r = CpuidRegs { eax, ebx, ecx, edx };
+        }
+        // MONITOR/MWAIT, thermal/power, DCA, the host's PMU, Intel PT, SGX: hidden.
         5 | 6 | 9 | 0xA | 0x12 | 0x14 => r = CpuidRegs::default(),
         // Extended topology (SDM Vol. 2A CPUID 0BH/1FH; APM CPUID Fn8000_001E): the host's
         // would name the host CPU's x2APIC ID on every vCPU. Hidden: the guest counts its
@@ -186,6 +199,10 @@ pub fn filter(leaf: u32, subleaf: u32, host: CpuidRegs, ctx: &CpuidContext) -> C
             r.edx &= !bit::RDTSCP;
             // Topology extensions (leaf 0x8000_001E) are hidden, see above.
             r.ecx &= !bit::TOPOEXT;
+            // Vireo's virtual PMU: six core counters (APM Vol. 2 §13.2).
+            if ctx.pmu && ctx.native_vmmcall {
+                r.ecx |= bit::PERFCTR_CORE;
+            }
         }
         // TSC/crystal ratio: unknown here; leaf 0x16 says the TSC frequency instead.
         0x15 => r = CpuidRegs::default(),
@@ -225,6 +242,7 @@ mod tests {
         tsc_khz: 2_500_000,
         apic: false,
         kvm_pv: false,
+        pmu: false,
     };
 
     #[test]
@@ -268,5 +286,26 @@ mod tests {
         assert_eq!(filter(0x8000_000A, 0, all, &CTX), CpuidRegs::default());
         assert_eq!(filter(0xA, 0, all, &CTX), CpuidRegs::default());
         assert_eq!(filter(7, 0, all, &CTX).ecx & bit::LA57, 0);
+        assert_eq!(filter(1, 0, all, &CTX).ecx & bit::PDCM, 0);
+        assert_eq!(filter(0x8000_0001, 0, all, &CTX).ecx & bit::PERFCTR_CORE, 0);
+        let intel = CpuidContext { native_vmmcall: false, ..CTX };
+        assert_eq!(filter(0xA, 0, all, &intel), CpuidRegs::default());
+        assert_eq!(filter(1, 0, all, &intel).ecx & bit::PDCM, 0);
+    }
+
+    #[test]
+    fn virtual_pmu_offered() {
+        let all = CpuidRegs { eax: !0, ebx: !0, ecx: !0, edx: !0 };
+        let none = CpuidRegs::default();
+        let intel = CpuidContext { native_vmmcall: false, pmu: true, ..CTX };
+        let a = filter(0xA, 0, all, &intel);
+        assert_eq!((a.eax, a.ebx, a.ecx, a.edx), (0x0730_0402, 0x7A, 0, 0x0603));
+        assert_ne!(filter(1, 0, none, &intel).ecx & bit::PDCM, 0);
+        assert_eq!(filter(0x8000_0001, 0, none, &intel).ecx & bit::PERFCTR_CORE, 0);
+        let amd = CpuidContext { pmu: true, ..CTX };
+        assert_eq!(filter(0xA, 0, all, &amd), CpuidRegs::default(), "AMD has no leaf 0AH");
+        assert_eq!(filter(1, 0, none, &amd).ecx & bit::PDCM, 0);
+        assert_ne!(filter(0x8000_0001, 0, none, &amd).ecx & bit::PERFCTR_CORE, 0);
+        assert_eq!(filter(0x8000_0022, 0, all, &amd), CpuidRegs::default(), "no PerfMonV2");
     }
 }

@@ -83,6 +83,8 @@ pub enum ExitKind {
     /// guest/host-mask exits): an artifact of the hardware, reported only to be counted.
     /// `next_rip` is already applied; the core does nothing else.
     ControlRegister,
+    /// RDPMC; the counter index is in guest ECX (answered from the virtual PMU).
+    Rdpmc,
 }
 
 /// Number of [`ExitKind`] classes (for per-reason statistics).
@@ -111,6 +113,7 @@ impl ExitKind {
             ExitKind::EntryFailed { .. } => 16,
             ExitKind::Unhandled => 17,
             ExitKind::ControlRegister => 18,
+            ExitKind::Rdpmc => 19,
         }
     }
 
@@ -127,7 +130,7 @@ pub struct Exit {
     /// Guest RIP of the instruction that exited (or was interrupted).
     pub rip: u64,
     /// RIP after the intercepted instruction: valid for instruction exits (CPUID, RDMSR,
-    /// WRMSR, IN/OUT, VMCALL/VMMCALL, HLT, XSETBV). Backends fill it from the VMX
+    /// WRMSR, RDPMC, IN/OUT, VMCALL/VMMCALL, HLT, XSETBV). Backends fill it from the VMX
     /// instruction-length field, SVM nRIP-save, the IOIO exit's EXITINFO2, or the known
     /// length of the instruction when the CPU has no nRIP-save (QEMU TCG).
     pub next_rip: u64,
@@ -297,6 +300,7 @@ mod tests {
             ExitKind::EntryFailed { reason: "", code: 0 },
             ExitKind::Unhandled,
             ExitKind::ControlRegister,
+            ExitKind::Rdpmc,
         ];
         for (i, k) in kinds.iter().enumerate() {
             assert_eq!(k.index(), i);

@@ -4,7 +4,7 @@
 
 use guest_abi::{
     hypercall::{errno, nr, scope, stats_flags, CONSOLE_WRITE_MAX},
-    stats::{ExitRecord, StatsHeader, HEADER_SIZE, LAYOUT_VERSION, MAGIC, RECORD_SIZE},
+    stats::{ExitRecord, StatsHeader, HEADER_SIZE, KINDS_V1, LAYOUT_VERSION, MAGIC, RECORD_SIZE},
 };
 
 use super::{
@@ -101,15 +101,16 @@ pub fn handle(number: u64, args: [u64; 4], cpl: u8, cx: &mut Context<'_>) -> Out
         nr::VM_EXIT => Outcome::Exit(args[0]),
         nr::VM_RESET => Outcome::Reset,
         nr::EXIT_STATS => {
-            // Version 1: EXIT_KINDS bare records of the calling vCPU; returns their number.
+            // Version 1: bare records of the calling vCPU, as many kinds as fit (at least
+            // the 19 of ABI 0.1-0.3, at most all); returns their number.
             let (gpa, len) = (args[0], args[1]);
-            let need = (EXIT_KINDS * RECORD_SIZE) as u64;
-            if len < need {
+            if len < (KINDS_V1 * RECORD_SIZE) as u64 {
                 return Return(-errno::E2BIG);
             }
+            let n = ((len / RECORD_SIZE as u64) as usize).min(EXIT_KINDS);
             let stats = cx.counters[cx.vcpu].exits.snapshot();
-            match write_records(cx.mem, gpa, &stats, EXIT_KINDS) {
-                Ok(()) => Return(EXIT_KINDS as i64),
+            match write_records(cx.mem, gpa, &stats, n) {
+                Ok(()) => Return(n as i64),
                 Err(()) => Return(-errno::EFAULT),
             }
         }
@@ -257,7 +258,7 @@ mod tests {
             assert_eq!(handle(nr::PING, [1, 0, 0, 0], 3, cx), Outcome::Return(-errno::EPERM));
             assert_eq!(handle(nr::PING, [1, 0, 0, 0], 0, cx), Outcome::Return(2));
             assert_eq!(handle(nr::LAST + 1, [0; 4], 0, cx), Outcome::Return(-errno::ENOSYS));
-            assert_eq!(handle(nr::VERSION, [0; 4], 0, cx), Outcome::Return(3));
+            assert_eq!(handle(nr::VERSION, [0; 4], 0, cx), Outcome::Return(4));
             assert_eq!(handle(nr::VM_RESET, [0; 4], 0, cx), Outcome::Reset);
             assert_eq!(handle(nr::VM_RESET, [0; 4], 3, cx), Outcome::Return(-errno::EPERM));
             assert_eq!(handle(nr::FEATURES, [0; 4], 0, cx), Outcome::Return(0xF));
@@ -324,7 +325,11 @@ mod tests {
             let n = (EXIT_KINDS * RECORD_SIZE) as u64;
             assert_eq!(handle(nr::EXIT_STATS, [0x3000, n, 0, 0], 0, cx), Outcome::Return(EXIT_KINDS as i64));
             assert_eq!(cx.mem.read_u64(0x3000 + ExitKind::Pause.index() as u64 * 16).unwrap(), 1);
-            assert_eq!(handle(nr::EXIT_STATS, [0x3000, n - 1, 0, 0], 0, cx), Outcome::Return(-errno::E2BIG));
+            // A buffer sized for ABI 0.1-0.3's 19 kinds still works (and gets 19 records).
+            let v1 = (KINDS_V1 * RECORD_SIZE) as u64;
+            assert_eq!(handle(nr::EXIT_STATS, [0x3000, n - 1, 0, 0], 0, cx), Outcome::Return(KINDS_V1 as i64));
+            assert_eq!(handle(nr::EXIT_STATS, [0x3000, v1, 0, 0], 0, cx), Outcome::Return(KINDS_V1 as i64));
+            assert_eq!(handle(nr::EXIT_STATS, [0x3000, v1 - 1, 0, 0], 0, cx), Outcome::Return(-errno::E2BIG));
         });
     }
 }

@@ -336,6 +336,11 @@ pub fn build_vm(
     if spec.floor {
         log::info!("vm {}: floor=on: the backend answers PING hypercalls itself (measuring mode)", spec.name);
     }
+    // The virtual PMU: on for Linux VMs unless the line says otherwise.
+    vm.pmu = spec.pmu.unwrap_or(linux);
+    for v in &vm.vcpus {
+        v.lock().set_pmu(vm.pmu);
+    }
     let pv_default = if linux && spec.apic { PvMode::Kvm } else { PvMode::Off };
     vm.pv = VmPv {
         mode: spec.pv.unwrap_or(pv_default),
@@ -351,12 +356,13 @@ pub fn build_vm(
         vm.time_limit = Some(crate::arch::tsc::from_nanos(spec.timeout_s.saturating_mul(1_000_000_000)));
     }
     report!(
-        "vm name={} start backend={} mem={} cpus={} pv={} entry={:#x}",
+        "vm name={} start backend={} mem={} cpus={} pv={} pmu={} entry={:#x}",
         spec.name,
         hw.name(),
         Bytes(size),
         cpus,
         vm.pv.mode.name(),
+        if vm.pmu { "on" } else { "off" },
         entry
     );
     Ok(vm)

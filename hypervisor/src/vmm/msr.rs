@@ -12,9 +12,10 @@ pub const IA32_MISC_ENABLE: u32 = 0x1A0;
 /// AMD K8 "interrupt pending message" (C1E), read by Linux's E400 idle routine on family
 /// 0xF/0x10 models; 0 = no C1E (as KVM answers).
 pub const AMD_INT_PENDING_MSG: u32 = 0xC001_0055;
-/// MISC_ENABLE bits Vireo reports (SDM Vol. 4 Table 2-2): fast strings on, BTS and PEBS
-/// unavailable (no PMU for guests yet).
+/// MISC_ENABLE bits Vireo reports (SDM Vol. 4 Table 2-2): fast strings on, performance
+/// monitoring available with the virtual PMU (`pmu=on`), BTS and PEBS unavailable.
 pub const MISC_ENABLE_FAST_STRING: u64 = 1 << 0;
+pub const MISC_ENABLE_PERFMON: u64 = 1 << 7;
 pub const MISC_ENABLE_BTS_UNAVAIL: u64 = 1 << 11;
 pub const MISC_ENABLE_PEBS_UNAVAIL: u64 = 1 << 12;
 pub const IA32_PAT: u32 = 0x277;
@@ -48,6 +49,11 @@ pub struct MsrState {
 impl MsrState {
     pub fn new(intel: bool) -> Self {
         Self { intel, misc_enable: MISC_ENABLE_FAST_STRING | MISC_ENABLE_BTS_UNAVAIL | MISC_ENABLE_PEBS_UNAVAIL }
+    }
+
+    /// MISC_ENABLE.PERFMON (read-only) says whether the virtual PMU is offered.
+    pub fn set_perfmon(&mut self, on: bool) {
+        self.misc_enable = (self.misc_enable & !MISC_ENABLE_PERFMON) | if on { MISC_ENABLE_PERFMON } else { 0 };
     }
 }
 
@@ -88,9 +94,9 @@ pub fn read(state: &MsrState, msr: u32, tsc: u64) -> MsrOutcome {
 pub fn write(state: &mut MsrState, msr: u32, value: u64) -> MsrOutcome {
     match msr {
         // Guests toggle a few MISC_ENABLE bits (fast strings, XD disable); the ones Vireo
-        // reports as fixed (BTS/PEBS unavailable) stay as they are.
+        // reports as fixed (performance monitoring, BTS/PEBS unavailable) stay as they are.
         IA32_MISC_ENABLE if state.intel => {
-            let fixed = MISC_ENABLE_BTS_UNAVAIL | MISC_ENABLE_PEBS_UNAVAIL;
+            let fixed = MISC_ENABLE_PERFMON | MISC_ENABLE_BTS_UNAVAIL | MISC_ENABLE_PEBS_UNAVAIL;
             state.misc_enable = (value & !fixed) | (state.misc_enable & fixed);
             MsrOutcome::Ok(value)
         }
@@ -127,6 +133,9 @@ mod tests {
         assert_eq!(write(&mut intel, IA32_BIOS_SIGN_ID, 0), MsrOutcome::Ok(0));
         assert_eq!(read(&intel, IA32_BIOS_SIGN_ID, 0), MsrOutcome::Ok(0));
         assert_eq!(write(&mut amd, IA32_BIOS_SIGN_ID, 0), MsrOutcome::Fault);
+        intel.set_perfmon(true);
+        assert_eq!(write(&mut intel, IA32_MISC_ENABLE, 0), MsrOutcome::Ok(0));
+        assert_eq!(read(&intel, IA32_MISC_ENABLE, 0), MsrOutcome::Ok(0x1880), "PERFMON is read-only");
     }
 
     #[test]

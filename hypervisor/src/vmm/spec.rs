@@ -1,13 +1,14 @@
 //! A VM described by a multiboot2 module: the module holds the guest image, its command
 //! line names the VM and sets its options.
 //!
-//! Module command line: `<name> [mem=SIZE] [cpus=N] [apic=on|off] [pv=kvm|off] [floor=on|off] [timeout=SECONDS] [guest arguments...]
+//! Module command line: `<name> [mem=SIZE] [cpus=N] [apic=on|off] [pv=kvm|off] [pmu=on|off] [floor=on|off] [timeout=SECONDS] [guest arguments...]
 //! [-- kernel command line]`; `timeout` stops the VM after that many seconds of running
 //! (default: no limit); everything after ` -- ` is a Linux guest's or a multiboot kernel's
 //! command line. `expect=OUTCOME` (or `expect=exited:STATUS`) is how the VM should end.
 //! `pv` picks the paravirtual interface at CPUID 0x4000_0000 (`crate::pv`): default `kvm`
 //! for Linux VMs with local APICs, `off` otherwise. `floor=on` is a measuring mode: the
 //! backend answers PING hypercalls in its own entry loop (`Backend::run_floor`).
+//! `pmu` offers Vireo's virtual PMU (`crate::pmu`): default on for Linux VMs, off otherwise.
 //! `cpus` is 1..=[`MAX_VCPUS`] (default 1), and `mem` must hold them: at least [`MIN_MEM`]
 //! plus [`MEM_PER_EXTRA_VCPU`] for every vCPU beyond the first ([`min_mem_for`]).
 //! A module whose line is `<name>:initrd` is the initramfs of VM `<name>`; one whose line is
@@ -62,6 +63,9 @@ pub struct VmSpec<'a> {
     /// `floor=on`: the backend answers PING hypercalls itself ([`crate::vmm::backend::Backend::run_floor`]),
     /// to measure the exit path's floor (`scripts/bench-hypercall.sh`).
     pub floor: bool,
+    /// `pmu=on|off`: the virtual PMU (`crate::pmu`); `None`: the default for the kind of
+    /// guest (on for Linux VMs).
+    pub pmu: Option<bool>,
     /// The module's whole command line, passed to the guest.
     pub args: &'a str,
 }
@@ -84,6 +88,7 @@ pub enum SpecError<'a> {
     BadExpect(&'a str),
     BadExpectStatus(&'a str),
     BadFloor(&'a str),
+    BadPmu(&'a str),
 }
 
 impl fmt::Display for SpecError<'_> {
@@ -96,6 +101,7 @@ impl fmt::Display for SpecError<'_> {
             SpecError::BadTimeout(v) => write!(f, "bad value '{v}' for key 'timeout' (expected 1-86400 seconds)"),
             SpecError::BadApic(v) => write!(f, "bad value '{v}' for key 'apic' (expected on or off)"),
             SpecError::BadFloor(v) => write!(f, "bad value '{v}' for key 'floor' (expected on or off)"),
+            SpecError::BadPmu(v) => write!(f, "bad value '{v}' for key 'pmu' (expected on or off)"),
             SpecError::BadPv(v) => write!(f, "bad value '{v}' for key 'pv' (expected kvm or off)"),
             SpecError::BadExpect(v) => {
                 write!(f, "bad value '{v}' for key 'expect' (expected one of: {})", EXPECTABLE.join(" "))
@@ -168,7 +174,15 @@ pub fn parse(cmdline: &str) -> Result<VmSpec<'_>, SpecError<'_>> {
     let mut expect_status = None;
     let mut pv = None;
     let mut floor = false;
+    let mut pmu = None;
     for w in words {
+        if let Some(v) = w.strip_prefix("pmu=") {
+            pmu = Some(match v {
+                "on" => true,
+                "off" => false,
+                _ => return Err(SpecError::BadPmu(v)),
+            });
+        }
         if let Some(v) = w.strip_prefix("floor=") {
             floor = match v {
                 "on" => true,
@@ -221,7 +235,20 @@ pub fn parse(cmdline: &str) -> Result<VmSpec<'_>, SpecError<'_>> {
     if mem < min_mem_for(cpus) {
         return Err(SpecError::MemTooSmallForCpus { mem, cpus });
     }
-    Ok(VmSpec { name, mem, timeout_s, cpus, kernel_cmdline, apic, expect, expect_status, pv, floor, args: cmdline })
+    Ok(VmSpec {
+        name,
+        mem,
+        timeout_s,
+        cpus,
+        kernel_cmdline,
+        apic,
+        expect,
+        expect_status,
+        pv,
+        floor,
+        pmu,
+        args: cmdline,
+    })
 }
 
 #[cfg(test)]
@@ -243,9 +270,14 @@ mod tests {
                 expect_status: None,
                 pv: None,
                 floor: false,
+                pmu: None,
                 args: "selftest"
             }
         );
+        assert_eq!(parse("s pmu=on").unwrap().pmu, Some(true));
+        assert_eq!(parse("s pmu=off").unwrap().pmu, Some(false));
+        assert_eq!(parse("s pmu=yes"), Err(SpecError::BadPmu("yes")));
+        assert_eq!(parse("s pmu=1").unwrap_err().to_string(), "bad value '1' for key 'pmu' (expected on or off)");
         assert!(parse("s floor=on bench=5").unwrap().floor);
         assert!(!parse("s floor=off").unwrap().floor);
         assert_eq!(parse("s floor=1"), Err(SpecError::BadFloor("1")));

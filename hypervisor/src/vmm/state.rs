@@ -105,6 +105,8 @@ pub const CR0_PG: u64 = 1 << 31;
 pub const CR4_PAE: u64 = 1 << 5;
 pub const CR4_OSFXSR: u64 = 1 << 9;
 pub const CR4_OSXMMEXCPT: u64 = 1 << 10;
+/// CR4.PCE (bit 8): RDPMC is allowed at any privilege level.
+pub const CR4_PCE: u64 = 1 << 8;
 pub const CR4_OSXSAVE: u64 = 1 << 18;
 pub const EFER_SCE: u64 = 1 << 0;
 pub const EFER_LME: u64 = 1 << 8;

@@ -14,7 +14,7 @@ use super::{
     exit::{merge, Event, Exit, ExitKind, IoAccess, Merge, NptAccess, VECTOR_DF, VECTOR_PF, VECTOR_UD},
     hypercall, mmio, msr,
     regs::GuestRegs,
-    state::{CpuState, SegAttr, SegReg, CR4_OSXSAVE, EFER_LMA, RFLAGS_DF, RFLAGS_IF},
+    state::{CpuState, SegAttr, SegReg, CR4_OSXSAVE, CR4_PCE, EFER_LMA, RFLAGS_DF, RFLAGS_IF},
     stats::PvCounters,
     string_io,
     vm::{rdtsc, Vm, VmOutcome},
@@ -32,6 +32,7 @@ use crate::{
         testdev::IrqRequest,
         time::Nanos,
     },
+    pmu::{self, Pmu},
     pv::{self, VcpuPv},
 };
 
@@ -111,6 +112,8 @@ pub struct Vcpu {
     /// What the guest registered through the KVM PV MSRs.
     pv: VcpuPv,
     wall_clock_msr: u64,
+    /// The virtual PMU (`pmu=on`; off, it claims no MSR).
+    pmu: Pmu,
 }
 
 /// Floor mode: PING hypercalls the backend answers before the core sees one (and its
@@ -158,7 +161,19 @@ impl Vcpu {
             device_seen: u64::MAX,
             pv: VcpuPv::default(),
             wall_clock_msr: 0,
+            pmu: Pmu::new(if intel { pmu::Vendor::Intel } else { pmu::Vendor::Amd }, false),
         })
+    }
+
+    /// Offers the virtual PMU (`pmu=on`) or not, at RESET state.
+    pub fn set_pmu(&mut self, on: bool) {
+        self.pmu = Pmu::new(self.pmu.vendor(), on);
+        self.msrs.set_perfmon(on);
+    }
+
+    /// The virtual PMU.
+    pub fn pmu(&self) -> &Pmu {
+        &self.pmu
     }
 
     /// The most recent exits, oldest first.
@@ -209,7 +224,13 @@ impl Vcpu {
             // entered again from here, without the per-entry work above (which would find
             // nothing to do: see `reenter_at_once`).
             loop {
+                // Guest-mode time for the virtual PMU's cycle counters: from just before the
+                // entry to the exit's TSC (the backend's entry and exit instructions included).
+                let timed = self.pmu.counts_guest_time();
+                let entered = if timed { rdtsc() } else { 0 };
                 let exit = self.enter(vm, cpu);
+                // A PMI this raised goes through the slow path (its LVTPC delivery).
+                let pmi = (timed || self.pmu.counts_exits()) && self.pmu_account(vm, cpu, &exit, entered);
                 let offered = self.pv.eoi_offered.is_some();
                 if offered {
                     self.pv_eoi_check(vm);
@@ -235,7 +256,7 @@ impl Vcpu {
                     break 'slice SliceEnd::Preempted;
                 }
                 // A PV EOI offer was outstanding: it is renewed (or not) by the slow path.
-                if offered || !self.reenter_at_once(vm, cpu, &exit, now, yield_now) {
+                if offered || pmi || !self.reenter_at_once(vm, cpu, &exit, now, yield_now) {
                     continue 'slice;
                 }
             }
@@ -274,7 +295,8 @@ impl Vcpu {
     /// offer) depends on nothing a cheap exit changes: a hypercall, CPUID, or an MSR access
     /// outside the local APIC's MSRs changes no interrupt state of this vCPU or its VM
     /// (whatever such a hypercall does to another vCPU, e.g. an IPI to itself, raises
-    /// `attention`). What else could change it is checked here, each with one load:
+    /// `attention`; a write to a PMU MSR, which may move the next counter overflow, is not
+    /// cheap). What else could change it is checked here, each with one load:
     /// - something was delivered to this vCPU (interrupt, NMI, INIT, SIPI; PIC output):
     ///   `Interrupts::notify` sets its `attention` (and the slow path clears it before it
     ///   looks);
@@ -291,7 +313,9 @@ impl Vcpu {
     fn reenter_at_once<B: Backend>(&self, vm: &Vm, cpu: &B, exit: &Exit, now: u64, yield_now: &AtomicBool) -> bool {
         let cheap = match exit.kind {
             ExitKind::Hypercall(_) | ExitKind::Cpuid => true,
-            ExitKind::Rdmsr | ExitKind::Wrmsr => !is_lapic_msr(self.regs.rcx as u32),
+            ExitKind::Rdmsr => !is_lapic_msr(self.regs.rcx as u32),
+            // A PMU write may move the next counter overflow (the host timer's deadline).
+            ExitKind::Wrmsr => !is_lapic_msr(self.regs.rcx as u32) && !self.pmu.claims(self.regs.rcx as u32),
             _ => false,
         };
         if !cheap || now >= self.fast_until || self.pending_irq.is_some() || self.pending_nmi || cpu.event_pending() {
@@ -304,6 +328,25 @@ impl Vcpu {
             || vm.ended()
             || vm.irq.apic(self.index).attention.load(Ordering::Acquire)
             || vm.device_deadline_raw() != self.device_seen)
+    }
+
+    /// Counts a guest run and its exit in the virtual PMU (before the exit is handled: a
+    /// counter read by this very exit includes it) and raises a PMI that overflow asked for.
+    /// Returns whether it raised a PMI.
+    fn pmu_account<B: Backend>(&mut self, vm: &Vm, cpu: &B, exit: &Exit, entered: u64) -> bool {
+        let cpl = if self.pmu.needs_cpl() { cpu.cpl() } else { 0 };
+        if self.pmu.counts_guest_time() {
+            self.pmu.guest_ran(exit.tsc.saturating_sub(entered), cpl);
+        }
+        self.pmu.count_exit(exit.kind.index(), cpl);
+        if self.pmu.take_pmi() && vm.irq.has_lapics() {
+            // Through the LVT performance counter entry (a Linux guest programs it as NMI);
+            // a VM without local APICs has nowhere to take it.
+            let mut lapic = vm.irq.apic(self.index).lapic.lock();
+            lapic.performance_interrupt(self.pmu.pmi_masks_lvtpc());
+            return true;
+        }
+        false
     }
 
     /// At the start of a slice: publish the steal time, clear `preempted`, and flush the
@@ -468,7 +511,9 @@ impl Vcpu {
         };
         let device_raw = vm.device_deadline_raw();
         let device = (device_raw != u64::MAX).then(|| vm.tsc_at(Nanos(device_raw)));
-        let want = [vm.deadline, device, lapic].into_iter().flatten().fold(slice_end, u64::min);
+        // A cycle counter that will overflow with a PMI: the guest must exit by then.
+        let pmu = self.pmu.ticks_to_overflow().map(|t| rdtsc().saturating_add(t));
+        let want = [vm.deadline, device, lapic, pmu].into_iter().flatten().fold(slice_end, u64::min);
         cpu.set_deadline(Some(want));
         if Some(want) != self.armed {
             crate::arch::lapic::arm(want);
@@ -591,6 +636,7 @@ impl Vcpu {
                     tsc_khz: tsc::hz() / 1000,
                     apic: vm.irq.has_lapics(),
                     kvm_pv: vm.pv.kvm(),
+                    pmu: self.pmu.on(),
                 };
                 let r = match pv::kvm::cpuid(leaf, &vm.pv) {
                     Some(r) => r,
@@ -625,7 +671,11 @@ impl Vcpu {
                         msr::MsrOutcome::Ok(pv::kvm::rdmsr(&self.pv, self.wall_clock_msr, i))
                     }
                     guest_abi::hypercall::page::MSR => msr::MsrOutcome::Ok(pv::page::read(&vm.pv)),
-                    _ => msr::read(&self.msrs, msr_index, rdtsc()),
+                    i => match self.pmu.read(i) {
+                        pmu::Access::Ok(v) => msr::MsrOutcome::Ok(v),
+                        pmu::Access::Gp => msr::MsrOutcome::Fault,
+                        pmu::Access::NotPmu => msr::read(&self.msrs, i, rdtsc()),
+                    },
                 };
                 match outcome {
                     msr::MsrOutcome::Ok(v) => {
@@ -675,11 +725,28 @@ impl Vcpu {
                         Ok(()) => msr::MsrOutcome::Ok(value),
                         Err(pv::Gp) => msr::MsrOutcome::Fault,
                     },
-                    _ => msr::write(&mut self.msrs, msr_index, value),
+                    i => match self.pmu.write(i, value) {
+                        pmu::Access::Ok(v) => msr::MsrOutcome::Ok(v),
+                        pmu::Access::Gp => msr::MsrOutcome::Fault,
+                        pmu::Access::NotPmu => msr::write(&mut self.msrs, i, value),
+                    },
                 };
                 match outcome {
                     msr::MsrOutcome::Ok(_) => cpu.set_rip(exit.next_rip),
                     msr::MsrOutcome::Fault => cpu.inject(Event::GP0),
+                }
+            }
+            ExitKind::Rdpmc => {
+                // CR4.PCE = 0 makes RDPMC privileged (SDM Vol. 2B RDPMC; the CPU checks this
+                // before the exit, checked again here); an index naming no counter is #GP.
+                let allowed = cpu.cpl() == 0 || cpu.cr4() & CR4_PCE != 0;
+                match self.pmu.rdpmc(self.regs.rcx as u32).filter(|_| allowed) {
+                    Some(v) => {
+                        self.regs.rax = v & 0xFFFF_FFFF;
+                        self.regs.rdx = v >> 32;
+                        cpu.set_rip(exit.next_rip);
+                    }
+                    None => cpu.inject(Event::GP0),
                 }
             }
             ExitKind::Io(io) => return self.port_io(vm, cpu, io, exit),

@@ -107,6 +107,8 @@ pub struct Vm {
     pub expect_status: Option<u64>,
     /// `floor=on`: the backend answers PING hypercalls itself (`Backend::run_floor`).
     pub floor: bool,
+    /// `pmu=on`: the vCPUs offer Vireo's virtual PMU (`crate::pmu`).
+    pub pmu: bool,
     /// A Linux VM's PC platform is on the bus (test guests have none).
     platform: bool,
     /// Earliest guest time (ns) a device needs a tick; u64::MAX: none.
@@ -152,6 +154,7 @@ impl Vm {
             expect: None,
             expect_status: None,
             floor: false,
+            pmu: false,
             platform,
             device_deadline: AtomicU64::new(0),
             outcome: Mutex::new(None),

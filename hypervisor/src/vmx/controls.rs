@@ -302,7 +302,12 @@ pub fn compute(caps: &CapMsrs, vpid: bool) -> Result<Controls, BackendError> {
     } else {
         primary::USE_IO_BITMAPS
     };
-    let want = primary::HLT_EXITING | io | primary::USE_MSR_BITMAPS | primary::ACTIVATE_SECONDARY_CONTROLS;
+    // RDPMC exiting: the guest's counters are the virtual PMU's, never the host's.
+    let want = primary::HLT_EXITING
+        | primary::RDPMC_EXITING
+        | io
+        | primary::USE_MSR_BITMAPS
+        | primary::ACTIVATE_SECONDARY_CONTROLS;
     // Interrupt-window exiting is off until requested: never forced on by a sane CPU, but
     // an allowed-0 bit would be honoured by `adjust` anyway.
     let primary = adjust(want, primary_cap);
@@ -310,6 +315,7 @@ pub fn compute(caps: &CapMsrs, vpid: bool) -> Result<Controls, BackendError> {
         primary,
         &[
             (primary::HLT_EXITING, "VMX: the CPU does not allow HLT exiting"),
+            (primary::RDPMC_EXITING, "VMX: the CPU does not allow RDPMC exiting"),
             (primary::USE_MSR_BITMAPS, "VMX: the CPU does not allow MSR bitmaps"),
             (primary::ACTIVATE_SECONDARY_CONTROLS, "VMX: the CPU has no secondary processor-based controls"),
         ],

@@ -15,6 +15,7 @@ pub mod reason {
     pub const INTERRUPT_WINDOW: u16 = 7;
     pub const CPUID: u16 = 10;
     pub const HLT: u16 = 12;
+    pub const RDPMC: u16 = 15;
     pub const VMCALL: u16 = 18;
     pub const VMCLEAR: u16 = 19;
     pub const VMXON: u16 = 27;
@@ -116,6 +117,7 @@ pub const fn is_instruction_exit(basic: u16) -> bool {
         basic,
         reason::CPUID
             | reason::HLT
+            | reason::RDPMC
             | reason::VMCALL
             | reason::CR_ACCESS
             | reason::IO
@@ -207,6 +209,7 @@ pub fn decode(raw: &RawExit) -> (ExitKind, u64) {
         reason::INTERRUPT_WINDOW => ExitKind::InterruptWindow,
         reason::CPUID => ExitKind::Cpuid,
         reason::HLT => ExitKind::Hlt,
+        reason::RDPMC => ExitKind::Rdpmc,
         reason::VMCALL => ExitKind::Hypercall(HypercallInsn::Vmcall),
         // VMX is hidden from guests: its instructions are undefined opcodes to them.
         reason::VMCLEAR..=reason::VMXON | reason::INVEPT | reason::INVVPID => {
@@ -263,6 +266,7 @@ mod tests {
         for (r, kind) in [
             (10, ExitKind::Cpuid),
             (12, ExitKind::Hlt),
+            (15, ExitKind::Rdpmc),
             (18, ExitKind::Hypercall(HypercallInsn::Vmcall)),
             (31, ExitKind::Rdmsr),
             (32, ExitKind::Wrmsr),

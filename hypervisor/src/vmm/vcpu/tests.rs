@@ -484,3 +484,42 @@ fn a_string_io_exit_that_is_no_string_instruction_is_fatal() {
     assert_eq!(run(&vm, 0, &mut m), SliceEnd::VmEnded);
     assert!(matches!(vm.outcome().map(|o| o.0), Some(VmOutcome::Fatal { .. })));
 }
+
+#[test]
+fn pmu_counts_exits_and_an_overflow_raises_an_nmi_through_the_lvtpc() {
+    use crate::pmu::{amd, Access, COUNTER_MASK};
+    let vm = test_vm(2);
+    vm.vcpus[0].lock().set_pmu(true);
+    let mut m = Mock::new(&[
+        (|r| wrmsr(r, 0x1B, X2APIC_ON), ExitKind::Wrmsr),
+        (|r| wrmsr(r, 0x80F, 0x1FF), ExitKind::Wrmsr),
+        // LVT performance counter: NMI (what Linux programs).
+        (|r| wrmsr(r, 0x834, 4 << 8), ExitKind::Wrmsr),
+        // PERF_CTR0 three events short of wrapping; PERF_CTL0 counts every exit, with INT.
+        (|r| wrmsr(r, amd::PERF_CTL_BASE + 1, COUNTER_MASK - 2), ExitKind::Wrmsr),
+        (|r| wrmsr(r, amd::PERF_CTL_BASE, 1 << 22 | 3 << 16 | 1 << 20 | 0x56), ExitKind::Wrmsr),
+        (|r| r.rax = 0, ExitKind::Cpuid),
+        (|r| r.rax = 0, ExitKind::Cpuid),
+        (|r| r.rax = 0, ExitKind::Cpuid),
+        (|r| r.rcx = 0, ExitKind::Rdpmc),
+        (|r| r.rcx = 6, ExitKind::Rdpmc),
+    ]);
+    assert_eq!(run(&vm, 0, &mut m), SliceEnd::VmEnded);
+    assert_eq!(m.injected, [Event::Nmi, Event::GP0], "the PMI as NMI, then #GP for an absent counter");
+    let v = vm.vcpus[0].lock();
+    // Wrapped at the third CPUID exit; then the two RDPMC exits and the final hypercall.
+    assert_eq!(v.pmu().read(amd::PERF_CTL_BASE + 1), Access::Ok(3));
+    assert_eq!(v.pmu().pmis, 1);
+    // AMD leaves the LVT entry unmasked.
+    assert_eq!(vm.irq.apic(0).lapic.lock().lvt(crate::devices::lapic::Lvt::Perf), 4 << 8);
+    // The other vCPU has its own PMU, off.
+    assert_eq!(vm.vcpus[1].lock().pmu().read(amd::PERF_CTL_BASE + 1), Access::NotPmu);
+}
+
+#[test]
+fn pmu_off_leaves_its_msrs_unknown_and_rdpmc_faults() {
+    let vm = test_vm(1);
+    let mut m = Mock::new(&[(|r| r.rcx = 0xC001_0201, ExitKind::Rdmsr), (|r| r.rcx = 0, ExitKind::Rdpmc)]);
+    assert_eq!(run(&vm, 0, &mut m), SliceEnd::VmEnded);
+    assert_eq!(m.injected, [Event::GP0, Event::GP0]);
+}
