@@ -22,7 +22,7 @@ use guest_abi::{
     cpuid as abi,
     hypercall::{errno, nr, page, scope, stats_flags, Instruction},
     kvm,
-    stats::{self, StatsHeader, FULL_SIZE, HEADER_SIZE, KINDS, MAGIC, RECORD_SIZE},
+    stats::{self, StatsHeader, FULL_SIZE, HEADER_SIZE, KINDS, KINDS_V1, MAGIC, RECORD_SIZE},
 };
 
 use crate::{
@@ -304,7 +304,10 @@ pub fn hypercall_page(t: &mut Tally, cpus: usize) {
         "EXIT_STATS (version 1)",
         format_args!("ret={v1} cpuid={v1_cpuid}"),
     );
-    let v1_short = call(nr::EXIT_STATS, [STATS_B.gpa(), (KINDS * RECORD_SIZE) as u64 - 1, 0, 0]);
+    // A buffer for the 19 kinds of ABI 0.1-0.3 gets 19 records; one byte less is too short.
+    let v1_old = call(nr::EXIT_STATS, [STATS_B.gpa(), (KINDS_V1 * RECORD_SIZE) as u64, 0, 0]);
+    f.expect(v1_old == KINDS_V1 as i64, "EXIT_STATS with a version 1 buffer", format_args!("{v1_old}"));
+    let v1_short = call(nr::EXIT_STATS, [STATS_B.gpa(), (KINDS_V1 * RECORD_SIZE) as u64 - 1, 0, 0]);
     f.expect(v1_short == -errno::E2BIG, "EXIT_STATS short buffer", format_args!("{v1_short}"));
     t.check_detail(
         "hypercall_page_stats",
@@ -507,7 +510,7 @@ fn stats_bad(ram: u64, cpus: usize) -> Result<(), &'static str> {
     for (why, args, want) in [
         ("EXIT_STATS beyond RAM", [ram + 0x1000, need, 0, 0], -errno::EFAULT),
         ("EXIT_STATS straddling the end of RAM", [ram - 16, need, 0, 0], -errno::EFAULT),
-        ("EXIT_STATS short buffer", [buf, need - 1, 0, 0], -errno::E2BIG),
+        ("EXIT_STATS short buffer", [buf, (KINDS_V1 * RECORD_SIZE) as u64 - 1, 0, 0], -errno::E2BIG),
     ] {
         let got = call(nr::EXIT_STATS, args);
         f.expect(got == want, why, format_args!("EXIT_STATS{args:x?} = {got} (want {want})"));
