@@ -772,6 +772,10 @@ impl Backend for SvmVcpu {
         v.save.rflags & RFLAGS_IF != 0 && v.control.interrupt_shadow & INTERRUPT_SHADOW == 0
     }
 
+    fn interrupt_shadow(&self) -> bool {
+        self.vmcb().control.interrupt_shadow & INTERRUPT_SHADOW != 0
+    }
+
     /// V_IRQ with V_IGN_TPR and the VINTR intercept (APM Vol. 2 §15.21.4): the CPU exits
     /// as soon as the guest could take the virtual interrupt. An InterruptWindow exit
     /// clears the request.
