@@ -612,6 +612,14 @@ impl Backend for SvmVcpu {
         let entry_rip = self.vmcb().save.rip;
         let clean = self.clean_for_entry(this_cpu.index());
         self.vmcb_areas(0).control.vmcb_clean = clean;
+        if event::exit_after_delivery(
+            self.vmcb().control.eventinj,
+            event::redelivers_injected_interrupts(self.caps.nrip),
+        ) {
+            // Pending at VMRUN (host IF = 0, GIF = 0 until VMRUN): an INTR exit right after
+            // the delivery. Without an APIC there is nothing to do.
+            let _ = crate::arch::lapic::send_self(crate::arch::lapic::EXIT_VECTOR);
+        }
         // SAFETY: `host_save` is non-zero only after `enable` set EFER.SVME and
         // VM_HSAVE_PA on this CPU and reserved the page; the VMCB, IOPM and MSRPM belong to
         // this vCPU and were initialized by `new`; the caller built the nested page tables
