@@ -52,6 +52,8 @@ pub fn handle(vector: u8) {
             }
             lapic::eoi();
         }
+        // Only there to make a guest exit (`svm::event::exit_after_delivery`).
+        lapic::EXIT_VECTOR => lapic::eoi(),
         // Spurious interrupts need no EOI (SDM Vol. 3A §12.9).
         lapic::SPURIOUS_VECTOR => {}
         _ => {

@@ -31,6 +31,9 @@ pub const TIMER_VECTOR: u8 = 0xEF;
 /// The wake-up IPI: its handler only EOIs. It ends a HLT, or makes a CPU that runs a guest
 /// exit (external-interrupt exit), so the CPU looks at its work again.
 pub const WAKE_VECTOR: u8 = 0xF0;
+/// A self-IPI whose only purpose is the exit it causes when it is pending at VMRUN (see
+/// `svm::event::exit_after_delivery`); its handler only EOIs.
+pub const EXIT_VECTOR: u8 = 0xF1;
 pub const SPURIOUS_VECTOR: u8 = 0xFF;
 
 const MODE_NONE: u8 = 0;
@@ -292,6 +295,12 @@ fn without_interrupts<R>(f: impl FnOnce() -> R) -> R {
 /// Sends a fixed interrupt with `vector` to the CPU with local APIC ID `apic_id`.
 pub fn send_ipi(apic_id: u32, vector: u8) -> Result<(), IpiError> {
     send_raw(icr::FIXED | icr::ASSERT | vector as u32, apic_id)
+}
+
+/// Makes [`EXIT_VECTOR`] pending in this CPU's own APIC.
+pub fn send_self(vector: u8) -> Result<(), IpiError> {
+    let id = id().ok_or(IpiError::NoApic)?;
+    send_ipi(id, vector)
 }
 
 /// Wakes the CPU with `apic_id` ([`WAKE_VECTOR`]).

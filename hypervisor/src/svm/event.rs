@@ -104,6 +104,29 @@ pub fn requeue(info: u64, injected: u64) -> Option<u64> {
     }
 }
 
+/// Whether the entry about to happen with EVENTINJ = `eventinj` must exit again right after
+/// the event is delivered, on an SVM implementation that `redelivers` (see
+/// [`redelivers_injected_interrupts`]): only an injected external interrupt is at risk.
+pub fn exit_after_delivery(eventinj: u64, redelivers: bool) -> bool {
+    redelivers && is_valid(eventinj) && event_type(eventinj) == TYPE_INTR
+}
+
+/// QEMU TCG's SVM (seen in 7.2 and later) delivers an external interrupt injected through
+/// EVENTINJ inside VMRUN but leaves its vector as the CPU's pending exception number; the
+/// next time its execution loop stops for an exit request (an I/O event, the icount
+/// deadline) before any #VMEXIT or guest exception overwrote it, it delivers that vector a
+/// second time through the guest's IDT, regardless of the guest's RFLAGS.IF, as if it were
+/// an exception. A Linux guest then re-enters its interrupt handler while it is inside it
+/// (IF = 0), e.g. the timer handler spins on the hrtimer lock the first one holds.
+///
+/// The stale vector is harmless once a #VMEXIT happened: Vireo makes the entry exit right
+/// after the delivery (a self-IPI pending at VMRUN: the INTR intercept fires at the first
+/// guest instruction boundary, before the loop can stop). QEMU TCG is recognized by its
+/// missing nRIP-save (every AMD CPU with nested paging has it, and so has Bochs).
+pub fn redelivers_injected_interrupts(nrip: bool) -> bool {
+    !nrip
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -129,6 +152,20 @@ mod tests {
         assert!(is_illegal(VALID | (TYPE_EXCEPTION << TYPE_SHIFT) | 32));
         assert!(!is_illegal((5 << TYPE_SHIFT) | 0x20), "not valid: not checked");
         assert!(!is_illegal(VALID | (TYPE_SOFT_INT << TYPE_SHIFT) | 0x80));
+    }
+
+    #[test]
+    fn only_injected_external_interrupts_exit_after_delivery_where_redelivered() {
+        let intr = encode(Event::Interrupt { vector: 0xEC });
+        assert!(exit_after_delivery(intr, true));
+        assert!(!exit_after_delivery(intr, false), "not on implementations without the flaw");
+        assert!(!exit_after_delivery(intr & !VALID, true), "nothing queued");
+        for other in [encode(Event::Nmi), encode(Event::GP0), encode(Event::UD), make(0x80, TYPE_SOFT_INT, None)] {
+            assert!(!exit_after_delivery(other, true), "{other:#x}");
+        }
+        // A re-queued interrupt (EXITINTINFO) is an external interrupt again.
+        assert!(exit_after_delivery(requeue(0x8000_0331, 0).unwrap(), true));
+        assert!(redelivers_injected_interrupts(false) && !redelivers_injected_interrupts(true));
     }
 
     #[test]

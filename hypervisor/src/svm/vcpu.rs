@@ -614,6 +614,14 @@ impl Backend for SvmVcpu {
         let entry_rip = self.vmcb().save.rip;
         let clean = self.clean_for_entry(this_cpu.index());
         self.vmcb_areas(0).control.vmcb_clean = clean;
+        if event::exit_after_delivery(
+            self.vmcb().control.eventinj,
+            event::redelivers_injected_interrupts(self.caps.nrip),
+        ) {
+            // Pending at VMRUN (host IF = 0, GIF = 0 until VMRUN): an INTR exit right after
+            // the delivery. Without an APIC there is nothing to do.
+            let _ = crate::arch::lapic::send_self(crate::arch::lapic::EXIT_VECTOR);
+        }
         // SAFETY: `host_save` is non-zero only after `enable` set EFER.SVME and
         // VM_HSAVE_PA on this CPU and reserved the page; the VMCB, IOPM and MSRPM belong to
         // this vCPU and were initialized by `new`; the caller built the nested page tables
@@ -772,6 +780,10 @@ impl Backend for SvmVcpu {
     fn interruptible(&self) -> bool {
         let v = self.vmcb();
         v.save.rflags & RFLAGS_IF != 0 && v.control.interrupt_shadow & INTERRUPT_SHADOW == 0
+    }
+
+    fn interrupt_shadow(&self) -> bool {
+        self.vmcb().control.interrupt_shadow & INTERRUPT_SHADOW != 0
     }
 
     /// V_IRQ with V_IGN_TPR and the VINTR intercept (APM Vol. 2 §15.21.4): the CPU exits

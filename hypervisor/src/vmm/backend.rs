@@ -75,6 +75,9 @@ pub trait Backend {
     /// The guest would take a maskable interrupt now: RFLAGS.IF = 1 and no STI/MOV SS
     /// interrupt shadow.
     fn interruptible(&self) -> bool;
+    /// An STI / MOV SS interrupt shadow is in force (for diagnostics; [`Backend::interruptible`]
+    /// already accounts for it).
+    fn interrupt_shadow(&self) -> bool;
     /// Asks for an [`super::exit::ExitKind::InterruptWindow`] exit as soon as the guest is
     /// interruptible (VMX interrupt-window exiting; SVM V_IRQ with VINTR intercept).
     fn set_interrupt_window(&mut self, enable: bool);

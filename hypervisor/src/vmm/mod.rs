@@ -6,6 +6,7 @@ pub mod cpuid;
 pub mod exit;
 pub mod guest_mem;
 pub mod hypercall;
+pub mod injections;
 pub mod launch;
 pub mod mmio;
 pub mod msr;

@@ -12,7 +12,9 @@ use super::{
     backend::Backend,
     cpuid::{self, CpuidContext},
     exit::{merge, Event, Exit, ExitKind, IoAccess, Merge, NptAccess, VECTOR_DF, VECTOR_PF, VECTOR_UD},
-    hypercall, mmio, msr,
+    hypercall,
+    injections::{self, Injection, InjectionLog, Origin, StackFrame},
+    mmio, msr,
     regs::GuestRegs,
     state::{CpuState, SegAttr, SegReg, CR4_OSXSAVE, CR4_PCE, EFER_LMA, RFLAGS_DF, RFLAGS_IF},
     stats::PvCounters,
@@ -114,7 +116,15 @@ pub struct Vcpu {
     wall_clock_msr: u64,
     /// The virtual PMU (`pmu=on`; off, it claims no MSR).
     pmu: Pmu,
+    /// The last events queued for injection (post-mortem).
+    injections: InjectionLog,
+    /// Interrupt frames found on the guest stack when its VM ended badly (post-mortem).
+    stack_frames: [Option<StackFrame>; STACK_FRAMES],
 }
+
+/// Interrupt frames the post-mortem looks for above the guest's RSP, and how far it looks.
+pub const STACK_FRAMES: usize = 6;
+const STACK_SCAN_BYTES: u64 = 16 * 1024;
 
 /// Floor mode: PING hypercalls the backend answers before the core sees one (and its
 /// deadlines, slice end and events) again.
@@ -162,6 +172,8 @@ impl Vcpu {
             pv: VcpuPv::default(),
             wall_clock_msr: 0,
             pmu: Pmu::new(if intel { pmu::Vendor::Intel } else { pmu::Vendor::Amd }, false),
+            injections: InjectionLog::default(),
+            stack_frames: [None; STACK_FRAMES],
         })
     }
 
@@ -174,6 +186,61 @@ impl Vcpu {
     /// The virtual PMU.
     pub fn pmu(&self) -> &Pmu {
         &self.pmu
+    }
+
+    /// The last events queued for injection, and the counts (post-mortem).
+    pub fn injections(&self) -> &InjectionLog {
+        &self.injections
+    }
+
+    /// Interrupt frames found on the guest's stack when its VM ended (timed out, halted,
+    /// triple fault, fatal), innermost first.
+    pub fn stack_frames(&self) -> impl Iterator<Item = &StackFrame> + '_ {
+        self.stack_frames.iter().flatten()
+    }
+
+    /// Post-mortem: looks for interrupt frames in the 16 KiB above the guest's RSP, through
+    /// its own page tables (a nested delivery shows as a frame whose RFLAGS.IF is 0).
+    fn scan_stack<B: Backend>(&mut self, vm: &Vm, cpu: &B) {
+        let paging = GuestPaging { cr0: cpu.cr0(), cr3: cpu.cr3(), cr4: cpu.cr4(), efer: cpu.efer() };
+        let word = |va: u64| {
+            let gpa = walk::translate(&vm.mem, paging, va).ok()?;
+            let mut b = [0u8; 8];
+            vm.mem.read(gpa, &mut b).ok()?;
+            Some(u64::from_le_bytes(b))
+        };
+        let rsp = self.regs.rsp & !7;
+        let mut n = 0;
+        let mut at = rsp;
+        while at < rsp.saturating_add(STACK_SCAN_BYTES) && n < STACK_FRAMES {
+            let mut w = [0u64; 5];
+            let ok = (0..5).all(|k| word(at + 8 * k as u64).map(|v| w[k] = v).is_some());
+            if ok && injections::is_interrupt_frame(&w) {
+                let [rip, cs, rflags, rsp, ss] = w;
+                self.stack_frames[n] = Some(StackFrame { at, rip, cs, rflags, rsp, ss });
+                n += 1;
+                at += 40;
+            } else {
+                at += 8;
+            }
+        }
+    }
+
+    /// Queues `event` for the next entry, and records it with the guest's interruptibility.
+    fn inject<B: Backend>(&mut self, cpu: &mut B, event: Event) {
+        self.note_injection(cpu, event, Origin::Fresh, rdtsc());
+        cpu.inject(event);
+    }
+
+    fn note_injection<B: Backend>(&mut self, cpu: &B, event: Event, origin: Origin, tsc: u64) {
+        self.injections.record(Injection {
+            event,
+            origin,
+            if_on: cpu.rflags() & RFLAGS_IF != 0,
+            shadow: cpu.interrupt_shadow(),
+            rip: cpu.rip(),
+            tsc,
+        });
     }
 
     /// The most recent exits, oldest first.
@@ -231,6 +298,11 @@ impl Vcpu {
                 let exit = self.enter(vm, cpu);
                 // A PMI this raised goes through the slow path (its LVTPC delivery).
                 let pmi = (timed || self.pmu.counts_exits()) && self.pmu_account(vm, cpu, &exit, entered);
+                if exit.events.interrupted.is_some() {
+                    if let Some(event) = cpu.pending_event() {
+                        self.note_injection(cpu, event, Origin::Requeue, exit.tsc);
+                    }
+                }
                 let offered = self.pv.eoi_offered.is_some();
                 if offered {
                     self.pv_eoi_check(vm);
@@ -248,6 +320,9 @@ impl Vcpu {
                     Flow::Yield => break 'slice SliceEnd::Preempted,
                     Flow::Block => break 'slice SliceEnd::Blocked,
                     Flow::Stop(outcome) => {
+                        if !matches!(outcome, VmOutcome::Exited { .. } | VmOutcome::PoweredOff | VmOutcome::Reset) {
+                            self.scan_stack(vm, cpu);
+                        }
                         vm.stop(outcome);
                         break 'slice SliceEnd::VmEnded;
                     }
@@ -599,7 +674,7 @@ impl Vcpu {
         if self.pending_nmi {
             // NMI blocking (until IRET) is not tracked: Linux sends NMIs only for backtraces.
             self.pending_nmi = false;
-            cpu.inject(Event::Nmi);
+            self.inject(cpu, Event::Nmi);
             return;
         }
         let now = vm.now();
@@ -615,12 +690,12 @@ impl Vcpu {
         cpu.set_interrupt_window(false);
         if device.is_some() {
             if let Some(vector) = self.acknowledge(vm) {
-                cpu.inject(Event::Interrupt { vector });
+                self.inject(cpu, Event::Interrupt { vector });
                 return;
             }
         }
         if let Some(vector) = self.pending_irq.take() {
-            cpu.inject(Event::Interrupt { vector });
+            self.inject(cpu, Event::Interrupt { vector });
         }
     }
 
@@ -683,7 +758,7 @@ impl Vcpu {
                         self.regs.rdx = v >> 32;
                         cpu.set_rip(exit.next_rip);
                     }
-                    msr::MsrOutcome::Fault => cpu.inject(Event::GP0),
+                    msr::MsrOutcome::Fault => self.inject(cpu, Event::GP0),
                 }
             }
             ExitKind::Wrmsr => {
@@ -733,7 +808,7 @@ impl Vcpu {
                 };
                 match outcome {
                     msr::MsrOutcome::Ok(_) => cpu.set_rip(exit.next_rip),
-                    msr::MsrOutcome::Fault => cpu.inject(Event::GP0),
+                    msr::MsrOutcome::Fault => self.inject(cpu, Event::GP0),
                 }
             }
             ExitKind::Rdpmc => {
@@ -746,7 +821,7 @@ impl Vcpu {
                         self.regs.rdx = v >> 32;
                         cpu.set_rip(exit.next_rip);
                     }
-                    None => cpu.inject(Event::GP0),
+                    None => self.inject(cpu, Event::GP0),
                 }
             }
             ExitKind::Io(io) => return self.port_io(vm, cpu, io, exit),
@@ -829,7 +904,7 @@ impl Vcpu {
             match merge(first, vector) {
                 Merge::TripleFault => return Flow::Stop(VmOutcome::TripleFault { vcpu: self.index }),
                 Merge::DoubleFault => {
-                    cpu.inject(Event::Exception { vector: VECTOR_DF, error_code: Some(0) });
+                    self.inject(cpu, Event::Exception { vector: VECTOR_DF, error_code: Some(0) });
                     return Flow::Continue;
                 }
                 Merge::Serial => {
@@ -839,7 +914,7 @@ impl Vcpu {
                 }
             }
         }
-        cpu.inject(Event::Exception { vector, error_code });
+        self.inject(cpu, Event::Exception { vector, error_code });
         Flow::Continue
     }
 
@@ -1114,12 +1189,12 @@ impl Vcpu {
 
     fn xsetbv<B: Backend>(&mut self, cpu: &mut B, exit: &Exit) {
         if cpu.cr4() & CR4_OSXSAVE == 0 {
-            cpu.inject(Event::UD);
+            self.inject(cpu, Event::UD);
             return;
         }
         let value = (self.regs.rdx << 32) | (self.regs.rax & 0xFFFF_FFFF);
         if cpu.cpl() != 0 || self.regs.rcx as u32 != 0 || !fpu::valid_xcr0(value, fpu::supported_xcr0()) {
-            cpu.inject(Event::GP0);
+            self.inject(cpu, Event::GP0);
             return;
         }
         // SAFETY: validated against the CPU's supported components; Vireo is soft-float,

@@ -324,17 +324,29 @@ impl Vm {
         let (outcome, culprit) = self.outcome().unwrap_or((VmOutcome::Halted, 0));
         let stats = self.stats();
         let total = stats.total();
+        // Fresh external interrupts injected while the guest could not take them (a Vireo
+        // bug: `vmm::injections`); 0 in a healthy run.
+        let masked: u64 = self.vcpus.iter().map(|v| v.lock().injections().masked).sum();
         match outcome {
             VmOutcome::Exited { status } => {
-                report!("vm name={name} end outcome=exited status={status} exits={}", total.count)
+                report!(
+                    "vm name={name} end outcome=exited status={status} exits={} injected_masked={masked}",
+                    total.count
+                )
             }
             VmOutcome::TripleFault { vcpu } => {
-                report!("vm name={name} end outcome=triple-fault vcpu={vcpu} exits={}", total.count)
+                report!(
+                    "vm name={name} end outcome=triple-fault vcpu={vcpu} exits={} injected_masked={masked}",
+                    total.count
+                )
             }
             VmOutcome::Fatal { reason } => {
-                report!("vm name={name} end outcome=fatal reason=\"{reason}\" exits={}", total.count)
+                report!(
+                    "vm name={name} end outcome=fatal reason=\"{reason}\" exits={} injected_masked={masked}",
+                    total.count
+                )
             }
-            o => report!("vm name={name} end outcome={} exits={}", o.name(), total.count),
+            o => report!("vm name={name} end outcome={} exits={} injected_masked={masked}", o.name(), total.count),
         }
         // RAM is populated on first touch (2 MiB chunks): how much the guest ever touched.
         report!(
@@ -419,6 +431,14 @@ impl Vm {
                     EventsNote(&e.events)
                 );
             }
+        }
+        let log = v.injections();
+        report!("vm name={name} injections vcpu={} total={} masked={}", v.index, log.total, log.masked);
+        for (i, inj) in log.iter().enumerate() {
+            report!("vm name={name} inject vcpu={} n={i} {inj}", v.index);
+        }
+        for (i, f) in v.stack_frames().enumerate() {
+            report!("vm name={name} stack-frame vcpu={} n={i} {f}", v.index);
         }
         if self.irq.has_lapics() {
             for (i, a) in (0..self.irq.vcpus()).map(|i| (i, self.irq.apic(i))) {

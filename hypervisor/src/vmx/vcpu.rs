@@ -1019,6 +1019,10 @@ impl Backend for VmxVcpu {
         self.rflags() & RFLAGS_IF != 0 && self.interruptibility() & (BLOCKING_BY_STI | BLOCKING_BY_MOV_SS) == 0
     }
 
+    fn interrupt_shadow(&self) -> bool {
+        self.interruptibility() & (BLOCKING_BY_STI | BLOCKING_BY_MOV_SS) != 0
+    }
+
     fn set_interrupt_window(&mut self, enable: bool) {
         if enable && !self.controls.window_allowed {
             log::warn!("vmx: the CPU does not allow interrupt-window exiting");

@@ -11,7 +11,7 @@ use crate::{
     devices::{bus::Bus, irqchip::Interrupts, lapic::DEFAULT_TIMER_HZ},
     mm::FrameAllocator,
     vmm::{
-        exit::HypercallInsn,
+        exit::{ExitEvents, HypercallInsn},
         guest_mem::GuestMemory,
         state::{Segment, RFLAGS_RESERVED_1},
         vm::Vm,
@@ -36,6 +36,9 @@ struct Mock {
     /// 32-bit protected mode, paging off, flat segments (a multiboot kernel's state).
     flat32: bool,
     cr2: u64,
+    /// The next entry's queued event is not delivered: the exit reports it as interrupted
+    /// and it stays queued (as SVM's EXITINTINFO re-queue does).
+    interrupt_delivery: bool,
 }
 
 impl Mock {
@@ -61,12 +64,17 @@ impl Backend for Mock {
         self.loaded.push(*state);
     }
     fn run(&mut self, regs: &mut GuestRegs) -> Exit {
+        let mut events = ExitEvents::default();
         if let Some(e) = self.pending.take() {
-            self.injected.push(e);
+            if core::mem::take(&mut self.interrupt_delivery) {
+                (events.injected, events.interrupted, self.pending) = (Some(e), Some(e), Some(e));
+            } else {
+                self.injected.push(e);
+            }
         }
         let (set, kind) = self.script.pop_front().unwrap_or((vm_exit, ExitKind::Hypercall(HypercallInsn::Vmcall)));
         set(regs);
-        Exit { kind, rip: self.rip, next_rip: self.rip + 2, raw: 0, tsc: rdtsc(), events: Default::default() }
+        Exit { kind, rip: self.rip, next_rip: self.rip + 2, raw: 0, tsc: rdtsc(), events }
     }
     fn rip(&self) -> u64 {
         self.rip
@@ -129,6 +137,9 @@ impl Backend for Mock {
     }
     fn interruptible(&self) -> bool {
         self.interruptible
+    }
+    fn interrupt_shadow(&self) -> bool {
+        false
     }
     fn set_interrupt_window(&mut self, enable: bool) {
         self.window = enable;
@@ -311,6 +322,38 @@ fn interrupt_window_policy_is_the_cores() {
     assert_eq!(vm.vcpus[0].lock().run(&vm, &mut m, u64::MAX, &no), SliceEnd::VmEnded);
     assert!(!m.window, "the core cleared the window request");
     assert_eq!(m.injected, [Event::Interrupt { vector: 0x41 }]);
+}
+
+#[test]
+fn injections_are_logged_fresh_or_requeued_and_none_goes_to_a_masked_guest() {
+    let no = AtomicBool::new(false);
+    // Raised while the guest cannot take it: nothing injected, nothing logged as masked.
+    let vm = test_vm(1);
+    let mut m = Mock::new(&[(|r| r.rax = 0x41, TEST_IRQ_OUT), (|_| {}, ExitKind::Cpuid)]);
+    m.interruptible = false;
+    m.rflags &= !RFLAGS_IF;
+    assert_eq!(vm.vcpus[0].lock().run(&vm, &mut m, u64::MAX, &no), SliceEnd::VmEnded);
+    let v = vm.vcpus[0].lock();
+    assert_eq!((v.injections().total, v.injections().masked), (0, 0));
+    drop(v);
+    // Injected with IF = 1; its delivery is interrupted by the next exit and re-queued,
+    // then delivered.
+    let vm = test_vm(1);
+    let mut m = Mock::new(&[(|r| r.rax = 0x41, TEST_IRQ_OUT), (|_| {}, ExitKind::Cpuid), (|_| {}, ExitKind::Cpuid)]);
+    m.interrupt_delivery = true;
+    let mut v = vm.vcpus[0].lock();
+    let end = v.run(&vm, &mut m, u64::MAX, &no);
+    assert_eq!(end, SliceEnd::VmEnded);
+    assert_eq!(m.injected, [Event::Interrupt { vector: 0x41 }]);
+    let log: Vec<_> = v.injections().iter().copied().collect();
+    assert_eq!(log.len(), 2);
+    assert_eq!(log[0].origin, injections::Origin::Fresh);
+    assert_eq!(log[1].origin, injections::Origin::Requeue);
+    for i in &log {
+        assert_eq!(i.event, Event::Interrupt { vector: 0x41 });
+        assert!(i.if_on && !i.shadow);
+    }
+    assert_eq!((v.injections().total, v.injections().masked), (2, 0));
 }
 
 #[test]
