@@ -29,7 +29,6 @@ fn value<'a>(line: &'a str, key: &str) -> Option<&'a str> {
 }
 
 #[test]
-#[ignore = "open bug (issue 9): under QEMU -icount the Vireo boot of this guest sometimes never finishes (seen after Linux's kprobes line, and once after its evm line: the guest spinning with IF=0 in a qspinlock wait on a per-CPU lock, i.e. a self-deadlock, not a lost timer wakeup); run with --ignored once fixed"]
 fn scoreboard_tiny() {
     let out_dir = repo_root().join("target/e2e-scratch/scoreboard");
     let _ = std::fs::remove_dir_all(&out_dir);
