@@ -22,8 +22,8 @@
 //! DEVICE_NEEDS_RESET (`super::STATUS_DEVICE_NEEDS_RESET`). What is checked:
 //! - the rings lie wholly in RAM and are aligned, the size is a power of two up to 32768;
 //! - the available index moves ahead by at most the queue size;
-//! - every head and `next` index is inside its table, and no chain revisits a descriptor
-//!   (a loop);
+//! - every head and `next` index is inside its table, no chain revisits a descriptor (a
+//!   loop), and no head is made available again while the device still holds its chain;
 //! - a chain has at most `size` descriptors in all (§2.7.5.2: the driver MUST NOT create a
 //!   longer one; an indirect table counts its entries) and at most 2^32 bytes (§2.7.5.2);
 //! - every buffer is non-empty and lies wholly in RAM (not past its end, not in a hole);
@@ -229,6 +229,8 @@ pub enum QueueError {
     AvailIndexJump { avail_idx: u16, next: u16 },
     /// A head index in the available ring is outside the descriptor table.
     HeadOutOfRange(u16),
+    /// A head index the device has taken and not yet returned is made available again.
+    HeadInFlight(u16),
     /// A `next` index is outside its (direct or indirect) descriptor table.
     NextOutOfRange { index: u16, table_len: u32 },
     /// A chain reaches a descriptor it has already visited.
@@ -268,6 +270,7 @@ impl fmt::Display for QueueError {
                 write!(f, "available index {avail_idx} is more than the queue size ahead of {next}")
             }
             HeadOutOfRange(h) => write!(f, "chain head {h} is outside the descriptor table"),
+            HeadInFlight(h) => write!(f, "chain head {h} is made available again before it was used"),
             NextOutOfRange { index, table_len } => {
                 write!(f, "next index {index} is outside a table of {table_len} descriptors")
             }
@@ -429,10 +432,13 @@ impl SplitQueue {
         if head >= size {
             return self.fail(QueueError::HeadOutOfRange(head));
         }
+        let (word, bit) = (usize::from(head) / 64, head % 64);
+        if self.in_flight.get(word).is_some_and(|w| w & (1 << bit) != 0) {
+            return self.fail(QueueError::HeadInFlight(head));
+        }
         match self.walk(mem, head) {
             Ok(buffers) => {
                 self.next_avail = self.next_avail.wrapping_add(1);
-                let (word, bit) = (usize::from(head) / 64, head % 64);
                 if let Some(w) = self.in_flight.get_mut(word) {
                     *w |= 1 << bit;
                 }

@@ -340,14 +340,12 @@ fn every_broken_chain_is_an_error() {
     assert_eq!(indirect_case(&entries, &direct), QueueError::ChainTooLong { size: 8 });
     entries.truncate(7);
     entries[6].flags = 0;
-    let mut direct = [desc(DATA, 1, n, 1), ind(16 * 7)];
+    let direct = [desc(DATA, 1, n, 1), ind(16 * 7)];
     let (mem, mut q) = one_chain(8, all, &direct);
     for (k, d) in entries.iter().enumerate() {
         set_desc(&mem, table, k as u16, *d);
     }
     assert_eq!(q.pop(&mem).unwrap().unwrap().buffers.len(), 8, "exactly the queue size is fine");
-    direct[1].flags |= w; // WRITE on the indirect descriptor itself is ignored (§2.7.5.3.2)
-    let _ = direct;
 
     // Head and index errors.
     let mem = ram();
@@ -355,6 +353,21 @@ fn every_broken_chain_is_an_error() {
     publish(&mem, 8, 0, &[8]);
     let mut q = SplitQueue::new(config(8), none, &mem).unwrap();
     assert_eq!(q.pop(&mem), Err(QueueError::HeadOutOfRange(8)));
+    // The same head twice while the device holds it.
+    let mem = ram();
+    set_desc(&mem, DESC, 3, ok(DATA));
+    publish(&mem, 8, 0, &[3, 3]);
+    let mut q = SplitQueue::new(config(8), none, &mem).unwrap();
+    assert_eq!(q.pop(&mem).unwrap().unwrap().head, 3);
+    assert_eq!(q.pop(&mem), Err(QueueError::HeadInFlight(3)));
+    // Once used, it may come again.
+    let mem = ram();
+    set_desc(&mem, DESC, 3, ok(DATA));
+    publish(&mem, 8, 0, &[3, 3]);
+    let mut q = SplitQueue::new(config(8), none, &mem).unwrap();
+    let c = q.pop(&mem).unwrap().unwrap();
+    q.push_used(&mem, c.head, 0).unwrap();
+    assert_eq!(q.pop(&mem).unwrap().unwrap().head, 3);
     let mem = ram();
     mem.put_u16(AVAIL + avail::IDX, 9);
     let mut q = SplitQueue::new(config(8), none, &mem).unwrap();
