@@ -504,7 +504,10 @@ impl Gas {
 // ---------------------------------------------------------------------------------------------
 // DSDT: AML (ACPI 6.3 chapter 20), generated with the `acpi_tables` crate (rust-vmm's AML
 // builder, `no_std` + `alloc`, the one Cloud Hypervisor builds its DSDT with): it computes
-// every PkgLength and integer encoding, which by hand is where AML goes wrong.
+// every PkgLength and integer encoding, which by hand is where AML goes wrong. The crate
+// asserts on malformed name strings and EISA IDs and computes `max - min + 1` for address
+// ranges: everything handed to it here is a constant or validated (`MmioWindow` base <= last
+// < the I/O APIC), nothing comes from a guest.
 
 /// The DSDT's definition block:
 /// - the system sleep states Linux needs to power off (ACPI 6.3 §7.4.2, `\_Sx`: Package
