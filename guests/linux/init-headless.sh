@@ -76,6 +76,17 @@ echo "linux-guest: mem_kb $(awk '/^MemTotal:/ { print $2; exit }' /proc/meminfo)
 echo "linux-guest: flags $(awk '/^flags[ \t]*:/ { sub(/^flags[ \t]*:[ \t]*/, ""); print; exit }' /proc/cpuinfo)"
 echo "linux-guest: clocksource $(first_line /sys/devices/system/clocksource/clocksource0/current_clocksource)"
 
+# The PCI functions Linux enumerated, an lspci equivalent from /sys/bus/pci: one
+# "linux-guest: pci BDF VENDOR DEVICE CLASS" line each (e.g. "0000:00:00.0 0x8086 0x1237
+# 0x060000"), then "linux-guest: pci_devices N". Shell builtins only: no applet needed.
+pci_n=0
+for d in /sys/bus/pci/devices/*; do
+    [ -r "$d/vendor" ] || continue
+    echo "linux-guest: pci ${d##*/} $(first_line "$d/vendor") $(first_line "$d/device") $(first_line "$d/class")"
+    pci_n=$((pci_n + 1))
+done
+echo "linux-guest: pci_devices $pci_n"
+
 # Vireo's statistics module (guests/linux/vireo-mod): under Vireo (hypercall ABI 0.2 or later)
 # it makes /sys/hypervisor/vireo/; anywhere else insmod fails and the module has logged one
 # "vireo: absent reason=WORD (...)" line, whose WORD is printed here.

@@ -182,6 +182,7 @@ fn linux_qemu_tcg_svm() {
     check_userspace(&out);
     check_apic_mode(&out, "linux");
     check_pv_kvm(&out, "linux", 1);
+    check_pci(&out, "linux");
 }
 
 /// `pv=off`: the same kernel without the KVM interface (no signature at 0x4000_0000) keeps its
@@ -259,6 +260,7 @@ fn linux_bochs_vmx() {
     let perf = lines.iter().find(|l| l.contains("Performance Events:")).unwrap_or_else(|| panic!("{out:?}"));
     assert!(perf.contains("full-width counters, Intel PMU driver"), "{perf}\n{out:?}");
     check_apic_mode(&out, "linux");
+    check_pci(&out, "linux");
 }
 
 #[test]
@@ -266,6 +268,22 @@ fn linux_bochs_svm() {
     let out = boot_linux(Machine::BochsSvm, 600);
     check_userspace(&out);
     check_apic_mode(&out, "linux");
+    check_pci(&out, "linux");
+}
+
+/// Linux finds the PCI root bridge through the DSDT (`\_SB.PCI0`, PNP0A03), takes its `_CRS`
+/// windows and scans bus 0: the 440FX host bridge at 00:00.0 is the only function, and
+/// /sys/bus/pci lists it (the guest's `linux-guest: pci BDF VENDOR DEVICE CLASS` lines).
+fn check_pci(out: &Outcome, vm: &str) {
+    let lines = out.guest_lines(vm);
+    let has = |text: &str| lines.iter().any(|l| l.contains(text));
+    assert!(has("ACPI: PCI Root Bridge [PCI0] (domain 0000 [bus 00-ff])"), "{vm}: no PCI root bridge\n{out:?}");
+    for window in ["[io  0x0000-0x0cf7 window]", "[io  0x0d00-0xffff window]", "[mem 0xc0000000-0xfebfffff window]"] {
+        assert!(has(&format!("pci_bus 0000:00: root bus resource {window}")), "{vm}: {window}\n{out:?}");
+    }
+    assert!(has("pci 0000:00:00.0: [8086:1237] type 00 class 0x060000"), "{out:?}");
+    assert_eq!(guest_value(out, vm, "pci"), "0000:00:00.0 0x8086 0x1237 0x060000", "{out:?}");
+    assert_eq!(guest_value(out, vm, "pci_devices"), "1", "{out:?}");
 }
 
 /// Linux VMs get a local APIC and I/O APIC by default and route interrupts through them.

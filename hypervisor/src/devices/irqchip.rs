@@ -36,6 +36,14 @@ pub const fn isa_pin(irq: u8) -> u8 {
     }
 }
 
+/// The I/O APIC pins that PCI INTx lines reach (GSIs 16-23; the ACPI `_PRT` uses 16-19, see
+/// `guest::acpi::pci_intx_gsi`). PCI INTx# is level-triggered, active-low, open-drain with a
+/// pull-up (PCI Local Bus Specification 3.0 §2.2.6): an idle line is electrically high, and a
+/// device asserts it by pulling it low. The board pulls these pins up at reset, so that the
+/// active-low, level-triggered entries Linux programs for them stay quiet until a device
+/// asserts its line ([`Interrupts::set_pci_intx`]).
+pub const PCI_INTX_PINS: core::ops::Range<u8> = 16..24;
+
 /// One vCPU's local APIC as interrupt sources see it.
 pub struct VcpuApic {
     pub lapic: Mutex<LocalApic>,
@@ -74,12 +82,15 @@ impl Interrupts {
                 pv_unhalt: AtomicBool::new(false),
             })
             .collect();
-        Arc::new(Self {
-            chip: Mutex::new(Chip { pic: Pic8259Pair::new(), ioapic: apic_mode.then(|| IoApic::new(IOAPIC_BASE, 0)) }),
-            apics,
-            apic_mode,
-            kick,
-        })
+        let ioapic = apic_mode.then(|| {
+            let mut io = IoApic::new(IOAPIC_BASE, 0);
+            // The pull-ups of the PCI INTx wires (every entry is masked at reset: no edge).
+            for pin in PCI_INTX_PINS {
+                io.set_irq(pin, true);
+            }
+            io
+        });
+        Arc::new(Self { chip: Mutex::new(Chip { pic: Pic8259Pair::new(), ioapic }), apics, apic_mode, kick })
     }
 
     pub fn apic_mode(&self) -> bool {
@@ -121,6 +132,21 @@ impl Interrupts {
             // The PIC's INT output goes to vCPU 0's LINT0 (virtual wire, or PIC mode).
             self.notify(0);
         }
+    }
+
+    /// A PCI device asserts (`true`) or releases its INTx line wired to I/O APIC pin `gsi`
+    /// (one of [`PCI_INTX_PINS`]; others are ignored): the wire goes low while asserted. Lines
+    /// are shared: the caller ORs the devices on one pin ([`IntxLine`] for a single device).
+    /// Without an I/O APIC (`apic=off`) PCI interrupts go nowhere.
+    pub fn set_pci_intx(&self, gsi: u8, asserted: bool) {
+        if !PCI_INTX_PINS.contains(&gsi) {
+            return;
+        }
+        let mut chip = self.chip.lock();
+        if let Some(io) = chip.ioapic.as_mut() {
+            io.set_irq(gsi, !asserted);
+        }
+        self.route_ioapic(&mut chip);
     }
 
     /// Hands the I/O APIC's ready interrupts to their local APICs (chip lock held).
@@ -221,6 +247,27 @@ impl IrqLine {
     }
 }
 
+/// A PCI function's INTx line, wired to one I/O APIC pin ([`Interrupts::set_pci_intx`]).
+pub struct IntxLine {
+    irq: Arc<Interrupts>,
+    gsi: u8,
+    asserted: bool,
+}
+
+impl IntxLine {
+    pub fn new(irq: Arc<Interrupts>, gsi: u8) -> Self {
+        Self { irq, gsi, asserted: false }
+    }
+
+    /// Asserts or releases the line (a no-op when unchanged).
+    pub fn set(&mut self, asserted: bool) {
+        if asserted != self.asserted {
+            self.asserted = asserted;
+            self.irq.set_pci_intx(self.gsi, asserted);
+        }
+    }
+}
+
 /// The 8259 pair's ports on the bus.
 pub struct PicPorts(pub Arc<Interrupts>);
 
@@ -308,6 +355,47 @@ mod tests {
         assert_eq!(irq.apic(0).lapic.lock().pending(), None);
         assert!(irq.apic(1).attention.load(Ordering::Relaxed));
         assert!(!irq.apic(0).attention.load(Ordering::Relaxed));
+    }
+
+    /// Linux's entry for a PCI GSI from `_PRT`: level-triggered, active-low, vector 0x41 to
+    /// APIC 0. An idle line (pulled up) delivers nothing when the entry is unmasked; an asserted
+    /// one is delivered, again after each EOI while it stays asserted, and no more once released.
+    #[test]
+    fn pci_intx_is_level_active_low() {
+        use crate::devices::ioapic::{RTE_LEVEL, RTE_MASKED, RTE_POLARITY_LOW};
+        let irq = Interrupts::new(1, true, 1_000_000_000, no_kick);
+        enable(&irq, 0);
+        let pending = || irq.apic(0).lapic.lock().pending();
+        for pin in PCI_INTX_PINS {
+            write_rte(&irq, pin, 0x41 | RTE_LEVEL | RTE_POLARITY_LOW | RTE_MASKED);
+            write_rte(&irq, pin, 0x41 | RTE_LEVEL | RTE_POLARITY_LOW);
+        }
+        irq.set_pci_intx(16, false);
+        assert_eq!(pending(), None, "idle PCI lines are quiet");
+        let mut line = IntxLine::new(irq.clone(), 17);
+        line.set(true);
+        assert_eq!(pending(), Some(0x41));
+        let take = || {
+            let mut l = irq.apic(0).lapic.lock();
+            assert_eq!(l.acknowledge(), Some(0x41));
+            l.eoi();
+        };
+        take();
+        assert_eq!(pending(), None, "remote IRR holds it until the EOI reaches the I/O APIC");
+        irq.eoi(0x41);
+        assert_eq!(pending(), Some(0x41), "still asserted: delivered again");
+        take();
+        line.set(false);
+        irq.eoi(0x41);
+        assert_eq!(pending(), None, "released");
+        // Pins outside 16-23 are not PCI's.
+        irq.set_pci_intx(4, true);
+        irq.set_pci_intx(24, true);
+        assert_eq!(pending(), None);
+        // apic=off: nowhere to go, nothing breaks.
+        let pic = Interrupts::new(1, false, 1_000_000_000, no_kick);
+        IntxLine::new(pic.clone(), 16).set(true);
+        assert_eq!(pic.pic_pending(), None);
     }
 
     #[test]

@@ -19,3 +19,4 @@ pub mod rtc;
 pub mod testdev;
 pub mod time;
 pub mod uart;
+pub mod virtio;

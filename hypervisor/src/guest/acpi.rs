@@ -1,6 +1,7 @@
 //! The ACPI tables Vireo gives a VM, so that an unmodified Linux finds its platform: the CPUs
 //! and the I/O APIC (MADT), the fixed-hardware power-management registers, the reset register
-//! and the SCI (FADT), and soft-off (`\_S5` in the DSDT).
+//! and the SCI (FADT), soft-off (`\_S5` in the DSDT) and the PCI root bridge (`\_SB.PCI0`
+//! in the DSDT).
 //!
 //! [`build`] writes, into one buffer that the caller copies to guest memory:
 //!
@@ -12,7 +13,7 @@
 //! | FADT  | 276 (revision 6)                         | 16                       |
 //! | MADT  | 44 + n * 8 + 12 + 2 * 10 + 6 (xAPIC)     | 16                       |
 //! |       | 44 + n * 16 + 12 + 2 * 10 + 12 (x2APIC)  |                          |
-//! | DSDT  | 36 + 26 (AML)                            | 16                       |
+//! | DSDT  | 36 + 26 (AML), + 1739 with the PCI root  | 16                       |
 //! | RSDT  | 36 + 2 * 4 = 44, only below 4 GiB        | 16                       |
 //!
 //! in that order, with zero padding between them; all of it fits [`MAX_LEN`]. The RSDP points
@@ -39,8 +40,10 @@
 //! - The SCI: I/O APIC pin `sci_irq`, level-triggered, active-high, asserted while
 //!   PM1 status & enable is non-zero. IRQ 0 (the 8254) is I/O APIC pin 2.
 //! - `reset_value` written to `reset_port` (one byte) resets the VM.
-//! - The DSDT declares no PCI host bridge, and with ACPI Linux then scans no PCI bus; boot
-//!   with `pci=lastbus=1` (the peer-bus scan then finds bus 0) until it declares one.
+//! - With [`AcpiConfig::pci`] the DSDT declares the PCI root bridge `\_SB.PCI0` ([`PciRoot`]):
+//!   configuration mechanism #1 at 0xCF8/0xCFC, nothing mapped in its MMIO window, and the
+//!   I/O APIC pins of its `_PRT` (GSIs 16-19) level-triggered, active-low, idle high. Without
+//!   it ACPI-mode Linux scans no PCI bus at all.
 //! - The DSDT declares no processor objects (`Processor`/`Device (ACPI0007)`): Linux counts
 //!   and starts CPUs from the MADT alone (arch/x86/kernel/acpi/boot.c); processor objects
 //!   only serve the ACPI processor driver (idle states, performance states, throttling),
@@ -51,6 +54,7 @@
 //! are written here; the AML encodings are from its chapter 20.
 
 use super::le::PutLe;
+use acpi_tables::{aml, Aml};
 use alloc::vec::Vec;
 use core::fmt;
 
@@ -82,6 +86,61 @@ pub struct AcpiConfig {
     pub reset_port: u16,
     /// Value the OS writes to `reset_port` to reset the machine.
     pub reset_value: u8,
+    /// Declare a PCI host bridge `\_SB.PCI0` in the DSDT (see [`PciRoot`]); `None`: no PCI
+    /// bus in the namespace (Linux then scans none).
+    pub pci: Option<PciRoot>,
+}
+
+/// The PCI root bridge the DSDT declares: `\_SB.PCI0`, `_HID` PNP0A03 (a PCI host bridge,
+/// PCI Firmware Specification 3.2 §4.1.1), segment 0, bus 0, reached through configuration
+/// mechanism #1 (`devices::pci`).
+///
+/// Its `_CRS` (ACPI 6.3 §6.2.2, §6.4.3.5) hands the bridge, as a producer, the bus numbers
+/// 0-255, the I/O ports outside the configuration mechanism's 0xCF8-0xCFF ([`PCI_IO_WINDOWS`]),
+/// which it also consumes, and `mmio32` for BARs; its `_PRT` (ACPI 6.3 §6.2.13) routes pin
+/// INTA-INTD of every device 0-31 straight to an I/O APIC GSI (no link devices), with the
+/// classic swizzle [`pci_intx_gsi`]. Linux takes such GSIs as level-triggered, active-low
+/// (drivers/acpi/pci_irq.c: `acpi_pci_irq_enable` for a _PRT entry without a source), as PCI
+/// INTx is, so the MADT needs no overrides for them.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct PciRoot {
+    /// The 32-bit memory window for BARs; `None` when RAM leaves no room below the I/O APIC.
+    pub mmio32: Option<MmioWindow>,
+}
+
+/// An inclusive range of guest-physical addresses below 4 GiB.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct MmioWindow {
+    pub base: u32,
+    /// The last byte (inclusive), as `_CRS` address descriptors write it.
+    pub last: u32,
+}
+
+/// The PCI 32-bit memory window starts at 3 GiB or above RAM, whichever is higher.
+pub const PCI_MMIO32_FLOOR: u64 = 0xC000_0000;
+/// The window ends below the I/O APIC page (0xFEC0_0000) and the local APICs.
+pub const PCI_MMIO32_LAST: u32 = 0xFEBF_FFFF;
+/// The I/O windows of the root bridge: every port but CONFIG_ADDRESS/CONFIG_DATA (0xCF8-0xCFF).
+pub const PCI_IO_WINDOWS: [(u16, u16); 2] = [(0x0000, 0x0CF7), (0x0D00, 0xFFFF)];
+/// The first of the four GSIs PCI INTx lines are routed to (I/O APIC pins 16-19: the ISA
+/// IRQs keep 0-15).
+pub const PCI_INTX_GSI_BASE: u32 = 16;
+/// Devices 0-31 of bus 0 are described in `_PRT`.
+pub const PCI_DEVICES: u8 = 32;
+
+/// The GSI that pin `pin` (0 = INTA .. 3 = INTD) of device `device` on bus 0 raises: the
+/// swizzle of PCI-to-PCI Bridge Architecture 1.2 §9.1, (device + pin) mod 4, from GSI 16.
+pub const fn pci_intx_gsi(device: u8, pin: u8) -> u32 {
+    PCI_INTX_GSI_BASE + ((device as u32 + pin as u32) % 4)
+}
+
+/// The 32-bit MMIO window for a VM whose RAM is `[0, ram_top)`: from the higher of 3 GiB and
+/// `ram_top` (rounded up to 1 MiB) to [`PCI_MMIO32_LAST`]; `None` if RAM reaches that far.
+/// Nothing else may be mapped there: the guest's BARs go into it.
+pub fn pci_mmio32_window(ram_top: u64) -> Option<MmioWindow> {
+    let base = ram_top.checked_next_multiple_of(1 << 20)?.max(PCI_MMIO32_FLOOR);
+    let base = u32::try_from(base).ok().filter(|b| *b < PCI_MMIO32_LAST)?;
+    Some(MmioWindow { base, last: PCI_MMIO32_LAST })
 }
 
 impl AcpiConfig {
@@ -101,7 +160,13 @@ impl AcpiConfig {
             sci_irq: 9,
             reset_port: 0xCF9,
             reset_value: 0x06,
+            pci: None,
         }
+    }
+
+    /// [`AcpiConfig::pc`] with the PCI root bridge of a VM whose RAM is `[0, ram_top)`.
+    pub fn pc_with_pci(cpus: u32, ram_top: u64) -> Self {
+        AcpiConfig { pci: Some(PciRoot { mmio32: pci_mmio32_window(ram_top) }), ..Self::pc(cpus) }
     }
 
     fn validate(&self) -> Result<(), AcpiError> {
@@ -128,6 +193,12 @@ impl AcpiConfig {
         // IRQ 0 is the timer (overridden to GSI 2) and IRQ 2 the 8259 cascade.
         if self.sci_irq == 0 || self.sci_irq == 2 || self.sci_irq > 15 {
             return Err(AcpiError::BadConfig("sci_irq must be an ISA IRQ other than 0 and 2"));
+        }
+        if let Some(w) = self.pci.and_then(|p| p.mmio32) {
+            let below = |addr: u64| u64::from(w.last) < addr;
+            if w.base > w.last || !below(self.ioapic_addr) || !below(self.lapic_addr) {
+                return Err(AcpiError::BadConfig("the PCI MMIO window must be non-empty and below the APICs"));
+            }
         }
         Ok(())
     }
@@ -431,40 +502,79 @@ impl Gas {
 }
 
 // ---------------------------------------------------------------------------------------------
-// DSDT: AML (ACPI 6.3 chapter 20) written by hand.
+// DSDT: AML (ACPI 6.3 chapter 20), generated with the `acpi_tables` crate (rust-vmm's AML
+// builder, `no_std` + `alloc`, the one Cloud Hypervisor builds its DSDT with): it computes
+// every PkgLength and integer encoding, which by hand is where AML goes wrong. The crate
+// asserts on malformed name strings and EISA IDs and computes `max - min + 1` for address
+// ranges: everything handed to it here is a constant or validated (`MmioWindow` base <= last
+// < the I/O APIC), nothing comes from a guest.
 
-/// NameOp: `DefName := NameOp NameString DataRefObject` (§20.2.5.1).
-const AML_NAME_OP: u8 = 0x08;
-/// PackageOp: `DefPackage := PackageOp PkgLength NumElements PackageElementList` (§20.2.5.4).
-const AML_PACKAGE_OP: u8 = 0x12;
-/// ZeroOp: the constant 0 (§20.2.3).
-const AML_ZERO_OP: u8 = 0x00;
-/// BytePrefix: `ByteConst := BytePrefix ByteData` (§20.2.3).
-const AML_BYTE_PREFIX: u8 = 0x0A;
+/// The DSDT's definition block:
+/// - the system sleep states Linux needs to power off (ACPI 6.3 §7.4.2, `\_Sx`: Package
+///   { SLP_TYPa, SLP_TYPb, reserved, reserved }): `\_S0` and `\_S5`;
+/// - with `config.pci`, the PCI root bridge `\_SB.PCI0` ([`PciRoot`], [`pci_root`]).
+fn dsdt_aml(config: &AcpiConfig) -> Vec<u8> {
+    let mut out = Vec::new();
+    let (zero, s5) = (0u8, SLP_TYP_S5);
+    aml::Name::new("_S0_".into(), &aml::Package::new(alloc::vec![&zero, &zero, &zero, &zero])).to_aml_bytes(&mut out);
+    // SLP_TYPb is the same: there is no PM1b control block.
+    aml::Name::new("_S5_".into(), &aml::Package::new(alloc::vec![&s5, &s5, &zero, &zero])).to_aml_bytes(&mut out);
+    if let Some(pci) = &config.pci {
+        out.extend_from_slice(&aml::Scope::raw("\\_SB_".into(), pci_root(pci)));
+    }
+    out
+}
 
-/// The DSDT's definition block: the system sleep states Linux needs to power off
-/// (ACPI 6.3 §7.4.2, `\_Sx`: Package { SLP_TYPa, SLP_TYPb, reserved, reserved }).
-///
-/// PkgLength (§20.2.4) is one byte when the package is shorter than 64 bytes: bits 7:6 = 0
-/// (no further bytes), bits 5:0 = the length, which counts the PkgLength byte itself, the
-/// NumElements byte and the elements.
-#[rustfmt::skip]
-const DSDT_AML: [u8; 26] = [
-    // Name (_S0, Package (0x04) { Zero, Zero, Zero, Zero })
-    AML_NAME_OP, b'_', b'S', b'0', b'_',
-    AML_PACKAGE_OP,
-    0x06, // PkgLength: 1 (itself) + 1 (NumElements) + 4 x ZeroOp
-    0x04, // NumElements
-    AML_ZERO_OP, AML_ZERO_OP, AML_ZERO_OP, AML_ZERO_OP,
-    // Name (_S5, Package (0x04) { 0x05, 0x05, Zero, Zero })
-    AML_NAME_OP, b'_', b'S', b'5', b'_',
-    AML_PACKAGE_OP,
-    0x08, // PkgLength: 1 (itself) + 1 (NumElements) + 2 x 2 (ByteConst) + 2 x ZeroOp
-    0x04, // NumElements
-    AML_BYTE_PREFIX, SLP_TYP_S5, // SLP_TYPa: PM1a_CNT.SLP_TYP for soft-off
-    AML_BYTE_PREFIX, SLP_TYP_S5, // SLP_TYPb (there is no PM1b control block)
-    AML_ZERO_OP, AML_ZERO_OP, // reserved
-];
+/// `_PRT` entry fields (ACPI 6.3 §6.2.13, Table 6-220): Address (device in bits 31:16,
+/// 0xFFFF = any function), Pin (0 = INTA), Source (0: the fourth field is a GSI), Source Index.
+const PRT_ANY_FUNCTION: u32 = 0xFFFF;
+const PRT_SOURCE_GSI: u8 = 0;
+
+/// The AML of `Device (PCI0) { _HID, _UID, _SEG, _BBN, _CRS, _PRT }` (see [`PciRoot`]).
+fn pci_root(pci: &PciRoot) -> Vec<u8> {
+    let hid = aml::EISAName::new("PNP0A03");
+    let zero = 0u8;
+    let bus_max = 0xFFu16;
+
+    // _CRS: ResourceTemplate { WordBusNumber, IO (CF8, 8), WordIO x2, DWordMemory }.
+    let buses = aml::AddressSpace::new_bus_number(0u16, bus_max);
+    let config_ports = aml::IO::new(0x0CF8, 0x0CF8, 1, 8);
+    let io_low = aml::AddressSpace::new_io(PCI_IO_WINDOWS[0].0, PCI_IO_WINDOWS[0].1, None);
+    let io_high = aml::AddressSpace::new_io(PCI_IO_WINDOWS[1].0, PCI_IO_WINDOWS[1].1, None);
+    let mmio = pci
+        .mmio32
+        .map(|w| aml::AddressSpace::new_memory(aml::AddressSpaceCacheable::NotCacheable, true, w.base, w.last, None));
+    let mut resources: Vec<&dyn Aml> = alloc::vec![&buses, &config_ports, &io_low, &io_high];
+    if let Some(m) = &mmio {
+        resources.push(m);
+    }
+    let crs = aml::ResourceTemplate::new(resources);
+
+    // _PRT: Package { Package { Address, Pin, Source, Source Index } ... }.
+    let mut prt = aml::PackageBuilder::new();
+    for device in 0..PCI_DEVICES {
+        for pin in 0..4u8 {
+            let address = (u32::from(device) << 16) | PRT_ANY_FUNCTION;
+            let gsi = pci_intx_gsi(device, pin);
+            prt.add_element(&aml::Package::new(alloc::vec![&address, &pin, &PRT_SOURCE_GSI, &gsi]));
+        }
+    }
+
+    let mut out = Vec::new();
+    aml::Device::new(
+        "PCI0".into(),
+        alloc::vec![
+            &aml::Name::new("_HID".into(), &hid),
+            &aml::Name::new("_UID".into(), &zero),
+            &aml::Name::new("_SEG".into(), &zero),
+            &aml::Name::new("_BBN".into(), &zero),
+            &aml::Name::new("_CRS".into(), &crs),
+            &aml::Name::new("_PRT".into(), &prt),
+        ],
+    )
+    .to_aml_bytes(&mut out);
+    out
+}
 
 /// DSDT revision 2: AML integers are 64 bits wide.
 const DSDT_REVISION: u8 = 2;
@@ -715,9 +825,9 @@ fn madt(config: &AcpiConfig) -> Vec<u8> {
     t.finish_sdt()
 }
 
-fn dsdt() -> Vec<u8> {
+fn dsdt(aml: &[u8]) -> Vec<u8> {
     let mut t = Bytes::sdt(b"DSDT", DSDT_REVISION, sdt::HEADER_LEN);
-    t.append(&DSDT_AML);
+    t.append(aml);
     t.finish_sdt()
 }
 
@@ -742,7 +852,7 @@ const TABLE_ALIGN: u64 = 16;
 const FOUR_GIB: u64 = 1 << 32;
 
 impl Layout {
-    fn new(config: &AcpiConfig, base: u64) -> Result<Layout, AcpiError> {
+    fn new(config: &AcpiConfig, base: u64, dsdt_aml_len: usize) -> Result<Layout, AcpiError> {
         let mut next = 0usize;
         let mut place = |len: usize, align: u64| -> Result<usize, AcpiError> {
             let gpa = base.checked_add(next as u64).ok_or(AcpiError::AddressOverflow)?;
@@ -758,8 +868,8 @@ impl Layout {
         let xsdt = place(xsdt_len(ROOT_ENTRIES), TABLE_ALIGN)?;
         let fadt = place(fadt::LEN, TABLE_ALIGN)?;
         let madt = place(madt_len(config), TABLE_ALIGN)?;
-        let dsdt = place(sdt::HEADER_LEN + DSDT_AML.len(), TABLE_ALIGN)?;
-        let end_without_rsdt = dsdt + sdt::HEADER_LEN + DSDT_AML.len();
+        let dsdt = place(sdt::HEADER_LEN + dsdt_aml_len, TABLE_ALIGN)?;
+        let end_without_rsdt = dsdt + sdt::HEADER_LEN + dsdt_aml_len;
         // The RSDT goes last, so that leaving it out moves nothing else.
         let rsdt = place(rsdt_len(ROOT_ENTRIES), TABLE_ALIGN)?;
         let rsdt_end = rsdt + rsdt_len(ROOT_ENTRIES);
@@ -775,7 +885,7 @@ impl Layout {
 /// How many bytes [`build`] uses for `config` at `base` (at most [`MAX_LEN`]).
 pub fn required_len(config: &AcpiConfig, base: u64) -> Result<usize, AcpiError> {
     config.validate()?;
-    Ok(Layout::new(config, base)?.end)
+    Ok(Layout::new(config, base, dsdt_aml(config).len())?.end)
 }
 
 /// Writes RSDP, FACS, XSDT, FADT, MADT, DSDT (and an RSDT when everything lies below 4 GiB)
@@ -788,7 +898,8 @@ pub fn required_len(config: &AcpiConfig, base: u64) -> Result<usize, AcpiError> 
 /// guest as E820 type 3 (ACPI reclaimable) or 4 (ACPI NVS).
 pub fn build(config: &AcpiConfig, base: u64, buf: &mut [u8]) -> Result<(u64, usize), AcpiError> {
     config.validate()?;
-    let layout = Layout::new(config, base)?;
+    let aml = dsdt_aml(config);
+    let layout = Layout::new(config, base, aml.len())?;
     if buf.len() < layout.end {
         return Err(AcpiError::BufferTooSmall { needed: layout.end, have: buf.len() });
     }
@@ -809,7 +920,7 @@ pub fn build(config: &AcpiConfig, base: u64, buf: &mut [u8]) -> Result<(u64, usi
         (layout.xsdt, xsdt),
         (layout.fadt, fadt),
         (layout.madt, madt),
-        (layout.dsdt, dsdt()),
+        (layout.dsdt, dsdt(&aml)),
     ];
     if let (Some(off), Some(rsdt)) = (layout.rsdt, rsdt) {
         tables.push((off, rsdt));
@@ -980,11 +1091,12 @@ mod tests {
 
     #[test]
     fn padding_is_zeroed() {
-        let config = AcpiConfig::pc(2);
+        let config = AcpiConfig::pc_with_pci(2, 64 << 20);
         let mut buf = vec![0xAA; MAX_LEN];
         let (_, used) = build(&config, BASE, &mut buf).unwrap();
         // Tables start with ASCII signatures; count non-table bytes by zeroing known tables.
-        let l = Layout::new(&config, BASE).unwrap();
+        let aml_len = dsdt_aml(&config).len();
+        let l = Layout::new(&config, BASE, aml_len).unwrap();
         let mut covered = vec![false; used];
         let lens = [
             (l.rsdp, 36),
@@ -992,7 +1104,7 @@ mod tests {
             (l.xsdt, 52),
             (l.fadt, 276),
             (l.madt, madt_len(&config)),
-            (l.dsdt, 36 + DSDT_AML.len()),
+            (l.dsdt, 36 + aml_len),
             (l.rsdt.unwrap(), 44),
         ];
         for (off, len) in lens {
@@ -1203,6 +1315,272 @@ mod tests {
         assert_eq!(objects, vec![(*b"_S0_", vec![0, 0, 0, 0]), (*b"_S5_", vec![5, 5, 0, 0])]);
     }
 
+    /// The sleep-state packages as they were written by hand before the AML builder, and as
+    /// Linux has powered off with since: the crate must produce exactly these bytes.
+    #[rustfmt::skip]
+    const SLEEP_STATES_AML: [u8; 26] = [
+        0x08, b'_', b'S', b'0', b'_', 0x12, 0x06, 0x04, 0x00, 0x00, 0x00, 0x00,
+        0x08, b'_', b'S', b'5', b'_', 0x12, 0x08, 0x04, 0x0A, 0x05, 0x0A, 0x05, 0x00, 0x00,
+    ];
+
+    #[test]
+    fn dsdt_sleep_states_keep_their_encoding() {
+        let (_, plain) = build_vec(&AcpiConfig::pc(1), BASE);
+        assert_eq!(&plain.dsdt[36..], &SLEEP_STATES_AML);
+        let (_, pci) = build_vec(&AcpiConfig::pc_with_pci(1, 256 << 20), BASE);
+        assert_eq!(&pci.dsdt[36..36 + 26], &SLEEP_STATES_AML);
+    }
+
+    /// An AML data object, as the test decoder below reads it.
+    #[derive(Clone, Debug, PartialEq)]
+    enum Obj {
+        Int(u64),
+        Pkg(Vec<Obj>),
+        Buf(Vec<u8>),
+    }
+
+    /// A decoder for the AML the DSDT holds (ACPI 6.3 §20.2), written from the grammar and
+    /// independent of the builder: Scope, Device, Name, Package, Buffer and integer constants;
+    /// every PkgLength, NumElements and BufferSize is checked against what follows. Returns
+    /// every named object by its absolute path (`\\_SB_.PCI0._HID`), in order.
+    fn decode_namespace(aml: &[u8]) -> Vec<(String, Obj)> {
+        fn pkg_length(b: &[u8], i: &mut usize) -> usize {
+            let lead = b[*i];
+            let follow = (lead >> 6) as usize;
+            let mut len = if follow == 0 { (lead & 0x3F) as usize } else { (lead & 0x0F) as usize };
+            assert!(follow == 0 || lead & 0x30 == 0, "PkgLeadByte bits 5:4 reserved");
+            for k in 0..follow {
+                len |= (b[*i + 1 + k] as usize) << (4 + 8 * k);
+            }
+            let start = *i;
+            *i += 1 + follow;
+            start + len // PkgLength counts itself
+        }
+        fn name_string(b: &[u8], i: &mut usize, scope: &str) -> String {
+            let root = b[*i] == b'\\';
+            if root {
+                *i += 1;
+            }
+            let segs = match b[*i] {
+                0x2E => {
+                    *i += 1;
+                    2
+                }
+                0x2F => {
+                    *i += 2;
+                    b[*i - 1] as usize
+                }
+                _ => 1,
+            };
+            let mut path = if root { String::from("\\") } else { String::from(scope) };
+            for _ in 0..segs {
+                let seg = &b[*i..*i + 4];
+                assert!(seg.iter().all(|c| c.is_ascii_uppercase() || c.is_ascii_digit() || *c == b'_'), "{seg:?}");
+                if !path.ends_with('\\') {
+                    path.push('.');
+                }
+                path.push_str(core::str::from_utf8(seg).unwrap());
+                *i += 4;
+            }
+            path
+        }
+        fn data(b: &[u8], i: &mut usize) -> Obj {
+            let op = b[*i];
+            *i += 1;
+            let int = |i: &mut usize, n: usize| {
+                let mut v = [0u8; 8];
+                v[..n].copy_from_slice(&b[*i..*i + n]);
+                *i += n;
+                Obj::Int(u64::from_le_bytes(v))
+            };
+            match op {
+                0x00 => Obj::Int(0),
+                0x01 => Obj::Int(1),
+                0xFF => Obj::Int(u64::MAX),
+                0x0A => int(i, 1),
+                0x0B => int(i, 2),
+                0x0C => int(i, 4),
+                0x0E => int(i, 8),
+                0x12 => {
+                    let end = pkg_length(b, i);
+                    let count = b[*i] as usize;
+                    *i += 1;
+                    let mut elems = Vec::new();
+                    while *i < end {
+                        elems.push(data(b, i));
+                    }
+                    assert_eq!(*i, end, "package ends at its PkgLength");
+                    assert_eq!(elems.len(), count, "NumElements");
+                    Obj::Pkg(elems)
+                }
+                0x11 => {
+                    let end = pkg_length(b, i);
+                    let Obj::Int(size) = data(b, i) else { panic!("BufferSize") };
+                    assert_eq!(end - *i, size as usize, "BufferSize matches PkgLength");
+                    let bytes = b[*i..end].to_vec();
+                    *i = end;
+                    Obj::Buf(bytes)
+                }
+                op => panic!("unexpected data object opcode {op:#x}"),
+            }
+        }
+        fn terms(b: &[u8], i: &mut usize, end: usize, scope: &str, out: &mut Vec<(String, Obj)>) {
+            while *i < end {
+                match b[*i] {
+                    0x08 => {
+                        *i += 1;
+                        let name = name_string(b, i, scope);
+                        let obj = data(b, i);
+                        out.push((name, obj));
+                    }
+                    0x10 => {
+                        *i += 1;
+                        let e = pkg_length(b, i);
+                        let name = name_string(b, i, scope);
+                        terms(b, i, e, &name, out);
+                    }
+                    0x5B if b[*i + 1] == 0x82 => {
+                        *i += 2;
+                        let e = pkg_length(b, i);
+                        let name = name_string(b, i, scope);
+                        terms(b, i, e, &name, out);
+                    }
+                    op => panic!("unexpected term opcode {op:#x} at {i}"),
+                }
+            }
+            assert_eq!(*i, end, "term list ends at its PkgLength");
+        }
+        let mut out = Vec::new();
+        let mut i = 0;
+        terms(aml, &mut i, aml.len(), "\\", &mut out);
+        out
+    }
+
+    fn lookup<'a>(ns: &'a [(String, Obj)], path: &str) -> &'a Obj {
+        ns.iter().find(|(n, _)| n == path).map(|(_, o)| o).unwrap_or_else(|| panic!("no {path} in {ns:?}"))
+    }
+
+    /// The small and large resource descriptors of a ResourceTemplate (ACPI 6.3 §6.4), read by
+    /// their spec layout: (tag byte, body). Checks the buffer ends in an End Tag.
+    fn resource_descriptors(buf: &[u8]) -> Vec<(u8, Vec<u8>)> {
+        let mut out = Vec::new();
+        let mut i = 0;
+        loop {
+            let tag = buf[i];
+            if tag & 0x80 == 0 {
+                // Small: bits 6:3 name, 2:0 length.
+                let len = (tag & 7) as usize;
+                if tag >> 3 == 0x0F {
+                    assert_eq!(i + 2, buf.len(), "End Tag (0x79, checksum) is last");
+                    return out;
+                }
+                out.push((tag, buf[i + 1..i + 1 + len].to_vec()));
+                i += 1 + len;
+            } else {
+                // Large: a 16-bit length follows.
+                let len = u16_at(buf, i + 1) as usize;
+                out.push((tag, buf[i + 3..i + 3 + len].to_vec()));
+                i += 3 + len;
+            }
+        }
+    }
+
+    #[test]
+    fn dsdt_declares_the_pci_root_bridge() {
+        let ram = 256u64 << 20;
+        let (_, p) = build_vec(&AcpiConfig::pc_with_pci(2, ram), BASE);
+        assert_eq!(p.dsdt.len(), 36 + 26 + 1739, "the size the module documentation gives");
+        let ns = decode_namespace(&p.dsdt[36..]);
+        let names: Vec<&str> = ns.iter().map(|(n, _)| n.as_str()).collect();
+        assert_eq!(
+            names,
+            [
+                "\\_S0_",
+                "\\_S5_",
+                "\\_SB_.PCI0._HID",
+                "\\_SB_.PCI0._UID",
+                "\\_SB_.PCI0._SEG",
+                "\\_SB_.PCI0._BBN",
+                "\\_SB_.PCI0._CRS",
+                "\\_SB_.PCI0._PRT"
+            ]
+        );
+        // EisaId ("PNP0A03"): compressed vendor "PNP" and product 0x0A03 (§19.6.35), stored
+        // as a DWord with bytes 41 D0 0A 03, as iasl writes it.
+        assert!(p.dsdt.windows(9).any(|w| w == [b'_', b'H', b'I', b'D', 0x0C, 0x41, 0xD0, 0x0A, 0x03]));
+        assert_eq!(lookup(&ns, "\\_SB_.PCI0._HID"), &Obj::Int(0x030A_D041));
+        for name in ["_UID", "_SEG", "_BBN"] {
+            assert_eq!(lookup(&ns, &format!("\\_SB_.PCI0.{name}")), &Obj::Int(0), "{name}");
+        }
+
+        // _PRT: 32 devices x 4 pins, each { 0xDDDDFFFF, pin, 0, GSI 16 + (device + pin) % 4 }.
+        let Obj::Pkg(prt) = lookup(&ns, "\\_SB_.PCI0._PRT") else { panic!("_PRT is a package") };
+        assert_eq!(prt.len(), 128);
+        let mut seen = std::collections::BTreeSet::new();
+        for e in prt {
+            let Obj::Pkg(f) = e else { panic!("_PRT entry is a package") };
+            let [Obj::Int(addr), Obj::Int(pin), Obj::Int(source), Obj::Int(gsi)] = f.as_slice() else {
+                panic!("{f:?}")
+            };
+            let device = (addr >> 16) as u8;
+            assert_eq!(addr & 0xFFFF, 0xFFFF, "any function");
+            assert!(*addr >> 16 < 32 && *pin < 4 && *source == 0, "{f:?}");
+            assert_eq!(*gsi, 16 + (u64::from(device) + pin) % 4, "{f:?}");
+            assert_eq!(*gsi, u64::from(pci_intx_gsi(device, *pin as u8)));
+            assert!(seen.insert((device, *pin)), "one entry per device and pin");
+        }
+
+        // _CRS: a ResourceTemplate (a buffer of resource descriptors).
+        let Obj::Buf(buf) = lookup(&ns, "\\_SB_.PCI0._CRS") else { panic!("_CRS is a buffer") };
+        let buf = buf.clone();
+        // ... and by the spec's layouts (§6.4.3.5.1-3, §6.4.2.5).
+        let d = resource_descriptors(&buf);
+        // Word Address Space (0x88): type, general flags, type flags, granularity, min, max,
+        // translation, length. General flags 0x0C: MinFixed, MaxFixed, producer, positive decode.
+        assert_eq!(d[0], (0x88, vec![2, 0x0C, 0, 0, 0, 0, 0, 0xFF, 0, 0, 0, 0, 1]), "WordBusNumber 0-255");
+        assert_eq!(d[1], (0x47, vec![1, 0xF8, 0x0C, 0xF8, 0x0C, 1, 8]), "IO (Decode16, 0xCF8, 0xCF8, 1, 8)");
+        // I/O type flags 3: ISA and non-ISA ranges (EntireRange).
+        assert_eq!(d[2], (0x88, vec![1, 0x0C, 3, 0, 0, 0, 0, 0xF7, 0x0C, 0, 0, 0xF8, 0x0C]), "WordIO 0-0xCF7");
+        assert_eq!(d[3], (0x88, vec![1, 0x0C, 3, 0, 0, 0, 0x0D, 0xFF, 0xFF, 0, 0, 0, 0xF3]), "WordIO 0xD00-0xFFFF");
+        // DWord Address Space (0x87), memory (type 0), read-write non-cacheable (type flags 1).
+        let (tag, m) = &d[4];
+        assert_eq!((*tag, m.len(), m[0], m[1], m[2]), (0x87, 23, 0, 0x0C, 1), "DWordMemory");
+        assert_eq!(
+            (u32_at(m, 7), u32_at(m, 11), u32_at(m, 15), u32_at(m, 19)),
+            (0xC000_0000, 0xFEBF_FFFF, 0, 0x3EC0_0000)
+        );
+    }
+
+    #[test]
+    fn pci_mmio_window_follows_ram() {
+        let w = |base: u32| Some(MmioWindow { base, last: PCI_MMIO32_LAST });
+        assert_eq!(pci_mmio32_window(0), w(0xC000_0000));
+        assert_eq!(pci_mmio32_window(64 << 20), w(0xC000_0000));
+        assert_eq!(pci_mmio32_window(0xC000_0000), w(0xC000_0000));
+        assert_eq!(pci_mmio32_window(0xC000_0001), w(0xC010_0000));
+        assert_eq!(pci_mmio32_window(0xE000_0000), w(0xE000_0000));
+        assert_eq!(pci_mmio32_window(0xFEB0_0000), w(0xFEB0_0000));
+        for ram in [0xFEC0_0000u64, 0xFEBF_FFFF, 1 << 32, u64::MAX] {
+            assert_eq!(pci_mmio32_window(ram), None, "{ram:#x}");
+        }
+        // No window: the bridge has buses and I/O only.
+        let (_, p) = build_vec(&AcpiConfig::pc_with_pci(1, 1 << 32), BASE);
+        let ns = decode_namespace(&p.dsdt[36..]);
+        let Obj::Buf(crs) = lookup(&ns, "\\_SB_.PCI0._CRS") else { panic!() };
+        let d = resource_descriptors(crs);
+        assert_eq!(d.iter().map(|(t, _)| *t).collect::<Vec<_>>(), [0x88, 0x47, 0x88, 0x88]);
+        // A window reaching the APICs is refused.
+        let mut buf = vec![0; MAX_LEN];
+        let bad = AcpiConfig {
+            pci: Some(PciRoot { mmio32: Some(MmioWindow { base: 0xC000_0000, last: 0xFEC0_0000 }) }),
+            ..AcpiConfig::pc(1)
+        };
+        assert!(matches!(build(&bad, BASE, &mut buf), Err(AcpiError::BadConfig(_))));
+        let empty =
+            AcpiConfig { pci: Some(PciRoot { mmio32: Some(MmioWindow { base: 2, last: 1 }) }), ..AcpiConfig::pc(1) };
+        assert!(matches!(build(&empty, BASE, &mut buf), Err(AcpiError::BadConfig(_))));
+    }
+
     #[test]
     fn sleep_request_decodes_pm1_control() {
         assert_eq!(sleep_request(PM1_CNT_SCI_EN), None);
@@ -1298,7 +1676,7 @@ mod tests {
 
     #[test]
     fn max_len_bounds_every_layout() {
-        let worst = AcpiConfig { x2apic: true, ..AcpiConfig::pc(MAX_CPUS) };
+        let worst = AcpiConfig { x2apic: true, ..AcpiConfig::pc_with_pci(MAX_CPUS, 0) };
         for base in 0..128u64 {
             assert!(required_len(&worst, base).unwrap() <= MAX_LEN);
         }
@@ -1332,7 +1710,7 @@ mod tests {
         std::fs::create_dir_all(&dir).unwrap();
         let write = |name: std::string::String, bytes: &[u8]| std::fs::write(dir.join(name), bytes).unwrap();
         for (suffix, x2apic) in [("", false), ("x2", true)] {
-            let (buf, p) = build_vec(&AcpiConfig { x2apic, ..AcpiConfig::pc(cpus) }, base);
+            let (buf, p) = build_vec(&AcpiConfig { x2apic, ..AcpiConfig::pc_with_pci(cpus, 256 << 20) }, base);
             let at = |gpa: u64, len: usize| &buf[(gpa - base) as usize..(gpa - base) as usize + len];
             let rsdp = at(p.rsdp_gpa, 36);
             write(std::format!("rsdp{suffix}.dat"), rsdp);

@@ -221,10 +221,11 @@ pub fn build_vm(
             } else {
                 base
             };
-            // ACPI tables in the BIOS area, reported to Linux through the zero page.
+            // ACPI tables in the BIOS area, reported to Linux through the zero page. The PCI
+            // root bridge's MMIO window lies above RAM, where nothing is mapped.
             let mut tables = alloc::vec![0u8; acpi::MAX_LEN];
-            let (rsdp, used) =
-                acpi::build(&acpi::AcpiConfig::pc(spec.cpus), ACPI_GPA, &mut tables).map_err(LaunchError::Acpi)?;
+            let config = acpi::AcpiConfig::pc_with_pci(spec.cpus, size);
+            let (rsdp, used) = acpi::build(&config, ACPI_GPA, &mut tables).map_err(LaunchError::Acpi)?;
             mem.write(ACPI_GPA, &tables[..used]).map_err(LaunchError::Memory)?;
             let reserved = [linux::ReservedRange::acpi(ACPI_GPA, ACPI_GPA + used as u64)];
             let layout = LinuxLayout { ram: size, cmdline, initrd, rsdp: Some(rsdp), reserved: &reserved };
@@ -246,8 +247,8 @@ pub fn build_vm(
                 .ok_or(LaunchError::NotAnImage)?;
             // The ACPI tables in the BIOS area (the plan keeps it free), found by the RSDP scan.
             let mut tables = alloc::vec![0u8; acpi::MAX_LEN];
-            let (_rsdp, used) =
-                acpi::build(&acpi::AcpiConfig::pc(spec.cpus), ACPI_GPA, &mut tables).map_err(LaunchError::Acpi)?;
+            let config = acpi::AcpiConfig::pc_with_pci(spec.cpus, size);
+            let (_rsdp, used) = acpi::build(&config, ACPI_GPA, &mut tables).map_err(LaunchError::Acpi)?;
             mem.write(ACPI_GPA, &tables[..used]).map_err(LaunchError::Memory)?;
             multiboot1::write(&plan, &mem).map_err(LaunchError::Memory)?;
             let gdt = DescriptorTable { base: plan.gdt.0, limit: plan.gdt.1 };
