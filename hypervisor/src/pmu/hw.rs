@@ -392,3 +392,82 @@ pub fn cpuid_0a(caps: &HwCaps) -> [u32; 4] {
     let vector = (1u32 << intel::EVENT_VECTOR_LEN) - 1;
     [eax, caps.unavailable & vector, ecx, edx]
 }
+
+/// The host PMU found at boot ([`detect`]); `None` until then and where there is none.
+static HOST: spin::Once<Option<HwCaps>> = spin::Once::new();
+
+/// Each host CPU's [`HostSlot`], by dense CPU index.
+static HOST_SLOTS: [spin::Mutex<HostSlot>; crate::arch::percpu::MAX_CPUS] =
+    [const { spin::Mutex::new(HostSlot::new()) }; crate::arch::percpu::MAX_CPUS];
+
+/// The CPU Vireo runs on: its PMU MSRs and its local APIC's LVTPC.
+pub struct ThisCpu(());
+
+impl MsrFile for ThisCpu {
+    fn rdmsr(&mut self, msr: u32) -> u64 {
+        // SAFETY: only PMU MSRs whose presence [`caps`] established from CPUID (Intel
+        // architectural PMU version >= 2 with PDCM; AMD PerfCtrExtCore) are passed here;
+        // reading a counter or control has no side effect.
+        unsafe { crate::arch::msr::read(msr) }
+    }
+    fn wrmsr(&mut self, msr: u32, value: u64) {
+        // SAFETY: as in `rdmsr`; the values written are event selects with reserved bits
+        // cleared ([`evtsel`], [`fixed_ctrl`]), 48-bit counter values, and counter-enable
+        // bits: none of them touches memory or the host's control flow (the host never
+        // takes a PMI for them: the interrupt bits are dropped and the LVTPC masked).
+        unsafe { crate::arch::msr::write(msr, value) }
+    }
+}
+
+impl HostCpu for ThisCpu {
+    fn lvtpc(&mut self) -> u32 {
+        crate::arch::lapic::lvtpc()
+    }
+    fn set_lvtpc(&mut self, value: u32) {
+        crate::arch::lapic::set_lvtpc(value)
+    }
+}
+
+/// A short busy loop for [`probe`] to count cycles over.
+fn spin_a_while(_: &mut ThisCpu) {
+    let mut x = 0u64;
+    for i in 0..100_000u64 {
+        x = core::hint::black_box(x.wrapping_add(i));
+    }
+    core::hint::black_box(x);
+}
+
+/// Looks for a host PMU the hardware path can use (once, on the boot CPU, before any VM
+/// runs): CPUID first ([`caps`]), then [`probe`]. Emulators without a PMU end up with
+/// `None` (the software path).
+pub fn detect(vendor: Vendor) -> Option<HwCaps> {
+    *HOST.call_once(|| {
+        let id = |leaf: u32| crate::vmm::cpuid::host(leaf, 0);
+        let max_leaf = id(0).eax;
+        let max_ext = id(0x8000_0000).eax;
+        let c = HostCpuid {
+            max_leaf,
+            leaf1_ecx: id(1).ecx,
+            leaf_0a: if max_leaf >= 0xA {
+                let r = id(0xA);
+                [r.eax, r.ebx, r.ecx, r.edx]
+            } else {
+                [0; 4]
+            },
+            ext1_ecx: if max_ext >= 0x8000_0001 { id(0x8000_0001).ecx } else { 0 },
+        };
+        let caps = caps(vendor, &c)?;
+        probe(&caps, &mut ThisCpu(()), spin_a_while).then_some(caps)
+    })
+}
+
+/// The host PMU [`detect`] found.
+pub fn host() -> Option<HwCaps> {
+    HOST.get().copied().flatten()
+}
+
+/// Runs `f` with host CPU `index`'s slot and this CPU (which must be CPU `index`).
+pub fn with_this_cpu<R>(index: usize, f: impl FnOnce(&mut HostSlot, &mut ThisCpu) -> R) -> R {
+    let mut slot = HOST_SLOTS[index % HOST_SLOTS.len()].lock();
+    f(&mut slot, &mut ThisCpu(()))
+}
