@@ -53,6 +53,13 @@ pub const CPUID1_ECX_PDCM: u32 = 1 << 15;
 /// CPUID Fn8000_0001 ECX[23] PerfCtrExtCore: the six core counters.
 pub const EXT1_ECX_PERFCTR_CORE: u32 = 1 << 23;
 
+/// The most events a counter is assumed to count per TSC tick (4-wide retirement at a
+/// core clock up to the TSC's), for [`Pmu::ticks_to_overflow`].
+pub const EVENTS_PER_TICK: u64 = 4;
+/// The shortest time the guest runs before a hardware counter close to overflow is looked
+/// at again, in TSC ticks (about a microsecond).
+pub const MIN_POLL_TICKS: u64 = 2000;
+
 /// The host CPUID answers detection looks at.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct HostCpuid {

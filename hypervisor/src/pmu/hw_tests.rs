@@ -454,3 +454,16 @@ fn exit_events_stay_software_counters_next_to_hardware_ones() {
     assert!(!v.pmu.counts_guest_time());
     v.hw.slice_end(&mut v.pmu, &mut slot, &mut cpu);
 }
+
+#[test]
+fn a_hardware_counter_with_a_pmi_bounds_the_guest_run() {
+    let mut p = Pmu::new(Vendor::Amd, true).with_hardware();
+    let (ctl, ctr) = gp_msrs(Vendor::Amd, 0);
+    p.write(ctr, COUNTER_MASK + 1 - 4_000_000);
+    p.write(ctl, AMD_CYCLES);
+    assert_eq!(p.ticks_to_overflow(), None, "no INT: nothing to be on time for");
+    p.write(ctl, AMD_CYCLES | amd::EventSelect::INT);
+    assert_eq!(p.ticks_to_overflow(), Some(1_000_000));
+    p.write(ctr, COUNTER_MASK - 10);
+    assert_eq!(p.ticks_to_overflow(), Some(MIN_POLL_TICKS));
+}

@@ -304,14 +304,24 @@ impl Pmu {
 
     /// Guest ticks until the first guest-time counter with a PMI overflows (the run loop
     /// makes sure the guest exits by then, so the PMI comes on time).
+    ///
+    /// On the hardware path ([`hw`]) a hardware counter with a PMI is found overflowed at
+    /// an exit, so the guest is made to exit before it may have: after a quarter of the
+    /// events it still has to count, in TSC ticks (no event counts more than
+    /// [`hw::EVENTS_PER_TICK`] per tick; slower ones just get looked at again), and not
+    /// sooner than [`hw::MIN_POLL_TICKS`].
     pub fn ticks_to_overflow(&self) -> Option<u64> {
-        if !self.time_live {
+        if !self.time_live && !self.hw_live {
             return None;
         }
         let gp = self.gp.iter();
         gp.chain(self.fixed.iter())
-            .filter_map(|c| c.live.filter(|p| p.source == Source::GuestTicks && p.pmi).map(|_| c.value))
-            .map(|v| (COUNTER_MASK - v) + 1)
+            .filter_map(|c| c.live.filter(|p| p.pmi).map(|p| (p.source, (COUNTER_MASK - c.value) + 1)))
+            .filter_map(|(source, left)| match source {
+                Source::GuestTicks => Some(left),
+                Source::Hardware => Some((left / hw::EVENTS_PER_TICK).max(hw::MIN_POLL_TICKS)),
+                _ => None,
+            })
             .min()
     }
 
