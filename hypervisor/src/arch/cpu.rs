@@ -335,6 +335,29 @@ mod tests {
     }
 
     #[test]
+    fn vmx_perf_global_ctrl_controls_need_both_allowed1_bits() {
+        // Bochs corei7_skylake_x's values (TRUE MSRs present): exit bit 12 and entry bit
+        // 13 allowed; then each missing in turn, and the plain MSRs without bit 55.
+        let caps = |basic: u64, exit: u64, entry: u64| {
+            VmxCaps::decode(move |m| match m {
+                msr::IA32_VMX_BASIC => Some(basic),
+                0x48F if basic & (1 << 55) != 0 => Some(exit),
+                0x490 if basic & (1 << 55) != 0 => Some(entry),
+                msr::IA32_VMX_EXIT_CTLS if basic & (1 << 55) == 0 => Some(exit),
+                msr::IA32_VMX_ENTRY_CTLS if basic & (1 << 55) == 0 => Some(entry),
+                _ => None,
+            })
+            .perf_global_ctrl
+        };
+        let (exit, entry) = (0x01ff_ffff_0003_6dfb, 0x0003_ffff_0000_11fb);
+        assert!(caps(1 << 55, exit, entry));
+        assert!(!caps(1 << 55, exit & !(1 << (32 + 12)), entry));
+        assert!(!caps(1 << 55, exit, entry & !(1 << (32 + 13))));
+        assert!(caps(0, exit, entry));
+        assert!(!caps(0, 0, 0));
+    }
+
+    #[test]
     fn no_virtualization() {
         let cpu = fake(&[((0, 0), vendor_leaf(1, b"GenuineIntel"))]);
         let info = CpuInfo::decode(cpu, |_| None);
