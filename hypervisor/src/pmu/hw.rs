@@ -19,7 +19,7 @@
 //! - guest-only counting on Intel: IA32_PERF_GLOBAL_CTRL holds the guest's value in guest
 //!   mode and 0 in host mode, loaded by the VM-entry / VM-exit "load IA32_PERF_GLOBAL_CTRL"
 //!   controls (SDM Vol. 3C §25.7.1 Table 25-13 bit 12, §25.8.1 Table 25-15 bit 13; guest
-//!   and host fields 2808H / 2C04H; loaded per §28.3.2.1 on entry, §29.5.1 on exit):
+//!   and host fields 2808H / 2C04H; loaded per §27.3.2.1 on entry, §28.5.1 on exit):
 //!   [`GlobalCtrlSwitch`], which the backend turns into its controls;
 //! - the world switch ([`HwVcpu::slice_start`], [`HwVcpu::slice_end`]): lazily, only for a
 //!   vCPU with a live hardware counter (none: no MSR traffic at all), the counters are
