@@ -467,3 +467,19 @@ fn a_hardware_counter_with_a_pmi_bounds_the_guest_run() {
     p.write(ctr, COUNTER_MASK - 10);
     assert_eq!(p.ticks_to_overflow(), Some(MIN_POLL_TICKS));
 }
+
+#[test]
+fn pmu_off_never_takes_the_hardware_path() {
+    for vendor in [Vendor::Intel, Vendor::Amd] {
+        let mut p = Pmu::new(vendor, false).with_hardware();
+        assert!(!p.hardware());
+        let (ctl, _) = gp_msrs(vendor, 0);
+        assert_eq!(p.write(ctl, if vendor == Vendor::Intel { INTEL_CYCLES } else { AMD_CYCLES }), Access::NotPmu);
+        let mut cpu = FakeCpu::new(vendor);
+        let mut slot = HostSlot::new();
+        let mut hw = HwVcpu::default();
+        assert_eq!(hw.slice_start(&p, &mut slot, &mut cpu, 0, 1), None);
+        hw.slice_end(&mut p, &mut slot, &mut cpu);
+        assert_eq!(cpu.traffic, 0);
+    }
+}

@@ -198,6 +198,11 @@ impl Vcpu {
         &self.pmu
     }
 
+    /// The virtual PMU's hardware path state (`pmu::hw`).
+    pub fn pmu_hw(&self) -> &pmu::hw::HwVcpu {
+        &self.pmu_hw
+    }
+
     /// The last events queued for injection, and the counts (post-mortem).
     pub fn injections(&self) -> &InjectionLog {
         &self.injections
