@@ -65,6 +65,10 @@ pub struct VmxCaps {
     pub ept_1g: bool,
     pub ept_ad: bool,
     pub invvpid: bool,
+    /// Both "load IA32_PERF_GLOBAL_CTRL" controls may be 1: VM-exit control bit 12 and
+    /// VM-entry control bit 13 (SDM Vol. 3C §25.7.1, §25.8.1; allowed-1 settings in the
+    /// high halves of IA32_VMX_(TRUE_)EXIT_CTLS / ENTRY_CTLS, App. A.4, A.5).
+    pub perf_global_ctrl: bool,
 }
 
 impl VmxCaps {
@@ -81,6 +85,10 @@ impl VmxCaps {
         let ept = secondary & (1 << 1) != 0;
         let vpid = secondary & (1 << 5) != 0;
         let ept_vpid = if ept || vpid { read(msr::IA32_VMX_EPT_VPID_CAP).unwrap_or(0) } else { 0 };
+        // The TRUE_* control MSRs (0x48F exit, 0x490 entry) govern when they exist.
+        let (exit_ctls, entry_ctls) = if basic & (1 << 55) != 0 { (0x48F, 0x490) } else { (0x483, 0x484) };
+        let allowed1 = |m: u32, bit: u32| read(m).unwrap_or(0) >> 32 & (1 << bit) != 0;
+        let perf_global_ctrl = allowed1(exit_ctls, 12) && allowed1(entry_ctls, 13);
         const FC_LOCK: u64 = 1 << 0;
         const FC_VMXON_OUTSIDE_SMX: u64 = 1 << 2;
         Self {
@@ -97,6 +105,7 @@ impl VmxCaps {
             ept_1g: ept_vpid & (1 << 17) != 0,
             ept_ad: ept_vpid & (1 << 21) != 0,
             invvpid: ept_vpid & (1 << 32) != 0,
+            perf_global_ctrl,
         }
     }
 }
@@ -323,6 +332,29 @@ mod tests {
         let caps = VmxCaps::decode(msrs);
         assert!(caps.disabled_by_firmware);
         assert!(!caps.ept && !caps.vpid && !caps.unrestricted_guest);
+    }
+
+    #[test]
+    fn vmx_perf_global_ctrl_controls_need_both_allowed1_bits() {
+        // Bochs corei7_skylake_x's values (TRUE MSRs present): exit bit 12 and entry bit
+        // 13 allowed; then each missing in turn, and the plain MSRs without bit 55.
+        let caps = |basic: u64, exit: u64, entry: u64| {
+            VmxCaps::decode(move |m| match m {
+                msr::IA32_VMX_BASIC => Some(basic),
+                0x48F if basic & (1 << 55) != 0 => Some(exit),
+                0x490 if basic & (1 << 55) != 0 => Some(entry),
+                msr::IA32_VMX_EXIT_CTLS if basic & (1 << 55) == 0 => Some(exit),
+                msr::IA32_VMX_ENTRY_CTLS if basic & (1 << 55) == 0 => Some(entry),
+                _ => None,
+            })
+            .perf_global_ctrl
+        };
+        let (exit, entry) = (0x01ff_ffff_0003_6dfb, 0x0003_ffff_0000_11fb);
+        assert!(caps(1 << 55, exit, entry));
+        assert!(!caps(1 << 55, exit & !(1 << (32 + 12)), entry));
+        assert!(!caps(1 << 55, exit, entry & !(1 << (32 + 13))));
+        assert!(caps(0, exit, entry));
+        assert!(!caps(0, 0, 0));
     }
 
     #[test]

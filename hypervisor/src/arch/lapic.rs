@@ -23,6 +23,8 @@ const REG_TIMER_CURRENT: u32 = 0x390;
 const REG_TIMER_DIVIDE: u32 = 0x3E0;
 const SVR_ENABLE: u32 = 1 << 8;
 const LVT_MASKED: u32 = 1 << 16;
+/// LVT performance monitoring counters register (SDM Vol. 3A §12.5.1 Table 12-1).
+const REG_LVT_PERF: u32 = 0x340;
 /// Divide configuration 1011b: divide by 1.
 const DIVIDE_BY_1: u32 = 0xB;
 
@@ -141,6 +143,16 @@ pub fn init() -> Option<u64> {
     }
     TICKS_PER_TSC_Q32.store(((elapsed_ticks as u128) << 32).div_ceil(elapsed_tsc as u128) as u64, Ordering::Relaxed);
     Some((elapsed_ticks as u64 * tsc::hz()) / elapsed_tsc.max(1))
+}
+
+/// The LVT performance counter entry (0 without a local APIC).
+pub fn lvtpc() -> u32 {
+    read(REG_LVT_PERF)
+}
+
+/// Writes the LVT performance counter entry (nothing without a local APIC).
+pub fn set_lvtpc(value: u32) {
+    write(REG_LVT_PERF, value)
 }
 
 /// Whether the timer is usable.

@@ -17,10 +17,16 @@
 //! All state is per vCPU and lives in the vCPU: nothing to save or restore on a world
 //! switch, a time slice or a move to another host CPU.
 //!
+//! Where the host CPU has a working PMU ([`hw`]), a VM with `pmu=on` gets the hardware path
+//! instead: its counters (every event but Vireo's own exit events, which stay software
+//! counters) are the host's counters, counting in guest mode only, loaded while a slice
+//! of a vCPU whose guest enabled one runs and saved into this register model at its end.
+//!
 //! With the PMU off (`pmu=off`), [`Pmu::read`]/[`Pmu::write`] claim no MSR (they fault as
 //! unknown MSRs) and RDPMC is #GP, as before the vPMU existed.
 
 pub mod amd;
+pub mod hw;
 pub mod intel;
 
 use guest_abi::pmu as abi;
@@ -60,6 +66,9 @@ pub enum Source {
     GuestTicks,
     /// VM exits: `None` all, `Some(k)` those of statistics class `k`.
     Exits(Option<u8>),
+    /// The host CPU's counter (hardware path, [`hw`]): counted by the hardware while the
+    /// vCPU's counters are loaded, never by Vireo.
+    Hardware,
 }
 
 /// A live counter's decoded programming.
@@ -104,6 +113,8 @@ enum Which {
 pub struct Pmu {
     vendor: Vendor,
     on: bool,
+    /// The hardware path ([`hw`]): events other than Vireo's own count on the host's counters.
+    hardware: bool,
     evtsel: [u64; MAX_GP],
     gp: [Counter; MAX_GP],
     fixed: [Counter; FIXED_COUNTERS],
@@ -119,6 +130,8 @@ pub struct Pmu {
     time_live: bool,
     exits_live: bool,
     cpl_needed: bool,
+    /// A live counter counts in hardware: its vCPU's counters must be loaded to run.
+    hw_live: bool,
     /// PMIs requested so far (for reports).
     pub pmis: u64,
 }
@@ -130,6 +143,7 @@ impl Pmu {
         let mut p = Self {
             vendor,
             on,
+            hardware: false,
             evtsel: [0; MAX_GP],
             gp: [Counter::default(); MAX_GP],
             fixed: [Counter::default(); FIXED_COUNTERS],
@@ -140,6 +154,7 @@ impl Pmu {
             time_live: false,
             exits_live: false,
             cpl_needed: false,
+            hw_live: false,
             pmis: 0,
         };
         p.refresh();
@@ -148,6 +163,24 @@ impl Pmu {
 
     pub fn on(&self) -> bool {
         self.on
+    }
+
+    /// The same PMU on the hardware path ([`hw`]): the host CPU counts the guest's events.
+    pub fn with_hardware(mut self) -> Self {
+        self.hardware = self.on;
+        self.refresh();
+        self
+    }
+
+    /// Whether this PMU is on the hardware path.
+    pub fn hardware(&self) -> bool {
+        self.hardware
+    }
+
+    /// A live counter counts in hardware: the vCPU's counters must be loaded while it runs
+    /// (false: nothing to load, the lazy case).
+    pub fn counts_in_hardware(&self) -> bool {
+        self.hw_live
     }
 
     pub fn vendor(&self) -> Vendor {
@@ -209,16 +242,22 @@ impl Pmu {
         let sum = c.value.wrapping_add(n);
         c.value = sum & COUNTER_MASK;
         if sum > COUNTER_MASK || n > COUNTER_MASK {
-            if self.vendor == Vendor::Intel {
-                self.global_status |= match w {
-                    Which::Gp(i) => intel::gp_bit(i),
-                    Which::Fixed(i) => intel::fixed_bit(i),
-                };
-            }
-            if pmi {
-                self.pmi = true;
-                self.pmis += 1;
-            }
+            self.overflowed(w, pmi);
+        }
+    }
+
+    /// Counter `w` wrapped past the counter width: its overflow status (Intel) and, with
+    /// its interrupt bit, a PMI.
+    fn overflowed(&mut self, w: Which, pmi: bool) {
+        if self.vendor == Vendor::Intel {
+            self.global_status |= match w {
+                Which::Gp(i) => intel::gp_bit(i),
+                Which::Fixed(i) => intel::fixed_bit(i),
+            };
+        }
+        if pmi {
+            self.pmi = true;
+            self.pmis += 1;
         }
     }
 
@@ -265,14 +304,24 @@ impl Pmu {
 
     /// Guest ticks until the first guest-time counter with a PMI overflows (the run loop
     /// makes sure the guest exits by then, so the PMI comes on time).
+    ///
+    /// On the hardware path ([`hw`]) a hardware counter with a PMI is found overflowed at
+    /// an exit, so the guest is made to exit before it may have: after a quarter of the
+    /// events it still has to count, in TSC ticks (no event counts more than
+    /// [`hw::EVENTS_PER_TICK`] per tick; slower ones just get looked at again), and not
+    /// sooner than [`hw::MIN_POLL_TICKS`].
     pub fn ticks_to_overflow(&self) -> Option<u64> {
-        if !self.time_live {
+        if !self.time_live && !self.hw_live {
             return None;
         }
         let gp = self.gp.iter();
         gp.chain(self.fixed.iter())
-            .filter_map(|c| c.live.filter(|p| p.source == Source::GuestTicks && p.pmi).map(|_| c.value))
-            .map(|v| (COUNTER_MASK - v) + 1)
+            .filter_map(|c| c.live.filter(|p| p.pmi).map(|p| (p.source, (COUNTER_MASK - c.value) + 1)))
+            .filter_map(|(source, left)| match source {
+                Source::GuestTicks => Some(left),
+                Source::Hardware => Some((left / hw::EVENTS_PER_TICK).max(hw::MIN_POLL_TICKS)),
+                _ => None,
+            })
             .min()
     }
 
@@ -285,13 +334,15 @@ impl Pmu {
         for i in 0..FIXED_COUNTERS {
             self.fixed[i].live = if self.vendor == Vendor::Intel && self.on { self.decode_fixed(i) } else { None };
         }
-        let (mut time, mut exits, mut cpl) = (false, false, false);
+        let (mut time, mut exits, mut cpl, mut hw) = (false, false, false, false);
         for (_, p) in self.live_counters() {
             time |= p.source == Source::GuestTicks;
             exits |= matches!(p.source, Source::Exits(_));
-            cpl |= p.usr != p.os && p.source != Source::Nothing;
+            // The hardware applies a hardware counter's privilege filter itself.
+            cpl |= p.usr != p.os && matches!(p.source, Source::GuestTicks | Source::Exits(_));
+            hw |= p.source == Source::Hardware;
         }
-        (self.time_live, self.exits_live, self.cpl_needed) = (time, exits, cpl);
+        (self.time_live, self.exits_live, self.cpl_needed, self.hw_live) = (time, exits, cpl, hw);
     }
 
     /// Vireo's exit events for a unit mask (0: all; k + 1: class k).
@@ -314,9 +365,12 @@ impl Pmu {
                 let filtered = s.has(intel::EventSelect::EDGE) || s.has(intel::EventSelect::INV) || s.cmask() != 0;
                 let code = (s.umask() as u16) << 8 | s.event() as u16;
                 let source = match (s.event(), code) {
+                    // Vireo's own events stay software counters on the hardware path too.
+                    (abi::EVENT_VM_EXITS, _) if filtered => Source::Nothing,
+                    (abi::EVENT_VM_EXITS, _) => Self::exit_source(s.umask()),
+                    _ if self.hardware => hw::source(self.vendor, v),
                     _ if filtered => Source::Nothing,
                     (_, abi::INTEL_CORE_CYCLES | abi::INTEL_REF_CYCLES) => Source::GuestTicks,
-                    (abi::EVENT_VM_EXITS, _) => Self::exit_source(s.umask()),
                     _ => Source::Nothing,
                 };
                 let has = |b| s.has(b);
@@ -330,9 +384,11 @@ impl Pmu {
                 let filtered = s.has(amd::EventSelect::EDGE) || s.has(amd::EventSelect::INV) || s.cmask() != 0;
                 let code = (s.umask() as u16) << 8 | s.event();
                 let source = match code {
+                    _ if s.event() == abi::EVENT_VM_EXITS as u16 && filtered => Source::Nothing,
+                    _ if s.event() == abi::EVENT_VM_EXITS as u16 => Self::exit_source(s.umask()),
+                    _ if self.hardware => hw::source(self.vendor, v),
                     _ if filtered => Source::Nothing,
                     abi::AMD_CPU_CLOCKS => Source::GuestTicks,
-                    _ if s.event() == abi::EVENT_VM_EXITS as u16 => Self::exit_source(s.umask()),
                     _ => Source::Nothing,
                 };
                 let has = |b| s.has(b);
@@ -348,8 +404,12 @@ impl Pmu {
         if self.global_ctrl & intel::fixed_bit(i) == 0 || f & (fixed_ctrl::OS | fixed_ctrl::USR) == 0 {
             return None;
         }
-        // Fixed counter 0 counts instructions retired, which Vireo cannot count.
-        let source = if i == 0 { Source::Nothing } else { Source::GuestTicks };
+        // Fixed counter 0 counts instructions retired, which only the hardware can count.
+        let source = match i {
+            _ if self.hardware => Source::Hardware,
+            0 => Source::Nothing,
+            _ => Source::GuestTicks,
+        };
         Some(Program {
             source,
             usr: f & fixed_ctrl::USR != 0,
@@ -504,3 +564,6 @@ impl Pmu {
 
 #[cfg(test)]
 mod tests;
+
+#[cfg(test)]
+mod hw_tests;

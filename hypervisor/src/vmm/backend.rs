@@ -102,4 +102,11 @@ pub trait Backend {
     fn slice_start(&mut self) {}
     /// The slice ends: keep that state before another vCPU runs here.
     fn slice_end(&mut self) {}
+
+    /// The hardware PMU path (`crate::pmu::hw`): IA32_PERF_GLOBAL_CTRL to load on every VM
+    /// entry (`guest`) and VM exit (`host`) while the vCPU's counters are loaded; `None`:
+    /// leave it alone. Only Intel needs it (VMX: the "load IA32_PERF_GLOBAL_CTRL" entry and
+    /// exit controls, which the hardware path is chosen only with); AMD counters count
+    /// guest mode only by their GuestOnly bit, and this does nothing.
+    fn set_perf_global_ctrl(&mut self, _switch: Option<crate::pmu::hw::GlobalCtrlSwitch>) {}
 }

@@ -38,6 +38,9 @@ pub struct CpuidContext {
     /// The VM offers Vireo's virtual PMU (`pmu=on`), of the CPU's vendor
     /// (`native_vmmcall`: AMD).
     pub pmu: bool,
+    /// The virtual PMU is on the hardware path (`crate::pmu::hw`) over this host PMU: the
+    /// architectural events the host counts are offered (Intel leaf 0AH EBX).
+    pub pmu_hw: Option<crate::pmu::hw::HwCaps>,
 }
 
 /// The feature bits of Vireo's version leaf (and of the FEATURES hypercall).
@@ -142,7 +145,10 @@ pub fn filter(leaf: u32, subleaf: u32, host: CpuidRegs, ctx: &CpuidContext) -> C
         }
         // Architectural performance monitoring: Vireo's virtual PMU (Intel), else hidden.
         0xA if ctx.pmu && !ctx.native_vmmcall => {
-            let [eax, ebx, ecx, edx] = crate::pmu::intel::cpuid_0a();
+            let [eax, ebx, ecx, edx] = match &ctx.pmu_hw {
+                Some(caps) => crate::pmu::hw::cpuid_0a(caps),
+                None => crate::pmu::intel::cpuid_0a(),
+            };
             r = CpuidRegs { eax, ebx, ecx, edx };
         }
         // MONITOR/MWAIT, thermal/power, DCA, the host's PMU, Intel PT, SGX: hidden.
@@ -243,6 +249,7 @@ mod tests {
         apic: false,
         kvm_pv: false,
         pmu: false,
+        pmu_hw: None,
     };
 
     #[test]
@@ -302,6 +309,10 @@ mod tests {
         assert_eq!((a.eax, a.ebx, a.ecx, a.edx), (0x0730_0402, 0x7A, 0, 0x0603));
         assert_ne!(filter(1, 0, none, &intel).ecx & bit::PDCM, 0);
         assert_eq!(filter(0x8000_0001, 0, none, &intel).ecx & bit::PERFCTR_CORE, 0);
+        let hw = crate::pmu::hw::HwCaps { vendor: crate::pmu::Vendor::Intel, version: 4, unavailable: 0b100_0000 };
+        let on_hw = CpuidContext { pmu_hw: Some(hw), ..intel };
+        let g = filter(0xA, 0, CpuidRegs::default(), &on_hw);
+        assert_eq!((g.eax, g.ebx), (crate::pmu::intel::cpuid_0a()[0], 0b100_0000), "hardware: the host's events");
         let amd = CpuidContext { pmu: true, ..CTX };
         assert_eq!(filter(0xA, 0, all, &amd), CpuidRegs::default(), "AMD has no leaf 0AH");
         assert_eq!(filter(1, 0, none, &amd).ecx & bit::PDCM, 0);

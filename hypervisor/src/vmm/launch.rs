@@ -339,8 +339,23 @@ pub fn build_vm(
     }
     // The virtual PMU: on for Linux VMs unless the line says otherwise.
     vm.pmu = spec.pmu.unwrap_or(linux);
+    // The hardware path where the host has a working PMU (`crate::pmu::hw`; emulators have
+    // none) and the backend can make its counters count guest mode only (VMX: the "load
+    // IA32_PERF_GLOBAL_CTRL" controls; SVM: always, by GuestOnly). Otherwise the software
+    // counters.
+    let vendor = if intel { crate::pmu::Vendor::Intel } else { crate::pmu::Vendor::Amd };
+    let pmu_hw = vm.pmu
+        && crate::pmu::hw::detect(vendor).is_some()
+        && match &hw {
+            Hardware::Vmx(caps) => caps.perf_global_ctrl,
+            Hardware::Svm(_) => true,
+        };
     for v in &vm.vcpus {
-        v.lock().set_pmu(vm.pmu);
+        let mut v = v.lock();
+        v.set_pmu(vm.pmu);
+        if pmu_hw {
+            v.set_pmu_hardware();
+        }
     }
     let pv_default = if linux && spec.apic { PvMode::Kvm } else { PvMode::Off };
     vm.pv = VmPv {
@@ -357,13 +372,18 @@ pub fn build_vm(
         vm.time_limit = Some(crate::arch::tsc::from_nanos(spec.timeout_s.saturating_mul(1_000_000_000)));
     }
     report!(
-        "vm name={} start backend={} mem={} cpus={} pv={} pmu={} entry={:#x}",
+        "vm name={} start backend={} mem={} cpus={} pv={} pmu={} pmu_counters={} entry={:#x}",
         spec.name,
         hw.name(),
         Bytes(size),
         cpus,
         vm.pv.mode.name(),
         if vm.pmu { "on" } else { "off" },
+        match (vm.pmu, pmu_hw) {
+            (false, _) => "none",
+            (true, false) => "software",
+            (true, true) => "hardware",
+        },
         entry
     );
     Ok(vm)

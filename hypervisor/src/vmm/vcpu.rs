@@ -116,6 +116,8 @@ pub struct Vcpu {
     wall_clock_msr: u64,
     /// The virtual PMU (`pmu=on`; off, it claims no MSR).
     pmu: Pmu,
+    /// Its hardware path's state (`pmu::hw`; unused on the software path).
+    pmu_hw: pmu::hw::HwVcpu,
     /// The last events queued for injection (post-mortem).
     injections: InjectionLog,
     /// Interrupt frames found on the guest stack when its VM ended badly (post-mortem).
@@ -172,6 +174,7 @@ impl Vcpu {
             pv: VcpuPv::default(),
             wall_clock_msr: 0,
             pmu: Pmu::new(if intel { pmu::Vendor::Intel } else { pmu::Vendor::Amd }, false),
+            pmu_hw: pmu::hw::HwVcpu::default(),
             injections: InjectionLog::default(),
             stack_frames: [None; STACK_FRAMES],
         })
@@ -180,12 +183,24 @@ impl Vcpu {
     /// Offers the virtual PMU (`pmu=on`) or not, at RESET state.
     pub fn set_pmu(&mut self, on: bool) {
         self.pmu = Pmu::new(self.pmu.vendor(), on);
+        self.pmu_hw = pmu::hw::HwVcpu::default();
         self.msrs.set_perfmon(on);
+    }
+
+    /// Puts the virtual PMU (on) on the hardware path (`pmu::hw`): the caller checked that
+    /// the host PMU and the backend allow it.
+    pub fn set_pmu_hardware(&mut self) {
+        self.pmu = self.pmu.clone().with_hardware();
     }
 
     /// The virtual PMU.
     pub fn pmu(&self) -> &Pmu {
         &self.pmu
+    }
+
+    /// The virtual PMU's hardware path state (`pmu::hw`).
+    pub fn pmu_hw(&self) -> &pmu::hw::HwVcpu {
+        &self.pmu_hw
     }
 
     /// The last events queued for injection, and the counts (post-mortem).
@@ -257,6 +272,7 @@ impl Vcpu {
         }
         self.fpu.restore();
         cpu.slice_start();
+        self.pmu_hw_load(cpu);
         // #UD is intercepted so the other vendor's hypercall instruction works too.
         cpu.set_exception_intercepts(1 << VECTOR_UD);
         self.pv_slice_start(vm, cpu);
@@ -297,7 +313,8 @@ impl Vcpu {
                 let entered = if timed { rdtsc() } else { 0 };
                 let exit = self.enter(vm, cpu);
                 // A PMI this raised goes through the slow path (its LVTPC delivery).
-                let pmi = (timed || self.pmu.counts_exits()) && self.pmu_account(vm, cpu, &exit, entered);
+                let hw = self.pmu_hw.loaded_on().is_some();
+                let pmi = (timed || hw || self.pmu.counts_exits()) && self.pmu_account(vm, cpu, &exit, entered);
                 if exit.events.interrupted.is_some() {
                     if let Some(event) = cpu.pending_event() {
                         self.note_injection(cpu, event, Origin::Requeue, exit.tsc);
@@ -338,6 +355,7 @@ impl Vcpu {
         };
         crate::arch::lapic::disarm();
         self.armed = None;
+        self.pmu_hw_save(cpu);
         cpu.slice_end();
         self.fpu.save();
         if end == SliceEnd::Preempted {
@@ -414,6 +432,12 @@ impl Vcpu {
             self.pmu.guest_ran(exit.tsc.saturating_sub(entered), cpl);
         }
         self.pmu.count_exit(exit.kind.index(), cpl);
+        if self.pmu_hw.loaded_on().is_some() {
+            // Hardware counters: an overflow since the last exit (the host takes no PMI for
+            // them, so it is found here, at the next exit).
+            let index = crate::arch::percpu::index();
+            pmu::hw::with_this_cpu(index, |_, host| self.pmu_hw.poll(&mut self.pmu, host));
+        }
         if self.pmu.take_pmi() && vm.irq.has_lapics() {
             // Through the LVT performance counter entry (a Linux guest programs it as NMI);
             // a VM without local APICs has nowhere to take it.
@@ -422,6 +446,39 @@ impl Vcpu {
             return true;
         }
         false
+    }
+
+    /// The hardware PMU path at the start of a slice: loads the vCPU's counters on this
+    /// host CPU if a live one counts in hardware (nothing otherwise: lazy), and tells the
+    /// backend what IA32_PERF_GLOBAL_CTRL is on each side of the world switch.
+    fn pmu_hw_load<B: Backend>(&mut self, cpu: &mut B) {
+        if !self.pmu.counts_in_hardware() {
+            return;
+        }
+        let key = self as *const Self as u64;
+        let index = crate::arch::percpu::index();
+        let switch =
+            pmu::hw::with_this_cpu(index, |slot, host| self.pmu_hw.slice_start(&self.pmu, slot, host, index, key));
+        cpu.set_perf_global_ctrl(switch);
+    }
+
+    /// The hardware PMU path at the end of a slice: saves and disables the loaded counters
+    /// (none loaded: nothing to do).
+    fn pmu_hw_save<B: Backend>(&mut self, cpu: &mut B) {
+        if self.pmu_hw.loaded_on().is_none() {
+            return;
+        }
+        let index = crate::arch::percpu::index();
+        pmu::hw::with_this_cpu(index, |slot, host| self.pmu_hw.slice_end(&mut self.pmu, slot, host));
+        cpu.set_perf_global_ctrl(None);
+    }
+
+    /// Before the guest reads a PMU register (RDMSR, RDPMC): the loaded counters' values.
+    fn pmu_hw_sync(&mut self) {
+        if self.pmu_hw.loaded_on().is_some() {
+            let index = crate::arch::percpu::index();
+            pmu::hw::with_this_cpu(index, |_, host| self.pmu_hw.poll(&mut self.pmu, host));
+        }
     }
 
     /// At the start of a slice: publish the steal time, clear `preempted`, and flush the
@@ -712,6 +769,7 @@ impl Vcpu {
                     apic: vm.irq.has_lapics(),
                     kvm_pv: vm.pv.kvm(),
                     pmu: self.pmu.on(),
+                    pmu_hw: if self.pmu.hardware() { pmu::hw::host() } else { None },
                 };
                 let r = match pv::kvm::cpuid(leaf, &vm.pv) {
                     Some(r) => r,
@@ -746,6 +804,14 @@ impl Vcpu {
                         msr::MsrOutcome::Ok(pv::kvm::rdmsr(&self.pv, self.wall_clock_msr, i))
                     }
                     guest_abi::hypercall::page::MSR => msr::MsrOutcome::Ok(pv::page::read(&vm.pv)),
+                    // The hardware path: the loaded counters' values first.
+                    i if self.pmu_hw.loaded_on().is_some() && self.pmu.claims(i) => {
+                        self.pmu_hw_sync();
+                        match self.pmu.read(i) {
+                            pmu::Access::Ok(v) => msr::MsrOutcome::Ok(v),
+                            _ => msr::MsrOutcome::Fault,
+                        }
+                    }
                     i => match self.pmu.read(i) {
                         pmu::Access::Ok(v) => msr::MsrOutcome::Ok(v),
                         pmu::Access::Gp => msr::MsrOutcome::Fault,
@@ -800,6 +866,17 @@ impl Vcpu {
                         Ok(()) => msr::MsrOutcome::Ok(value),
                         Err(pv::Gp) => msr::MsrOutcome::Fault,
                     },
+                    // The hardware path: the counters are saved before the write and loaded
+                    // again after it (if one is live then).
+                    i if self.pmu.hardware() && self.pmu.claims(i) => {
+                        self.pmu_hw_save(cpu);
+                        let r = self.pmu.write(i, value);
+                        self.pmu_hw_load(cpu);
+                        match r {
+                            pmu::Access::Ok(v) => msr::MsrOutcome::Ok(v),
+                            _ => msr::MsrOutcome::Fault,
+                        }
+                    }
                     i => match self.pmu.write(i, value) {
                         pmu::Access::Ok(v) => msr::MsrOutcome::Ok(v),
                         pmu::Access::Gp => msr::MsrOutcome::Fault,
@@ -815,6 +892,7 @@ impl Vcpu {
                 // CR4.PCE = 0 makes RDPMC privileged (SDM Vol. 2B RDPMC; the CPU checks this
                 // before the exit, checked again here); an index naming no counter is #GP.
                 let allowed = cpu.cpl() == 0 || cpu.cr4() & CR4_PCE != 0;
+                self.pmu_hw_sync();
                 match self.pmu.rdpmc(self.regs.rcx as u32).filter(|_| allowed) {
                     Some(v) => {
                         self.regs.rax = v & 0xFFFF_FFFF;

@@ -372,6 +372,17 @@ impl Vm {
                 tsc::to_nanos(v.sched.run) / 1000,
                 tsc::to_nanos(v.sched.steal) / 1000
             );
+            if v.pmu().hardware() {
+                // The hardware PMU path (`crate::pmu::hw`): slices that loaded the counters
+                // (0: the guest never enabled one, the lazy case) and PMIs raised.
+                report!(
+                    "vm name={name} pmu vcpu={} counters=hardware loads={} saves={} pmis={}",
+                    v.index,
+                    v.pmu_hw().loads,
+                    v.pmu_hw().saves,
+                    v.pmu().pmis
+                );
+            }
             if self.irq.has_lapics() {
                 use core::sync::atomic::Ordering::Relaxed;
                 let c = &self.counters[v.index].pv;

@@ -463,6 +463,14 @@ impl VmxVcpu {
         }
     }
 
+    fn set_exit_control(&mut self, bit: u32, on: bool) {
+        let new = if on { self.controls.exit | bit } else { self.controls.exit & !bit };
+        if new != self.controls.exit {
+            self.controls.exit = new;
+            self.write(Field32::VmExitControls, new);
+        }
+    }
+
     fn set_guest_efer(&mut self, efer: u64) {
         self.write(Field64::GuestIa32Efer, efer);
         self.set_entry_control(entry::IA32E_MODE_GUEST, efer & EFER_LMA != 0);
@@ -1060,6 +1068,18 @@ impl Backend for VmxVcpu {
 
     fn flush_guest_tlb(&mut self) {
         self.flush_vpid();
+    }
+
+    /// The guest's IA32_PERF_GLOBAL_CTRL loaded on VM entry, the host's on VM exit (SDM
+    /// Vol. 3C §25.8.1 entry control bit 13, §25.7.1 exit control bit 12; fields 2808H and
+    /// 2C04H). The core asks only where `VmxCaps::perf_global_ctrl` allows both.
+    fn set_perf_global_ctrl(&mut self, switch: Option<crate::pmu::hw::GlobalCtrlSwitch>) {
+        if let Some(s) = switch {
+            self.write(Field64::GuestIa32PerfGlobalCtrl, s.guest);
+            self.write(Field64::HostIa32PerfGlobalCtrl, s.host);
+        }
+        self.set_entry_control(entry::LOAD_PERF_GLOBAL_CTRL, switch.is_some());
+        self.set_exit_control(controls::exit::LOAD_PERF_GLOBAL_CTRL, switch.is_some());
     }
 }
 
