@@ -73,7 +73,8 @@ impl FastExits for Floor {
 /// So a pending interrupt, a kick, a stop request or the slice end is seen at the first
 /// hypercall exit after it, as in the run loop (`Vcpu::reenter_at_once`). A host interrupt
 /// that arrives meanwhile stays pending in the host's local APIC and makes the next entry
-/// exit at once (external-interrupt exiting; the SVM INTR intercept).
+/// exit (external-interrupt exiting, the SVM INTR intercept; Bochs's VMX waits for the guest's
+/// RFLAGS.IF): what it announces is in the yield word or past `until` already.
 pub struct CoreFast<'a> {
     pub vm: &'a Vm,
     pub until: u64,
