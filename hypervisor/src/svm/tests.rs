@@ -531,3 +531,29 @@ fn multiboot_protected_mode_state_is_a_valid_vmcb() {
     assert_eq!(v.cr0() & 0x8000_0001, 1, "protected mode, paging off");
     assert_eq!(v.segment(SegReg::Cs).attr, st.cs.attr);
 }
+
+#[test]
+fn the_fast_loop_re_enters_with_every_clean_bit_and_no_tlb_flush() {
+    use guest_abi::hypercall::nr::PING;
+    enable_for_tests();
+    let (mut v, _f) = vcpu(&SvmCaps { vmcb_clean: true, ..caps() });
+    v.flush_tlb();
+    let seen = std::rc::Rc::new(std::cell::RefCell::new(Vec::new()));
+    let log = seen.clone();
+    let mut n = 0u64;
+    sim::set(move |vmcb, regs| {
+        log.borrow_mut().push((vmcb.control.vmcb_clean, vmcb.control.tlb_control));
+        n += 1;
+        exit_with(if n <= 3 { 0x81 } else { 0x78 }, 0, 0, 0)(vmcb, regs);
+        vmcb.save.rax = PING;
+    });
+    let mut regs = GuestRegs { rax: PING, ..GuestRegs::default() };
+    assert_eq!(v.run_floor(&mut regs, 100).kind, ExitKind::Hlt);
+    let seen = seen.borrow();
+    assert_eq!(seen[0].0, 0, "a new VMCB: everything dirty");
+    assert_ne!(seen[0].1, tlb_control::DO_NOTHING, "the flush asked for");
+    for &(clean_bits, tlb) in &seen[1..] {
+        assert_eq!((clean_bits, tlb), (clean::TRACKED, tlb_control::DO_NOTHING));
+    }
+    assert_eq!(seen.len(), 4);
+}

@@ -15,6 +15,7 @@ use crate::{
     vmm::{
         backend::{Backend, BackendError},
         exit::{Event, Exit, ExitEvents, ExitKind, HypercallInsn},
+        fast::FastExits,
         regs::GuestRegs,
         state::{
             CpuState, DescriptorTable, SegAttr, SegReg, Segment, CR0_PE, CR0_PG, EFER_LMA, EFER_LME, EFER_SVME,
@@ -630,13 +631,11 @@ impl Backend for SvmVcpu {
         self.complete_exit(regs, entry.as_ref(), entry_rip, tsc)
     }
 
-    fn run_floor(&mut self, regs: &mut GuestRegs, max: u32) -> Exit {
-        use guest_abi::hypercall::nr::PING;
+    fn run_fast(&mut self, regs: &mut GuestRegs, fast: &mut impl FastExits) -> Exit {
         let mut exit = self.run(regs);
-        // Only a PING the core would see with nothing else to report (no event delivered,
-        // none interrupted, none queued) is answered here.
+        // Only a VMMCALL with nothing else to report (no event delivered, none interrupted,
+        // none queued) is offered.
         if exit.kind != ExitKind::Hypercall(HypercallInsn::Vmmcall)
-            || regs.rax != PING
             || self.injected != 0
             || exit.events != ExitEvents::default()
         {
@@ -644,30 +643,34 @@ impl Backend for SvmVcpu {
         }
         let host_save = percpu::current().svm_host_save();
         let nrip = self.caps.nrip;
-        let mut entry = self.snapshot();
-        for _ in 0..max {
-            regs.rax = regs.rbx.wrapping_add(1);
+        // The VMCB just ran on this CPU and from here on only RIP, RAX and the interrupt
+        // shadow change, none of them in a cached area: every clean bit holds (none where
+        // the CPU has no clean bits). `run` left EVENTINJ clear.
+        let clean = clean::for_entry(self.caps.vmcb_clean, true, 0);
+        let v = self.vmcb_areas(0);
+        v.control.vmcb_clean = clean;
+        v.control.tlb_control = tlb_control::DO_NOTHING;
+        while fast.hypercall(regs, HypercallInsn::Vmmcall, || self.vmcb().save.cpl & 3, exit.tsc) {
             let v = self.vmcb_areas(0);
             v.save.rip = exit.next_rip;
             v.save.rax = regs.rax;
             v.control.interrupt_shadow &= !INTERRUPT_SHADOW;
-            v.control.tlb_control = tlb_control::DO_NOTHING;
-            // Only RIP, RAX and the shadow changed, none of them cached: the clean bits
-            // of the entry in `run` still hold.
-            (entry.rip, entry.interrupt_shadow, entry.eventinj) = (exit.next_rip, v.control.interrupt_shadow, 0);
-            // SAFETY: as in `run`, whose entry on this CPU just exited.
+            // SAFETY: as in `run`, whose entry on this CPU just exited; no reference into
+            // the VMCB is live across the call.
             let tsc = unsafe { run::world_switch(self.vmcb_pa, regs, host_save) };
             let v = self.vmcb();
-            if decode::normalize(v.control.exitcode) != code::VMMCALL || v.save.rax != PING {
-                return self.complete_exit(regs, Some(&entry), entry.rip, tsc);
+            if decode::normalize(v.control.exitcode) != code::VMMCALL || event::is_valid(v.control.exitintinfo) {
+                // Nothing a VMRUN checks changed since the last #VMEXIT: a refused entry
+                // is explained without a snapshot (`entry_refused`).
+                return self.complete_exit(regs, None, exit.next_rip, tsc);
             }
+            regs.rax = v.save.rax;
             exit.rip = v.save.rip;
             exit.next_rip = if nrip { v.control.next_rip } else { exit.rip.wrapping_add(decode::insn_len::VMMCALL) };
             exit.tsc = tsc;
         }
-        // The last PING goes to the core.
-        let v = self.vmcb();
-        (regs.rax, regs.rsp) = (v.save.rax, v.save.rsp);
+        // This VMMCALL goes to the core. RSP may have moved meanwhile.
+        regs.rsp = self.vmcb().save.rsp;
         exit
     }
 

@@ -4,6 +4,7 @@
 
 use super::{
     exit::{Event, Exit},
+    fast::{FastExits, Floor},
     regs::GuestRegs,
     state::{CpuState, SegReg, Segment},
 };
@@ -28,15 +29,24 @@ pub trait Backend {
     /// still reported by [`Backend::event_pending`].
     fn run(&mut self, regs: &mut GuestRegs) -> Exit;
 
-    /// The floor of the exit path, for measurements (the VM line's `floor=on`): enters the
-    /// guest like [`Backend::run`], but answers the guest's native-instruction PING
-    /// hypercalls (RAX = `guest_abi::hypercall::nr::PING`) inside the backend's own entry
-    /// loop with nothing but RAX = RBX + 1, the RIP advance and re-entry (no privilege
-    /// check, no statistics, no event delivery), at most `max` of them. Returns the first
-    /// other exit, or the PING exit after `max` were answered, for the core to handle as
-    /// [`Backend::run`]'s. The default answers none.
-    fn run_floor(&mut self, regs: &mut GuestRegs, _max: u32) -> Exit {
+    /// Enters the guest like [`Backend::run`], but offers each hypercall exit by the CPU's
+    /// native instruction with nothing else to report (no event delivered, interrupted or
+    /// queued) to `fast` first, from the backend's own entry loop (`vmm::fast`): when it
+    /// answers, the backend moves RIP past the instruction, ends an interrupt shadow and
+    /// enters again at once, reading only what that needs. Returns the first exit `fast`
+    /// did not answer, as [`Backend::run`] would have. The default answers none.
+    fn run_fast(&mut self, regs: &mut GuestRegs, fast: &mut impl FastExits) -> Exit {
+        let _ = fast;
         self.run(regs)
+    }
+
+    /// The floor of the exit path, for measurements (the VM line's `floor=on`): the guest's
+    /// native-instruction PING hypercalls (RAX = `guest_abi::hypercall::nr::PING`) answered
+    /// in [`Backend::run_fast`]'s loop with nothing but RAX = RBX + 1 (no privilege check,
+    /// no statistics, no event delivery), at most `max` of them. Returns the first other
+    /// exit, or the PING exit after `max` were answered.
+    fn run_floor(&mut self, regs: &mut GuestRegs, max: u32) -> Exit {
+        self.run_fast(regs, &mut Floor { left: max })
     }
 
     fn rip(&self) -> u64;

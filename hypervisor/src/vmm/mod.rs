@@ -4,6 +4,7 @@
 pub mod backend;
 pub mod cpuid;
 pub mod exit;
+pub mod fast;
 pub mod guest_mem;
 pub mod hypercall;
 pub mod injections;

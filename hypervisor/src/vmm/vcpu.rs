@@ -12,6 +12,7 @@ use super::{
     backend::Backend,
     cpuid::{self, CpuidContext},
     exit::{merge, Event, Exit, ExitKind, IoAccess, Merge, NptAccess, VECTOR_DF, VECTOR_PF, VECTOR_UD},
+    fast::CoreFast,
     hypercall,
     injections::{self, Injection, InjectionLog, Origin, StackFrame},
     mmio, msr,
@@ -311,7 +312,7 @@ impl Vcpu {
                 // entry to the exit's TSC (the backend's entry and exit instructions included).
                 let timed = self.pmu.counts_guest_time();
                 let entered = if timed { rdtsc() } else { 0 };
-                let exit = self.enter(vm, cpu);
+                let exit = self.enter(vm, cpu, yield_now);
                 // A PMI this raised goes through the slow path (its LVTPC delivery).
                 let hw = self.pmu_hw.loaded_on().is_some();
                 let pmi = (timed || hw || self.pmu.counts_exits()) && self.pmu_account(vm, cpu, &exit, entered);
@@ -369,16 +370,32 @@ impl Vcpu {
         end
     }
 
-    /// One entry through the backend, up to the next exit. The policy of floor mode (a
-    /// measuring mode, `floor=on`): the backend answers PING hypercalls in its entry loop;
-    /// everything else comes back here.
+    /// One entry through the backend, up to the next exit the run loop handles: hypercalls
+    /// the fast path answers (`vmm::fast`) are answered in the backend's entry loop. Floor
+    /// mode (a measuring mode, `floor=on`) answers PING there with nothing else.
     #[inline]
-    fn enter<B: Backend>(&mut self, vm: &Vm, cpu: &mut B) -> Exit {
+    fn enter<B: Backend>(&mut self, vm: &Vm, cpu: &mut B, yield_now: &AtomicBool) -> Exit {
         if vm.floor {
-            cpu.run_floor(&mut self.regs, FLOOR_BATCH)
-        } else {
-            cpu.run(&mut self.regs)
+            return cpu.run_floor(&mut self.regs, FLOOR_BATCH);
         }
+        // Not where an exit must be seen by the run loop: the virtual PMU counts guest time
+        // or exits, a PV EOI offer is outstanding, a test interrupt or NMI waits.
+        if self.pmu.counts_guest_time()
+            || self.pmu.counts_exits()
+            || self.pv.eoi_offered.is_some()
+            || self.pending_irq.is_some()
+            || self.pending_nmi
+        {
+            return cpu.run(&mut self.regs);
+        }
+        let mut fast = CoreFast {
+            vm,
+            until: self.fast_until,
+            device_seen: self.device_seen,
+            yield_now,
+            exits: &vm.counters[self.index].exits,
+        };
+        cpu.run_fast(&mut self.regs, &mut fast)
     }
 
     /// The exit fast path's test, after `exit` was handled (`now`: the TSC since): whether

@@ -26,6 +26,7 @@ use crate::{
     vmm::{
         backend::{Backend, BackendError},
         exit::{Event, Exit, ExitEvents, ExitKind, HypercallInsn},
+        fast::FastExits,
         regs::GuestRegs,
         state::{CpuState, SegAttr, SegReg, Segment, CR0_PE, EFER_LMA, RFLAGS_IF},
     },
@@ -354,6 +355,32 @@ impl VmxVcpu {
         unsafe { instr::vmwrite(field, value) }
     }
 
+    /// VMWRITE to this vCPU's VMCS, which the caller made current (as [`Self::read_cur`]):
+    /// the fast entry loop's RIP advance.
+    #[inline]
+    fn write_cur<F: VmcsField>(&mut self, field: F, value: F::Value) {
+        // SAFETY: VMX root operation with our VMCS current (the caller's promise); the
+        // fields written this way are guest state.
+        if let Err(e) = unsafe { instr::vmwrite(field, value) } {
+            vmwrite_failed(field, e)
+        }
+    }
+
+    /// The guest's CPL (SS.DPL), this VMCS current (as [`Self::read_cur`]).
+    #[inline]
+    fn cpl_cur(&self) -> u8 {
+        SegAttr::from_vmx(self.read_cur(Field32::GuestSsAccessRights)).dpl()
+    }
+
+    /// [`Self::end_interrupt_shadow`] with this VMCS current (as [`Self::read_cur`]).
+    #[inline]
+    fn end_interrupt_shadow_cur(&mut self) {
+        let s = self.read_cur(Field32::GuestInterruptibilityState);
+        if s & (BLOCKING_BY_STI | BLOCKING_BY_MOV_SS) != 0 {
+            self.write_cur(Field32::GuestInterruptibilityState, s & !(BLOCKING_BY_STI | BLOCKING_BY_MOV_SS));
+        }
+    }
+
     /// `try_write` for setup, with the field name in the log.
     fn setup<F: VmcsField>(&self, field: F, value: F::Value) -> Result<(), BackendError> {
         self.try_write(field, value).map_err(|e| {
@@ -617,6 +644,28 @@ impl VmxVcpu {
         ExitKind::ControlRegister
     }
 
+    /// Before an entry (this VMCS current): the VMX-preemption timer for the deadline.
+    #[inline]
+    fn arm_preemption_timer(&mut self) {
+        if let Some(rate) = self.preemption_rate {
+            // Counts from the entry; 0 exits before the guest runs an instruction. No
+            // deadline: the longest count (minutes at GHz rates; the host timer still runs).
+            // Where exits save the timer, a count already running for this deadline goes on
+            // (it does not count while Vireo handles exits, so it may end late: the host's
+            // local APIC timer, armed for the same deadline, bounds that).
+            if self.timer_for != Some(self.deadline) {
+                let ticks = match self.deadline {
+                    Some(d) => d.saturating_sub(instr::rdtsc()) >> rate,
+                    None => u64::MAX,
+                };
+                self.write(Field32::VmxPreemptionTimerValue, ticks.min(u32::MAX as u64) as u32);
+                if self.controls.exit & controls::exit::SAVE_PREEMPTION_TIMER != 0 {
+                    self.timer_for = Some(self.deadline);
+                }
+            }
+        }
+    }
+
     /// Re-queues an event whose delivery the exit interrupted (SDM Vol. 3C §28.2.4,
     /// §29.2.4 "Event delivery").
     /// Returns the interrupted event.
@@ -861,23 +910,7 @@ impl Backend for VmxVcpu {
         if regs.rsp != self.rsp_cache {
             self.write(FieldNat::GuestRsp, regs.rsp);
         }
-        if let Some(rate) = self.preemption_rate {
-            // Counts from the entry; 0 exits before the guest runs an instruction. No
-            // deadline: the longest count (minutes at GHz rates; the host timer still runs).
-            // Where exits save the timer, a count already running for this deadline goes on
-            // (it does not count while Vireo handles exits, so it may end late: the host's
-            // local APIC timer, armed for the same deadline, bounds that).
-            if self.timer_for != Some(self.deadline) {
-                let ticks = match self.deadline {
-                    Some(d) => d.saturating_sub(instr::rdtsc()) >> rate,
-                    None => u64::MAX,
-                };
-                self.write(Field32::VmxPreemptionTimerValue, ticks.min(u32::MAX as u64) as u32);
-                if self.controls.exit & controls::exit::SAVE_PREEMPTION_TIMER != 0 {
-                    self.timer_for = Some(self.deadline);
-                }
-            }
-        }
+        self.arm_preemption_timer();
         let injected = Backend::pending_event(self);
         // SAFETY: VMX root operation with this vCPU's fully set-up VMCS current (above);
         // HOST_RIP is the trampoline's exit and the host state is this CPU's (`build` ran
@@ -891,36 +924,48 @@ impl Backend for VmxVcpu {
         self.complete_exit(regs, tsc, injected)
     }
 
-    fn run_floor(&mut self, regs: &mut GuestRegs, max: u32) -> Exit {
-        use guest_abi::hypercall::nr::PING;
+    fn run_fast(&mut self, regs: &mut GuestRegs, fast: &mut impl FastExits) -> Exit {
         let mut exit = self.run(regs);
-        // Only a PING the core would see with nothing else to report (no event delivered,
-        // none interrupted, none queued) is answered here.
+        // Only a VMCALL with nothing else to report (no event delivered, none interrupted,
+        // none queued) is offered; `run` left this VMCS current and launched.
         if exit.kind != ExitKind::Hypercall(HypercallInsn::Vmcall)
-            || regs.rax != PING
             || self.pending_event
             || exit.events != ExitEvents::default()
         {
             return exit;
         }
-        for _ in 0..max {
-            self.write(FieldNat::GuestRip, exit.next_rip);
-            self.end_interrupt_shadow();
-            regs.rax = regs.rbx.wrapping_add(1);
+        // Where exits do not save the VMX-preemption timer, every entry counts from the
+        // value in the VMCS again: each re-entry re-arms it for the deadline, as `run` does
+        // (where they save it, the count for this deadline goes on by itself).
+        let rearm = match self.preemption_rate {
+            Some(rate) if self.controls.exit & controls::exit::SAVE_PREEMPTION_TIMER == 0 => {
+                self.deadline.map(|d| (d, rate))
+            }
+            _ => None,
+        };
+        while fast.hypercall(regs, HypercallInsn::Vmcall, || self.cpl_cur(), exit.tsc) {
+            self.write_cur(FieldNat::GuestRip, exit.next_rip);
+            self.end_interrupt_shadow_cur();
+            if let Some((deadline, rate)) = rearm {
+                let ticks = deadline.saturating_sub(instr::rdtsc()) >> rate;
+                self.write_cur(Field32::VmxPreemptionTimerValue, ticks.min(u32::MAX as u64) as u32);
+            }
             // SAFETY: as in `run`, whose entry just exited with this VMCS current and launched.
             let entered = unsafe { run::enter(regs, true) };
             let tsc = instr::rdtsc();
             if entered != Entered::Exited {
                 return self.entry_instruction_failed(entered, tsc);
             }
-            if self.read_cur(Field32::ExitReason) != u32::from(reason::VMCALL) || regs.rax != PING {
+            // Only the exit reason, and for another VMCALL RIP and the instruction length.
+            let reason = self.read_cur(Field32::ExitReason);
+            if reason != u32::from(reason::VMCALL) {
                 return self.complete_exit(regs, tsc, None);
             }
             exit.rip = self.read_cur(FieldNat::GuestRip);
             exit.next_rip = exit.rip.wrapping_add(self.read_cur(Field32::VmExitInstructionLength) as u64);
             exit.tsc = tsc;
         }
-        // The last PING goes to the core. GUEST_RSP may have moved meanwhile.
+        // This VMCALL goes to the core. GUEST_RSP may have moved meanwhile.
         regs.rsp = self.read_cur(FieldNat::GuestRsp);
         self.rsp_cache = regs.rsp;
         exit

@@ -12,6 +12,7 @@ use crate::{
     mm::FrameAllocator,
     vmm::{
         exit::{ExitEvents, HypercallInsn},
+        fast::FastExits,
         guest_mem::GuestMemory,
         state::{Segment, RFLAGS_RESERVED_1},
         vm::Vm,
@@ -39,6 +40,10 @@ struct Mock {
     /// The next entry's queued event is not delivered: the exit reports it as interrupted
     /// and it stays queued (as SVM's EXITINTINFO re-queue does).
     interrupt_delivery: bool,
+    /// The guest's privilege level.
+    cpl: u8,
+    /// Hypercalls the core's fast path answered in `run_fast`'s loop.
+    fast_answered: u32,
 }
 
 impl Mock {
@@ -75,6 +80,21 @@ impl Backend for Mock {
         let (set, kind) = self.script.pop_front().unwrap_or((vm_exit, ExitKind::Hypercall(HypercallInsn::Vmcall)));
         set(regs);
         Exit { kind, rip: self.rip, next_rip: self.rip + 2, raw: 0, tsc: rdtsc(), events }
+    }
+    /// A backend's fast loop (`vmm::fast`), over the script.
+    fn run_fast(&mut self, regs: &mut GuestRegs, fast: &mut impl FastExits) -> Exit {
+        loop {
+            let exit = self.run(regs);
+            let ExitKind::Hypercall(insn) = exit.kind else { return exit };
+            if self.pending.is_some() || exit.events != ExitEvents::default() {
+                return exit;
+            }
+            if !fast.hypercall(regs, insn, || self.cpl, exit.tsc) {
+                return exit;
+            }
+            self.fast_answered += 1;
+            self.rip = exit.next_rip;
+        }
     }
     fn rip(&self) -> u64 {
         self.rip
@@ -117,7 +137,7 @@ impl Backend for Mock {
         true
     }
     fn cpl(&self) -> u8 {
-        0
+        self.cpl
     }
     fn segment(&self, _seg: SegReg) -> Segment {
         if self.flat32 {
@@ -565,4 +585,50 @@ fn pmu_off_leaves_its_msrs_unknown_and_rdpmc_faults() {
     let mut m = Mock::new(&[(|r| r.rcx = 0xC001_0201, ExitKind::Rdmsr), (|r| r.rcx = 0, ExitKind::Rdpmc)]);
     assert_eq!(run(&vm, 0, &mut m), SliceEnd::VmEnded);
     assert_eq!(m.injected, [Event::GP0, Event::GP0]);
+}
+
+fn ping_7(r: &mut GuestRegs) {
+    r.rax = nr::PING;
+    r.rbx = 7;
+}
+
+fn version(r: &mut GuestRegs) {
+    r.rax = nr::VERSION;
+}
+
+const VMCALL: ExitKind = ExitKind::Hypercall(HypercallInsn::Vmcall);
+
+#[test]
+fn the_fast_path_answers_ping_in_the_backend_loop_and_counts_it() {
+    let vm = test_vm(1);
+    let mut m = Mock::new(&[(ping_7, VMCALL), (ping_7, VMCALL), (ping_7, VMCALL), (version, VMCALL), (ping_7, VMCALL)]);
+    assert_eq!(run(&vm, 0, &mut m), SliceEnd::VmEnded);
+    // VERSION is the run loop's (as is the VM_EXIT that ends the script); the PING after it
+    // is answered in the next entry's loop.
+    assert_eq!(m.fast_answered, 4);
+    let hypercalls = vm.counters[0].exits.snapshot().classes()[VMCALL.index()];
+    assert_eq!(hypercalls.count, 6, "every hypercall counted, answered in the loop or not");
+    assert_eq!(m.rip, 0x1000 + 2 * 5, "each answered call advanced RIP");
+    assert_eq!(vm.outcome(), Some((VmOutcome::Exited { status: 0 }, 0)));
+}
+
+#[test]
+fn the_fast_path_leaves_to_the_run_loop_what_it_must_see() {
+    // CPL 3: the run loop answers -EPERM (the fast path answers only what it would answer
+    // the same way).
+    let vm = test_vm(1);
+    let mut m = Mock { cpl: 3, rflags: RFLAGS_RESERVED_1, ..Mock::new(&[(ping_7, VMCALL), (|_| {}, ExitKind::Hlt)]) };
+    assert_eq!(run(&vm, 0, &mut m), SliceEnd::VmEnded, "HLT with interrupts off ends the VM");
+    assert_eq!(m.fast_answered, 0);
+    assert_eq!(vm.vcpus[0].lock().regs.rax, (-guest_abi::hypercall::errno::EPERM) as u64);
+    // An argument whose answer depends on the guest's mode, and a slice already over.
+    let vm = test_vm(1);
+    let mut m = Mock::new(&[(|r| (r.rax, r.rbx) = (nr::PING, u64::from(u32::MAX)), VMCALL)]);
+    assert_eq!(run(&vm, 0, &mut m), SliceEnd::VmEnded);
+    assert_eq!(m.fast_answered, 0);
+    let vm = test_vm(1);
+    let mut m = Mock::new(&[(ping_7, VMCALL), (ping_7, VMCALL)]);
+    let slice = vm.vcpus[0].lock().run(&vm, &mut m, 0, &AtomicBool::new(false));
+    assert_eq!((slice, m.fast_answered), (SliceEnd::Preempted, 0));
+    assert_eq!(vm.counters[0].exits.snapshot().classes()[VMCALL.index()].count, 1);
 }
