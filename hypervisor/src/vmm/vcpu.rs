@@ -379,9 +379,11 @@ impl Vcpu {
             return cpu.run_floor(&mut self.regs, FLOOR_BATCH);
         }
         // Not where an exit must be seen by the run loop: the virtual PMU counts guest time
-        // or exits, a PV EOI offer is outstanding, a test interrupt or NMI waits.
+        // or exits (in software, or in loaded hardware counters whose overflow is polled at
+        // exits), a PV EOI offer is outstanding, a test interrupt or NMI waits.
         if self.pmu.counts_guest_time()
             || self.pmu.counts_exits()
+            || self.pmu_hw.loaded_on().is_some()
             || self.pv.eoi_offered.is_some()
             || self.pending_irq.is_some()
             || self.pending_nmi
