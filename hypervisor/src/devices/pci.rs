@@ -512,11 +512,14 @@ mod tests {
         assert_eq!(Bdf::from_address(address(2, 3, 4, 0)), Bdf::new(2, 3, 4).unwrap());
     }
 
+    /// The last BAR access: (bar, offset, size, value written or 0).
+    type LastAccess = Arc<Mutex<Option<(u8, u64, u8, u64)>>>;
+
     /// A function with a 4 KiB 32-bit memory BAR 0 and a 64 KiB 64-bit BAR 2 that remembers
     /// the last access.
     struct Regs {
         space: ConfigSpace,
-        last: Arc<Mutex<Option<(u8, u64, u8, u64)>>>,
+        last: LastAccess,
     }
 
     impl PciFunction for Regs {
