@@ -87,6 +87,46 @@ for d in /sys/bus/pci/devices/*; do
 done
 echo "linux-guest: pci_devices $pci_n"
 
+# virtio over PCI (only when a virtio function, vendor 0x1af4, is on the bus: the default VMs
+# see no change). The Debian kernel has the virtio drivers as modules; the image carries them
+# in /lib/modules/virtio/ (scripts/guest-linux.sh), loaded here in dependency order. Then one
+# "linux-guest: virtio BDF VENDOR DEVICE DRIVER" line per virtio function, the virtio rows of
+# /proc/interrupts ("linux-guest: virtio_irq ..."), and with a virtio-console a line written
+# to /dev/hvc0 only, which reaches the host through the virtqueue, not the UART.
+virtio_pci_n=0
+for d in /sys/bus/pci/devices/*; do
+    [ "$(first_line "$d/vendor")" = 0x1af4 ] && virtio_pci_n=$((virtio_pci_n + 1))
+done
+if [ "$virtio_pci_n" -gt 0 ]; then
+    # The modules' kernel messages stay off the console (see vireo.ko below).
+    virtio_console_level=7
+    read -r virtio_console_level _ </proc/sys/kernel/printk
+    echo 1 >/proc/sys/kernel/printk
+    loaded=0
+    for m in virtio_ring virtio virtio_pci_modern_dev virtio_pci_legacy_dev virtio_pci virtio_console; do
+        insmod "/lib/modules/virtio/$m.ko" 2>/dev/null && loaded=$((loaded + 1))
+    done
+    echo "$virtio_console_level" >/proc/sys/kernel/printk
+    echo "linux-guest: virtio_modules $loaded"
+    for d in /sys/bus/pci/devices/*; do
+        [ "$(first_line "$d/vendor")" = 0x1af4 ] || continue
+        drv=none
+        [ -e "$d/driver" ] && drv="$(readlink "$d/driver")" && drv="${drv##*/}"
+        echo "linux-guest: virtio ${d##*/} $(first_line "$d/vendor") $(first_line "$d/device") $drv"
+    done
+    w=0
+    while [ ! -c /dev/hvc0 ] && [ "$w" -lt 20 ]; do
+        sleep 0.1
+        w=$((w + 1))
+    done
+    if [ -c /dev/hvc0 ]; then
+        echo "linux-guest: hvc0 ok" >/dev/hvc0
+    else
+        echo "linux-guest: hvc0 absent"
+    fi
+    awk '/virtio/ { $1 = $1; print "linux-guest: virtio_irq " $0 }' /proc/interrupts
+fi
+
 # Vireo's statistics module (guests/linux/vireo-mod): under Vireo (hypercall ABI 0.2 or later)
 # it makes /sys/hypervisor/vireo/; anywhere else insmod fails and the module has logged one
 # "vireo: absent reason=WORD (...)" line, whose WORD is printed here.
