@@ -570,7 +570,8 @@ impl VirtioPci {
             self.run_deferred(mem);
         }
         let n = u64::from(size.clamp(1, 8));
-        let within = |base: u64, len: u64| offset.checked_sub(base).filter(|o| o + n <= len);
+        let within =
+            |base: u64, len: u64| offset.checked_sub(base).filter(|o| o.checked_add(n).is_some_and(|e| e <= len));
         if let Some(o) = within(COMMON_OFFSET, common::LEN) {
             return read_bytes(&self.common_snapshot(), o, size);
         }
@@ -601,7 +602,8 @@ impl VirtioPci {
             self.run_deferred(mem);
         }
         let n = u64::from(size.clamp(1, 8));
-        let within = |base: u64, len: u64| offset.checked_sub(base).filter(|o| o + n <= len);
+        let within =
+            |base: u64, len: u64| offset.checked_sub(base).filter(|o| o.checked_add(n).is_some_and(|e| e <= len));
         if let Some(o) = within(COMMON_OFFSET, common::LEN) {
             self.common_write(o, size, value, mem);
         } else if let Some(o) = within(DEVICE_OFFSET, DEVICE_MAX_LEN) {
