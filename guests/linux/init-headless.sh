@@ -149,6 +149,32 @@ fi
 echo "$console_level" >/proc/sys/kernel/printk
 echo "linux-guest: vireo_module $vireo_status"
 
+# Output cost, only with linux_guest_virtio_bench=N on the kernel command line, a virtio-console
+# and vireo.ko loaded: N lines of 80 bytes written to /dev/hvc0 (one virtqueue notification per
+# write) and then to /dev/ttyS0 (the UART: an exit per byte and then some), with the VM's exits
+# (/sys/hypervisor/vireo/exits, all kinds) counted around each:
+# "linux-guest: virtio_bench dev=DEV lines=N exits=E".
+case "${linux_guest_virtio_bench:-}" in '' | *[!0-9]*) ;; *)
+    if [ -c /dev/hvc0 ] && [ -r "$VIREO_SYS/exits" ]; then
+        total_exits() {
+            te=0
+            while read -r _ count _; do te=$((te + count)); done <"$VIREO_SYS/exits"
+            echo "$te"
+        }
+        for dev in hvc0 ttyS0; do
+            e0="$(total_exits)"
+            i=0
+            while [ "$i" -lt "$linux_guest_virtio_bench" ]; do
+                echo "linux-guest: virtio_bench_line 0123456789abcdefghijklmnopqrstuvwxyz0123456789ABCDEFGH"
+                i=$((i + 1))
+            done >"/dev/$dev"
+            e1="$(total_exits)"
+            echo "linux-guest: virtio_bench dev=$dev lines=$linux_guest_virtio_bench exits=$((e1 - e0))"
+        done
+    fi
+    ;;
+esac
+
 # Restart test: with linux_guest_reboot=1 the first boot resets the machine; Vireo builds the
 # VM again and adds vireo_boot=N (N >= 2) to the kernel command line of later boots.
 echo "linux-guest: boot ${vireo_boot:-1}"
