@@ -21,6 +21,11 @@ Prepares the default Linux guest in DIR (default: build/linux in the repository 
                               the kernel's package version), the -common package it depends
                               on and linux-kbuild-6.1, fetched with apt-get download and
                               extracted (usr/src/linux-headers-RELEASE is the build tree)
+  modules/                    the kernel's virtio modules (virtio_ring, virtio,
+                              virtio_pci_modern_dev, virtio_pci_legacy_dev, virtio_pci,
+                              virtio_console) from its package (apt-get download at the
+                              kernel's version, once), carried in both images as
+                              /lib/modules/virtio/
   vireo.ko                    guests/linux/vireo-mod built against those headers (debug info
                               stripped; built in vireo-mod-build/)
   initramfs-headless.cpio.gz  /init = guests/linux/init-headless.sh: loads vireo.ko and prints
@@ -86,7 +91,11 @@ MOD_SRC="$INIT_DIR/vireo-mod"
 MOD_FILES=(vireo.c Kbuild)
 BUSYBOX=/bin/busybox
 # The applets the headless /init uses (the shell image gets every applet).
-HEADLESS_APPLETS=(sh mount uname nproc awk true poweroff sleep insmod dmesg)
+HEADLESS_APPLETS=(sh mount uname nproc awk true poweroff sleep insmod dmesg readlink)
+# The kernel's virtio modules the images carry in /lib/modules/virtio/ (paths in the kernel
+# package's lib/modules/RELEASE/kernel/), in an order that loads (each after what it needs).
+VIRTIO_MODULES=(drivers/virtio/virtio_ring.ko drivers/virtio/virtio.ko drivers/virtio/virtio_pci_modern_dev.ko
+    drivers/virtio/virtio_pci_legacy_dev.ko drivers/virtio/virtio_pci.ko drivers/char/virtio_console.ko)
 # The fixed mtime of everything in the images (SOURCE_DATE_EPOCH if the caller sets one).
 EPOCH="${SOURCE_DATE_EPOCH:-0}"
 [[ "$EPOCH" =~ ^[0-9]+$ ]] || die "SOURCE_DATE_EPOCH must be a number of seconds, not '$EPOCH'"
@@ -253,8 +262,45 @@ prepare_kernel() {
         fi
     fi
     install_kernel "$deb" "$ver"
+    install_modules "$deb"
     rm -f "$deb"
     say "kernel: $(version_field release) ($(stat -c %s "$OUT/vmlinuz") bytes) in $(elapsed "$t0") s"
+}
+
+# install_modules DEB: the virtio modules of DEB's kernel into DIR/modules/ (flat), with
+# modules.version naming the kernel package and version they came from.
+install_modules() {
+    local deb="$1" x="$WORK/xm" release m
+    release="$(version_field release)"
+    rm -rf "$x" "$OUT/modules"
+    mkdir -p "$x" "$OUT/modules"
+    dpkg-deb --fsys-tarfile "$deb" |
+        tar -x -C "$x" "${VIRTIO_MODULES[@]/#/./lib/modules/$release/kernel/}" ||
+        die "cannot unpack the virtio modules from $deb"
+    for m in "${VIRTIO_MODULES[@]}"; do
+        cp "$x/lib/modules/$release/kernel/$m" "$OUT/modules/"
+    done
+    printf 'package=%s\nversion=%s\n' "$(version_field package)" "$(version_field version)" >"$OUT/modules/modules.version"
+    rm -rf "$x"
+}
+
+# prepare_modules: the virtio modules for the cached kernel, fetched (the kernel package at its
+# exact version) only when DIR/modules/modules.version names another kernel.
+prepare_modules() {
+    local want dir="$WORK/mdeb" deb
+    want="$(printf 'package=%s\nversion=%s' "$(version_field package)" "$(version_field version)")"
+    if [[ -f "$OUT/modules/modules.version" && "$(cat "$OUT/modules/modules.version")" == "$want" ]]; then
+        say "virtio modules: cached"
+        return
+    fi
+    say "virtio modules: downloading $(version_field package) $(version_field version)"
+    if apt_download "$dir" "$(version_field package)=$(version_field version)" &&
+        deb="$(find "$dir" -maxdepth 1 -name '*.deb' | head -n 1)" && [[ -n "$deb" ]]; then
+        install_modules "$deb"
+        rm -rf "$dir"
+    else
+        note "warning: cannot download the kernel package for its virtio modules; the images carry none"
+    fi
 }
 
 # --- the kernel headers and vireo.ko -----------------------------------------------------------
@@ -412,6 +458,11 @@ make_initramfs() {
     cp "$OUT/vireo.ko" "$stage/lib/modules/vireo.ko"
     chmod 755 "$stage/bin/busybox" "$stage/init"
     chmod 644 "$stage/lib/modules/vireo.ko"
+    if [[ -d "$OUT/modules" ]]; then
+        mkdir -p "$stage/lib/modules/virtio"
+        cp "$OUT"/modules/*.ko "$stage/lib/modules/virtio/"
+        chmod 644 "$stage"/lib/modules/virtio/*.ko
+    fi
     if [[ "$1" == ALL ]]; then
         while read -r link; do
             # linuxrc is busybox's init under another name; this image has its own /init.
@@ -439,6 +490,7 @@ make_initramfs() {
 }
 
 prepare_kernel
+prepare_modules
 prepare_headers
 build_module
 make_initramfs headless "$INIT_DIR/init-headless.sh" "${HEADLESS_APPLETS[@]}"

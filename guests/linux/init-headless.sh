@@ -87,6 +87,46 @@ for d in /sys/bus/pci/devices/*; do
 done
 echo "linux-guest: pci_devices $pci_n"
 
+# virtio over PCI (only when a virtio function, vendor 0x1af4, is on the bus: the default VMs
+# see no change). The Debian kernel has the virtio drivers as modules; the image carries them
+# in /lib/modules/virtio/ (scripts/guest-linux.sh), loaded here in dependency order. Then one
+# "linux-guest: virtio BDF VENDOR DEVICE DRIVER" line per virtio function, the virtio rows of
+# /proc/interrupts ("linux-guest: virtio_irq ..."), and with a virtio-console a line written
+# to /dev/hvc0 only, which reaches the host through the virtqueue, not the UART.
+virtio_pci_n=0
+for d in /sys/bus/pci/devices/*; do
+    [ "$(first_line "$d/vendor")" = 0x1af4 ] && virtio_pci_n=$((virtio_pci_n + 1))
+done
+if [ "$virtio_pci_n" -gt 0 ]; then
+    # The modules' kernel messages stay off the console (see vireo.ko below).
+    virtio_console_level=7
+    read -r virtio_console_level _ </proc/sys/kernel/printk
+    echo 1 >/proc/sys/kernel/printk
+    loaded=0
+    for m in virtio_ring virtio virtio_pci_modern_dev virtio_pci_legacy_dev virtio_pci virtio_console; do
+        insmod "/lib/modules/virtio/$m.ko" 2>/dev/null && loaded=$((loaded + 1))
+    done
+    echo "$virtio_console_level" >/proc/sys/kernel/printk
+    echo "linux-guest: virtio_modules $loaded"
+    for d in /sys/bus/pci/devices/*; do
+        [ "$(first_line "$d/vendor")" = 0x1af4 ] || continue
+        drv=none
+        [ -e "$d/driver" ] && drv="$(readlink "$d/driver")" && drv="${drv##*/}"
+        echo "linux-guest: virtio ${d##*/} $(first_line "$d/vendor") $(first_line "$d/device") $drv"
+    done
+    w=0
+    while [ ! -c /dev/hvc0 ] && [ "$w" -lt 20 ]; do
+        sleep 0.1
+        w=$((w + 1))
+    done
+    if [ -c /dev/hvc0 ]; then
+        echo "linux-guest: hvc0 ok" >/dev/hvc0
+    else
+        echo "linux-guest: hvc0 absent"
+    fi
+    awk '/virtio/ { $1 = $1; print "linux-guest: virtio_irq " $0 }' /proc/interrupts
+fi
+
 # Vireo's statistics module (guests/linux/vireo-mod): under Vireo (hypercall ABI 0.2 or later)
 # it makes /sys/hypervisor/vireo/; anywhere else insmod fails and the module has logged one
 # "vireo: absent reason=WORD (...)" line, whose WORD is printed here.
@@ -108,6 +148,32 @@ else
 fi
 echo "$console_level" >/proc/sys/kernel/printk
 echo "linux-guest: vireo_module $vireo_status"
+
+# Output cost, only with linux_guest_virtio_bench=N on the kernel command line, a virtio-console
+# and vireo.ko loaded: N lines of 80 bytes written to /dev/hvc0 (one virtqueue notification per
+# write) and then to /dev/ttyS0 (the UART: an exit per byte and then some), with the VM's exits
+# (/sys/hypervisor/vireo/exits, all kinds) counted around each:
+# "linux-guest: virtio_bench dev=DEV lines=N exits=E".
+case "${linux_guest_virtio_bench:-}" in '' | *[!0-9]*) ;; *)
+    if [ -c /dev/hvc0 ] && [ -r "$VIREO_SYS/exits" ]; then
+        total_exits() {
+            te=0
+            while read -r _ count _; do te=$((te + count)); done <"$VIREO_SYS/exits"
+            echo "$te"
+        }
+        for dev in hvc0 ttyS0; do
+            e0="$(total_exits)"
+            i=0
+            while [ "$i" -lt "$linux_guest_virtio_bench" ]; do
+                echo "linux-guest: virtio_bench_line 0123456789abcdefghijklmnopqrstuvwxyz0123456789ABCDEFGH"
+                i=$((i + 1))
+            done >"/dev/$dev"
+            e1="$(total_exits)"
+            echo "linux-guest: virtio_bench dev=$dev lines=$linux_guest_virtio_bench exits=$((e1 - e0))"
+        done
+    fi
+    ;;
+esac
 
 # Restart test: with linux_guest_reboot=1 the first boot resets the machine; Vireo builds the
 # VM again and adds vireo_boot=N (N >= 2) to the kernel command line of later boots.

@@ -286,6 +286,64 @@ fn check_pci(out: &Outcome, vm: &str) {
     assert_eq!(guest_value(out, vm, "pci_devices"), "1", "{out:?}");
 }
 
+/// `virtio=console`: Linux finds the virtio-console at 00:01.0 on its PCI scan, assigns its
+/// BAR from the root bridge's window, the initramfs loads the virtio modules, virtio_pci binds
+/// with MSI-X (the virtio rows of /proc/interrupts are PCI-MSI), and a line /init writes to
+/// /dev/hvc0 alone reaches Vireo's serial output through the transmit virtqueue.
+#[test]
+fn linux_virtio_console_qemu_tcg_svm() {
+    let out = boot_linux_with(Machine::QemuSvm, 300, "virtio=console");
+    check_userspace(&out);
+    check_virtio_console(&out, "linux", true);
+}
+
+#[test]
+fn linux_virtio_console_bochs_vmx() {
+    let out = boot_linux_with(Machine::BochsVmx, 600, "virtio=console");
+    check_userspace(&out);
+    check_virtio_console(&out, "linux", true);
+}
+
+/// With `pci=nomsi` the driver falls back to INTA: device 1's pin A is GSI 17 by the `_PRT`,
+/// a level-triggered I/O APIC pin, released when the driver reads the ISR.
+#[test]
+fn linux_virtio_console_intx_qemu_tcg_svm() {
+    let (kernel, initrd) = linux_guest();
+    let line = format!("linux mem=256M virtio=console -- {LIGHT_LINUX_CMDLINE} pci=nomsi");
+    let out = Boot::new(Machine::QemuSvm).module(kernel, &line).module(initrd, "linux:initrd").timeout(300).run();
+    out.assert_exit_ok();
+    check_userspace(&out);
+    check_virtio_console(&out, "linux", false);
+}
+
+/// `msi`: the driver uses MSI-X (else INTA through the I/O APIC).
+fn check_virtio_console(out: &Outcome, vm: &str, msi: bool) {
+    let lines = out.guest_lines(vm);
+    let has = |text: &str| lines.iter().any(|l| l.contains(text));
+    assert!(has("pci 0000:00:01.0: [1af4:1043] type 00 class 0x078000"), "{vm}: no virtio-console\n{out:?}");
+    let dev: Vec<&str> = lines.iter().copied().filter(|l| l.contains("0000:00:01.0")).collect();
+    // The 32 KiB BAR, at 0 from reset, assigned from the root bridge's window.
+    assert!(
+        has("pci 0000:00:01.0: BAR 0 [mem 0xc0000000-0xc0007fff]: assigned"),
+        "{vm}: BAR 0 not assigned: {dev:#?}\n{out:?}"
+    );
+    assert_eq!(guest_value(out, vm, "pci_devices"), "2", "{out:?}");
+    assert_eq!(guest_value(out, vm, "virtio_modules"), "6", "{out:?}");
+    assert_eq!(guest_value(out, vm, "virtio"), "0000:00:01.0 0x1af4 0x1043 virtio-pci", "{out:?}");
+    let irqs: Vec<&str> = lines.iter().copied().filter(|l| l.starts_with("linux-guest: virtio_irq ")).collect();
+    assert!(!irqs.is_empty(), "{vm}: no virtio interrupts\n{out:?}");
+    if msi {
+        assert!(irqs.iter().all(|l| l.contains("PCI-MSI")), "{vm}: virtio without MSI-X: {irqs:?}\n{out:?}");
+        assert!(irqs.iter().any(|l| l.contains("virtio0-config")), "{irqs:?}\n{out:?}");
+    } else {
+        assert_eq!(irqs.len(), 1, "{irqs:?}\n{out:?}");
+        assert!(irqs[0].contains(" IO-APIC 17-fasteoi virtio0"), "{irqs:?}\n{out:?}");
+    }
+    // Written to /dev/hvc0 only: it came through the virtqueue.
+    assert!(lines.contains(&"linux-guest: hvc0 ok"), "{vm}: no hvc0 line\n{out:?}");
+    assert!(!out.serial.contains("needs reset"), "{out:?}");
+}
+
 /// Linux VMs get a local APIC and I/O APIC by default and route interrupts through them.
 fn check_apic_mode(out: &Outcome, vm: &str) {
     let lines = out.guest_lines(vm);

@@ -8,6 +8,7 @@ pub mod ioapic;
 pub mod irq;
 pub mod irqchip;
 pub mod lapic;
+pub mod msix;
 pub mod pc;
 pub mod pc_testdev;
 pub mod pci;

@@ -3,7 +3,7 @@
 //! 8259 pair, and with APICs the I/O APIC page. Each device drives its own [`IrqLine`]; the
 //! local APICs belong to the vCPUs (see `irqchip`).
 
-use alloc::sync::Arc;
+use alloc::{boxed::Box, sync::Arc};
 
 use spin::Mutex;
 
@@ -14,13 +14,27 @@ use super::{
     ioapic::{IOAPIC_BASE, IOAPIC_MMIO_SIZE},
     irqchip::{Interrupts, IoApicMmio, IrqLine, PicPorts},
     pc_testdev::PcTestdev,
-    pci::PciBus,
+    pci::{Bdf, PciBus, PciWindow},
     pic::{ELCR_MASTER, MASTER_CMD, SLAVE_CMD},
     pit::{PitDevice, PIT_IRQ},
     pm::{PmConfig, PmDevice, SCI_IRQ},
     rtc::{RtcDevice, RTC_IRQ},
     uart::{ConsoleUart, COM1_BASE, COM1_IRQ},
+    virtio::{console::VirtioConsole, pci::VirtioPci},
 };
+
+/// What a VM's PCI bus holds beyond the host bridge.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct PciOptions {
+    /// The root bridge's 32-bit memory window `(base, last)` (the DSDT `_CRS` window the guest
+    /// assigns BARs from), where memory BARs decode; `None`: no BAR decodes.
+    pub mmio32: Option<(u64, u64)>,
+    /// A virtio-console at [`VIRTIO_CONSOLE_SLOT`] (00:01.0).
+    pub virtio_console: bool,
+}
+
+/// The PCI device number of the virtio-console (function 0, INTA).
+pub const VIRTIO_CONSOLE_SLOT: u8 = 1;
 
 /// Adds the PC devices of VM `name` to `bus`; returns its console UART (for keyboard input).
 /// `unix_secs`: wall-clock time the RTC starts at.
@@ -29,6 +43,7 @@ pub fn build(
     irq: &Arc<Interrupts>,
     name: &str,
     unix_secs: u64,
+    pci_options: PciOptions,
 ) -> Result<Arc<Mutex<ConsoleUart>>, Overlap> {
     let line = |isa| IrqLine::new(irq.clone(), isa);
     let uart = device(ConsoleUart::new(COM1_BASE, line(COM1_IRQ), name));
@@ -39,7 +54,22 @@ pub fn build(
     let pm = PmDevice::new(PmConfig::default(), line(SCI_IRQ));
     let ranges = pm.ranges();
     bus.add(device(pm), &ranges)?;
-    bus.add(device(PciBus::new()), &PciBus::RANGES)?;
+    let mut pci_bus = PciBus::new();
+    if pci_options.virtio_console {
+        let gsi = crate::guest::acpi::pci_intx_gsi(VIRTIO_CONSOLE_SLOT, 0) as u8;
+        let console = VirtioPci::new(Box::new(VirtioConsole::new(name)), name, irq.clone(), gsi);
+        if let Some(bdf) = Bdf::new(0, VIRTIO_CONSOLE_SLOT, 0) {
+            // The slot is free on a new bus.
+            let _ = pci_bus.add(bdf, Box::new(console));
+        }
+    }
+    let pci = device(pci_bus);
+    bus.add(pci.clone(), &PciBus::RANGES)?;
+    if let Some((base, last)) = pci_options.mmio32 {
+        let window = PciWindow::new(pci.clone(), base, last);
+        let range = window.range();
+        bus.add(device(window), &[range])?;
+    }
     bus.add(
         device(PicPorts(irq.clone())),
         &[Range::port(MASTER_CMD, 2), Range::port(SLAVE_CMD, 2), Range::port(ELCR_MASTER, 2)],
@@ -81,7 +111,8 @@ mod tests {
     fn the_pc_answers_on_its_ports() {
         let irq = Interrupts::new(1, true, 1_000_000_000, no_kick);
         let mut bus = Bus::new();
-        build(&mut bus, &irq, "t", 0).unwrap();
+        build(&mut bus, &irq, "t", 0, PciOptions { mmio32: Some((0xC000_0000, 0xFEBF_FFFF)), virtio_console: true })
+            .unwrap();
         let mut frames = FrameAllocator::for_tests();
         let mem = GuestMemory::for_tests(&mut frames);
         let cx = Ctx { now: Nanos::ZERO, mem: &mem };
@@ -99,5 +130,16 @@ mod tests {
         bus.write(Space::Mmio, IOAPIC_BASE, 4, 1, &cx).unwrap();
         assert_eq!(bus.read(Space::Mmio, IOAPIC_BASE + 0x10, 4, &cx).map(|v| v & 0xFF), Some(0x20));
         assert!(bus.read(Space::Port, 0x80, 1, &cx).is_none());
+        // The PCI window answers (no BAR there yet: all ones).
+        assert_eq!(bus.read(Space::Mmio, 0xC000_0000, 4, &cx), Some(0xFFFF_FFFF));
+        // The virtio-console at 00:01.0; with its BAR placed and memory decoding on, its
+        // common configuration says 2 queues.
+        bus.write(Space::Port, 0xCF8, 4, 0x8000_0800, &cx).unwrap();
+        assert_eq!(bus.read(Space::Port, 0xCFC, 4, &cx), Some(0x1043_1AF4));
+        bus.write(Space::Port, 0xCF8, 4, 0x8000_0810, &cx).unwrap();
+        bus.write(Space::Port, 0xCFC, 4, 0xC000_8000, &cx).unwrap();
+        bus.write(Space::Port, 0xCF8, 4, 0x8000_0804, &cx).unwrap();
+        bus.write(Space::Port, 0xCFC, 2, 0x0006, &cx).unwrap();
+        assert_eq!(bus.read(Space::Mmio, 0xC000_8012, 2, &cx), Some(2));
     }
 }

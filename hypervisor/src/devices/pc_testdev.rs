@@ -143,7 +143,7 @@ mod tests {
     fn an_irq_line_reaches_the_pic() {
         let irq = Interrupts::new(1, false, 1_000_000_000, no_kick);
         let mut bus = Bus::new();
-        crate::devices::pc::build(&mut bus, &irq, "t", 0).unwrap();
+        crate::devices::pc::build(&mut bus, &irq, "t", 0, Default::default()).unwrap();
         bus.add(device(PcTestdev::new(&irq)), &PcTestdev::RANGES).unwrap();
         let mut frames = FrameAllocator::for_tests();
         let mem = GuestMemory::for_tests(&mut frames);

@@ -23,8 +23,12 @@
 //! the guest writes all ones).
 
 use alloc::boxed::Box;
+use alloc::sync::Arc;
 use alloc::vec::Vec;
 
+use spin::Mutex;
+
+use super::bus::{BusEffect, Ctx, Device, Range};
 use super::time::{all_ones, read_lanes, write_lanes};
 
 pub const CONFIG_ADDRESS_PORT: u16 = 0xCF8;
@@ -70,7 +74,39 @@ pub trait PciFunction: Send {
     /// Writes the bytes of `value` that `byte_mask` selects (0xFF << 8k for byte k) into the
     /// dword at `offset` (a multiple of 4, below 256).
     fn config_write(&mut self, offset: u8, value: u32, byte_mask: u32);
+    /// The size of memory BAR `bar` (0..6), a power of two of at least 16 bytes, or 0 where
+    /// the function has none. The bus decodes the BAR's address from configuration space
+    /// (§6.2.5.1: bit 0 clear for memory, bits 2:1 = 10b for a 64-bit BAR whose upper half is
+    /// the next register) while the command register's Memory Space bit is set.
+    fn mem_bar_size(&self, _bar: u8) -> u64 {
+        0
+    }
+    /// A read of `size` bytes at `offset` into memory BAR `bar` (the access lies wholly in it).
+    fn bar_read(&mut self, _bar: u8, _offset: u64, size: u8, _cx: &Ctx<'_>) -> u64 {
+        all_ones(size).into()
+    }
+    /// A write of the low `size` bytes of `value` at `offset` into memory BAR `bar`.
+    fn bar_write(&mut self, _bar: u8, _offset: u64, _size: u8, _value: u64, _cx: &Ctx<'_>) {}
 }
+
+/// Command register (offset 0x04) bits (§6.2.2).
+pub const COMMAND_MEMORY: u16 = 1 << 1;
+pub const COMMAND_BUS_MASTER: u16 = 1 << 2;
+pub const COMMAND_INTX_DISABLE: u16 = 1 << 10;
+/// Status register: Interrupt Status (INTx asserted) and Capabilities List.
+pub const STATUS_INTERRUPT: u16 = 1 << 3;
+pub const STATUS_CAPABILITIES: u16 = 1 << 4;
+/// Header offsets (§6.1).
+pub const OFFSET_COMMAND: u8 = 0x04;
+pub const OFFSET_STATUS: u8 = 0x06;
+pub const OFFSET_BAR0: u8 = 0x10;
+pub const OFFSET_SUBSYSTEM_VENDOR: u8 = 0x2C;
+pub const OFFSET_SUBSYSTEM: u8 = 0x2E;
+pub const OFFSET_CAPABILITIES: u8 = 0x34;
+pub const OFFSET_INTERRUPT_LINE: u8 = 0x3C;
+pub const OFFSET_INTERRUPT_PIN: u8 = 0x3D;
+/// BAR type bits: a 64-bit memory BAR.
+pub const BAR_MEM_64: u32 = 0b100;
 
 /// A 256-byte configuration space with a write mask: guest writes change only the bits set
 /// in the mask; everything else is read-only.
@@ -90,6 +126,22 @@ impl ConfigSpace {
         space.set_u32(0x08, (class << 8) | revision as u32);
         space.set_u8(0x0E, header_type);
         space
+    }
+
+    /// The byte at `offset`.
+    pub fn get_u8(&self, offset: u8) -> u8 {
+        self.bytes[offset as usize]
+    }
+
+    /// The little-endian word at `offset` (bytes past 255 read 0).
+    pub fn get_u16(&self, offset: u8) -> u16 {
+        let o = offset as usize;
+        u16::from_le_bytes([self.bytes[o], self.bytes.get(o + 1).copied().unwrap_or(0)])
+    }
+
+    /// Copies `bytes` in from the device side from `offset` (cut at 255).
+    pub fn set_slice(&mut self, offset: u8, bytes: &[u8]) {
+        self.set_bytes(offset, bytes);
     }
 
     pub fn set_u8(&mut self, offset: u8, value: u8) {
@@ -257,6 +309,88 @@ impl PciBus {
     fn function(&mut self, bdf: Bdf) -> Option<&mut (dyn PciFunction + 'static)> {
         self.functions.iter_mut().find(|(b, _)| *b == bdf).map(|(_, f)| f.as_mut())
     }
+
+    /// The function, memory BAR and offset an access of `size` bytes at guest-physical `addr`
+    /// reaches: a BAR of a function with memory decoding on that holds the whole access. BARs
+    /// are where the guest put them, checked at each access (the guest may move them at any
+    /// time); a BAR left at 0 (unassigned) decodes nothing; where two overlap (a guest
+    /// error), the first function added wins.
+    fn route(&mut self, addr: u64, size: u8) -> Option<(usize, u8, u64)> {
+        let len = u64::from(size.max(1));
+        for (i, (_, f)) in self.functions.iter_mut().enumerate() {
+            if f.config_read(OFFSET_COMMAND) as u16 & COMMAND_MEMORY == 0 {
+                continue;
+            }
+            let mut bar = 0u8;
+            while bar < 6 {
+                let reg = f.config_read(OFFSET_BAR0 + 4 * bar);
+                let wide = reg & 1 == 0 && reg & 0b110 == BAR_MEM_64;
+                let size = f.mem_bar_size(bar);
+                if reg & 1 == 0 && size.is_power_of_two() {
+                    let mut base = u64::from(reg & !0xF);
+                    if wide && bar < 5 {
+                        base |= u64::from(f.config_read(OFFSET_BAR0 + 4 * (bar + 1))) << 32;
+                    }
+                    let base = base & !(size - 1);
+                    if base != 0 {
+                        if let Some(offset) = addr.checked_sub(base).filter(|o| o.saturating_add(len) <= size) {
+                            return Some((i, bar, offset));
+                        }
+                    }
+                }
+                bar += if wide { 2 } else { 1 };
+            }
+        }
+        None
+    }
+
+    /// A memory read at `addr` through the BARs; `None` if no BAR decodes it.
+    pub fn mmio_read(&mut self, addr: u64, size: u8, cx: &Ctx<'_>) -> Option<u64> {
+        let (i, bar, offset) = self.route(addr, size)?;
+        Some(self.functions[i].1.bar_read(bar, offset, size, cx))
+    }
+
+    /// A memory write at `addr` through the BARs; `false` if no BAR decodes it.
+    pub fn mmio_write(&mut self, addr: u64, size: u8, value: u64, cx: &Ctx<'_>) -> bool {
+        let Some((i, bar, offset)) = self.route(addr, size) else { return false };
+        self.functions[i].1.bar_write(bar, offset, size, value, cx);
+        true
+    }
+}
+
+/// The root bridge's 32-bit memory window on the VM's bus (the DSDT `_CRS` window that Linux
+/// assigns BARs from): an access in it goes to whichever function's memory BAR holds it
+/// ([`PciBus::mmio_read`]); one no BAR decodes is a master abort, reading all ones.
+pub struct PciWindow {
+    pci: Arc<Mutex<PciBus>>,
+    range: Range,
+}
+
+impl PciWindow {
+    /// The window `[base, last]` of `pci`.
+    pub fn new(pci: Arc<Mutex<PciBus>>, base: u64, last: u64) -> Self {
+        Self { pci, range: Range::mmio(base, last.saturating_sub(base).saturating_add(1)) }
+    }
+
+    pub fn range(&self) -> Range {
+        self.range
+    }
+}
+
+impl Device for PciWindow {
+    fn name(&self) -> &'static str {
+        "pci-window"
+    }
+
+    fn read(&mut self, addr: u64, size: u8, cx: &Ctx<'_>) -> u64 {
+        let ones = if size >= 8 { u64::MAX } else { (1u64 << (8 * u32::from(size))) - 1 };
+        self.pci.lock().mmio_read(addr, size, cx).unwrap_or(ones)
+    }
+
+    fn write(&mut self, addr: u64, size: u8, value: u64, cx: &Ctx<'_>) -> BusEffect {
+        self.pci.lock().mmio_write(addr, size, value, cx);
+        BusEffect::None
+    }
 }
 
 impl PciBus {
@@ -266,7 +400,7 @@ impl PciBus {
         [super::bus::Range::port(CONFIG_ADDRESS_PORT, 1), super::bus::Range::port(CONFIG_DATA_PORT, 4)];
 }
 
-impl super::bus::Device for PciBus {
+impl Device for PciBus {
     fn name(&self) -> &'static str {
         "pci"
     }
@@ -376,6 +510,86 @@ mod tests {
         assert_eq!(Bdf::new(0, 32, 0), None);
         assert_eq!(Bdf::new(0, 0, 8), None);
         assert_eq!(Bdf::from_address(address(2, 3, 4, 0)), Bdf::new(2, 3, 4).unwrap());
+    }
+
+    /// The last BAR access: (bar, offset, size, value written or 0).
+    type LastAccess = Arc<Mutex<Option<(u8, u64, u8, u64)>>>;
+
+    /// A function with a 4 KiB 32-bit memory BAR 0 and a 64 KiB 64-bit BAR 2 that remembers
+    /// the last access.
+    struct Regs {
+        space: ConfigSpace,
+        last: LastAccess,
+    }
+
+    impl PciFunction for Regs {
+        fn config_read(&mut self, offset: u8) -> u32 {
+            self.space.config_read(offset)
+        }
+        fn config_write(&mut self, offset: u8, value: u32, byte_mask: u32) {
+            self.space.config_write(offset, value, byte_mask)
+        }
+        fn mem_bar_size(&self, bar: u8) -> u64 {
+            match bar {
+                0 => 0x1000,
+                2 => 0x1_0000,
+                _ => 0,
+            }
+        }
+        fn bar_read(&mut self, bar: u8, offset: u64, size: u8, _cx: &Ctx<'_>) -> u64 {
+            *self.last.lock() = Some((bar, offset, size, 0));
+            0x1234
+        }
+        fn bar_write(&mut self, bar: u8, offset: u64, size: u8, value: u64, _cx: &Ctx<'_>) {
+            *self.last.lock() = Some((bar, offset, size, value));
+        }
+    }
+
+    #[test]
+    fn memory_bars_decode_where_the_guest_puts_them() {
+        use crate::{devices::time::Nanos, mm::FrameAllocator, vmm::guest_mem::GuestMemory};
+        let mut frames = FrameAllocator::for_tests();
+        let mem = GuestMemory::for_tests(&mut frames);
+        let cx = Ctx { now: Nanos::ZERO, mem: &mem };
+        let mut space = ConfigSpace::new(0x1AF4, 0x1043, 0x07_80_00, 1, 0);
+        space.set_writable(0x04, COMMAND_MEMORY as u32);
+        space.set_writable(0x10, !0xFFF);
+        space.set_u32(0x18, BAR_MEM_64);
+        space.set_writable(0x18, !0xFFFF);
+        space.set_writable(0x1C, !0);
+        let pci = Arc::new(Mutex::new(PciBus::new()));
+        let last = Arc::new(Mutex::new(None));
+        pci.lock().add(Bdf::new(0, 1, 0).unwrap(), Box::new(Regs { space, last: last.clone() })).unwrap();
+        let mut window = PciWindow::new(pci.clone(), 0xC000_0000, 0xFEBF_FFFF);
+        assert_eq!(window.range(), Range::mmio(0xC000_0000, 0x3EC0_0000));
+        let bdf = Bdf::new(0, 1, 0).unwrap();
+        let mut p = pci.lock();
+        // Sizing.
+        p.config_write(bdf, 0x10, !0, 0xFFFF_FFFF);
+        assert_eq!(p.config_read(bdf, 0x10), 0xFFFF_F000);
+        p.config_write(bdf, 0x10, 0xC000_1000, 0xFFFF_FFFF);
+        p.config_write(bdf, 0x18, 0xC001_0000, 0xFFFF_FFFF);
+        drop(p);
+        // Memory decoding off: nothing answers.
+        assert_eq!(window.read(0xC000_1000, 4, &cx), 0xFFFF_FFFF);
+        pci.lock().config_write(bdf, 0x04, COMMAND_MEMORY as u32, 0xFFFF);
+        assert_eq!(window.read(0xC000_1008, 4, &cx), 0x1234);
+        assert_eq!(*last.lock(), Some((0, 8, 4, 0)));
+        assert_eq!(window.read(0xC000_0FFF, 1, &cx), 0xFF);
+        // An access running past the BAR's end is not the BAR's.
+        assert_eq!(window.read(0xC000_1FFE, 4, &cx), 0xFFFF_FFFF);
+        window.write(0xC001_0010, 8, 77, &cx);
+        assert_eq!(*last.lock(), Some((2, 0x10, 8, 77)));
+        // Move BAR 0: the old place is dead, the new one decodes.
+        pci.lock().config_write(bdf, 0x10, 0xD000_0000, 0xFFFF_FFFF);
+        assert_eq!(window.read(0xC000_1000, 4, &cx), 0xFFFF_FFFF);
+        assert_eq!(window.read(0xD000_0FFC, 4, &cx), 0x1234);
+        // The 64-bit BAR with a non-zero upper half is above the window's addresses.
+        pci.lock().config_write(bdf, 0x1C, 1, 0xFFFF_FFFF);
+        assert_eq!(pci.lock().mmio_read(0xC001_0000, 4, &cx), None);
+        assert_eq!(pci.lock().mmio_read(0x1_C001_0000, 4, &cx), Some(0x1234));
+        assert!(pci.lock().mmio_write(0x1_C001_FFF8, 8, 5, &cx));
+        assert!(!pci.lock().mmio_write(0x1_C001_FFF9, 8, 5, &cx));
     }
 
     #[test]

@@ -298,7 +298,10 @@ pub fn build_vm(
     let irq = Interrupts::new(cpus, platform && spec.apic, DEFAULT_TIMER_HZ, kick);
     let mut bus = Bus::new();
     let uart = if platform {
-        let built = pc::build(&mut bus, &irq, spec.name, RTC_EPOCH).and_then(|uart| {
+        // BARs decode in the root bridge's 32-bit window, the one the DSDT gives the guest.
+        let mmio32 = acpi::pci_mmio32_window(size).map(|w| (u64::from(w.base), u64::from(w.last)));
+        let pci_options = pc::PciOptions { mmio32, virtio_console: spec.virtio_console };
+        let built = pc::build(&mut bus, &irq, spec.name, RTC_EPOCH, pci_options).and_then(|uart| {
             if multiboot {
                 // QEMU's test devices, which kernels written for `qemu -kernel` use.
                 pc::add_qemu_test_devices(&mut bus, &irq, size, cpus as u16, spec.kernel_cmdline, spec.name)?;

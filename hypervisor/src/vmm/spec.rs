@@ -1,7 +1,7 @@
 //! A VM described by a multiboot2 module: the module holds the guest image, its command
 //! line names the VM and sets its options.
 //!
-//! Module command line: `<name> [mem=SIZE] [cpus=N] [apic=on|off] [pv=kvm|off] [pmu=on|off] [floor=on|off] [timeout=SECONDS] [guest arguments...]
+//! Module command line: `<name> [mem=SIZE] [cpus=N] [apic=on|off] [pv=kvm|off] [pmu=on|off] [virtio=console|off] [floor=on|off] [timeout=SECONDS] [guest arguments...]
 //! [-- kernel command line]`; `timeout` stops the VM after that many seconds of running
 //! (default: no limit); everything after ` -- ` is a Linux guest's or a multiboot kernel's
 //! command line. `expect=OUTCOME` (or `expect=exited:STATUS`) is how the VM should end.
@@ -9,6 +9,8 @@
 //! for Linux VMs with local APICs, `off` otherwise. `floor=on` is a measuring mode: the
 //! backend answers PING hypercalls in its own entry loop (`Backend::run_floor`).
 //! `pmu` offers Vireo's virtual PMU (`crate::pmu`): default on for Linux VMs, off otherwise.
+//! `virtio=console` puts a virtio-console on the PCI bus of a Linux or multiboot VM (00:01.0,
+//! `crate::devices::virtio::console`); default off.
 //! `cpus` is 1..=[`MAX_VCPUS`] (default 1), and `mem` must hold them: at least [`MIN_MEM`]
 //! plus [`MEM_PER_EXTRA_VCPU`] for every vCPU beyond the first ([`min_mem_for`]).
 //! A module whose line is `<name>:initrd` is the initramfs of VM `<name>`; one whose line is
@@ -66,6 +68,8 @@ pub struct VmSpec<'a> {
     /// `pmu=on|off`: the virtual PMU (`crate::pmu`); `None`: the default for the kind of
     /// guest (on for Linux VMs).
     pub pmu: Option<bool>,
+    /// `virtio=console`: a virtio-console on the VM's PCI bus (`off`, the default: none).
+    pub virtio_console: bool,
     /// The module's whole command line, passed to the guest.
     pub args: &'a str,
 }
@@ -89,6 +93,7 @@ pub enum SpecError<'a> {
     BadExpectStatus(&'a str),
     BadFloor(&'a str),
     BadPmu(&'a str),
+    BadVirtio(&'a str),
 }
 
 impl fmt::Display for SpecError<'_> {
@@ -102,6 +107,7 @@ impl fmt::Display for SpecError<'_> {
             SpecError::BadApic(v) => write!(f, "bad value '{v}' for key 'apic' (expected on or off)"),
             SpecError::BadFloor(v) => write!(f, "bad value '{v}' for key 'floor' (expected on or off)"),
             SpecError::BadPmu(v) => write!(f, "bad value '{v}' for key 'pmu' (expected on or off)"),
+            SpecError::BadVirtio(v) => write!(f, "bad value '{v}' for key 'virtio' (expected console or off)"),
             SpecError::BadPv(v) => write!(f, "bad value '{v}' for key 'pv' (expected kvm or off)"),
             SpecError::BadExpect(v) => {
                 write!(f, "bad value '{v}' for key 'expect' (expected one of: {})", EXPECTABLE.join(" "))
@@ -175,7 +181,15 @@ pub fn parse(cmdline: &str) -> Result<VmSpec<'_>, SpecError<'_>> {
     let mut pv = None;
     let mut floor = false;
     let mut pmu = None;
+    let mut virtio_console = false;
     for w in words {
+        if let Some(v) = w.strip_prefix("virtio=") {
+            virtio_console = match v {
+                "console" => true,
+                "off" => false,
+                _ => return Err(SpecError::BadVirtio(v)),
+            };
+        }
         if let Some(v) = w.strip_prefix("pmu=") {
             pmu = Some(match v {
                 "on" => true,
@@ -247,6 +261,7 @@ pub fn parse(cmdline: &str) -> Result<VmSpec<'_>, SpecError<'_>> {
         pv,
         floor,
         pmu,
+        virtio_console,
         args: cmdline,
     })
 }
@@ -271,8 +286,15 @@ mod tests {
                 pv: None,
                 floor: false,
                 pmu: None,
+                virtio_console: false,
                 args: "selftest"
             }
+        );
+        assert!(parse("s virtio=console").unwrap().virtio_console);
+        assert!(!parse("s virtio=off").unwrap().virtio_console);
+        assert_eq!(
+            parse("s virtio=net").unwrap_err().to_string(),
+            "bad value 'net' for key 'virtio' (expected console or off)"
         );
         assert_eq!(parse("s pmu=on").unwrap().pmu, Some(true));
         assert_eq!(parse("s pmu=off").unwrap().pmu, Some(false));

@@ -7,7 +7,11 @@
 //! into the "needs reset" state ([`STATUS_DEVICE_NEEDS_RESET`], virtio 1.2 §2.1.2) instead of
 //! a panic: the VM's other devices, the VM and Vireo go on.
 
+pub mod console;
+pub mod pci;
 pub mod queue;
+
+use queue::{Chain, GuestRam, QueueError, SplitQueue};
 
 /// Device status bits (virtio 1.2 §2.1): what the driver has done so far.
 pub const STATUS_ACKNOWLEDGE: u8 = 1;
@@ -51,6 +55,135 @@ impl DeviceStatus {
         self.0 & STATUS_DEVICE_NEEDS_RESET != 0
     }
 }
+
+/// Device types (virtio 1.2 §5).
+pub const TYPE_NET: u16 = 1;
+pub const TYPE_BLOCK: u16 = 2;
+pub const TYPE_CONSOLE: u16 = 3;
+
+/// A device's enabled queues while it handles a notification: it takes chains, reads and
+/// writes guest memory, and returns chains; the transport then sends a used-buffer
+/// notification for every queue that got used buffers, if the driver wants one.
+pub struct Queues<'a> {
+    queues: &'a mut [Option<SplitQueue>],
+    mem: &'a dyn GuestRam,
+    used: u64,
+}
+
+impl<'a> Queues<'a> {
+    /// `queues[i]` is queue `i` once the driver has enabled it.
+    pub fn new(queues: &'a mut [Option<SplitQueue>], mem: &'a dyn GuestRam) -> Self {
+        Self { queues, mem, used: 0 }
+    }
+
+    /// Guest RAM (checked access).
+    pub fn mem(&self) -> &'a dyn GuestRam {
+        self.mem
+    }
+
+    /// The next available chain of queue `q`; `Ok(None)` if there is none or the queue is not
+    /// enabled.
+    pub fn pop(&mut self, q: u16) -> Result<Option<Chain>, QueueError> {
+        match self.queues.get_mut(usize::from(q)) {
+            Some(Some(queue)) => queue.pop(&self.mem),
+            _ => Ok(None),
+        }
+    }
+
+    /// Returns chain `head` of queue `q` with `written` bytes written.
+    pub fn push_used(&mut self, q: u16, head: u16, written: u32) -> Result<(), QueueError> {
+        match self.queues.get_mut(usize::from(q)) {
+            Some(Some(queue)) => {
+                queue.push_used(&self.mem, head, written)?;
+                if q < 64 {
+                    self.used |= 1 << q;
+                }
+                Ok(())
+            }
+            _ => Err(QueueError::BadUsedId(head)),
+        }
+    }
+
+    /// Asks for kicks on queue `q` again after draining it ([`SplitQueue::enable_notifications`]);
+    /// `true` if chains arrived meanwhile (drain again).
+    pub fn enable_notifications(&mut self, q: u16) -> Result<bool, QueueError> {
+        match self.queues.get_mut(usize::from(q)) {
+            Some(Some(queue)) => queue.enable_notifications(&self.mem),
+            _ => Ok(false),
+        }
+    }
+
+    /// No kicks needed on queue `q` while the device drains it.
+    pub fn disable_notifications(&mut self, q: u16) -> Result<(), QueueError> {
+        match self.queues.get_mut(usize::from(q)) {
+            Some(Some(queue)) => queue.disable_notifications(&self.mem),
+            _ => Ok(()),
+        }
+    }
+
+    /// The queues that got used buffers (bit `q` = queue `q`).
+    pub fn used(&self) -> u64 {
+        self.used
+    }
+}
+
+/// Reads a chain's device-readable bytes, in order, in pieces of at most `CHUNK` bytes,
+/// handing each to `sink`; stops after `limit` bytes. Returns the bytes read.
+pub fn read_chain(
+    chain: &Chain,
+    mem: &dyn GuestRam,
+    limit: u64,
+    sink: &mut dyn FnMut(&[u8]),
+) -> Result<u64, QueueError> {
+    const CHUNK: usize = 256;
+    let mut buf = [0u8; CHUNK];
+    let mut done = 0u64;
+    for b in chain.buffers.iter().filter(|b| !b.writable) {
+        let mut off = 0u64;
+        while off < u64::from(b.len) && done < limit {
+            let n = (u64::from(b.len) - off).min(CHUNK as u64).min(limit - done) as usize;
+            mem.read(b.addr + off, &mut buf[..n]).map_err(|_| QueueError::Memory)?;
+            sink(&buf[..n]);
+            off += n as u64;
+            done += n as u64;
+        }
+    }
+    Ok(done)
+}
+
+/// One virtio device, as the transport ([`pci::VirtioPci`]) sees it: a device is one file
+/// implementing this trait. The transport owns feature negotiation, the queues' setup, the
+/// status field, interrupts and the "needs reset" state; the device says what it offers and
+/// does the work of a notification.
+pub trait VirtioDevice: Send {
+    /// A short name for messages ("console").
+    fn name(&self) -> &'static str;
+    /// The virtio device type (virtio 1.2 §5): [`TYPE_CONSOLE`], ...
+    fn device_type(&self) -> u16;
+    /// The PCI class code (base class << 16 | subclass << 8 | programming interface).
+    fn pci_class(&self) -> u32;
+    /// Device-specific feature bits offered (bits 0-23); the transport adds VERSION_1,
+    /// INDIRECT_DESC and EVENT_IDX.
+    fn features(&self) -> u64;
+    /// The largest size of each queue (the number of queues is the slice's length).
+    fn queue_max_sizes(&self) -> &[u16];
+    /// The device configuration space's length in bytes.
+    fn config_len(&self) -> u64;
+    /// Reads device configuration bytes from `offset` (bytes past its end read 0).
+    fn read_config(&self, offset: u64, data: &mut [u8]);
+    /// Writes device configuration bytes (read-only fields ignore it).
+    fn write_config(&mut self, _offset: u64, _data: &[u8]) {}
+    /// The driver set DRIVER_OK with `features` negotiated.
+    fn activate(&mut self, _features: u64) {}
+    /// The driver notified queue `queue` (available buffers), or the transport asks the
+    /// device to look at it. An error means the driver broke the rules: the device needs reset.
+    fn notify(&mut self, queue: u16, queues: &mut Queues<'_>) -> Result<(), QueueError>;
+    /// The driver reset the device (status 0): back to the initial state.
+    fn reset(&mut self) {}
+}
+
+/// Devices in their own storage, for the transport's `Box`.
+pub type BoxedDevice = alloc::boxed::Box<dyn VirtioDevice>;
 
 #[cfg(test)]
 mod tests {

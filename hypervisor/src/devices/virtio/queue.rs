@@ -47,6 +47,19 @@ pub trait GuestRam {
     fn write(&self, gpa: u64, data: &[u8]) -> Result<(), NotRam>;
 }
 
+/// A reference to guest memory is guest memory (so `&dyn GuestRam` can be handed on).
+impl<T: GuestRam + ?Sized> GuestRam for &T {
+    fn is_ram(&self, gpa: u64, len: u64) -> bool {
+        (**self).is_ram(gpa, len)
+    }
+    fn read(&self, gpa: u64, buf: &mut [u8]) -> Result<(), NotRam> {
+        (**self).read(gpa, buf)
+    }
+    fn write(&self, gpa: u64, data: &[u8]) -> Result<(), NotRam> {
+        (**self).write(gpa, data)
+    }
+}
+
 /// An access that is not wholly in RAM.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct NotRam;
