@@ -153,7 +153,7 @@ impl<S: AsRef<[u8]> + AsMut<[u8]>> Blk<S> {
 
     /// Carries out the request in `chain`; returns the number of bytes written into the chain
     /// (the used element's `len`), the status byte included.
-    pub fn handle(&mut self, chain: &Chain, mem: &impl GuestRam) -> Result<u32, BlkError> {
+    pub fn handle(&mut self, chain: &Chain, mem: &(impl GuestRam + ?Sized)) -> Result<u32, BlkError> {
         let (readable, writable) = (chain.readable_len(), chain.writable_len());
         if readable < HEADER_LEN || writable < 1 {
             return Err(BlkError::Malformed { readable, writable });
@@ -226,7 +226,7 @@ impl<S: AsRef<[u8]> + AsMut<[u8]>> Blk<S> {
         sector: u64,
         len: u64,
         chain: &Chain,
-        mem: &impl GuestRam,
+        mem: &(impl GuestRam + ?Sized),
     ) -> Result<(u8, u64), BlkError> {
         let Some((off, n)) = self.range(sector, len) else { return Ok((S_IOERR, 0)) };
         stream::read(chain, mem, HEADER_LEN, &mut self.image.as_mut()[off..off + n])?;

@@ -90,7 +90,7 @@ pub fn config_read(mac: Mac, offset: usize, data: &mut [u8]) {
 /// bytes); returns its length, or why it is dropped.
 pub fn take_tx(
     chain: &Chain,
-    mem: &impl GuestRam,
+    mem: &(impl GuestRam + ?Sized),
     frame: &mut [u8; MAX_FRAME],
 ) -> Result<Result<usize, TxDrop>, QueueError> {
     let total = chain.readable_len();
@@ -114,7 +114,7 @@ pub fn take_tx(
 
 /// Writes the header and `frame` into receive chain `chain`; returns the used length, or
 /// `None` if the chain is too small (the frame is dropped; the chain is still returned, empty).
-pub fn put_rx(chain: &Chain, mem: &impl GuestRam, frame: &[u8]) -> Result<Option<u32>, QueueError> {
+pub fn put_rx(chain: &Chain, mem: &(impl GuestRam + ?Sized), frame: &[u8]) -> Result<Option<u32>, QueueError> {
     let need = (HEADER_LEN + frame.len()) as u64;
     if chain.writable_len() < need {
         return Ok(None);

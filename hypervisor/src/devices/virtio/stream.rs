@@ -44,13 +44,13 @@ fn walk(
 
 /// Copies device-readable bytes from stream offset `offset` into `buf`; returns how many
 /// there were (fewer than `buf.len()` when the stream ends first).
-pub fn read(chain: &Chain, mem: &impl GuestRam, offset: u64, buf: &mut [u8]) -> Result<usize, QueueError> {
+pub fn read(chain: &Chain, mem: &(impl GuestRam + ?Sized), offset: u64, buf: &mut [u8]) -> Result<usize, QueueError> {
     let len = buf.len();
     walk(chain, false, offset, len, |gpa, r| mem.read(gpa, &mut buf[r]).map_err(|_| QueueError::Memory))
 }
 
 /// Copies `data` into the device-writable stream at `offset`; returns how many bytes fitted.
-pub fn write(chain: &Chain, mem: &impl GuestRam, offset: u64, data: &[u8]) -> Result<usize, QueueError> {
+pub fn write(chain: &Chain, mem: &(impl GuestRam + ?Sized), offset: u64, data: &[u8]) -> Result<usize, QueueError> {
     walk(chain, true, offset, data.len(), |gpa, r| mem.write(gpa, &data[r]).map_err(|_| QueueError::Memory))
 }
 
