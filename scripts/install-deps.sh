@@ -99,6 +99,8 @@ apt_wanted() {
         echo "make make"
         echo "objcopy binutils"
         echo "/usr/lib/x86_64-linux-gnu/libelf.so.1 libelf1"
+        # scripts/mkdisk.sh: the ext4 image for the virtio-blk tests.
+        echo "/usr/sbin/mke2fs e2fsprogs"
     fi
     if has bench; then
         echo "sysbench sysbench"

@@ -191,10 +191,11 @@ pub fn kernel_main(magic: u32, mbi_addr: u32) -> ! {
     arch::idt::set_context(&BUILDING);
     // Initramfs and multiboot modules belong to the VM they name; one naming no VM is reported.
     for m in info.modules() {
-        let (vm, what) = match (spec::initrd_of(m.cmdline), spec::module_of(m.cmdline)) {
-            (Some(vm), _) => (vm, "initrd"),
-            (None, Some((vm, _))) => (vm, "module"),
-            (None, None) => continue,
+        let (vm, what) = match (spec::initrd_of(m.cmdline), spec::module_of(m.cmdline), spec::disk_of(m.cmdline)) {
+            (Some(vm), _, _) => (vm, "initrd"),
+            (None, Some((vm, _)), _) => (vm, "module"),
+            (None, None, Some((vm, _))) => (vm, "disk"),
+            (None, None, None) => continue,
         };
         let owner = info
             .modules()
@@ -219,6 +220,16 @@ pub fn kernel_main(magic: u32, mbi_addr: u32) -> ! {
                 continue;
             }
         };
+        // A disk line for this VM with bad options stops the VM: it would run without the
+        // disk its owner meant it to have.
+        if let Some(e) = info.modules().find_map(|k| match spec::disk_of(k.cmdline) {
+            Some((vm, Err(e))) if vm == spec.name => Some(e),
+            _ => None,
+        }) {
+            report!("vm name={} not started reason=\"{e}\"", spec.name);
+            sched::note_refused();
+            continue;
+        }
         let Some(hw) = &hardware else {
             report!("vm name={} not started reason=\"no usable virtualization hardware\"", spec.name);
             sched::note_refused();

@@ -17,6 +17,7 @@ pub mod pit;
 pub mod pm;
 pub mod ports;
 pub mod rtc;
+pub mod switch;
 pub mod testdev;
 pub mod time;
 pub mod uart;

@@ -14,7 +14,10 @@
 //! `cpus` is 1..=[`MAX_VCPUS`] (default 1), and `mem` must hold them: at least [`MIN_MEM`]
 //! plus [`MEM_PER_EXTRA_VCPU`] for every vCPU beyond the first ([`min_mem_for`]).
 //! A module whose line is `<name>:initrd` is the initramfs of VM `<name>`; one whose line is
-//! `<name>:module [command line]` is a module for the multiboot kernel of VM `<name>`.
+//! `<name>:module [command line]` is a module for the multiboot kernel of VM `<name>`; one
+//! whose line is `<name>:disk [ro] [serial=S]` is a disk image for VM `<name>`'s virtio-blk
+//! device ([`disk_of`]). `net=SWITCH` connects the VM's virtio-net device to the virtual
+//! switch `SWITCH` (a name like a VM's; VMs naming the same switch share it).
 //! Unknown `key=value` words are left to the guest (test guests read `bench=`, `mode=`). The whole line is also
 //! handed to the guest (test guests read `bench=N`, `mode=...` from it). `name` is 1-32
 //! characters of `[A-Za-z0-9_-]`.
@@ -70,9 +73,26 @@ pub struct VmSpec<'a> {
     pub pmu: Option<bool>,
     /// `virtio=console`: a virtio-console on the VM's PCI bus (`off`, the default: none).
     pub virtio_console: bool,
+    /// `net=SWITCH`: the virtual switch the VM's NIC is on; `None`: no NIC.
+    pub net: Option<&'a str>,
     /// The module's whole command line, passed to the guest.
     pub args: &'a str,
 }
+
+/// A disk image module: `<name>:disk [ro] [serial=S]`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct DiskSpec<'a> {
+    /// The VM it belongs to.
+    pub vm: &'a str,
+    /// `ro`: writes fail with an I/O error and the device says it is read-only.
+    pub read_only: bool,
+    /// `serial=S` (1-20 printable ASCII characters): the disk's identity
+    /// (`/sys/block/vda/serial`); default the VM's name.
+    pub serial: &'a str,
+}
+
+/// Longest `serial=` (virtio-blk's GET_ID answer, virtio 1.2 §5.2.6).
+pub const MAX_SERIAL: usize = 20;
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum SpecError<'a> {
@@ -94,6 +114,9 @@ pub enum SpecError<'a> {
     BadFloor(&'a str),
     BadPmu(&'a str),
     BadVirtio(&'a str),
+    BadNet(&'a str),
+    /// A word on a `:disk` line that is not `ro` or `serial=S`.
+    BadDiskWord(&'a str),
 }
 
 impl fmt::Display for SpecError<'_> {
@@ -108,6 +131,11 @@ impl fmt::Display for SpecError<'_> {
             SpecError::BadFloor(v) => write!(f, "bad value '{v}' for key 'floor' (expected on or off)"),
             SpecError::BadPmu(v) => write!(f, "bad value '{v}' for key 'pmu' (expected on or off)"),
             SpecError::BadVirtio(v) => write!(f, "bad value '{v}' for key 'virtio' (expected console or off)"),
+            SpecError::BadNet(v) => write!(f, "bad value '{v}' for key 'net' (expected a switch name: 1-{MAX_NAME} characters of A-Z a-z 0-9 _ -)"),
+            SpecError::BadDiskWord(w) => write!(
+                f,
+                "bad word '{w}' on a disk line (expected <vm>:disk [ro] [serial=S], S 1-{MAX_SERIAL} printable characters)"
+            ),
             SpecError::BadPv(v) => write!(f, "bad value '{v}' for key 'pv' (expected kvm or off)"),
             SpecError::BadExpect(v) => {
                 write!(f, "bad value '{v}' for key 'expect' (expected one of: {})", EXPECTABLE.join(" "))
@@ -147,9 +175,35 @@ pub fn module_of(cmdline: &str) -> Option<(&str, &str)> {
     first.strip_suffix(":module").map(|vm| (vm, rest.trim()))
 }
 
-/// Whether the module line belongs to a VM rather than describing one (`:initrd`, `:module`).
+/// Whether the module line belongs to a VM rather than describing one (`:initrd`,
+/// `:module`, `:disk`).
 pub fn is_attachment(cmdline: &str) -> bool {
-    initrd_of(cmdline).is_some() || module_of(cmdline).is_some()
+    initrd_of(cmdline).is_some() || module_of(cmdline).is_some() || disk_of(cmdline).is_some()
+}
+
+/// If the module line is `<name>:disk [ro] [serial=S]`: the VM it belongs to, and the disk
+/// or why its options are wrong.
+pub fn disk_of(cmdline: &str) -> Option<(&str, Result<DiskSpec<'_>, SpecError<'_>>)> {
+    let mut words = cmdline.split_ascii_whitespace();
+    let vm = words.next()?.strip_suffix(":disk")?;
+    let mut disk = DiskSpec { vm, read_only: false, serial: vm };
+    for w in words {
+        match w.strip_prefix("serial=") {
+            _ if w == "ro" => disk.read_only = true,
+            Some(s) if (1..=MAX_SERIAL).contains(&s.len()) && s.bytes().all(|b| b.is_ascii_graphic()) => {
+                disk.serial = s
+            }
+            _ => return Some((vm, Err(SpecError::BadDiskWord(w)))),
+        }
+    }
+    Some((vm, Ok(disk)))
+}
+
+/// Whether `name` is a valid VM or switch name.
+fn valid_name(name: &str) -> bool {
+    !name.is_empty()
+        && name.len() <= MAX_NAME
+        && name.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'_' || b == b'-')
 }
 
 /// If the module line is `<name>:initrd`, the VM it belongs to.
@@ -166,10 +220,7 @@ pub fn parse(cmdline: &str) -> Result<VmSpec<'_>, SpecError<'_>> {
     };
     let mut words = options.split_ascii_whitespace();
     let name = words.next().ok_or(SpecError::NoName)?;
-    if name.is_empty()
-        || name.len() > MAX_NAME
-        || !name.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'_' || b == b'-')
-    {
+    if !valid_name(name) {
         return Err(SpecError::BadName(name));
     }
     let mut mem = DEFAULT_MEM;
@@ -182,6 +233,7 @@ pub fn parse(cmdline: &str) -> Result<VmSpec<'_>, SpecError<'_>> {
     let mut floor = false;
     let mut pmu = None;
     let mut virtio_console = false;
+    let mut net = None;
     for w in words {
         if let Some(v) = w.strip_prefix("virtio=") {
             virtio_console = match v {
@@ -189,6 +241,9 @@ pub fn parse(cmdline: &str) -> Result<VmSpec<'_>, SpecError<'_>> {
                 "off" => false,
                 _ => return Err(SpecError::BadVirtio(v)),
             };
+        }
+        if let Some(v) = w.strip_prefix("net=") {
+            net = Some(v).filter(|v| valid_name(v)).map(Some).ok_or(SpecError::BadNet(v))?;
         }
         if let Some(v) = w.strip_prefix("pmu=") {
             pmu = Some(match v {
@@ -262,6 +317,7 @@ pub fn parse(cmdline: &str) -> Result<VmSpec<'_>, SpecError<'_>> {
         floor,
         pmu,
         virtio_console,
+        net,
         args: cmdline,
     })
 }
@@ -287,6 +343,7 @@ mod tests {
                 floor: false,
                 pmu: None,
                 virtio_console: false,
+                net: None,
                 args: "selftest"
             }
         );
@@ -296,6 +353,21 @@ mod tests {
             parse("s virtio=net").unwrap_err().to_string(),
             "bad value 'net' for key 'virtio' (expected console or off)"
         );
+        assert_eq!(parse("a net=sw0").unwrap().net, Some("sw0"));
+        assert_eq!(parse("a net=").unwrap_err(), SpecError::BadNet(""));
+        assert_eq!(parse("a net=s/w"), Err(SpecError::BadNet("s/w")));
+        assert_eq!(disk_of("deb:disk"), Some(("deb", Ok(DiskSpec { vm: "deb", read_only: false, serial: "deb" }))));
+        assert_eq!(
+            disk_of("deb:disk ro serial=root-1"),
+            Some(("deb", Ok(DiskSpec { vm: "deb", read_only: true, serial: "root-1" })))
+        );
+        assert_eq!(disk_of("deb:disk rw"), Some(("deb", Err(SpecError::BadDiskWord("rw")))));
+        assert_eq!(
+            disk_of("deb:disk serial=123456789012345678901"),
+            Some(("deb", Err(SpecError::BadDiskWord("serial=123456789012345678901"))))
+        );
+        assert_eq!(disk_of("deb ro"), None);
+        assert!(is_attachment("deb:disk ro") && is_attachment("deb:disk junk"));
         assert_eq!(parse("s pmu=on").unwrap().pmu, Some(true));
         assert_eq!(parse("s pmu=off").unwrap().pmu, Some(false));
         assert_eq!(parse("s pmu=yes"), Err(SpecError::BadPmu("yes")));

@@ -1,15 +1,21 @@
 //! virtio 1.x (OASIS "Virtual I/O Device (VIRTIO) Version 1.2", cited as "virtio 1.2 §n")
 //! building blocks shared by the virtio devices: the device status field and the feature bits
-//! of the transport-independent part, and [`queue`], the split virtqueue.
+//! of the transport-independent part, [`queue`] (the split virtqueue), [`stream`] (a chain as
+//! a readable and a writable byte stream), and the request logic of the devices, free of any
+//! transport: [`blk`] (block requests on a disk image) and [`net`] (frames in and out of
+//! chains; the switch between VMs is `devices::switch`).
 //!
 //! Nothing here trusts the driver: every index, address and length read from guest memory is
 //! checked, and what breaks the rules is a [`queue::QueueError`], which the device turns
 //! into the "needs reset" state ([`STATUS_DEVICE_NEEDS_RESET`], virtio 1.2 §2.1.2) instead of
 //! a panic: the VM's other devices, the VM and Vireo go on.
 
+pub mod blk;
 pub mod console;
+pub mod net;
 pub mod pci;
 pub mod queue;
+pub mod stream;
 
 use queue::{Chain, GuestRam, QueueError, SplitQueue};
 
