@@ -15,6 +15,8 @@
 //! - `mode=pmu` (with `pmu=on` on the VM line): the virtual PMU's checks (`pmu.rs`): CPUID,
 //!   counter state across exits and time slices, reserved bits and absent counters
 //!   faulting, cycles advancing in guest mode, Vireo's exit events, overflow;
+//! - `mode=pmu-count` (with `pmu=on`; `pmu_ms=MS`, default 300): cycles counted over a busy
+//!   loop of MS ms (`selftest: pmu_count cycles= tsc= tsc_per_ms= guest_pct=`);
 //! - `mode=reuse`: the first boot writes a marker into all of its free RAM and resets the VM
 //!   (hypercall VM_RESET); the next boot (`vireo_boot=N` on its line) checks that its
 //!   untouched RAM reads as zeros (`selftest: reuse boot=N chunks=C nonzero_words=W`) and
@@ -138,6 +140,10 @@ mod guest {
         let cpus = args.split_whitespace().find_map(|a| a.strip_prefix("cpus=")).and_then(|n| n.parse().ok());
         if args.split_whitespace().any(|a| a == "mode=pmu") {
             exit(crate::pmu::run() as u64);
+        }
+        if args.split_whitespace().any(|a| a == "mode=pmu-count") {
+            let ms = args.split_whitespace().find_map(|a| a.strip_prefix("pmu_ms=")).and_then(|n| n.parse().ok());
+            exit(crate::pmu::count(ms.unwrap_or(300)) as u64);
         }
         if args.split_whitespace().any(|a| a == "mode=pv") {
             exit(crate::pv::run(ram, cpus.unwrap_or(1)) as u64);

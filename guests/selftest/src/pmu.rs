@@ -364,3 +364,39 @@ pub fn run() -> u32 {
     let _ = writeln!(Console, "selftest: {} passed, {} failed", t.passed, t.failed);
     t.failed
 }
+
+/// `mode=pmu-count` (with `pmu=on`; `pmu_ms=MS`, default 300): counts cycles on counter 0
+/// (user and kernel mode) over a busy loop of MS milliseconds of TSC time, with no exit of
+/// its own, and prints `selftest: pmu_count cycles=C tsc=T tsc_per_ms=R guest_pct=P`: the
+/// guest-mode time of this vCPU within T TSC ticks. Sharing a host CPU with another busy VM,
+/// C is this vCPU's share of the loop, not the loop's length (the isolation test in
+/// tests/tests/pmu.rs). Returns 1 (the exit status) without a PMU or when nothing counted.
+pub fn count(ms: u64) -> u32 {
+    let intel = intel();
+    if !offered(intel) {
+        let _ = writeln!(Console, "selftest: pmu absent");
+        return 1;
+    }
+    let (sel, ctr) = gp_msrs(intel, 0);
+    let event = if intel { abi::INTEL_CORE_CYCLES } else { abi::AMD_CPU_CLOCKS } as u64;
+    if intel {
+        let _ = wrmsr(IA32_PERF_GLOBAL_CTRL, 1);
+    }
+    let _ = wrmsr(sel, 0);
+    let _ = wrmsr(ctr, 0);
+    let per_ms = tsc_per_ms();
+    let t0 = rdtsc();
+    let _ = wrmsr(sel, EN | OS | USR | event);
+    while rdtsc() - t0 < ms * per_ms {
+        core::hint::spin_loop();
+    }
+    let _ = wrmsr(sel, 0);
+    let dt = rdtsc() - t0;
+    let c = rdmsr(ctr).unwrap_or(0) & WIDTH_MASK;
+    let _ = writeln!(
+        Console,
+        "selftest: pmu_count cycles={c} tsc={dt} tsc_per_ms={per_ms} guest_pct={}",
+        c * 100 / dt.max(1)
+    );
+    (c == 0) as u32
+}
