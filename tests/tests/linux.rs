@@ -330,22 +330,38 @@ fn corrupt_kernel_is_refused() {
     assert_eq!(out.field("vm name=selftest end", "outcome"), "exited", "{out:?}");
 }
 
+/// The busy loops of perfprobe on Bochs (guest time: Bochs is slow).
+const PERF_MS_BOCHS: u64 = 100;
+
+/// A headless Linux VM on `machine` that also runs perfprobe (`linux_guest_perf`).
+fn boot_linux_perf(machine: Machine, timeout: u64, ms: u64) -> Outcome {
+    let boot = with_linux_args(Boot::new(machine), "linux", 256, "", &perf_args(ms));
+    let out = boot.timeout(timeout).run();
+    out.assert_exit_ok();
+    out
+}
+
 #[test]
 fn linux_bochs_vmx() {
-    let out = boot_linux(Machine::BochsVmx, 600);
+    let out = boot_linux_perf(Machine::BochsVmx, 600, PERF_MS_BOCHS);
     check_userspace(&out);
     // The virtual PMU (pmu=on by default): Intel's architectural counters, full width.
     let lines = out.guest_lines("linux");
     let perf = lines.iter().find(|l| l.contains("Performance Events:")).unwrap_or_else(|| panic!("{out:?}"));
     assert!(perf.contains("full-width counters, Intel PMU driver"), "{perf}\n{out:?}");
+    check_perf(&out, "linux", PERF_MS_BOCHS);
     check_apic_mode(&out, "linux");
     check_pci(&out, "linux");
 }
 
 #[test]
 fn linux_bochs_svm() {
-    let out = boot_linux(Machine::BochsSvm, 600);
+    let out = boot_linux_perf(Machine::BochsSvm, 600, PERF_MS_BOCHS);
     check_userspace(&out);
+    let lines = out.guest_lines("linux");
+    let perf = lines.iter().find(|l| l.contains("Performance Events:")).unwrap_or_else(|| panic!("{out:?}"));
+    assert!(perf.contains("core perfctr, AMD PMU driver"), "{perf}\n{out:?}");
+    check_perf(&out, "linux", PERF_MS_BOCHS);
     check_apic_mode(&out, "linux");
     check_pci(&out, "linux");
 }
