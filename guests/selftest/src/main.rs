@@ -4,7 +4,8 @@
 //!   `selftest: N passed, M failed`, then end the VM with status M; with `cpus=N` (N >= 2)
 //!   on the VM line the SMP checks (`smp.rs`) run too: APs started by INIT-SIPI-SIPI, IPIs
 //!   both ways, a spinlock-protected shared counter;
-//! - `bench=N`: N hypercall round trips, timed with the TSC;
+//! - `bench=N`: N hypercall round trips, timed with the TSC; with `bench_pmu=count` (and
+//!   `pmu=on`) cycles and exit events counting meanwhile (`selftest: bench_pmu ...`);
 //! - `ipibench=N` (with `cpus=2` or more): N IPI round trips BSP -> AP 1 -> BSP, timed with
 //!   the TSC (`selftest: ipi_round_trip n=N ticks=T ns=X ...`);
 //! - `hostile=N`: N random hostile operations (wild MSRs, ports, hypercalls, pointers);
@@ -117,7 +118,13 @@ mod guest {
         }
         if let Some(n) = args.split_whitespace().find_map(|a| a.strip_prefix("bench=")) {
             let n: u64 = n.parse().unwrap_or(100_000);
+            // bench_pmu=count: with the PMU counting (cycles, exits, hypercall exits).
+            let counting = args.split_whitespace().any(|a| a == "bench_pmu=count") && crate::pmu::bench_start();
             crate::checks::bench(n);
+            if counting {
+                let (cycles, exits, hypercalls) = crate::pmu::bench_stop();
+                let _ = writeln!(out, "selftest: bench_pmu cycles={cycles} exits={exits} hypercall_exits={hypercalls}");
+            }
             exit(0);
         }
         if args.split_whitespace().any(|a| a == "mode=reuse") {
