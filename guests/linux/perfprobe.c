@@ -17,6 +17,8 @@
 //    buffer are counted. Prints
 //      linux-guest: perf record samples=S lost=L throttled=H period=P elapsed_ns=N
 //
+// 3. `perfprobe run CMD [ARG...]`: see run_cmd.
+//
 // When perf_event_open refuses cycles (no PMU: "PMU not available due to virtualization"
 // makes the kernel offer software events only), prints
 //      linux-guest: perf unavailable errno=E
@@ -34,6 +36,7 @@
 #include <sys/ioctl.h>
 #include <sys/mman.h>
 #include <sys/syscall.h>
+#include <sys/wait.h>
 #include <time.h>
 #include <unistd.h>
 #include <x86intrin.h>
@@ -108,10 +111,70 @@ static void attr_init(struct perf_event_attr *a, uint32_t type, uint64_t config)
     a->disabled = 1;
 }
 
+// `perfprobe run CMD [ARG...]`, what `perf stat -e cycles,r0056 CMD` does: counts cycles and
+// Vireo's exits of CMD and every process it starts (inherited counters, enabled at its exec),
+// user and kernel mode. Returns CMD's exit status.
+static int run_cmd(char **cmd)
+{
+    int go[2];
+    if (pipe(go)) {
+        perror("perfprobe: pipe");
+        return 2;
+    }
+    pid_t pid = fork();
+    if (pid < 0) {
+        perror("perfprobe: fork");
+        return 2;
+    }
+    if (pid == 0) {
+        char c;
+        close(go[1]);
+        if (read(go[0], &c, 1) != 1)
+            _exit(126);
+        execv(cmd[0], cmd);
+        _exit(127);
+    }
+    close(go[0]);
+    struct perf_event_attr a;
+    const uint64_t configs[2][2] = {{PERF_TYPE_HARDWARE, PERF_COUNT_HW_CPU_CYCLES}, {PERF_TYPE_RAW, 0x56}};
+    int fd[2], err = 0;
+    for (int i = 0; i < 2; i++) {
+        attr_init(&a, (uint32_t)configs[i][0], configs[i][1]);
+        a.inherit = 1;
+        a.enable_on_exec = 1;
+        a.read_format = PERF_FORMAT_TOTAL_TIME_ENABLED | PERF_FORMAT_TOTAL_TIME_RUNNING;
+        fd[i] = (int)syscall(SYS_perf_event_open, &a, pid, -1, -1, 0);
+        if (fd[i] < 0 && !err)
+            err = errno;
+    }
+    uint64_t t0 = now_ns(), tsc0 = __rdtsc();
+    int status = 0;
+    if (write(go[1], "g", 1) != 1 || waitpid(pid, &status, 0) != pid)
+        status = -1;
+    uint64_t el = now_ns() - t0, tsc = __rdtsc() - tsc0;
+    close(go[1]);
+    int code = WIFEXITED(status) ? WEXITSTATUS(status) : 128;
+    if (err) {
+        printf("linux-guest: perf run unavailable errno=%d status=%d\n", err, code);
+        return code;
+    }
+    uint64_t v[2][3] = {{0}};
+    for (int i = 0; i < 2; i++)
+        if (read(fd[i], v[i], sizeof v[i]) != (ssize_t)sizeof v[i])
+            v[i][0] = 0;
+    printf("linux-guest: perf run cycles=%llu exits=%llu tsc=%llu elapsed_ns=%llu running_ns=%llu status=%d\n",
+           (unsigned long long)v[0][0], (unsigned long long)v[1][0], (unsigned long long)tsc,
+           (unsigned long long)el, (unsigned long long)v[0][2], code);
+    return code;
+}
+
 int main(int argc, char **argv)
 {
+    setvbuf(stdout, NULL, _IOLBF, 0);
+    if (argc >= 3 && !strcmp(argv[1], "run"))
+        return run_cmd(argv + 2);
     if (argc != 3) {
-        fprintf(stderr, "usage: perfprobe MS CPUIDS\n");
+        fprintf(stderr, "usage: perfprobe MS CPUIDS | perfprobe run CMD [ARG...]\n");
         return 2;
     }
     uint64_t ms = strtoull(argv[1], NULL, 10);
@@ -120,7 +183,6 @@ int main(int argc, char **argv)
         fprintf(stderr, "perfprobe: MS must be at least 1\n");
         return 2;
     }
-    setvbuf(stdout, NULL, _IOLBF, 0);
 
     // --- stat ---
     struct perf_event_attr a;
