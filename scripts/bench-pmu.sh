@@ -10,7 +10,13 @@
 # without the boot, on Bochs it counts emulated instructions, immune to host load) and host
 # microseconds per call ((wall time of a boot with N calls - that of a boot with none) / N,
 # minimum over the repeats). Ratios: on/off and count/off of both. The counting boot also
-# checks its counters: exactly N hypercall exit events, and cycles no more than the TSC.
+# checks its counters: exactly N hypercall exit events.
+#
+# With --linux, also a guest workload: the headless Debian guest (scripts/guest-linux.sh) times
+# a shell loop counting to LOOP (`linux_guest_perf_run=LOOP`: perfprobe run, guests/linux/
+# perfprobe.c) in a VM with pmu=off (nothing counted) and with pmu=on (perfprobe counting its
+# cycles and exits, like `perf stat -e cycles,r0056`), one boot each per repeat, interleaved;
+# prints the guest's elapsed time of the loop (minimum over the repeats) and the ratio.
 set -euo pipefail
 # shellcheck source=lib.sh
 source "$(dirname "${BASH_SOURCE[0]}")/lib.sh"
@@ -18,14 +24,19 @@ source "$(dirname "${BASH_SOURCE[0]}")/lib.sh"
 N=100000
 REPEATS=3
 CONFIGS=(qemu-svm)
+LINUX=0
+LOOP=20000
 
 usage() {
     cat <<EOF2
 Usage: scripts/bench-pmu.sh [--calls N] [--repeats R] [--config qemu-svm|bochs-vmx|bochs-svm]...
+                            [--linux [--loop LOOP]]
 
 Prints, per configuration, the hypercall round trip with the virtual PMU off, on but unused,
 and on and counting (guest TSC per call and host microseconds per call), and the ratios to
 off. Defaults: --calls $N --repeats $REPEATS --config qemu-svm.
+--linux adds a Linux guest's shell loop counting to LOOP (default $LOOP), with pmu=off and with
+perf counting it (a Linux boot per mode and repeat: ~20 s each on QEMU, ~2.5 min on Bochs).
 Environment: VIREO_EMU_LOCK=FILE runs each boot under flock FILE.
 EOF2
 }
@@ -37,6 +48,8 @@ while [[ $# -gt 0 ]]; do
         --calls) need_arg "$1" "$#"; N="$2"; shift ;;
         --repeats) need_arg "$1" "$#"; REPEATS="$2"; shift ;;
         --config) need_arg "$1" "$#"; chosen+=("$2"); shift ;;
+        --linux) LINUX=1 ;;
+        --loop) need_arg "$1" "$#"; LOOP="$2"; shift ;;
         *) usage_error "unknown option: $1" ;;
     esac
     shift
@@ -44,6 +57,7 @@ done
 [[ ${#chosen[@]} -eq 0 ]] || CONFIGS=("${chosen[@]}")
 [[ "$N" =~ ^[1-9][0-9]*$ ]] || usage_error "--calls wants a positive number"
 [[ "$REPEATS" =~ ^[1-9][0-9]*$ ]] || usage_error "--repeats wants a positive number"
+[[ "$LOOP" =~ ^[1-9][0-9]*$ ]] || usage_error "--loop wants a positive number"
 
 "$VIREO_ROOT/scripts/install-deps.sh" --quiet all
 ELF="$("$VIREO_ROOT/scripts/build.sh" --no-deps | tail -n 1)"
@@ -52,15 +66,20 @@ ELF="$("$VIREO_ROOT/scripts/build.sh" --no-deps | tail -n 1)"
 declare -A MODE_WORDS=([off]="pmu=off" [on]="pmu=on" [count]="pmu=on bench_pmu=count")
 MODES=(off on count)
 
-# run_once CONFIG CALLS WORDS: one boot; prints "seconds tsc_per_call bench_pmu-line".
-run_once() {
-    local config="$1" calls="$2" words="$3" cmd log t0 t1 tpc pmu
-    case "$config" in
+# emulator CONFIG: sets cmd to the run script and its options for CONFIG.
+emulator() {
+    case "$1" in
         qemu-svm) cmd=("$VIREO_ROOT/scripts/run-qemu.sh" --accel tcg) ;;
         bochs-vmx) cmd=("$VIREO_ROOT/scripts/run-bochs.sh" --cpu vmx) ;;
         bochs-svm) cmd=("$VIREO_ROOT/scripts/run-bochs.sh" --cpu svm) ;;
-        *) die "unknown configuration $config" ;;
+        *) die "unknown configuration $1" ;;
     esac
+}
+
+# run_once CONFIG CALLS WORDS: one boot; prints "seconds tsc_per_call bench_pmu-line".
+run_once() {
+    local config="$1" calls="$2" words="$3" cmd log t0 t1 tpc pmu
+    emulator "$config"
     log="$(mktemp)"
     emu_lock
     t0="$(date +%s.%N)"
@@ -72,6 +91,24 @@ run_once() {
     pmu="$(sed -n 's/.*selftest: bench_pmu \(.*\)$/\1/p' "$log" | tr -d '\r' | head -n 1)"
     rm -f "$log"
     echo "$(awk -v a="$t1" -v b="$t0" 'BEGIN { printf "%.3f", a - b }') ${tpc:-0} ${pmu:-none}"
+}
+
+# linux_once CONFIG PMU: one boot of the headless Linux guest with pmu=PMU; prints its
+# "perf run ..." line (without the prefix).
+linux_once() {
+    local config="$1" pmu="$2" cmd log line
+    emulator "$config"
+    log="$(mktemp)"
+    emu_lock
+    "${cmd[@]}" --headless --timeout 900 --elf "$ELF" --no-default-guest \
+        --module "$KERNEL=linux mem=256M pmu=$pmu -- console=ttyS0 panic=-1 linux_guest_compute=1 linux_guest_forks=1 linux_guest_parallel=1 linux_guest_perf=10 linux_guest_perf_run=$LOOP" \
+        --module "$INITRD=linux:initrd" >"$log" 2>/dev/null ||
+        { emu_unlock; tail -20 "$log" >&2; die "$config Linux run failed (pmu=$pmu)"; }
+    emu_unlock
+    line="$(sed -n 's/.*linux-guest: perf run \(.*\)$/\1/p' "$log" | tr -d '\r' | head -n 1)"
+    rm -f "$log"
+    [[ -n "$line" ]] || die "$config: the Linux guest printed no perf run line (pmu=$pmu)"
+    echo "$line"
 }
 
 min_of() { sort -g | head -n 1; }
@@ -121,4 +158,28 @@ for config in "${CONFIGS[@]}"; do
         'BEGIN { printf "%d", c - o }') guest TSC ticks per round trip over pmu=off"
     unset secs tscs us tsc
 done
+
+if [[ "$LINUX" == 1 ]]; then
+    guest="$("$VIREO_ROOT/scripts/guest-linux.sh" --quiet)" || die "preparing the Linux guest failed"
+    KERNEL="$(sed -n 's/^kernel=//p' <<<"$guest")"
+    INITRD="$(sed -n 's/^initrd_headless=//p' <<<"$guest")"
+    for config in "${CONFIGS[@]}"; do
+        off=() on=()
+        last=""
+        for r in $(seq "$REPEATS"); do
+            note "$config: Linux round $r of $REPEATS"
+            off+=("$(field_of elapsed_ns "$(linux_once "$config" off)")")
+            last="$(linux_once "$config" on)"
+            on+=("$(field_of elapsed_ns "$last")")
+            [[ "$(field_of cycles "$last")" -gt 0 ]] 2>/dev/null || { note "$config: no cycles counted: $last"; status=1; }
+        done
+        o="$(printf '%s\n' "${off[@]}" | min_of)"
+        c="$(printf '%s\n' "${on[@]}" | min_of)"
+        echo "config=$config linux shell loop to $LOOP, guest elapsed ms (min of $REPEATS):" \
+            "pmu=off $(awk -v v="$o" 'BEGIN { printf "%.1f", v / 1e6 }')" \
+            "perf-counting $(awk -v v="$c" 'BEGIN { printf "%.1f", v / 1e6 }')" \
+            "ratio $(ratio "$c" "$o")"
+        echo "last counting run: $last"
+    done
+fi
 exit "$status"

@@ -155,7 +155,8 @@ static int run_cmd(char **cmd)
     close(go[1]);
     int code = WIFEXITED(status) ? WEXITSTATUS(status) : 128;
     if (err) {
-        printf("linux-guest: perf run unavailable errno=%d status=%d\n", err, code);
+        printf("linux-guest: perf run unavailable errno=%d status=%d elapsed_ns=%llu\n", err, code,
+               (unsigned long long)el);
         return code;
     }
     uint64_t v[2][3] = {{0}};
