@@ -42,7 +42,8 @@ fn with_linux(boot: Boot, name: &str, mem_mib: u32, options: &str) -> Boot {
 /// [`with_linux`] with `args` added to the kernel command line (e.g. `linux_guest_perf=100`).
 fn with_linux_args(boot: Boot, name: &str, mem_mib: u32, options: &str, args: &str) -> Boot {
     let (kernel, initrd) = linux_guest();
-    let line = format!("{name} mem={mem_mib}M {options} -- {LIGHT_LINUX_CMDLINE} {args}");
+    let sep = if args.is_empty() { "" } else { " " };
+    let line = format!("{name} mem={mem_mib}M {options} -- {LIGHT_LINUX_CMDLINE}{sep}{args}");
     boot.module(kernel, &line).module(initrd, &format!("{name}:initrd"))
 }
 
