@@ -112,8 +112,10 @@ linux_once() {
 }
 
 min_of() { sort -g | head -n 1; }
-per_call() { awk -v l="$1" -v b="$2" -v n="$N" 'BEGIN { printf "%.2f", (l - b) * 1000000 / n }'; }
-ratio() { awk -v a="$1" -v b="$2" 'BEGIN { if (b > 0) printf "%.3f", a / b; else print "n/a" }'; }
+# Host microseconds per call; n/a when the calls took no measurable time over the base boot
+# (host noise larger than the calls: Bochs with few calls).
+per_call() { awk -v l="$1" -v b="$2" -v n="$N" 'BEGIN { if (l > b) printf "%.2f", (l - b) * 1000000 / n; else print "n/a" }'; }
+ratio() { awk -v a="$1" -v b="$2" 'BEGIN { if (a > 0 && b > 0) printf "%.3f", a / b; else print "n/a" }'; }
 field_of() { sed -n "s/.*\\b$1=\\([0-9]*\\).*/\\1/p" <<<"$2"; }
 
 status=0
