@@ -31,11 +31,13 @@ Prepares the default Linux guest in DIR (default: build/linux in the repository 
   initramfs-headless.cpio.gz  /init = guests/linux/init-headless.sh: loads vireo.ko and prints
                               "linux-guest: ..." lines (uname, cpus, mem_kb, flags,
                               clocksource, vireo_module, a small compute and fork workload
-                              with its time), then "linux-guest: done", Vireo's exit counts
-                              (under Vireo) and powers off
+                              with its time; with linux_guest_perf=MS on the kernel command
+                              line /bin/perfprobe's counter readings), then "linux-guest:
+                              done", Vireo's exit counts (under Vireo) and powers off
   initramfs-shell.cpio.gz     /init = guests/linux/init-shell.sh: loads vireo.ko, gives a root
                               shell on the console; exiting it powers off
-Both images hold vireo.ko as /lib/modules/vireo.ko; it loads only under Vireo with hypercall
+Both images hold /bin/perfprobe, guests/linux/perfprobe.c built with gcc -O2 -static (a
+perf stat / perf record equivalent for the virtual PMU), and vireo.ko as /lib/modules/vireo.ko; it loads only under Vireo with hypercall
 ABI 0.2 and then shows Vireo's statistics in /sys/hypervisor/vireo/ (guests/linux/README.md).
 
 Then prints, one per line on stdout:
@@ -89,6 +91,8 @@ META_PKG=linux-image-cloud-amd64
 INIT_DIR="$VIREO_ROOT/guests/linux"
 MOD_SRC="$INIT_DIR/vireo-mod"
 MOD_FILES=(vireo.c Kbuild)
+# The static programs every image gets in /bin (from guests/linux/NAME.c).
+PROGRAMS=(perfprobe)
 BUSYBOX=/bin/busybox
 # The applets the headless /init uses (the shell image gets every applet).
 HEADLESS_APPLETS=(sh mount uname nproc awk true poweroff sleep insmod dmesg readlink)
@@ -118,7 +122,7 @@ quietly() {
 
 T_START="$(now)"
 "$VIREO_ROOT/scripts/install-deps.sh" --quiet linux >&2
-for f in init-headless.sh init-shell.sh "${MOD_FILES[@]/#/vireo-mod/}"; do
+for f in init-headless.sh init-shell.sh "${MOD_FILES[@]/#/vireo-mod/}" "${PROGRAMS[@]/%/.c}"; do
     [[ -f "$INIT_DIR/$f" ]] || die "missing $INIT_DIR/$f"
 done
 [[ -x "$BUSYBOX" ]] || die "no $BUSYBOX (scripts/install-deps.sh linux installs busybox-static)"
@@ -440,6 +444,15 @@ build_module() {
     fi
 }
 
+# build_programs: each of PROGRAMS from guests/linux/NAME.c into WORK/NAME (static, stripped;
+# the same source gives the same bytes).
+build_programs() {
+    local p
+    for p in "${PROGRAMS[@]}"; do
+        gcc -O2 -static -s -Wall -o "$WORK/$p" "$INIT_DIR/$p.c" || die "cannot build $INIT_DIR/$p.c"
+    done
+}
+
 # --- the initramfs images --------------------------------------------------------------------
 
 # make_initramfs NAME INIT_SCRIPT APPLET...: DIR/initramfs-NAME.cpio.gz with busybox, INIT_SCRIPT
@@ -456,6 +469,10 @@ make_initramfs() {
     cp "$BUSYBOX" "$stage/bin/busybox"
     cp "$init" "$stage/init"
     cp "$OUT/vireo.ko" "$stage/lib/modules/vireo.ko"
+    for a in "${PROGRAMS[@]}"; do
+        cp "$WORK/$a" "$stage/bin/$a"
+        chmod 755 "$stage/bin/$a"
+    done
     chmod 755 "$stage/bin/busybox" "$stage/init"
     chmod 644 "$stage/lib/modules/vireo.ko"
     if [[ -d "$OUT/modules" ]]; then
@@ -493,6 +510,7 @@ prepare_kernel
 prepare_modules
 prepare_headers
 build_module
+build_programs
 make_initramfs headless "$INIT_DIR/init-headless.sh" "${HEADLESS_APPLETS[@]}"
 make_initramfs shell "$INIT_DIR/init-shell.sh" ALL
 say "ready in $(elapsed "$T_START") s: $OUT"

@@ -230,6 +230,32 @@ echo "linux-guest: workload_ms $(ms_between "$t0" "$t2")"
 echo "linux-guest: compute_ms $(ms_between "$t0" "$t1")"
 echo "linux-guest: fork_ms $(ms_between "$t1" "$t2")"
 
+# The virtual PMU, only with linux_guest_perf=MS on the kernel command line: /bin/perfprobe
+# (guests/linux/perfprobe.c) counts cycles, Vireo's exit events (r0056) and CPUID exits
+# (r0156) over a busy loop of MS ms with linux_guest_perf_cpuids=N cpuid instructions (default
+# 1000), next to Vireo's own count through vireo.ko, then samples cycles every millisecond
+# over another MS ms: "linux-guest: perf stat ..." and "linux-guest: perf record ..." lines
+# (or "linux-guest: perf unavailable errno=E" without a PMU); then counts cycles and exits of
+# a shell counting to linux_guest_perf_run=N (default 5000), as `perf stat CMD` would:
+# "linux-guest: perf run cycles= exits= tsc= elapsed_ns= running_ns= status=".
+case "${linux_guest_perf:-}" in
+    '' | *[!0-9]*) ;;
+    *)
+        perf_cpuids=1000
+        case "${linux_guest_perf_cpuids:-}" in '' | *[!0-9]*) ;; *) perf_cpuids=$linux_guest_perf_cpuids ;; esac
+        if [ -x /bin/perfprobe ]; then
+            /bin/perfprobe "$linux_guest_perf" "$perf_cpuids"
+            # perf stat of a command: a count to linux_guest_perf_run (default 5000) in a new shell.
+            perf_run_n=5000
+            case "${linux_guest_perf_run:-}" in '' | *[!0-9]*) ;; *) perf_run_n=$linux_guest_perf_run ;; esac
+            # shellcheck disable=SC2016 # the inner shell expands them
+            /bin/perfprobe run /bin/sh -c 'i=0; while [ "$i" -lt "$1" ]; do i=$((i + 1)); done' sh "$perf_run_n"
+        else
+            echo "linux-guest: perf unavailable errno=no-program"
+        fi
+        ;;
+esac
+
 # The parallel workload: one background subshell per CPU, each computing 1 + ... + parallel_n
 # into its own file, all at once; then every result is checked. The scheduler spreads them
 # over the CPUs (rescheduling IPIs to wake idle ones); their forks and exits while the others

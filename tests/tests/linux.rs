@@ -36,8 +36,14 @@ const LIGHT_LINUX_CMDLINE: &str =
 /// Adds a headless Linux VM `name` with `mem_mib` MiB and the extra VM-line keys `options`
 /// (e.g. `cpus=2`, `apic=off`): its kernel module and its `name:initrd` module.
 fn with_linux(boot: Boot, name: &str, mem_mib: u32, options: &str) -> Boot {
+    with_linux_args(boot, name, mem_mib, options, "")
+}
+
+/// [`with_linux`] with `args` added to the kernel command line (e.g. `linux_guest_perf=100`).
+fn with_linux_args(boot: Boot, name: &str, mem_mib: u32, options: &str, args: &str) -> Boot {
     let (kernel, initrd) = linux_guest();
-    let line = format!("{name} mem={mem_mib}M {options} -- {LIGHT_LINUX_CMDLINE}");
+    let sep = if args.is_empty() { "" } else { " " };
+    let line = format!("{name} mem={mem_mib}M {options} -- {LIGHT_LINUX_CMDLINE}{sep}{args}");
     boot.module(kernel, &line).module(initrd, &format!("{name}:initrd"))
 }
 
@@ -205,14 +211,100 @@ fn linux_pv_off_qemu_tcg_svm() {
     assert!(sum_field(&pv, "eoi_exits") > 0, "every EOI is an exit\n{pv:#?}\n{out:?}");
 }
 
+/// The busy loops of /bin/perfprobe (`linux_guest_perf=MS`, twice MS milliseconds of guest
+/// time) and the CPUID instructions of its counting loop (`linux_guest_perf_cpuids=N`).
+const PERF_MS: u64 = 200;
+const PERF_CPUIDS: u64 = 1000;
+
+/// The kernel command line words that make the headless guest run perfprobe: loops of `ms`
+/// milliseconds, then `perf run` of a shell counting to `run_n`.
+fn perf_args(ms: u64, run_n: u64) -> String {
+    format!("linux_guest_perf={ms} linux_guest_perf_cpuids={PERF_CPUIDS} linux_guest_perf_run={run_n}")
+}
+
+/// A `key=N` field of `line`, as a number.
+fn num(out: &Outcome, line: &str, key: &str) -> i64 {
+    field(line, key).and_then(|v| v.parse().ok()).unwrap_or_else(|| panic!("no number {key}= in `{line}`\n{out:?}"))
+}
+
+/// The virtual PMU as Linux's perf sees it in VM `vm` (one vCPU, alone on its host CPU,
+/// `linux_guest_perf=ms`): /bin/perfprobe's `perf stat` and `perf record` lines
+/// (guests/linux/perfprobe.c).
+fn check_perf(out: &Outcome, vm: &str, ms: u64) {
+    let lines = out.guest_lines(vm);
+    // The kernel took the PMU: no fallback to software events.
+    assert!(
+        !lines.iter().any(|l| l.contains("PMU not available due to virtualization")),
+        "{vm}: Linux found no PMU\n{out:?}"
+    );
+    let stat = guest_value(out, vm, "perf stat");
+    let n = |k: &str| num(out, &stat, k);
+    let (cycles, tsc, elapsed) = (n("cycles"), n("tsc"), n("elapsed_ns"));
+    // The loop ran its time, and the task was never off its counters (no multiplexing).
+    let ms = ms as i64;
+    assert!(elapsed >= ms * 1_000_000 && elapsed < ms * 10_000_000, "{vm}: {stat}\n{out:?}");
+    assert_eq!(n("enabled_ns"), n("running_ns"), "{vm}: the group was multiplexed: {stat}\n{out:?}");
+    // Cycles are TSC ticks in guest mode: never more than the TSC ticks of the window (read
+    // just outside the enabled span), and most of a busy loop of a vCPU alone on its host
+    // CPU: what is not counted is Vireo's handling of the loop's exits (1000 CPUIDs, timer
+    // ticks), well under half of it on every emulator. Both as guest time: cycles over the
+    // TSC rate (ticks per ns of the window) against the elapsed time.
+    assert!(cycles > 0, "{vm}: no cycles: {stat}\n{out:?}");
+    assert!(cycles <= tsc, "{vm}: more cycles than TSC ticks: {stat}\n{out:?}");
+    let guest_ns = cycles as f64 / (tsc as f64 / elapsed as f64);
+    let share = guest_ns / elapsed as f64;
+    assert!((0.5..=1.0).contains(&share), "{vm}: guest time {guest_ns:.0} ns of {elapsed} ns elapsed\n{stat}\n{out:?}");
+    // Exit events: exactly the loop's CPUIDs by class; all exits at least those, and at most
+    // what Vireo itself counted for the VM from the mark just before the window to the read
+    // just after it (which adds the enable/disable MSR writes and the read itself).
+    assert_eq!(n("cpuid_exits"), PERF_CPUIDS as i64, "{vm}: CPUID exit events: {stat}\n{out:?}");
+    let (exits, vireo) = (n("exits"), n("vireo_exits"));
+    assert!(exits >= PERF_CPUIDS as i64, "{vm}: {stat}\n{out:?}");
+    assert!(vireo >= exits, "{vm}: perf saw more exits than Vireo counted: {stat}\n{out:?}");
+    assert!(
+        vireo - exits <= 50 + vireo / 10,
+        "{vm}: Vireo counted many exits outside the task's counters: {stat}\n{out:?}"
+    );
+    assert!(
+        n("vireo_cpuid") >= PERF_CPUIDS as i64 && n("vireo_cpuid") - PERF_CPUIDS as i64 <= 10,
+        "{vm}: {stat}\n{out:?}"
+    );
+    // And at most Vireo's end-of-VM count of all the VM's exits.
+    let total: i64 = out.lines(&format!("vm name={vm} exit reason=")).iter().map(|l| num(out, l, "count")).sum();
+    assert!(exits <= total, "{vm}: {exits} exit events, Vireo's whole table {total}\n{out:?}");
+    // perf record: a sample per millisecond of guest cycles (PMIs through the guest's LVTPC):
+    // some, and at most one per millisecond of the window.
+    let rec = guest_value(out, vm, "perf record");
+    let r = |k: &str| num(out, &rec, k);
+    assert!(r("samples") > 0, "{vm}: perf record collected no samples: {rec}\n{out:?}");
+    let limit = r("elapsed_ns") / 1_000_000 + 2;
+    assert!(r("samples") <= limit, "{vm}: more samples than milliseconds: {rec}\n{out:?}");
+    // perf stat of a command (a shell's compute loop, its fork and exec included): its
+    // cycles, at most the TSC ticks around it and most of them (the exec's page faults are
+    // exits), and some exits.
+    let run = guest_value(out, vm, "perf run");
+    let p = |k: &str| num(out, &run, k);
+    assert_eq!(p("status"), 0, "{vm}: {run}\n{out:?}");
+    assert!(p("cycles") > 0 && p("cycles") <= p("tsc"), "{vm}: {run}\n{out:?}");
+    assert!(p("cycles") * 10 >= p("tsc") * 3, "{vm}: under 30% of the command's time counted: {run}\n{out:?}");
+    assert!(p("exits") > 0 && p("exits") <= total, "{vm}: {run}\n{out:?}");
+    eprintln!("{vm}: {run}");
+    eprintln!("{vm}: {stat}\n{vm}: {rec}\n{vm}: guest share {share:.3}, Vireo's exits in the window {vireo}, VM total {total}");
+}
+
 /// The virtual PMU (issue 10): a Linux VM (`pmu=on` by default) finds the AMD core
-/// counters and uses them, one with `pmu=off` falls back to software events.
+/// counters and uses them (perf's cycles and Vireo's exit events, counting and sampling),
+/// one with `pmu=off` falls back to software events and perf_event_open refuses cycles.
 #[test]
 fn linux_pmu_qemu_tcg_svm() {
-    let boot = with_linux(Boot::new(Machine::QemuSvm), "linux", 256, "");
-    let out = with_linux(boot, "nopmu", 128, "pmu=off").timeout(360).run();
+    let args = perf_args(PERF_MS, 5000);
+    let boot = with_linux_args(Boot::new(Machine::QemuSvm), "linux", 256, "", &args);
+    let out = with_linux_args(boot, "nopmu", 128, "pmu=off", &args).timeout(360).run();
     out.assert_exit_ok();
     check_userspace(&out);
+    check_perf(&out, "linux", PERF_MS);
+    // ENOENT: the kernel has no hardware PMU to open cycles on.
+    assert_eq!(guest_value(&out, "nopmu", "perf"), "unavailable errno=2", "{out:?}");
     let with = out.guest_lines("linux");
     let without = out.guest_lines("nopmu");
     assert_eq!(out.field("vm name=linux start ", "pmu"), "on", "{out:?}");
@@ -251,22 +343,40 @@ fn corrupt_kernel_is_refused() {
     assert_eq!(out.field("vm name=selftest end", "outcome"), "exited", "{out:?}");
 }
 
+/// The busy loops of perfprobe on Bochs (guest time: Bochs is slow), and its `perf run`
+/// count (5000 took 2 s of guest time there).
+const PERF_MS_BOCHS: u64 = 100;
+const PERF_RUN_BOCHS: u64 = 1000;
+
+/// A headless Linux VM on `machine` that also runs perfprobe (`linux_guest_perf`).
+fn boot_linux_perf(machine: Machine, timeout: u64, ms: u64) -> Outcome {
+    let boot = with_linux_args(Boot::new(machine), "linux", 256, "", &perf_args(ms, PERF_RUN_BOCHS));
+    let out = boot.timeout(timeout).run();
+    out.assert_exit_ok();
+    out
+}
+
 #[test]
 fn linux_bochs_vmx() {
-    let out = boot_linux(Machine::BochsVmx, 600);
+    let out = boot_linux_perf(Machine::BochsVmx, 600, PERF_MS_BOCHS);
     check_userspace(&out);
     // The virtual PMU (pmu=on by default): Intel's architectural counters, full width.
     let lines = out.guest_lines("linux");
     let perf = lines.iter().find(|l| l.contains("Performance Events:")).unwrap_or_else(|| panic!("{out:?}"));
     assert!(perf.contains("full-width counters, Intel PMU driver"), "{perf}\n{out:?}");
+    check_perf(&out, "linux", PERF_MS_BOCHS);
     check_apic_mode(&out, "linux");
     check_pci(&out, "linux");
 }
 
 #[test]
 fn linux_bochs_svm() {
-    let out = boot_linux(Machine::BochsSvm, 600);
+    let out = boot_linux_perf(Machine::BochsSvm, 600, PERF_MS_BOCHS);
     check_userspace(&out);
+    let lines = out.guest_lines("linux");
+    let perf = lines.iter().find(|l| l.contains("Performance Events:")).unwrap_or_else(|| panic!("{out:?}"));
+    assert!(perf.contains("core perfctr, AMD PMU driver"), "{perf}\n{out:?}");
+    check_perf(&out, "linux", PERF_MS_BOCHS);
     check_apic_mode(&out, "linux");
     check_pci(&out, "linux");
 }

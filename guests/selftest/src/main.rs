@@ -4,7 +4,8 @@
 //!   `selftest: N passed, M failed`, then end the VM with status M; with `cpus=N` (N >= 2)
 //!   on the VM line the SMP checks (`smp.rs`) run too: APs started by INIT-SIPI-SIPI, IPIs
 //!   both ways, a spinlock-protected shared counter;
-//! - `bench=N`: N hypercall round trips, timed with the TSC;
+//! - `bench=N`: N hypercall round trips, timed with the TSC; with `bench_pmu=count` (and
+//!   `pmu=on`) cycles and exit events counting meanwhile (`selftest: bench_pmu ...`);
 //! - `ipibench=N` (with `cpus=2` or more): N IPI round trips BSP -> AP 1 -> BSP, timed with
 //!   the TSC (`selftest: ipi_round_trip n=N ticks=T ns=X ...`);
 //! - `hostile=N`: N random hostile operations (wild MSRs, ports, hypercalls, pointers);
@@ -15,6 +16,8 @@
 //! - `mode=pmu` (with `pmu=on` on the VM line): the virtual PMU's checks (`pmu.rs`): CPUID,
 //!   counter state across exits and time slices, reserved bits and absent counters
 //!   faulting, cycles advancing in guest mode, Vireo's exit events, overflow;
+//! - `mode=pmu-count` (with `pmu=on`; `pmu_ms=MS`, default 300): cycles counted over a busy
+//!   loop of MS ms (`selftest: pmu_count cycles= tsc= tsc_per_ms= guest_pct=`);
 //! - `mode=reuse`: the first boot writes a marker into all of its free RAM and resets the VM
 //!   (hypercall VM_RESET); the next boot (`vireo_boot=N` on its line) checks that its
 //!   untouched RAM reads as zeros (`selftest: reuse boot=N chunks=C nonzero_words=W`) and
@@ -115,7 +118,13 @@ mod guest {
         }
         if let Some(n) = args.split_whitespace().find_map(|a| a.strip_prefix("bench=")) {
             let n: u64 = n.parse().unwrap_or(100_000);
+            // bench_pmu=count: with the PMU counting (cycles, exits, hypercall exits).
+            let counting = args.split_whitespace().any(|a| a == "bench_pmu=count") && crate::pmu::bench_start();
             crate::checks::bench(n);
+            if counting {
+                let (cycles, exits, hypercalls) = crate::pmu::bench_stop();
+                let _ = writeln!(out, "selftest: bench_pmu cycles={cycles} exits={exits} hypercall_exits={hypercalls}");
+            }
             exit(0);
         }
         if args.split_whitespace().any(|a| a == "mode=reuse") {
@@ -138,6 +147,10 @@ mod guest {
         let cpus = args.split_whitespace().find_map(|a| a.strip_prefix("cpus=")).and_then(|n| n.parse().ok());
         if args.split_whitespace().any(|a| a == "mode=pmu") {
             exit(crate::pmu::run() as u64);
+        }
+        if args.split_whitespace().any(|a| a == "mode=pmu-count") {
+            let ms = args.split_whitespace().find_map(|a| a.strip_prefix("pmu_ms=")).and_then(|n| n.parse().ok());
+            exit(crate::pmu::count(ms.unwrap_or(300)) as u64);
         }
         if args.split_whitespace().any(|a| a == "mode=pv") {
             exit(crate::pv::run(ram, cpus.unwrap_or(1)) as u64);

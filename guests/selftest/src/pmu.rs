@@ -364,3 +364,81 @@ pub fn run() -> u32 {
     let _ = writeln!(Console, "selftest: {} passed, {} failed", t.passed, t.failed);
     t.failed
 }
+
+/// `mode=pmu-count` (with `pmu=on`; `pmu_ms=MS`, default 300): counts cycles on counter 0
+/// (user and kernel mode) over a busy loop of MS milliseconds of TSC time, with no exit of
+/// its own, and prints `selftest: pmu_count cycles=C tsc=T tsc_per_ms=R guest_pct=P`: the
+/// guest-mode time of this vCPU within T TSC ticks. Sharing a host CPU with another busy VM,
+/// C is this vCPU's share of the loop, not the loop's length (the isolation test in
+/// tests/tests/pmu.rs). Returns 1 (the exit status) without a PMU or when nothing counted.
+pub fn count(ms: u64) -> u32 {
+    let intel = intel();
+    if !offered(intel) {
+        let _ = writeln!(Console, "selftest: pmu absent");
+        return 1;
+    }
+    let (sel, ctr) = gp_msrs(intel, 0);
+    let event = if intel { abi::INTEL_CORE_CYCLES } else { abi::AMD_CPU_CLOCKS } as u64;
+    if intel {
+        let _ = wrmsr(IA32_PERF_GLOBAL_CTRL, 1);
+    }
+    let _ = wrmsr(sel, 0);
+    let _ = wrmsr(ctr, 0);
+    let per_ms = tsc_per_ms();
+    let t0 = rdtsc();
+    let _ = wrmsr(sel, EN | OS | USR | event);
+    // No PAUSE in the loop: a pause loop looks like lock spinning, and Vireo's pause-loop
+    // exits would hand the host CPU to the other VM early (each slice cut short). Interrupts
+    // on, as in `mode=spin-sti` (Vireo sends this guest none): on Bochs SVM a guest with
+    // IF=0 was seen to keep its host CPU for ~100 ms slices, not the 5 ms slice.
+    // SAFETY: no interrupt source is set up for this guest; IF is cleared again below.
+    unsafe { asm!("sti", options(nomem, nostack)) };
+    while core::hint::black_box(rdtsc()) - t0 < ms * per_ms {}
+    // SAFETY: as above.
+    unsafe { asm!("cli", options(nomem, nostack)) };
+    let _ = wrmsr(sel, 0);
+    let dt = rdtsc() - t0;
+    let c = rdmsr(ctr).unwrap_or(0) & WIDTH_MASK;
+    let _ = writeln!(
+        Console,
+        "selftest: pmu_count cycles={c} tsc={dt} tsc_per_ms={per_ms} guest_pct={}",
+        c * 100 / dt.max(1)
+    );
+    (c == 0) as u32
+}
+
+/// For `bench=N bench_pmu=count`: starts counting cycles (counter 0), all exits (counter 1)
+/// and hypercall exits (counter 2), user and kernel mode, so that the benchmark runs with the
+/// PMU in use (scripts/bench-pmu.sh). False without a PMU.
+pub fn bench_start() -> bool {
+    let intel = intel();
+    if !offered(intel) {
+        return false;
+    }
+    let hc = guest_abi::stats::KIND_NAMES.iter().position(|k| *k == "hypercall").unwrap_or(0);
+    let cycles = if intel { abi::INTEL_CORE_CYCLES } else { abi::AMD_CPU_CLOCKS } as u64;
+    let exits = |umask: u8| (umask as u64) << 8 | abi::EVENT_VM_EXITS as u64;
+    let events = [cycles, exits(abi::UMASK_ALL_EXITS), exits(abi::umask_exit_class(hc))];
+    if intel {
+        let _ = wrmsr(IA32_PERF_GLOBAL_CTRL, 0b111);
+    }
+    for (i, e) in events.iter().enumerate() {
+        let (s, c) = gp_msrs(intel, i as u32);
+        let _ = wrmsr(s, 0);
+        let _ = wrmsr(c, 0);
+        let _ = wrmsr(s, EN | OS | USR | e);
+    }
+    true
+}
+
+/// The counters [`bench_start`] started: (cycles, exits, hypercall exits); stops them.
+pub fn bench_stop() -> (u64, u64, u64) {
+    let intel = intel();
+    let mut v = [0u64; 3];
+    for (i, x) in v.iter_mut().enumerate() {
+        let (s, c) = gp_msrs(intel, i as u32);
+        let _ = wrmsr(s, 0);
+        *x = rdmsr(c).unwrap_or(0) & WIDTH_MASK;
+    }
+    (v[0], v[1], v[2])
+}
