@@ -185,6 +185,7 @@ esac
 #                                 what the previous boot wrote, the disk is kept)
 #   disk write ok|refused         /written.txt written and synced (refused on a read-only disk)
 #   disk readback ok|bad|skipped  after umount and a fresh mount
+#   disk irq ROW                  the request queue's row of /proc/interrupts
 # With linux_guest_disk_bench=MIB instead (scripts/bench-blk.sh; it overwrites the disk):
 # sequential dd of MIB MiB with O_DIRECT, read then write, each "linux-guest: disk_bench
 # op=read|write mib=M ms=T exits=E" (exits: -1 without vireo.ko), then power off.
@@ -259,6 +260,8 @@ if [ -b /dev/vda ]; then
     else
         echo "linux-guest: disk mount failed"
     fi
+    # The request queue's interrupt row, once it has carried requests.
+    awk '/virtio.*-req/ { $1 = $1; print "linux-guest: disk irq " $0 }' /proc/interrupts
 fi
 
 # Restart test: with linux_guest_reboot=1 the first boot resets the machine; Vireo builds the
