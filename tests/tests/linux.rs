@@ -432,6 +432,27 @@ fn linux_virtio_blk_ro_qemu_tcg_svm() {
     check_disk(&out, true);
 }
 
+/// A guest reset keeps the disk: the VM built again for boot 2 gets the same image, and the
+/// file boot 1 wrote is there.
+#[test]
+fn linux_virtio_blk_survives_reset_qemu_tcg_svm() {
+    let (kernel, initrd) = linux_guest();
+    let (image, _) = test_disk();
+    let line = format!("linux mem=256M -- {LIGHT_LINUX_CMDLINE} linux_guest_reboot=1");
+    let boot = Boot::new(Machine::QemuSvm).module(kernel, &line).module(initrd, "linux:initrd");
+    let out = boot.module(image, "linux:disk").timeout(300).run();
+    out.assert_exit_ok();
+    let previous: Vec<&str> =
+        out.guest_lines("linux").into_iter().filter(|l| l.starts_with("linux-guest: disk previous ")).collect();
+    assert_eq!(
+        previous,
+        ["linux-guest: disk previous unknown", "linux-guest: disk previous written by boot 1"],
+        "{out:?}"
+    );
+    assert_eq!(out.lines("vm name=linux virtio-blk slot=").len(), 2, "{out:?}");
+    assert_eq!(out.field("vms ended", "as_expected"), "1", "{out:?}");
+}
+
 #[test]
 fn linux_virtio_blk_bochs_vmx() {
     let out = boot_linux_disk(Machine::BochsVmx, 600, "");
