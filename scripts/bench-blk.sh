@@ -16,8 +16,8 @@ set -euo pipefail
 # shellcheck source=lib.sh
 source "$(dirname "${BASH_SOURCE[0]}")/lib.sh"
 
-RUNS=1
-MIB=16
+RUNS=3
+MIB=64
 usage() {
     cat <<EOF
 Usage: scripts/bench-blk.sh [--runs N] [--mib M]
@@ -38,7 +38,7 @@ while [[ $# -gt 0 ]]; do
     shift
 done
 [[ "$RUNS" =~ ^[1-9][0-9]*$ ]] || usage_error "--runs wants a positive number"
-[[ "$MIB" =~ ^[1-9][0-9]*$ && "$MIB" -le 64 ]] || usage_error "--mib wants 1..64"
+[[ "$MIB" =~ ^[1-9][0-9]*$ && "$MIB" -le 128 ]] || usage_error "--mib wants 1..128"
 
 "$VIREO_ROOT/scripts/install-deps.sh" --quiet all
 out="$("$VIREO_ROOT/scripts/guest-linux.sh" --quiet)"
@@ -62,7 +62,7 @@ boot() {
             -no-reboot -nic none -kernel "$KERNEL" -initrd "$INITRD" -append "$APPEND" \
             -drive "file=$IMG,if=virtio,format=raw" </dev/null >"$LOG" 2>&1 || true
     else
-        timeout 300 "$VIREO_ROOT/scripts/run-qemu.sh" --headless --timeout 280 --elf "$ELF" \
+        timeout 300 "$VIREO_ROOT/scripts/run-qemu.sh" --headless --timeout 280 --mem 768 --elf "$ELF" \
             --module "$KERNEL=linux mem=256M -- $APPEND" --module "$INITRD=linux:initrd" \
             --module "$IMG=linux:disk" </dev/null >"$LOG" 2>&1 || true
     fi
