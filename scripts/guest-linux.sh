@@ -23,7 +23,7 @@ Prepares the default Linux guest in DIR (default: build/linux in the repository 
                               extracted (usr/src/linux-headers-RELEASE is the build tree)
   modules/                    the kernel's virtio modules (virtio_ring, virtio,
                               virtio_pci_modern_dev, virtio_pci_legacy_dev, virtio_pci,
-                              virtio_console) from its package (apt-get download at the
+                              virtio_console, virtio_blk) from its package (apt-get download at the
                               kernel's version, once), carried in both images as
                               /lib/modules/virtio/
   vireo.ko                    guests/linux/vireo-mod built against those headers (debug info
@@ -95,11 +95,12 @@ MOD_FILES=(vireo.c Kbuild)
 PROGRAMS=(perfprobe)
 BUSYBOX=/bin/busybox
 # The applets the headless /init uses (the shell image gets every applet).
-HEADLESS_APPLETS=(sh mount uname nproc awk true poweroff sleep insmod dmesg readlink)
+HEADLESS_APPLETS=(sh mount uname nproc awk true poweroff sleep insmod dmesg readlink umount sync sha256sum cat dd mkdir)
 # The kernel's virtio modules the images carry in /lib/modules/virtio/ (paths in the kernel
 # package's lib/modules/RELEASE/kernel/), in an order that loads (each after what it needs).
 VIRTIO_MODULES=(drivers/virtio/virtio_ring.ko drivers/virtio/virtio.ko drivers/virtio/virtio_pci_modern_dev.ko
-    drivers/virtio/virtio_pci_legacy_dev.ko drivers/virtio/virtio_pci.ko drivers/char/virtio_console.ko)
+    drivers/virtio/virtio_pci_legacy_dev.ko drivers/virtio/virtio_pci.ko drivers/char/virtio_console.ko
+    drivers/block/virtio_blk.ko)
 # The fixed mtime of everything in the images (SOURCE_DATE_EPOCH if the caller sets one).
 EPOCH="${SOURCE_DATE_EPOCH:-0}"
 [[ "$EPOCH" =~ ^[0-9]+$ ]] || die "SOURCE_DATE_EPOCH must be a number of seconds, not '$EPOCH'"
@@ -272,7 +273,7 @@ prepare_kernel() {
 }
 
 # install_modules DEB: the virtio modules of DEB's kernel into DIR/modules/ (flat), with
-# modules.version naming the kernel package and version they came from.
+# modules.version naming the kernel package and version they came from and the module list.
 install_modules() {
     local deb="$1" x="$WORK/xm" release m
     release="$(version_field release)"
@@ -284,15 +285,17 @@ install_modules() {
     for m in "${VIRTIO_MODULES[@]}"; do
         cp "$x/lib/modules/$release/kernel/$m" "$OUT/modules/"
     done
-    printf 'package=%s\nversion=%s\n' "$(version_field package)" "$(version_field version)" >"$OUT/modules/modules.version"
+    printf 'package=%s\nversion=%s\nmodules=%s\n' "$(version_field package)" "$(version_field version)" \
+        "${VIRTIO_MODULES[*]}" >"$OUT/modules/modules.version"
     rm -rf "$x"
 }
 
 # prepare_modules: the virtio modules for the cached kernel, fetched (the kernel package at its
-# exact version) only when DIR/modules/modules.version names another kernel.
+# exact version) only when DIR/modules/modules.version names another kernel or module list.
 prepare_modules() {
     local want dir="$WORK/mdeb" deb
-    want="$(printf 'package=%s\nversion=%s' "$(version_field package)" "$(version_field version)")"
+    want="$(printf 'package=%s\nversion=%s\nmodules=%s' "$(version_field package)" "$(version_field version)" \
+        "${VIRTIO_MODULES[*]}")"
     if [[ -f "$OUT/modules/modules.version" && "$(cat "$OUT/modules/modules.version")" == "$want" ]]; then
         say "virtio modules: cached"
         return

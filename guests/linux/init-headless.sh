@@ -175,6 +175,95 @@ case "${linux_guest_virtio_bench:-}" in '' | *[!0-9]*) ;; *)
     ;;
 esac
 
+# virtio-blk (guests/linux: only with a virtio function on the bus, and a disk behind it):
+# virtio_blk.ko is loaded; with /dev/vda, one "linux-guest: disk ..." line per step:
+#   disk dev vda sectors N ro 0|1 serial S driver DRIVER   (the PCI function's driver)
+#   disk mount ok|failed          mount -t ext4 (-o ro when the device is read-only)
+#   disk hello TEXT               /hello.txt
+#   disk payload_sha256 HEX       of /payload.bin
+#   disk previous TEXT|unknown    /written.txt before this boot writes it (after a guest reset:
+#                                 what the previous boot wrote, the disk is kept)
+#   disk write ok|refused         /written.txt written and synced (refused on a read-only disk)
+#   disk readback ok|bad|skipped  after umount and a fresh mount
+#   disk irq ROW                  the request queue's row of /proc/interrupts
+# With linux_guest_disk_bench=MIB instead (scripts/bench-blk.sh; it overwrites the disk):
+# sequential dd of MIB MiB with O_DIRECT, read then write, each "linux-guest: disk_bench
+# op=read|write mib=M ms=T exits=E" (exits: -1 without vireo.ko), then power off.
+if [ "$virtio_pci_n" -gt 0 ]; then
+    read -r disk_console_level _ </proc/sys/kernel/printk
+    echo 1 >/proc/sys/kernel/printk
+    insmod /lib/modules/virtio/virtio_blk.ko 2>/dev/null
+    w=0
+    while [ ! -b /dev/vda ] && [ -d /sys/block/vda ] && [ "$w" -lt 20 ]; do
+        sleep 0.1
+        w=$((w + 1))
+    done
+    echo "$disk_console_level" >/proc/sys/kernel/printk
+fi
+if [ -b /dev/vda ]; then
+    disk_exits() {
+        de=0
+        if [ -r "$VIREO_SYS/exits" ]; then
+            while read -r _ count _; do de=$((de + count)); done <"$VIREO_SYS/exits"
+        else
+            de=-1
+        fi
+        echo "$de"
+    }
+    case "${linux_guest_disk_bench:-}" in '' | *[!0-9]*) ;; *)
+        for op in read write; do
+            e0="$(disk_exits)"
+            t0="$(up)"
+            if [ "$op" = read ]; then
+                dd if=/dev/vda of=/dev/null bs=1M count="$linux_guest_disk_bench" iflag=direct 2>/dev/null
+            else
+                dd if=/dev/zero of=/dev/vda bs=1M count="$linux_guest_disk_bench" oflag=direct conv=fsync 2>/dev/null
+            fi
+            t1="$(up)"
+            e1="$(disk_exits)"
+            [ "$e0" -ge 0 ] && e1=$((e1 - e0))
+            echo "linux-guest: disk_bench op=$op mib=$linux_guest_disk_bench ms=$(awk -v a="$t0" -v b="$t1" 'BEGIN { printf "%d", (b - a) * 1000 + 0.5 }') exits=$e1"
+        done
+        poweroff -f
+        while :; do sleep 3600; done
+        ;;
+    esac
+    disk_ro="$(first_line /sys/block/vda/ro)"
+    # /sys/block/vda/device is virtioN, whose parent is the PCI function.
+    disk_drv=none
+    [ -e /sys/block/vda/device/../driver ] && disk_drv="$(readlink /sys/block/vda/device/../driver)" &&
+        disk_drv="${disk_drv##*/}"
+    echo "linux-guest: disk dev vda sectors $(first_line /sys/block/vda/size) ro $disk_ro serial $(first_line /sys/block/vda/serial) driver $disk_drv"
+    mkdir -p /mnt
+    disk_opts=rw
+    [ "$disk_ro" = 1 ] && disk_opts=ro
+    if mount -t ext4 -o "$disk_opts" /dev/vda /mnt; then
+        echo "linux-guest: disk mount ok"
+        echo "linux-guest: disk hello $(first_line /mnt/hello.txt)"
+        disk_sha="$(sha256sum /mnt/payload.bin 2>/dev/null)"
+        echo "linux-guest: disk payload_sha256 ${disk_sha%% *}"
+        echo "linux-guest: disk previous $(first_line /mnt/written.txt)"
+        disk_token="written by boot ${vireo_boot:-1}"
+        if { echo "$disk_token" >/mnt/written.txt; } 2>/dev/null && sync; then
+            echo "linux-guest: disk write ok"
+            umount /mnt
+            disk_back=bad
+            if mount -t ext4 /dev/vda /mnt && [ "$(first_line /mnt/written.txt)" = "$disk_token" ]; then
+                disk_back=ok
+            fi
+            echo "linux-guest: disk readback $disk_back"
+        else
+            echo "linux-guest: disk write refused"
+            echo "linux-guest: disk readback skipped"
+        fi
+        umount /mnt
+    else
+        echo "linux-guest: disk mount failed"
+    fi
+    # The request queue's interrupt row, once it has carried requests.
+    awk '/virtio.*-req/ { $1 = $1; print "linux-guest: disk irq " $0 }' /proc/interrupts
+fi
+
 # Restart test: with linux_guest_reboot=1 the first boot resets the machine; Vireo builds the
 # VM again and adds vireo_boot=N (N >= 2) to the kernel command line of later boots.
 echo "linux-guest: boot ${vireo_boot:-1}"

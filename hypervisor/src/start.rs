@@ -206,6 +206,8 @@ pub fn kernel_main(magic: u32, mbi_addr: u32) -> ! {
     }
     // Every VM is built first, then all start together.
     let mut vms = alloc::vec::Vec::new();
+    // Disk modules (by module index) a VM has taken: each is one VM's alone.
+    let mut disks_taken = alloc::vec::Vec::new();
     for m in info.modules() {
         if spec::is_attachment(m.cmdline) {
             continue;
@@ -258,7 +260,36 @@ pub fn kernel_main(magic: u32, mbi_addr: u32) -> ! {
             })
             .collect();
         let modules: &'static [BootModule<'static>] = alloc::boxed::Box::leak(modules.into_boxed_slice());
-        let files = launch::GuestFiles { image, initrd, modules };
+        // The VM's disk: the first `<name>:disk` line naming it that no VM has taken (one
+        // disk per VM; a further one is reported unused). It is made once, here: later
+        // boots of the VM (after a guest reset) get the same image back.
+        let mut disk = None;
+        for k in info.modules() {
+            let Some((vm, Ok(d))) = spec::disk_of(k.cmdline) else { continue };
+            if vm != spec.name || disks_taken.contains(&k.index) {
+                continue;
+            }
+            if disk.is_some() {
+                report!("vm module={} not used reason=\"VM '{vm}' has a disk already (one disk per VM)\"", k.index);
+                continue;
+            }
+            disks_taken.push(k.index);
+            // SAFETY: the module lies in available RAM, is reserved from the frame allocator
+            // and identity-mapped read/write; it is handed out mutably once only
+            // (`disks_taken`), to this VM's disk, and nothing else (no image, initrd or
+            // multiboot module: a disk line is none of those) reads it.
+            let bytes = unsafe { module_bytes_mut(k) };
+            let blk = crate::devices::virtio::blk::Blk::new(
+                bytes,
+                d.read_only,
+                d.serial,
+                crate::devices::virtio::blk::SEG_MAX,
+            );
+            let shared: &'static crate::devices::virtio::blk::Disk =
+                alloc::boxed::Box::leak(alloc::boxed::Box::new(spin::Mutex::new(blk)));
+            disk = Some(crate::devices::virtio::blk::DiskRef(shared));
+        }
+        let files = launch::GuestFiles { image, initrd, modules, disk };
         match launch::build_vm(hw, &mut mm::frames(), &spec, files, sched::kick, 1) {
             Ok(mut vm) => {
                 vm.relaunch = Some(vmm::vm::Relaunch { spec, files, boot: 1 });
@@ -295,6 +326,17 @@ fn fatal_boot_info(e: bootinfo::BootInfoError) -> ! {
 unsafe fn module_bytes(m: &bootinfo::Module<'_>) -> &'static [u8] {
     // SAFETY: per the caller, the range is mapped, never handed out, and never written.
     unsafe { core::slice::from_raw_parts(m.range.start as *const u8, m.range.len() as usize) }
+}
+
+/// A validated module's bytes, to write.
+///
+/// # Safety
+/// As for [`module_bytes`], and no other reference to the module's bytes may exist or be
+/// made while the returned one lives (it lives for ever: the module must be given out once).
+unsafe fn module_bytes_mut(m: &bootinfo::Module<'_>) -> &'static mut [u8] {
+    // SAFETY: per the caller, the range is mapped writable, never handed out by the frame
+    // allocator, and this is the only reference to it.
+    unsafe { core::slice::from_raw_parts_mut(m.range.start as *mut u8, m.range.len() as usize) }
 }
 
 /// Builds Vireo's own page tables and switches to them; returns the number of tables.

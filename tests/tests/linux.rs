@@ -454,6 +454,129 @@ fn check_virtio_console(out: &Outcome, vm: &str, msi: bool) {
     assert!(!out.serial.contains("needs reset"), "{out:?}");
 }
 
+/// (ext4 image, sha256 of its /payload.bin) from scripts/mkdisk.sh, made once per process.
+fn test_disk() -> &'static (PathBuf, String) {
+    static DISK: OnceLock<(PathBuf, String)> = OnceLock::new();
+    DISK.get_or_init(|| {
+        let out = Command::new("scripts/mkdisk.sh").current_dir(repo_root()).output().expect("run mkdisk.sh");
+        let stdout = String::from_utf8_lossy(&out.stdout);
+        assert!(out.status.success(), "mkdisk.sh failed:\n{stdout}\n{}", String::from_utf8_lossy(&out.stderr));
+        let get = |key: &str| {
+            stdout
+                .lines()
+                .find_map(|l| l.strip_prefix(&format!("{key}=")))
+                .unwrap_or_else(|| panic!("mkdisk.sh printed no {key}=\n{stdout}"))
+                .to_string()
+        };
+        (PathBuf::from(get("image")), get("payload_sha256"))
+    })
+}
+
+/// The headless Linux VM with the test disk as its `linux:disk` module (`disk_options`: the
+/// rest of that line, e.g. `ro`).
+fn boot_linux_disk(machine: Machine, timeout: u64, disk_options: &str) -> Outcome {
+    let (image, _) = test_disk();
+    let boot = with_linux(Boot::new(machine), "linux", 256, "").module(image, &format!("linux:disk {disk_options}"));
+    let out = boot.timeout(timeout).run();
+    out.assert_exit_ok();
+    out
+}
+
+/// The disk reached Linux as a virtio-blk PCI function at 00:02.0 bound to virtio-pci with
+/// MSI-X; Linux mounted its ext4 file system and read the files mkdisk.sh put there
+/// (the payload's sha256 is the one mkdisk.sh printed); read-write: a file written, synced,
+/// unmounted and mounted again reads back; read-only: the write is refused and the device
+/// saw none. Vireo's start and end lines describe the disk and its traffic.
+fn check_disk(out: &Outcome, ro: bool) {
+    let (_, sha) = test_disk();
+    let start = out.line("vm name=linux virtio-blk slot=");
+    assert_eq!(field(start, "slot").as_deref(), Some("00:02.0"), "{out:?}");
+    assert_eq!(field(start, "sectors").as_deref(), Some("32768"), "16 MiB\n{out:?}");
+    assert_eq!(field(start, "ro").as_deref(), Some(if ro { "1" } else { "0" }), "{out:?}");
+    let lines = out.guest_lines("linux");
+    assert!(lines.contains(&"linux-guest: pci 0000:00:02.0 0x1af4 0x1042 0x010000"), "{out:?}");
+    assert_eq!(guest_value(out, "linux", "virtio"), "0000:00:02.0 0x1af4 0x1042 virtio-pci", "{out:?}");
+    let irqs: Vec<&str> = lines.iter().copied().filter(|l| l.starts_with("linux-guest: disk irq ")).collect();
+    assert_eq!(irqs.len(), 1, "one request queue: {irqs:?}\n{out:?}");
+    assert!(irqs[0].contains("PCI-MSI") && irqs[0].ends_with("virtio0-req.0"), "MSI-X: {irqs:?}\n{out:?}");
+    // Its count (one CPU) is not 0: completions came as interrupts.
+    let count: u64 = irqs[0].split(' ').nth(4).and_then(|c| c.parse().ok()).unwrap_or(0);
+    assert!(count > 0, "{irqs:?}\n{out:?}");
+    let disk = |step: &str| guest_value(out, "linux", &format!("disk {step}"));
+    let ro_flag = if ro { 1 } else { 0 };
+    assert_eq!(disk("dev"), format!("vda sectors 32768 ro {ro_flag} serial linux driver virtio-pci"), "{out:?}");
+    assert_eq!(disk("mount"), "ok", "{out:?}");
+    assert_eq!(disk("hello"), "vireo-disk hello", "{out:?}");
+    assert_eq!(&disk("payload_sha256"), sha, "{out:?}");
+    assert_eq!(disk("previous"), "unknown", "a fresh image\n{out:?}");
+    let end = out.line("vm name=linux virtio-blk reads=");
+    let stat =
+        |key: &str| -> u64 { field(end, key).and_then(|v| v.parse().ok()).unwrap_or_else(|| panic!("{key}: {end}")) };
+    assert!(stat("reads") > 0 && stat("bytes_read") >= 64 << 10, "{end}\n{out:?}");
+    if ro {
+        assert_eq!(disk("write"), "refused", "{out:?}");
+        assert_eq!(disk("readback"), "skipped", "{out:?}");
+        assert_eq!((stat("writes"), stat("bytes_written")), (0, 0), "{end}\n{out:?}");
+    } else {
+        assert_eq!(disk("write"), "ok", "{out:?}");
+        assert_eq!(disk("readback"), "ok", "{out:?}");
+        assert!(stat("writes") > 0 && stat("flushes") > 0, "{end}\n{out:?}");
+    }
+    assert_eq!(stat("errors"), 0, "{end}\n{out:?}");
+    assert!(!out.serial.contains("needs reset"), "{out:?}");
+}
+
+#[test]
+fn linux_virtio_blk_qemu_tcg_svm() {
+    let out = boot_linux_disk(Machine::QemuSvm, 300, "");
+    check_userspace(&out);
+    check_disk(&out, false);
+}
+
+/// `ro`: the device offers VIRTIO_BLK_F_RO; Linux mounts read-only, a write fails with
+/// EROFS, and the VM runs on to its normal end.
+#[test]
+fn linux_virtio_blk_ro_qemu_tcg_svm() {
+    let out = boot_linux_disk(Machine::QemuSvm, 300, "ro serial=linux");
+    check_userspace(&out);
+    check_disk(&out, true);
+}
+
+/// A guest reset keeps the disk: the VM built again for boot 2 gets the same image, and the
+/// file boot 1 wrote is there.
+#[test]
+fn linux_virtio_blk_survives_reset_qemu_tcg_svm() {
+    let (kernel, initrd) = linux_guest();
+    let (image, _) = test_disk();
+    let line = format!("linux mem=256M -- {LIGHT_LINUX_CMDLINE} linux_guest_reboot=1");
+    let boot = Boot::new(Machine::QemuSvm).module(kernel, &line).module(initrd, "linux:initrd");
+    let out = boot.module(image, "linux:disk").timeout(300).run();
+    out.assert_exit_ok();
+    let previous: Vec<&str> =
+        out.guest_lines("linux").into_iter().filter(|l| l.starts_with("linux-guest: disk previous ")).collect();
+    assert_eq!(
+        previous,
+        ["linux-guest: disk previous unknown", "linux-guest: disk previous written by boot 1"],
+        "{out:?}"
+    );
+    assert_eq!(out.lines("vm name=linux virtio-blk slot=").len(), 2, "{out:?}");
+    assert_eq!(out.field("vms ended", "as_expected"), "1", "{out:?}");
+}
+
+#[test]
+fn linux_virtio_blk_bochs_vmx() {
+    let out = boot_linux_disk(Machine::BochsVmx, 600, "");
+    check_userspace(&out);
+    check_disk(&out, false);
+}
+
+#[test]
+fn linux_virtio_blk_bochs_svm() {
+    let out = boot_linux_disk(Machine::BochsSvm, 600, "");
+    check_userspace(&out);
+    check_disk(&out, false);
+}
+
 /// Linux VMs get a local APIC and I/O APIC by default and route interrupts through them.
 fn check_apic_mode(out: &Outcome, vm: &str) {
     let lines = out.guest_lines(vm);

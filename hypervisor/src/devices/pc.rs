@@ -20,7 +20,11 @@ use super::{
     pm::{PmConfig, PmDevice, SCI_IRQ},
     rtc::{RtcDevice, RTC_IRQ},
     uart::{ConsoleUart, COM1_BASE, COM1_IRQ},
-    virtio::{console::VirtioConsole, pci::VirtioPci},
+    virtio::{
+        blk::{DiskRef, VirtioBlk},
+        console::VirtioConsole,
+        pci::VirtioPci,
+    },
 };
 
 /// What a VM's PCI bus holds beyond the host bridge.
@@ -31,10 +35,14 @@ pub struct PciOptions {
     pub mmio32: Option<(u64, u64)>,
     /// A virtio-console at [`VIRTIO_CONSOLE_SLOT`] (00:01.0).
     pub virtio_console: bool,
+    /// A virtio-blk on this disk at [`VIRTIO_BLK_SLOT`] (00:02.0).
+    pub virtio_blk: Option<DiskRef>,
 }
 
 /// The PCI device number of the virtio-console (function 0, INTA).
 pub const VIRTIO_CONSOLE_SLOT: u8 = 1;
+/// The PCI device number of the virtio-blk (function 0, INTA).
+pub const VIRTIO_BLK_SLOT: u8 = 2;
 
 /// Adds the PC devices of VM `name` to `bus`; returns its console UART (for keyboard input).
 /// `unix_secs`: wall-clock time the RTC starts at.
@@ -61,6 +69,14 @@ pub fn build(
         if let Some(bdf) = Bdf::new(0, VIRTIO_CONSOLE_SLOT, 0) {
             // The slot is free on a new bus.
             let _ = pci_bus.add(bdf, Box::new(console));
+        }
+    }
+    if let Some(DiskRef(disk)) = pci_options.virtio_blk {
+        let gsi = crate::guest::acpi::pci_intx_gsi(VIRTIO_BLK_SLOT, 0) as u8;
+        let blk = VirtioPci::new(Box::new(VirtioBlk::new(disk)), name, irq.clone(), gsi);
+        if let Some(bdf) = Bdf::new(0, VIRTIO_BLK_SLOT, 0) {
+            // The slot is free: nothing else goes there.
+            let _ = pci_bus.add(bdf, Box::new(blk));
         }
     }
     let pci = device(pci_bus);
@@ -111,8 +127,14 @@ mod tests {
     fn the_pc_answers_on_its_ports() {
         let irq = Interrupts::new(1, true, 1_000_000_000, no_kick);
         let mut bus = Bus::new();
-        build(&mut bus, &irq, "t", 0, PciOptions { mmio32: Some((0xC000_0000, 0xFEBF_FFFF)), virtio_console: true })
-            .unwrap();
+        build(
+            &mut bus,
+            &irq,
+            "t",
+            0,
+            PciOptions { mmio32: Some((0xC000_0000, 0xFEBF_FFFF)), virtio_console: true, virtio_blk: None },
+        )
+        .unwrap();
         let mut frames = FrameAllocator::for_tests();
         let mem = GuestMemory::for_tests(&mut frames);
         let cx = Ctx { now: Nanos::ZERO, mem: &mem };

@@ -22,6 +22,7 @@ use crate::{
         irqchip::{Interrupts, KickFn},
         lapic::DEFAULT_TIMER_HZ,
         pc,
+        virtio::blk::DiskRef,
     },
     guest::{
         acpi, boot64,
@@ -151,12 +152,14 @@ impl AnyBackend {
 }
 
 /// The modules a VM is built from: its image, a Linux kernel's initramfs (`<name>:initrd`),
-/// a multiboot kernel's modules (`<name>:module` lines).
+/// a multiboot kernel's modules (`<name>:module` lines), its disk (`<name>:disk`), which
+/// every boot of the VM shares.
 #[derive(Clone, Copy, Debug)]
 pub struct GuestFiles<'a> {
     pub image: &'a [u8],
     pub initrd: Option<&'a [u8]>,
     pub modules: &'a [BootModule<'a>],
+    pub disk: Option<DiskRef>,
 }
 
 /// What kind of guest a module holds.
@@ -181,7 +184,7 @@ pub fn build_vm(
     kick: KickFn,
     boot_number: u32,
 ) -> Result<Vm, LaunchError> {
-    let GuestFiles { image, initrd, modules } = files;
+    let GuestFiles { image, initrd, modules, disk } = files;
     // A Linux kernel is recognised by its setup header, a multiboot kernel by its header's
     // magic; anything that claims to be one and fails validation is reported as a bad
     // kernel of that kind, not as an unknown file.
@@ -300,7 +303,7 @@ pub fn build_vm(
     let uart = if platform {
         // BARs decode in the root bridge's 32-bit window, the one the DSDT gives the guest.
         let mmio32 = acpi::pci_mmio32_window(size).map(|w| (u64::from(w.base), u64::from(w.last)));
-        let pci_options = pc::PciOptions { mmio32, virtio_console: spec.virtio_console };
+        let pci_options = pc::PciOptions { mmio32, virtio_console: spec.virtio_console, virtio_blk: disk };
         let built = pc::build(&mut bus, &irq, spec.name, RTC_EPOCH, pci_options).and_then(|uart| {
             if multiboot {
                 // QEMU's test devices, which kernels written for `qemu -kernel` use.
@@ -337,6 +340,7 @@ pub fn build_vm(
     vm.expect = spec.expect;
     vm.expect_status = spec.expect_status;
     vm.floor = spec.floor;
+    vm.disk = if platform { disk } else { None };
     if spec.floor {
         log::info!("vm {}: floor=on: the backend answers PING hypercalls itself (measuring mode)", spec.name);
     }
@@ -389,5 +393,19 @@ pub fn build_vm(
         },
         entry
     );
+    if let Some(DiskRef(d)) = vm.disk {
+        let d = d.lock();
+        report!(
+            "vm name={} virtio-blk slot=00:{:02x}.0 sectors={} size={} ro={} serial={}",
+            spec.name,
+            pc::VIRTIO_BLK_SLOT,
+            d.capacity(),
+            Bytes(d.capacity() * crate::devices::virtio::blk::SECTOR_SIZE),
+            u8::from(d.read_only()),
+            d.serial()
+        );
+    } else if disk.is_some() {
+        log::warn!("vm {}: a disk is given but the guest has no PCI bus (not Linux or multiboot); ignored", spec.name);
+    }
     Ok(vm)
 }

@@ -16,7 +16,8 @@
 //! A module whose line is `<name>:initrd` is the initramfs of VM `<name>`; one whose line is
 //! `<name>:module [command line]` is a module for the multiboot kernel of VM `<name>`; one
 //! whose line is `<name>:disk [ro] [serial=S]` is a disk image for VM `<name>`'s virtio-blk
-//! device ([`disk_of`]). `net=SWITCH` connects the VM's virtio-net device to the virtual
+//! device ([`disk_of`]; at 00:02.0, one disk per VM, written in place in Vireo's RAM and kept
+//! across the VM's resets: `start.rs`). `net=SWITCH` connects the VM's virtio-net device to the virtual
 //! switch `SWITCH` (a name like a VM's; VMs naming the same switch share it).
 //! Unknown `key=value` words are left to the guest (test guests read `bench=`, `mode=`). The whole line is also
 //! handed to the guest (test guests read `bench=N`, `mode=...` from it). `name` is 1-32

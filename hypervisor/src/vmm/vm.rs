@@ -109,6 +109,8 @@ pub struct Vm {
     pub floor: bool,
     /// `pmu=on`: the vCPUs offer Vireo's virtual PMU (`crate::pmu`).
     pub pmu: bool,
+    /// The VM's virtio-blk disk (`<name>:disk`), for the statistics at its end.
+    pub disk: Option<crate::devices::virtio::blk::DiskRef>,
     /// A Linux VM's PC platform is on the bus (test guests have none).
     platform: bool,
     /// Earliest guest time (ns) a device needs a tick; u64::MAX: none.
@@ -155,6 +157,7 @@ impl Vm {
             expect_status: None,
             floor: false,
             pmu: false,
+            disk: None,
             platform,
             device_deadline: AtomicU64::new(0),
             outcome: Mutex::new(None),
@@ -347,6 +350,19 @@ impl Vm {
                 )
             }
             o => report!("vm name={name} end outcome={} exits={} injected_masked={masked}", o.name(), total.count),
+        }
+        if let Some(disk) = self.disk {
+            // Counted since Vireo started: the disk outlives the VM's boots.
+            let s = disk.0.lock().stats;
+            report!(
+                "vm name={name} virtio-blk reads={} writes={} flushes={} bytes_read={} bytes_written={} errors={}",
+                s.reads,
+                s.writes,
+                s.flushes,
+                s.bytes_read,
+                s.bytes_written,
+                s.errors
+            );
         }
         // RAM is populated on first touch (2 MiB chunks): how much the guest ever touched.
         report!(

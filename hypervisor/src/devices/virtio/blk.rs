@@ -16,8 +16,10 @@
 
 use core::fmt;
 
+use spin::Mutex;
+
 use super::queue::{Chain, GuestRam, QueueError};
-use super::stream;
+use super::{stream, Queues, VirtioDevice};
 
 /// virtio device type (§5).
 pub const DEVICE_TYPE: u16 = 2;
@@ -69,6 +71,16 @@ pub enum BlkError {
 impl From<QueueError> for BlkError {
     fn from(e: QueueError) -> Self {
         BlkError::Queue(e)
+    }
+}
+
+/// For the transport, both kinds are the driver's fault: the device needs reset.
+impl From<BlkError> for QueueError {
+    fn from(e: BlkError) -> Self {
+        match e {
+            BlkError::Queue(e) => e,
+            BlkError::Malformed { readable, writable } => QueueError::Malformed { readable, writable },
+        }
     }
 }
 
@@ -144,6 +156,12 @@ impl<S: AsRef<[u8]> + AsMut<[u8]>> Blk<S> {
         for (i, b) in data.iter_mut().enumerate() {
             *b = offset.checked_add(i).and_then(|o| cfg.get(o)).copied().unwrap_or(0);
         }
+    }
+
+    /// The serial number GET_ID answers (up to 20 bytes).
+    pub fn serial(&self) -> &str {
+        let n = self.id.iter().position(|&b| b == 0).unwrap_or(ID_LEN);
+        core::str::from_utf8(&self.id[..n]).unwrap_or("")
     }
 
     /// The image's bytes (to save or compare it).
@@ -233,6 +251,106 @@ impl<S: AsRef<[u8]> + AsMut<[u8]>> Blk<S> {
         self.stats.writes += 1;
         self.stats.bytes_written += len;
         Ok((S_OK, 0))
+    }
+}
+
+/// The one request queue (requestq, §5.2.2; VIRTIO_BLK_F_MQ is not offered).
+pub const REQUESTQ: u16 = 0;
+/// Queue size offered.
+pub const QUEUE_SIZE: u16 = 128;
+/// Data buffers a request may have (`seg_max`, §5.2.4): the queue size less the header and
+/// status descriptors, so that a direct chain always fits the ring.
+pub const SEG_MAX: u32 = QUEUE_SIZE as u32 - 2;
+/// PCI class: mass storage, SCSI (0x0100), as QEMU's virtio-blk-pci.
+pub const PCI_CLASS: u32 = 0x01_00_00;
+
+/// A VM's disk: an image in Vireo's memory. It outlives the VM's devices, which a guest reset
+/// builds again, so it is shared: the transport's device and the VM's end-of-run statistics
+/// both reach it through a `&'static`.
+pub type Disk = Mutex<Blk<&'static mut [u8]>>;
+
+/// A reference to a [`Disk`] that VM descriptions can copy around.
+#[derive(Clone, Copy)]
+pub struct DiskRef(pub &'static Disk);
+
+impl fmt::Debug for DiskRef {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let d = self.0.lock();
+        write!(f, "Disk {{ sectors: {}, ro: {}, serial: {:?} }}", d.capacity(), d.read_only(), d.serial())
+    }
+}
+
+impl PartialEq for DiskRef {
+    fn eq(&self, other: &Self) -> bool {
+        core::ptr::eq(self.0, other.0)
+    }
+}
+
+impl Eq for DiskRef {}
+
+/// virtio-blk (virtio 1.2 §5.2, device type 2) on a shared disk: queue 0 carries requests,
+/// each handled by [`Blk::handle`].
+pub struct VirtioBlk<S: 'static> {
+    disk: &'static Mutex<Blk<S>>,
+}
+
+impl<S: AsRef<[u8]> + AsMut<[u8]> + Send + 'static> VirtioBlk<S> {
+    pub fn new(disk: &'static Mutex<Blk<S>>) -> Self {
+        VirtioBlk { disk }
+    }
+
+    /// Drains the request queue with notifications off, then turns them back on and looks
+    /// once more (§2.7.10: a chain made available meanwhile would otherwise wait for the
+    /// next kick): one exit serves every request the driver queued before it.
+    fn requests(&mut self, queues: &mut Queues<'_>) -> Result<(), QueueError> {
+        let mut disk = self.disk.lock();
+        queues.disable_notifications(REQUESTQ)?;
+        loop {
+            while let Some(chain) = queues.pop(REQUESTQ)? {
+                let written = disk.handle(&chain, queues.mem())?;
+                queues.push_used(REQUESTQ, chain.head, written)?;
+            }
+            if !queues.enable_notifications(REQUESTQ)? {
+                return Ok(());
+            }
+        }
+    }
+}
+
+impl<S: AsRef<[u8]> + AsMut<[u8]> + Send + 'static> VirtioDevice for VirtioBlk<S> {
+    fn name(&self) -> &'static str {
+        "blk"
+    }
+
+    fn device_type(&self) -> u16 {
+        DEVICE_TYPE
+    }
+
+    fn pci_class(&self) -> u32 {
+        PCI_CLASS
+    }
+
+    fn features(&self) -> u64 {
+        self.disk.lock().features()
+    }
+
+    fn queue_max_sizes(&self) -> &[u16] {
+        &[QUEUE_SIZE]
+    }
+
+    fn config_len(&self) -> u64 {
+        config::LEN as u64
+    }
+
+    fn read_config(&self, offset: u64, data: &mut [u8]) {
+        self.disk.lock().config_read(usize::try_from(offset).unwrap_or(usize::MAX), data);
+    }
+
+    fn notify(&mut self, queue: u16, queues: &mut Queues<'_>) -> Result<(), QueueError> {
+        match queue {
+            REQUESTQ => self.requests(queues),
+            _ => Ok(()),
+        }
     }
 }
 
@@ -358,6 +476,67 @@ mod tests {
         let mut far = [0xFFu8; 4];
         blk.config_read(usize::MAX - 1, &mut far);
         assert_eq!(far, [0; 4]);
+    }
+
+    /// The device on a real split queue: two requests queued before one notification are
+    /// both served by it (a write, then a read of the same sector), with the used ring
+    /// naming each head and the bytes written; a chain with no status byte is a driver
+    /// error the transport turns into "needs reset".
+    #[test]
+    fn the_device_drains_the_request_queue() {
+        use crate::devices::virtio::queue::{Descriptor, QueueConfig, QueueFeatures, SplitQueue};
+        const DESC: u64 = 0x4000;
+        const AVAIL: u64 = 0x5000;
+        const USED: u64 = 0x6000;
+        let mem = FlatRam::new(0x10000);
+        let disk: &'static Mutex<Blk<Vec<u8>>> =
+            alloc::boxed::Box::leak(alloc::boxed::Box::new(Mutex::new(Blk::new(disk(4), false, "q", SEG_MAX))));
+        let mut dev = VirtioBlk::new(disk);
+        let d = |addr, len, flags, next| Descriptor { addr, len, flags, next }.to_bytes();
+        // Chain 0 (descriptors 0-2): OUT sector 1 from 0x8000. Chain 1 (3-5): IN sector 1
+        // into 0x9000.
+        let mut h = [0u8; 16];
+        h[..4].copy_from_slice(&T_OUT.to_le_bytes());
+        h[8..].copy_from_slice(&1u64.to_le_bytes());
+        mem.write(0x7000, &h).unwrap();
+        h[..4].copy_from_slice(&T_IN.to_le_bytes());
+        mem.write(0x7100, &h).unwrap();
+        mem.write(0x8000, &[0xC3; 512]).unwrap();
+        for (i, e) in [
+            d(0x7000, 16, 1, 1),
+            d(0x8000, 512, 1, 2),
+            d(0x7200, 1, 2, 0),
+            d(0x7100, 16, 1, 4),
+            d(0x9000, 512, 3, 5),
+            d(0x7300, 1, 2, 0),
+            d(0x7400, 16, 0, 0),
+        ]
+        .iter()
+        .enumerate()
+        {
+            mem.write(DESC + 16 * i as u64, e).unwrap();
+        }
+        mem.write(AVAIL + 4, &[0, 0, 3, 0]).unwrap();
+        mem.write(AVAIL + 2, &2u16.to_le_bytes()).unwrap();
+        let cfg = QueueConfig { size: 8, desc: DESC, avail: AVAIL, used: USED };
+        let mut queues = [Some(SplitQueue::new(cfg, QueueFeatures::default(), &mem).unwrap())];
+        let mut q = Queues::new(&mut queues, &mem);
+        dev.notify(REQUESTQ, &mut q).unwrap();
+        assert_eq!(q.used(), 1);
+        let m = mem.0.borrow();
+        let u32_at = |a: usize| u32::from_le_bytes(m[a..a + 4].try_into().unwrap());
+        assert_eq!(u16::from_le_bytes([m[USED as usize + 2], m[USED as usize + 3]]), 2, "both used");
+        assert_eq!((u32_at(USED as usize + 4), u32_at(USED as usize + 8)), (0, 1));
+        assert_eq!((u32_at(USED as usize + 12), u32_at(USED as usize + 16)), (3, 513));
+        assert_eq!((m[0x7200], m[0x7300]), (S_OK, S_OK));
+        assert!(m[0x9000..0x9200].iter().all(|&b| b == 0xC3), "read back what was written");
+        drop(m);
+        assert_eq!(disk.lock().stats.writes, 1);
+        assert_eq!(disk.lock().stats.reads, 1);
+        // Chain 2: a lone readable header, no status byte.
+        mem.write(AVAIL + 8, &6u16.to_le_bytes()).unwrap();
+        mem.write(AVAIL + 2, &3u16.to_le_bytes()).unwrap();
+        assert_eq!(dev.notify(REQUESTQ, &mut q), Err(QueueError::Malformed { readable: 16, writable: 0 }));
     }
 
     /// Random requests (any type, sector and framing) never panic, never touch the image

@@ -6,7 +6,7 @@
 
 use alloc::{boxed::Box, string::String};
 
-use super::{queue::QueueError, read_chain, Queues, VirtioDevice, TYPE_CONSOLE};
+use super::{queue::QueueError, stream, Queues, VirtioDevice, TYPE_CONSOLE};
 use crate::devices::console::GuestConsole;
 
 pub const RECEIVEQ: u16 = 0;
@@ -58,12 +58,21 @@ impl VirtioConsole {
         queues.disable_notifications(TRANSMITQ)?;
         loop {
             while let Some(chain) = queues.pop(TRANSMITQ)? {
-                let console = &mut self.console;
-                let out = &mut self.out;
-                let n = read_chain(&chain, queues.mem(), MAX_CHAIN_BYTES, &mut |bytes| {
-                    console.push(bytes, &mut |l| out(l));
-                })?;
-                self.bytes_out += n;
+                // The chain's readable stream, in pieces, up to MAX_CHAIN_BYTES.
+                let total = chain.readable_len().min(MAX_CHAIN_BYTES);
+                let mut buf = [0u8; 256];
+                let mut off = 0u64;
+                while off < total {
+                    let want = usize::try_from(total - off).unwrap_or(buf.len()).min(buf.len());
+                    let got = stream::read(&chain, queues.mem(), off, &mut buf[..want])?;
+                    if got == 0 {
+                        break;
+                    }
+                    let out = &mut self.out;
+                    self.console.push(&buf[..got], &mut |l| out(l));
+                    off += got as u64;
+                }
+                self.bytes_out += off;
                 queues.push_used(TRANSMITQ, chain.head, 0)?;
             }
             if !queues.enable_notifications(TRANSMITQ)? {

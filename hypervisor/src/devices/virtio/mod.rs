@@ -133,30 +133,6 @@ impl<'a> Queues<'a> {
     }
 }
 
-/// Reads a chain's device-readable bytes, in order, in pieces of at most `CHUNK` bytes,
-/// handing each to `sink`; stops after `limit` bytes. Returns the bytes read.
-pub fn read_chain(
-    chain: &Chain,
-    mem: &dyn GuestRam,
-    limit: u64,
-    sink: &mut dyn FnMut(&[u8]),
-) -> Result<u64, QueueError> {
-    const CHUNK: usize = 256;
-    let mut buf = [0u8; CHUNK];
-    let mut done = 0u64;
-    for b in chain.buffers.iter().filter(|b| !b.writable) {
-        let mut off = 0u64;
-        while off < u64::from(b.len) && done < limit {
-            let n = (u64::from(b.len) - off).min(CHUNK as u64).min(limit - done) as usize;
-            mem.read(b.addr + off, &mut buf[..n]).map_err(|_| QueueError::Memory)?;
-            sink(&buf[..n]);
-            off += n as u64;
-            done += n as u64;
-        }
-    }
-    Ok(done)
-}
-
 /// One virtio device, as the transport ([`pci::VirtioPci`]) sees it: a device is one file
 /// implementing this trait. The transport owns feature negotiation, the queues' setup, the
 /// status field, interrupts and the "needs reset" state; the device says what it offers and

@@ -270,6 +270,9 @@ pub enum QueueError {
     BadUsedId(u16),
     /// Guest memory that was RAM a moment ago could not be accessed.
     Memory,
+    /// A chain too short for its device's request framing (virtio-blk: a 16-byte header and
+    /// a status byte, virtio 1.2 §5.2.6).
+    Malformed { readable: u64, writable: u64 },
 }
 
 impl fmt::Display for QueueError {
@@ -299,6 +302,10 @@ impl fmt::Display for QueueError {
             BadIndirectLength(l) => write!(f, "indirect table of {l} bytes (not a non-zero multiple of 16)"),
             BadUsedId(id) => write!(f, "used element for descriptor {id}, which is not a chain head in flight"),
             Memory => f.write_str("guest memory access failed"),
+            Malformed { readable, writable } => write!(
+                f,
+                "request chain with {readable} readable and {writable} writable bytes is too short for its header and status"
+            ),
         }
     }
 }
