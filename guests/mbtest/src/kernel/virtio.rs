@@ -5,7 +5,7 @@
 //! its memory BAR placed at the start of the root bridge's window (3 GiB for a VM of less
 //! RAM, where the DSDT's `_CRS` puts it) unless it already has an address, memory decoding
 //! and bus mastering turned on, and its common configuration, notify and ISR areas found
-//! through the vendor capabilities (virtio 1.2 §4.1.4: ID 0x09, cfg_type 1, 2, 3). For each
+//! through the vendor capabilities (virtio 1.2 §4.1.4: ID 0x09, cfg_type 1, 2, 3, 5). For each
 //! case the driver initialises the device (§3.1.1: reset, ACKNOWLEDGE, DRIVER, VERSION_1 and
 //! INDIRECT_DESC, FEATURES_OK, queue 1 — the port's transmitq — of 8 entries in this kernel's
 //! memory, DRIVER_OK), publishes one broken chain (§2.7), notifies, and checks that the
@@ -16,7 +16,13 @@
 //! - `mmio_lapic`: a buffer in the local APIC page (0xFEE00000);
 //! - `mmio_bar`: a buffer in the device's own BAR;
 //! - `too_long`: an indirect table of 16 chained descriptors in a queue of 8 (§2.7.5.2);
-//! - `avail_jump`: the available index 9 entries ahead in a queue of 8 (§2.7.13.3).
+//! - `avail_jump`: the available index 9 entries ahead in a queue of 8 (§2.7.13.3);
+//! - `head_range`: a chain head (200) outside the descriptor table;
+//! - `next_range`: a `next` index (8) outside a table of 8;
+//! - `ring_mmio`: the descriptor table itself in the local APIC page (an error at queue
+//!   enable, before DRIVER_OK: no configuration change is due, §2.1.2);
+//! - `cfg_window`: the looping chain, notified through the PCI configuration access
+//!   capability (cfg_type 5, §4.1.4.9) instead of the notify area.
 //!
 //! Then a good request after the last reset: one buffer with [`GOOD_TEXT`], which must come
 //! back through the used ring (id 0, 0 bytes written) while the status stays without
@@ -77,6 +83,8 @@ const INDIRECT: u64 = 0x3000;
 const DATA: u64 = 0x4000;
 /// Written over the used ring before each case: what the device must leave there.
 const USED_SENTINEL: u32 = 0xA5A5_A5A5;
+/// The local APIC page: MMIO, never RAM.
+const LAPIC: u64 = 0xFEE0_0000;
 
 static mut AREA: Area = Area([0; 0x5000]);
 
@@ -175,6 +183,9 @@ fn cfg_write(dev: u8, off: u8, v: u32) {
 /// The device's BAR areas.
 #[derive(Clone, Copy)]
 struct Dev {
+    slot: u8,
+    /// The PCI configuration access capability's offset in configuration space.
+    window: u8,
     bar: u64,
     common: u64,
     notify: u64,
@@ -197,7 +208,7 @@ fn find() -> Result<Dev, &'static str> {
         return Err("no capability list");
     }
     let bar = u64::from(bar);
-    let (mut common, mut notify, mut notify_mult, mut isr) = (None, None, 0, None);
+    let (mut common, mut notify, mut notify_mult, mut isr, mut window) = (None, None, 0, None, None);
     let mut p = (cfg_read(slot, 0x34) & 0xFC) as u8;
     for _ in 0..48 {
         if p == 0 {
@@ -213,6 +224,7 @@ fn find() -> Result<Dev, &'static str> {
                     notify_mult = cfg_read(slot, p + 16);
                 }
                 3 => isr = Some(at),
+                5 => window = Some(p),
                 _ => {}
             }
         }
@@ -220,6 +232,8 @@ fn find() -> Result<Dev, &'static str> {
     }
     let _ = writeln!(Serial, "mbtest: virtio device 00:{slot:02x}.0 bar={bar:#x}");
     Ok(Dev {
+        slot,
+        window: window.ok_or("no PCI configuration access capability")?,
         bar,
         common: common.ok_or("no common configuration capability")?,
         notify: notify.ok_or("no notify capability")?,
@@ -244,9 +258,9 @@ impl Dev {
     }
 
     /// The driver's side of §3.1.1 with queue [`TRANSMITQ`] of [`QSIZE`] in [`AREA`], which
-    /// is cleared (the used ring filled with [`USED_SENTINEL`]). Returns the queue's notify
-    /// address.
-    fn init(&self, features: &mut u64) -> Result<u64, &'static str> {
+    /// is cleared (the used ring filled with [`USED_SENTINEL`]), its descriptor table at
+    /// `desc_at`. Returns the queue's notify address.
+    fn init(&self, features: &mut u64, desc_at: u64) -> Result<u64, &'static str> {
         if !self.reset() {
             return Err("reset did not read back 0");
         }
@@ -280,10 +294,10 @@ impl Dev {
         }
         mmio_put(self.common + QUEUE_SIZE, QSIZE);
         mmio_put(self.common + QUEUE_MSIX_VECTOR, 0xFFFFu16);
-        for (reg, at) in [(QUEUE_DESC, DESC), (QUEUE_DRIVER, AVAIL), (QUEUE_DEVICE, USED)] {
+        for (reg, at) in [(QUEUE_DESC, desc_at), (QUEUE_DRIVER, base + AVAIL), (QUEUE_DEVICE, base + USED)] {
             // 64-bit fields as two 32-bit writes (§4.1.3.1).
-            mmio_put(self.common + reg, (base + at) as u32);
-            mmio_put(self.common + reg + 4, ((base + at) >> 32) as u32);
+            mmio_put(self.common + reg, at as u32);
+            mmio_put(self.common + reg + 4, (at >> 32) as u32);
         }
         let notify_off = mmio_get::<u16>(self.common + QUEUE_NOTIFY_OFF);
         mmio_put(self.common + QUEUE_ENABLE, 1u16);
@@ -291,17 +305,24 @@ impl Dev {
         Ok(self.notify + u64::from(notify_off) * u64::from(self.notify_mult))
     }
 
-    /// Makes `count` chains available (heads 0, 1, ...; the available index `count`, which
-    /// is written last) and notifies the queue.
+    /// Makes `count` chains available (heads 0, 1, ... unless `build` put others in the
+    /// ring; the available index `count`, which is written last) and notifies the queue.
     fn publish(&self, notify: u64, count: u16) {
         let base = area();
-        for i in 0..count.min(QSIZE) {
-            put(base + AVAIL + 4 + 2 * u64::from(i), i);
-        }
         core::sync::atomic::fence(core::sync::atomic::Ordering::SeqCst);
         put(base + AVAIL + 2, count);
         core::sync::atomic::fence(core::sync::atomic::Ordering::SeqCst);
         mmio_put(notify, TRANSMITQ);
+    }
+
+    /// Notifies the queue through the PCI configuration access window (§4.1.4.9): bar 0,
+    /// the notify address's offset in it, length 2, then the queue index to pci_cfg_data.
+    fn notify_through_window(&self, notify: u64) {
+        let p = self.window;
+        cfg_write(self.slot, p + 4, 0);
+        cfg_write(self.slot, p + 8, (notify - self.bar) as u32);
+        cfg_write(self.slot, p + 12, 2);
+        cfg_write(self.slot, p + 16, u32::from(TRANSMITQ));
     }
 }
 
@@ -309,8 +330,11 @@ impl Dev {
 fn build(case: &str, dev: &Dev, ram: u64) -> u16 {
     let base = area();
     let data = base + DATA;
+    for i in 0..QSIZE {
+        put(base + AVAIL + 4 + 2 * u64::from(i), i);
+    }
     match case {
-        "loop" => {
+        "loop" | "cfg_window" => {
             desc(base + DESC, 0, data, 16, F_NEXT, 1);
             desc(base + DESC, 1, data + 16, 16, F_NEXT, 0);
             1
@@ -320,7 +344,7 @@ fn build(case: &str, dev: &Dev, ram: u64) -> u16 {
             1
         }
         "mmio_lapic" => {
-            desc(base + DESC, 0, 0xFEE0_0000, 0x10, 0, 0);
+            desc(base + DESC, 0, LAPIC, 0x10, 0, 0);
             1
         }
         "mmio_bar" => {
@@ -341,11 +365,35 @@ fn build(case: &str, dev: &Dev, ram: u64) -> u16 {
             }
             QSIZE + 1
         }
+        "head_range" => {
+            desc(base + DESC, 0, data, 1, 0, 0);
+            put::<u16>(base + AVAIL + 4, 200);
+            1
+        }
+        "next_range" => {
+            desc(base + DESC, 0, data, 1, F_NEXT, QSIZE);
+            1
+        }
+        "ring_mmio" => {
+            desc(base + DESC, 0, data, 1, 0, 0);
+            1
+        }
         _ => 0,
     }
 }
 
-pub const CASES: [&str; 6] = ["loop", "past_ram", "mmio_lapic", "mmio_bar", "too_long", "avail_jump"];
+pub const CASES: [&str; 10] = [
+    "loop",
+    "past_ram",
+    "mmio_lapic",
+    "mmio_bar",
+    "too_long",
+    "avail_jump",
+    "head_range",
+    "next_range",
+    "ring_mmio",
+    "cfg_window",
+];
 
 /// Runs the cases and the good request; `ram` is the VM's RAM size.
 pub fn run(t: &mut Tally, ram: u64) {
@@ -360,7 +408,8 @@ pub fn run(t: &mut Tally, ram: u64) {
     let base = area();
     for case in CASES {
         let mut features = 0;
-        let notify = match dev.init(&mut features) {
+        let desc_at = if case == "ring_mmio" { LAPIC } else { base + DESC };
+        let notify = match dev.init(&mut features, desc_at) {
             Ok(n) => n,
             Err(e) => {
                 t.check("virtio_hostile", false, format_args!("case={case} init: {e}"));
@@ -368,16 +417,23 @@ pub fn run(t: &mut Tally, ram: u64) {
             }
         };
         let count = build(case, &dev, ram);
-        dev.publish(notify, count);
+        if case == "cfg_window" {
+            put(base + AVAIL + 2, count);
+            dev.notify_through_window(notify);
+        } else {
+            dev.publish(notify, count);
+        }
         let status = dev.status();
         let used_idx: u16 = get(base + USED + 2);
         let used0: u32 = get(base + USED + 4);
         let isr: u8 = mmio_get(dev.isr);
         let reset = dev.reset();
         let needs_reset = status & STATUS_NEEDS_RESET != 0;
+        // A configuration change notification (ISR bit 1) only for an error after DRIVER_OK.
+        let config_isr = if case == "ring_mmio" { 0 } else { 2 };
         t.check(
             "virtio_hostile",
-            needs_reset && used_idx == 0 && used0 == USED_SENTINEL && isr & 2 != 0 && reset,
+            needs_reset && used_idx == 0 && used0 == USED_SENTINEL && isr & 2 == config_isr && reset,
             format_args!(
                 "case={case} needs_reset={} status={status:#x} used_idx={used_idx} used_untouched={} isr={isr:#x} reset={} features={features:#x}",
                 u8::from(needs_reset),
@@ -388,7 +444,7 @@ pub fn run(t: &mut Tally, ram: u64) {
     }
     // A good request after the last reset.
     let mut features = 0;
-    match dev.init(&mut features) {
+    match dev.init(&mut features, base + DESC) {
         Ok(notify) => {
             for (i, b) in GOOD_TEXT.iter().enumerate() {
                 put(base + DATA + i as u64, *b);
