@@ -2,7 +2,9 @@
 //! natively in plain QEMU and as a Vireo VM gives the same checks and the same verdicts
 //! (isa-debug-exit statuses 1 = pass, 3 = `mode=fail`; pc-testdev's registers, memory window
 //! and an interrupt through its IRQ line), with a module of its own; modules that
-//! are no valid multiboot kernel are refused by name while the others run.
+//! are no valid multiboot kernel are refused by name while the others run. With `mode=virtio`
+//! it is a hostile virtio driver: every broken descriptor chain it publishes must be contained
+//! (`hostile_virtio_descriptors_are_contained_*`).
 
 use std::{path::PathBuf, process::Command};
 
