@@ -2,7 +2,9 @@
 //! natively in plain QEMU and as a Vireo VM gives the same checks and the same verdicts
 //! (isa-debug-exit statuses 1 = pass, 3 = `mode=fail`; pc-testdev's registers, memory window
 //! and an interrupt through its IRQ line), with a module of its own; modules that
-//! are no valid multiboot kernel are refused by name while the others run.
+//! are no valid multiboot kernel are refused by name while the others run. With `mode=virtio`
+//! it is a hostile virtio driver: every broken descriptor chain it publishes must be contained
+//! (`hostile_virtio_descriptors_are_contained_*`).
 
 use std::{path::PathBuf, process::Command};
 
@@ -184,4 +186,85 @@ fn multiboot_matches_qemu_on_bochs_svm() {
     let out = under_vireo(Machine::BochsSvm, &kernel, false);
     compare(&out, &kernel, "svm");
     out.assert_exit_ok();
+}
+
+/// Each hostile case of `mode=virtio` (guests/mbtest/src/kernel/virtio.rs), the text of the
+/// line Vireo must print for it, and the device status that line gives (`ring_mmio` fails
+/// at queue enable, before DRIVER_OK).
+const HOSTILE: [(&str, &str, &str); 10] = [
+    ("loop", "descriptor chain loops at descriptor 0", "0x4f"),
+    ("past_ram", "buffer 0x3ffff00+0x1000 is not in RAM", "0x4f"),
+    ("mmio_lapic", "buffer 0xfee00000+0x10 is not in RAM", "0x4f"),
+    ("mmio_bar", "buffer 0xc0000000+0x100 is not in RAM", "0x4f"),
+    ("too_long", "descriptor chain is longer than the queue size 8", "0x4f"),
+    ("avail_jump", "available index 9 is more than the queue size ahead of 0", "0x4f"),
+    ("head_range", "chain head 200 is outside the descriptor table", "0x4f"),
+    ("next_range", "next index 8 is outside a table of 8 descriptors", "0x4f"),
+    ("ring_mmio", "Descriptors ring at 0xfee00000 is not in RAM", "0x4b"),
+    ("cfg_window", "descriptor chain loops at descriptor 0", "0x4f"),
+];
+
+/// Hostile descriptors from a guest we control, contained: the test kernel drives the
+/// virtio-console of VM `vh` with a chain that loops, buffers past the end of RAM, in the
+/// local APIC page and in the device's own BAR, an indirect table longer than the queue, an
+/// available index that jumps past the queue size, head and next indices outside the table,
+/// a descriptor table in MMIO, and a loop notified through the PCI configuration access
+/// window. Each must leave the device in "needs reset" (status bit 64, a configuration
+/// interrupt where DRIVER_OK was set, the used ring untouched) with one Vireo line naming
+/// the error; after a reset a good request goes through and its text reaches Vireo's
+/// console. VM `mb`, running beside it, and Vireo end normally.
+fn hostile_virtio(machine: Machine, backend: &str) {
+    let kernel = kernel();
+    let out = Boot::new(machine)
+        .module(&kernel, "vh mem=64M virtio=console expect=exited:1 -- mode=virtio")
+        .module(&kernel, "mb mem=64M expect=exited:1 -- a=1 b=2")
+        .run();
+    assert_eq!(out.field("vm name=vh start ", "backend"), backend, "{out:?}");
+    let vh = out.guest_lines("vh");
+    let results: Vec<&str> = vh.iter().filter_map(|l| l.strip_prefix("mbtest: virtio_hostile ")).collect();
+    assert_eq!(results.len(), HOSTILE.len(), "{out:?}");
+    let errors: Vec<&str> = out.serial.lines().filter(|l| l.contains("vm vh: virtio-console queue 1: ")).collect();
+    assert_eq!(errors.len(), HOSTILE.len(), "one line per hostile chain\n{out:?}");
+    for (((case, text, status), result), error) in HOSTILE.iter().zip(&results).zip(&errors) {
+        assert!(result.starts_with("ok "), "{case}: {result}\n{out:?}");
+        assert_eq!(field(result, "case").as_deref(), Some(*case), "{out:?}");
+        assert_eq!(field(result, "needs_reset").as_deref(), Some("1"), "{case}\n{out:?}");
+        assert_eq!(field(result, "used_idx").as_deref(), Some("0"), "{case}\n{out:?}");
+        assert_eq!(field(result, "used_untouched").as_deref(), Some("1"), "{case}\n{out:?}");
+        assert_eq!(field(result, "reset").as_deref(), Some("ok"), "{case}\n{out:?}");
+        let isr = if *case == "ring_mmio" { "0x0" } else { "0x2" };
+        assert_eq!(field(result, "isr").as_deref(), Some(isr), "{case}: the configuration interrupt\n{out:?}");
+        let want = format!(": {text}: device needs reset (status {status})");
+        assert!(error.ends_with(&want), "{case}: {error}\n{out:?}");
+    }
+    // The good request after the reset: used, and its text on Vireo's console, once.
+    assert!(vh.iter().any(|l| l.starts_with("mbtest: virtio_good ok ")), "{out:?}");
+    assert_eq!(vh.iter().filter(|l| **l == "virtio-console: good write after reset").count(), 1, "{out:?}");
+    assert!(vh.contains(&"mbtest: virtio_found ok bar=0xc0000000"), "{out:?}");
+    for vm in ["vh", "mb"] {
+        let end = out.line(&format!("vm name={vm} end "));
+        assert_eq!(field(end, "outcome").as_deref(), Some("exited"), "{vm}\n{out:?}");
+        assert_eq!(field(end, "status").as_deref(), Some("1"), "{vm}\n{out:?}");
+        assert_eq!(out.field(&format!("vm name={vm} result"), "result"), "as-expected", "{out:?}");
+    }
+    assert!(out.guest_lines("mb").contains(&"mbtest: 14 passed, 0 failed"), "{out:?}");
+    // vh: mb's 14 checks, virtio_found, the 10 hostile cases and virtio_good.
+    assert!(vh.contains(&"mbtest: 26 passed, 0 failed"), "{out:?}");
+    assert!(out.lines("crash").is_empty(), "{out:?}");
+    out.assert_exit_ok();
+}
+
+#[test]
+fn hostile_virtio_descriptors_are_contained_on_qemu_tcg_svm() {
+    hostile_virtio(Machine::QemuSvm, "svm");
+}
+
+#[test]
+fn hostile_virtio_descriptors_are_contained_on_bochs_vmx() {
+    hostile_virtio(Machine::BochsVmx, "vmx");
+}
+
+#[test]
+fn hostile_virtio_descriptors_are_contained_on_bochs_svm() {
+    hostile_virtio(Machine::BochsSvm, "svm");
 }

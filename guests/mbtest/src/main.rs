@@ -16,12 +16,17 @@
 //!
 //! Every line goes to COM1 as `mbtest: ...`; at the end `mbtest: N passed, M failed` and the
 //! kernel writes 0 (all passed: status 1) or 1 (status 3) to isa-debug-exit at port 0xF4.
-//! `mode=fail` on the command line reports a failing check on purpose (status 3).
+//! `mode=fail` on the command line reports a failing check on purpose (status 3);
+//! `mode=virtio` adds `virtio_*` checks: hostile descriptor chains against the VM's
+//! virtio-console, each of which must put it into "needs reset", then a good request after a
+//! reset (`kernel/virtio.rs`).
 #![cfg_attr(target_os = "none", no_std, no_main)]
 
 #[cfg(target_os = "none")]
 mod kernel {
     use core::fmt::Write;
+
+    mod virtio;
 
     core::arch::global_asm!(
         r#"
@@ -361,6 +366,9 @@ mod kernel {
 
         testdev(&mut t);
 
+        if args.split_ascii_whitespace().any(|w| w == "mode=virtio") {
+            virtio::run(&mut t, ram);
+        }
         if args.split_ascii_whitespace().any(|w| w == "mode=fail") {
             t.check("forced_failure", false, format_args!("mode=fail"));
         }
