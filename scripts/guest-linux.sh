@@ -91,11 +91,12 @@ MOD_SRC="$INIT_DIR/vireo-mod"
 MOD_FILES=(vireo.c Kbuild)
 BUSYBOX=/bin/busybox
 # The applets the headless /init uses (the shell image gets every applet).
-HEADLESS_APPLETS=(sh mount uname nproc awk true poweroff sleep insmod dmesg readlink)
+HEADLESS_APPLETS=(sh mount uname nproc awk true poweroff sleep insmod dmesg readlink ip ping)
 # The kernel's virtio modules the images carry in /lib/modules/virtio/ (paths in the kernel
 # package's lib/modules/RELEASE/kernel/), in an order that loads (each after what it needs).
 VIRTIO_MODULES=(drivers/virtio/virtio_ring.ko drivers/virtio/virtio.ko drivers/virtio/virtio_pci_modern_dev.ko
-    drivers/virtio/virtio_pci_legacy_dev.ko drivers/virtio/virtio_pci.ko drivers/char/virtio_console.ko)
+    drivers/virtio/virtio_pci_legacy_dev.ko drivers/virtio/virtio_pci.ko drivers/char/virtio_console.ko
+    net/core/failover.ko drivers/net/net_failover.ko drivers/net/virtio_net.ko)
 # The fixed mtime of everything in the images (SOURCE_DATE_EPOCH if the caller sets one).
 EPOCH="${SOURCE_DATE_EPOCH:-0}"
 [[ "$EPOCH" =~ ^[0-9]+$ ]] || die "SOURCE_DATE_EPOCH must be a number of seconds, not '$EPOCH'"
@@ -280,7 +281,7 @@ install_modules() {
     for m in "${VIRTIO_MODULES[@]}"; do
         cp "$x/lib/modules/$release/kernel/$m" "$OUT/modules/"
     done
-    printf 'package=%s\nversion=%s\n' "$(version_field package)" "$(version_field version)" >"$OUT/modules/modules.version"
+    printf 'package=%s\nversion=%s\nmodules=%s\n' "$(version_field package)" "$(version_field version)" "${#VIRTIO_MODULES[@]}" >"$OUT/modules/modules.version"
     rm -rf "$x"
 }
 
@@ -288,7 +289,7 @@ install_modules() {
 # exact version) only when DIR/modules/modules.version names another kernel.
 prepare_modules() {
     local want dir="$WORK/mdeb" deb
-    want="$(printf 'package=%s\nversion=%s' "$(version_field package)" "$(version_field version)")"
+    want="$(printf 'package=%s\nversion=%s\nmodules=%s' "$(version_field package)" "$(version_field version)" "${#VIRTIO_MODULES[@]}")"
     if [[ -f "$OUT/modules/modules.version" && "$(cat "$OUT/modules/modules.version")" == "$want" ]]; then
         say "virtio modules: cached"
         return
@@ -442,6 +443,17 @@ build_module() {
 
 # --- the initramfs images --------------------------------------------------------------------
 
+# add_dynamic BINARY STAGE NAME: a dynamically linked program as STAGE/bin/NAME, with the
+# shared libraries ldd names for it (the dynamic loader included) at their own paths, the real
+# files rather than links (as scripts/scoreboard.sh does).
+add_dynamic() {
+    local bin="$1" stage="$2" lib
+    install -D -m 755 "$bin" "$stage/bin/$3"
+    while read -r lib; do
+        install -D -m 755 "$(readlink -f "$lib")" "$stage$lib"
+    done < <(ldd "$bin" | awk '$2 == "=>" && $3 ~ /^\// { print $3 } $1 ~ /^\// { print $1 }')
+}
+
 # make_initramfs NAME INIT_SCRIPT APPLET...: DIR/initramfs-NAME.cpio.gz with busybox, INIT_SCRIPT
 # as /init, DIR/vireo.ko as /lib/modules/vireo.ko and a /bin link to busybox for each APPLET
 # ("ALL": every applet busybox has, where busybox --list-full puts it).
@@ -462,6 +474,9 @@ make_initramfs() {
         mkdir -p "$stage/lib/modules/virtio"
         cp "$OUT"/modules/*.ko "$stage/lib/modules/virtio/"
         chmod 644 "$stage"/lib/modules/virtio/*.ko
+    fi
+    if [[ -n "${WITH_IPERF3:-}" ]]; then
+        add_dynamic "$WITH_IPERF3" "$stage" iperf3
     fi
     if [[ "$1" == ALL ]]; then
         while read -r link; do
@@ -495,10 +510,15 @@ prepare_headers
 build_module
 make_initramfs headless "$INIT_DIR/init-headless.sh" "${HEADLESS_APPLETS[@]}"
 make_initramfs shell "$INIT_DIR/init-shell.sh" ALL
+# The network image (issue 12's tests and scripts/bench-net.sh): the headless one plus Debian's
+# iperf3 with its libraries, kept out of the headless image (several MiB of libcrypto). Without
+# iperf3 installed (scripts/install-deps.sh linux) it is the headless image under another name.
+WITH_IPERF3="$(command -v iperf3 || true)" make_initramfs net "$INIT_DIR/init-headless.sh" "${HEADLESS_APPLETS[@]}"
 say "ready in $(elapsed "$T_START") s: $OUT"
 
 echo "kernel=$OUT/vmlinuz"
 echo "initrd_headless=$OUT/initramfs-headless.cpio.gz"
 echo "initrd_shell=$OUT/initramfs-shell.cpio.gz"
+echo "initrd_net=$OUT/initramfs-net.cpio.gz"
 echo "module=$OUT/vireo.ko"
 echo "version=$(version_field release)"

@@ -20,21 +20,30 @@ use super::{
     pm::{PmConfig, PmDevice, SCI_IRQ},
     rtc::{RtcDevice, RTC_IRQ},
     uart::{ConsoleUart, COM1_BASE, COM1_IRQ},
-    virtio::{console::VirtioConsole, pci::VirtioPci},
+    virtio::{console::VirtioConsole, netdev::VirtioNet, pci::VirtioPci},
 };
+
+/// Nanoseconds since boot, for the switches' address ageing.
+fn net_clock() -> u64 {
+    crate::arch::tsc::to_nanos(crate::arch::tsc::rdtsc())
+}
 
 /// What a VM's PCI bus holds beyond the host bridge.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
-pub struct PciOptions {
+pub struct PciOptions<'a> {
     /// The root bridge's 32-bit memory window `(base, last)` (the DSDT `_CRS` window the guest
     /// assigns BARs from), where memory BARs decode; `None`: no BAR decodes.
     pub mmio32: Option<(u64, u64)>,
     /// A virtio-console at [`VIRTIO_CONSOLE_SLOT`] (00:01.0).
     pub virtio_console: bool,
+    /// A virtio-net at [`VIRTIO_NET_SLOT`] (00:03.0) on the named Vireo-wide switch.
+    pub net: Option<&'a str>,
 }
 
 /// The PCI device number of the virtio-console (function 0, INTA).
 pub const VIRTIO_CONSOLE_SLOT: u8 = 1;
+/// The PCI device number of the virtio-net NIC (function 0, INTA).
+pub const VIRTIO_NET_SLOT: u8 = 3;
 
 /// Adds the PC devices of VM `name` to `bus`; returns its console UART (for keyboard input).
 /// `unix_secs`: wall-clock time the RTC starts at.
@@ -43,7 +52,7 @@ pub fn build(
     irq: &Arc<Interrupts>,
     name: &str,
     unix_secs: u64,
-    pci_options: PciOptions,
+    pci_options: PciOptions<'_>,
 ) -> Result<Arc<Mutex<ConsoleUart>>, Overlap> {
     let line = |isa| IrqLine::new(irq.clone(), isa);
     let uart = device(ConsoleUart::new(COM1_BASE, line(COM1_IRQ), name));
@@ -61,6 +70,21 @@ pub fn build(
         if let Some(bdf) = Bdf::new(0, VIRTIO_CONSOLE_SLOT, 0) {
             // The slot is free on a new bus.
             let _ = pci_bus.add(bdf, Box::new(console));
+        }
+    }
+    if let Some(switch) = pci_options.net {
+        match crate::devices::virtio::netdev::switch_named(switch) {
+            Some(sw) => {
+                let gsi = crate::guest::acpi::pci_intx_gsi(VIRTIO_NET_SLOT, 0) as u8;
+                let nic = VirtioNet::new(name, sw, irq.clone(), net_clock);
+                log::info!("vm {name}: virtio-net at 00:03.0 on switch {switch}, mac {}", nic.mac());
+                let nic = VirtioPci::new(Box::new(nic), name, irq.clone(), gsi);
+                if let Some(bdf) = Bdf::new(0, VIRTIO_NET_SLOT, 0) {
+                    // The slot is free on a new bus.
+                    let _ = pci_bus.add(bdf, Box::new(nic));
+                }
+            }
+            None => log::warn!("vm {name}: too many switches: no NIC on {switch}"),
         }
     }
     let pci = device(pci_bus);
@@ -111,8 +135,14 @@ mod tests {
     fn the_pc_answers_on_its_ports() {
         let irq = Interrupts::new(1, true, 1_000_000_000, no_kick);
         let mut bus = Bus::new();
-        build(&mut bus, &irq, "t", 0, PciOptions { mmio32: Some((0xC000_0000, 0xFEBF_FFFF)), virtio_console: true })
-            .unwrap();
+        build(
+            &mut bus,
+            &irq,
+            "t",
+            0,
+            PciOptions { mmio32: Some((0xC000_0000, 0xFEBF_FFFF)), virtio_console: true, net: None },
+        )
+        .unwrap();
         let mut frames = FrameAllocator::for_tests();
         let mem = GuestMemory::for_tests(&mut frames);
         let cx = Ctx { now: Nanos::ZERO, mem: &mem };
