@@ -351,3 +351,212 @@ impl Drop for VirtioNet {
         );
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::devices::{
+        irqchip::no_kick,
+        switch::ETH_HEADER_LEN,
+        virtio::{
+            net::HEADER_LEN,
+            queue::{avail, used, Descriptor, GuestRam, QueueConfig, QueueFeatures, SplitQueue, VIRTQ_DESC_F_WRITE},
+            stream::tests::FlatRam,
+        },
+    };
+    use alloc::vec;
+
+    const SIZE: u16 = 8;
+    /// (descriptor table, available ring, used ring) of queue q.
+    fn layout(q: usize) -> (u64, u64, u64) {
+        let base = 0x1000 + 0x3000 * q as u64;
+        (base, base + 0x1000, base + 0x2000)
+    }
+    const BUFS: u64 = 0x8000;
+
+    /// One VM's side: its RAM, queues (rx, tx) as the transport would hold them, its NIC, and
+    /// the driver's view (next descriptor and available index per queue).
+    struct Vm {
+        mem: FlatRam,
+        queues: Vec<Option<SplitQueue>>,
+        nic: VirtioNet,
+        next_avail: [u16; 2],
+        used_seen: [u16; 2],
+    }
+
+    fn clock() -> u64 {
+        0
+    }
+
+    impl Vm {
+        fn new(switch: &str) -> Self {
+            let mem = FlatRam::new(0x40000);
+            let irq = Interrupts::new(1, true, 1_000_000_000, no_kick);
+            let mut nic = VirtioNet::new("t", switch_named(switch).unwrap(), irq, clock);
+            let features = QueueFeatures { indirect: true, event_idx: true };
+            let queues = (0..2)
+                .map(|q| {
+                    let (desc, av, us) = layout(q);
+                    Some(
+                        SplitQueue::new(QueueConfig { size: SIZE, desc, avail: av, used: us }, features, &mem).unwrap(),
+                    )
+                })
+                .collect();
+            nic.activate(0);
+            Vm { mem, queues, nic, next_avail: [0; 2], used_seen: [0; 2] }
+        }
+
+        /// Makes one one-descriptor chain available on queue q: `len` bytes at a buffer of its
+        /// own (device-writable on rx), with `data` at its start.
+        fn post(&mut self, q: usize, len: u32, data: &[u8]) {
+            let (desc, av, _) = layout(q);
+            let slot = self.next_avail[q] % SIZE;
+            let addr = BUFS + (q as u64 * SIZE as u64 + slot as u64) * 0x800;
+            self.mem.write(addr, data).unwrap();
+            let flags = if q == RX_QUEUE { VIRTQ_DESC_F_WRITE } else { 0 };
+            let d = Descriptor { addr, len, flags, next: 0 };
+            self.mem.write(desc + 16 * u64::from(slot), &d.to_bytes()).unwrap();
+            self.mem.write(av + avail::RING + 2 * u64::from(slot), &slot.to_le_bytes()).unwrap();
+            self.next_avail[q] = self.next_avail[q].wrapping_add(1);
+            self.mem.write(av + avail::IDX, &self.next_avail[q].to_le_bytes()).unwrap();
+        }
+
+        fn kick(&mut self, q: usize) -> Result<(), QueueError> {
+            let mut queues = Queues::new(&mut self.queues, &self.mem);
+            self.nic.notify(q as u16, &mut queues)
+        }
+
+        /// The used entries of queue q since the last look: (id, len, the buffer's bytes).
+        fn take_used(&mut self, q: usize) -> Vec<(u32, u32, Vec<u8>)> {
+            let (desc, _, us) = layout(q);
+            let mut b = [0u8; 2];
+            self.mem.read(us + used::IDX, &mut b).unwrap();
+            let idx = u16::from_le_bytes(b);
+            let mut out = Vec::new();
+            while self.used_seen[q] != idx {
+                let slot = self.used_seen[q] % SIZE;
+                let mut e = [0u8; 8];
+                self.mem.read(us + used::RING + 8 * u64::from(slot), &mut e).unwrap();
+                let id = u32::from_le_bytes([e[0], e[1], e[2], e[3]]);
+                let len = u32::from_le_bytes([e[4], e[5], e[6], e[7]]);
+                let mut d = [0u8; 16];
+                self.mem.read(desc + 16 * u64::from(id), &mut d).unwrap();
+                let addr = u64::from_le_bytes(d[..8].try_into().unwrap());
+                let mut data = vec![0u8; len as usize];
+                self.mem.read(addr, &mut data).unwrap();
+                out.push((id, len, data));
+                self.used_seen[q] = self.used_seen[q].wrapping_add(1);
+            }
+            out
+        }
+    }
+
+    /// A transmit chain's bytes: a zero header, then a frame from `src` to `dst`.
+    fn tx_bytes(dst: Mac, src: Mac, payload: usize) -> Vec<u8> {
+        let mut b = vec![0u8; HEADER_LEN];
+        b.extend_from_slice(&dst.0);
+        b.extend_from_slice(&src.0);
+        b.extend_from_slice(&[0x08, 0x00]);
+        b.extend((0..payload).map(|i| i as u8));
+        b
+    }
+
+    #[test]
+    fn frames_cross_the_switch_into_the_other_vms_receive_buffers() {
+        let mut a = Vm::new("t-cross");
+        let mut b = Vm::new("t-cross");
+        assert_ne!(a.nic.mac(), b.nic.mac());
+        b.post(RX_QUEUE, 2048, &[]);
+        b.post(RX_QUEUE, 2048, &[]);
+        // A broadcast floods to b; b's unicast reply then goes to the port a was learned on.
+        let bc = tx_bytes(Mac::BROADCAST, a.nic.mac(), 50);
+        a.post(TX_QUEUE, bc.len() as u32, &bc);
+        a.kick(TX_QUEUE).unwrap();
+        assert_eq!(a.take_used(TX_QUEUE).len(), 1, "the tx chain is returned");
+        assert_eq!(b.nic.pending_queues(), 1 << RX_QUEUE, "b is woken");
+        b.kick(RX_QUEUE).unwrap();
+        assert_eq!(b.nic.pending_queues(), 0);
+        let got = b.take_used(RX_QUEUE);
+        assert_eq!(got.len(), 1);
+        assert_eq!(got[0].1 as usize, bc.len());
+        // Header: num_buffers 1; then the frame as sent.
+        assert_eq!(&got[0].2[..HEADER_LEN], &[0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 1, 0]);
+        assert_eq!(&got[0].2[HEADER_LEN..], &bc[HEADER_LEN..]);
+        a.post(RX_QUEUE, 2048, &[]);
+        let reply = tx_bytes(a.nic.mac(), b.nic.mac(), 100);
+        b.post(TX_QUEUE, reply.len() as u32, &reply);
+        b.kick(TX_QUEUE).unwrap();
+        a.kick(RX_QUEUE).unwrap();
+        let got = a.take_used(RX_QUEUE);
+        assert_eq!(got.len(), 1);
+        assert_eq!(&got[0].2[HEADER_LEN..], &reply[HEADER_LEN..]);
+        assert_eq!((a.nic.stats.tx_frames, a.nic.stats.rx_frames), (1, 1));
+        assert_eq!((b.nic.stats.tx_frames, b.nic.stats.rx_frames), (1, 1));
+    }
+
+    #[test]
+    fn hostile_tx_chains_are_dropped_and_contained() {
+        let mut a = Vm::new("t-hostile");
+        let mut b = Vm::new("t-hostile");
+        b.post(RX_QUEUE, 2048, &[]);
+        // A runt (header plus half an Ethernet header), a giant, an offload request.
+        a.post(TX_QUEUE, (HEADER_LEN + ETH_HEADER_LEN / 2) as u32, &[0; 19]);
+        a.post(TX_QUEUE, (HEADER_LEN + MAX_FRAME + 1) as u32, &[0; 12]);
+        let mut offload = tx_bytes(Mac::BROADCAST, a.nic.mac(), 50);
+        offload[0] = 1;
+        a.post(TX_QUEUE, offload.len() as u32, &offload);
+        a.kick(TX_QUEUE).unwrap();
+        assert_eq!(a.take_used(TX_QUEUE).len(), 3, "every chain goes back");
+        assert_eq!(a.nic.stats.tx_dropped, 3);
+        assert_eq!(a.nic.stats.tx_frames, 0);
+        assert_eq!(b.nic.pending_queues(), 0, "nothing reached b");
+        // A chain pointing outside RAM is a driver error (the transport's needs-reset), not a
+        // panic.
+        let (desc, av, _) = layout(TX_QUEUE);
+        let slot = a.next_avail[TX_QUEUE] % SIZE;
+        let d = Descriptor { addr: 0xFFFF_FFFF_0000, len: 64, flags: 0, next: 0 };
+        a.mem.write(desc + 16 * u64::from(slot), &d.to_bytes()).unwrap();
+        a.mem.write(av + avail::RING + 2 * u64::from(slot), &slot.to_le_bytes()).unwrap();
+        a.mem.write(av + avail::IDX, &a.next_avail[TX_QUEUE].wrapping_add(1).to_le_bytes()).unwrap();
+        assert!(a.kick(TX_QUEUE).is_err());
+    }
+
+    #[test]
+    fn without_receive_buffers_frames_wait_in_a_bounded_backlog() {
+        let mut a = Vm::new("t-backlog");
+        let mut b = Vm::new("t-backlog");
+        let f = tx_bytes(b.nic.mac(), a.nic.mac(), 60);
+        // b has posted nothing: the first BACKLOG frames wait, the rest are dropped.
+        for _ in 0..(BACKLOG + 5) / SIZE as usize + 1 {
+            for _ in 0..SIZE {
+                a.post(TX_QUEUE, f.len() as u32, &f);
+            }
+            a.kick(TX_QUEUE).unwrap();
+            a.take_used(TX_QUEUE);
+        }
+        let sent = ((BACKLOG + 5) / SIZE as usize + 1) * SIZE as usize;
+        assert_eq!(a.nic.stats.tx_frames, sent as u64);
+        assert_eq!(b.nic.backlog_dropped(), (sent - BACKLOG) as u64);
+        b.kick(RX_QUEUE).unwrap();
+        assert_eq!(b.take_used(RX_QUEUE).len(), 0);
+        // The driver posts buffers, one too small for a frame: that one is returned empty.
+        b.post(RX_QUEUE, 20, &[]);
+        b.post(RX_QUEUE, 2048, &[]);
+        b.kick(RX_QUEUE).unwrap();
+        let got = b.take_used(RX_QUEUE);
+        assert_eq!(got.iter().map(|g| g.1).collect::<Vec<_>>(), vec![0, f.len() as u32]);
+        assert_eq!(b.nic.stats.rx_dropped, 1);
+        assert_eq!(b.nic.stats.rx_frames, 1);
+        // A driver reset empties the backlog; a NIC that is down gets nothing.
+        b.nic.reset();
+        assert!(b.nic.port.inbox.lock().is_empty());
+        a.post(TX_QUEUE, f.len() as u32, &f);
+        a.kick(TX_QUEUE).unwrap();
+        assert!(b.nic.port.inbox.lock().is_empty());
+        // b's VM ends: its port leaves the switch.
+        let sw = switch_named("t-backlog").unwrap();
+        drop(b);
+        assert_eq!(sw.state.lock().ports.iter().flatten().count(), 1);
+        drop(a);
+    }
+}
