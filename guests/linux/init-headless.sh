@@ -175,17 +175,20 @@ case "${linux_guest_virtio_bench:-}" in '' | *[!0-9]*) ;; *)
     ;;
 esac
 
-# Virtual network (issue 12), only with linux_guest_net=ADDR/PREFIX[,peer=ADDR][,iperf=server|client]
-# [,wait=S] on the kernel command line and a virtio-net NIC (00:03.0, `net=SWITCH` on the VM
+# Virtual network (issue 12), only with linux_guest_net=ADDR/PREFIX[,peer=ADDR]
+# [,iperf=server|client|loop][,hogs=K][,wait=S] on the kernel command line and a virtio-net NIC (00:03.0, `net=SWITCH` on the VM
 # line): loads virtio_net, brings eth0 up, pings the peer ("linux-guest: net ping peer=P
 # sent=N received=M"), and with iperf3 in the image runs it ("linux-guest: net iperf
 # role=R bits_per_second=B"); the NIC's interrupt count and the VM's exits around the run
-# ("linux-guest: net irq=N exits=E") give the benchmark's per-megabyte figures.
+# ("irq=N exits=E" on that line) give the benchmark's per-megabyte figures. iperf=loop: server
+# and client in this VM over lo (the native baseline, no NIC needed); hogs=K: K CPU-bound
+# shell loops run during the iperf3 run (scripts/bench-net.sh).
 if [ -n "${linux_guest_net:-}" ]; then
     n_addr="${linux_guest_net%%,*}"
     n_peer=""
     n_iperf=""
     n_wait=30
+    n_hogs=0
     n_rest="${linux_guest_net#"$n_addr"}"
     old_ifs="$IFS"
     IFS=,
@@ -194,6 +197,7 @@ if [ -n "${linux_guest_net:-}" ]; then
             peer=*) n_peer="${kv#peer=}" ;;
             iperf=*) n_iperf="${kv#iperf=}" ;;
             wait=*) n_wait="${kv#wait=}" ;;
+            hogs=*) n_hogs="${kv#hogs=}" ;;
         esac
     done
     IFS="$old_ifs"
@@ -238,15 +242,40 @@ if [ -n "${linux_guest_net:-}" ]; then
         echo "linux-guest: net ping peer=$n_peer sent=5 received=${n_rx:-0}"
     fi
     if [ -n "$n_iperf" ] && command -v iperf3 >/dev/null 2>&1; then
+        n_pids=""
+        h=0
+        case "$n_hogs" in '' | *[!0-9]*) n_hogs=0 ;; esac
+        while [ "$h" -lt "$n_hogs" ]; do
+            sh -c 'while :; do :; done' &
+            n_pids="$n_pids $!"
+            h=$((h + 1))
+        done
         e0="$(n_exits)"
         i0="$(n_irq)"
+        n_secs="${linux_guest_net_secs:-3}"
         case "$n_iperf" in
             server) n_res="$(iperf3 -s -1 -J 2>&1)" ;;
-            client) n_res="$(iperf3 -c "$n_peer" -t "${linux_guest_net_secs:-3}" -J 2>&1)" ;;
+            client)
+                # The server may not listen yet: retry a refused connection for a while.
+                t=0
+                while :; do
+                    n_res="$(iperf3 -c "$n_peer" -t "$n_secs" -J 2>&1)"
+                    case "$n_res" in *'"sum_received"'*) break ;; esac
+                    t=$((t + 1))
+                    [ "$t" -lt 20 ] || break
+                    sleep 1
+                done
+                ;;
+            loop)
+                iperf3 -s -1 >/dev/null 2>&1 &
+                sleep 1
+                n_res="$(iperf3 -c 127.0.0.1 -t "$n_secs" -J 2>&1)"
+                ;;
             *) n_res="" ;;
         esac
         e1="$(n_exits)"
         i1="$(n_irq)"
+        for p in $n_pids; do kill "$p" 2>/dev/null; done
         bps="$(echo "$n_res" | awk '/"sum_received"/ { r = 1 } r && /"bits_per_second"/ { gsub(/[^0-9.e+]/, "", $2); print $2; exit }')"
         bytes="$(echo "$n_res" | awk '/"sum_received"/ { r = 1 } r && /"bytes"/ { gsub(/[^0-9]/, "", $2); print $2; exit }')"
         echo "linux-guest: net iperf role=$n_iperf bits_per_second=${bps:-0} bytes=${bytes:-0} irq=$((i1 - i0)) exits=$((e1 - e0))"

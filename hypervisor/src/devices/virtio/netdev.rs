@@ -24,18 +24,21 @@
 //! TCP a retransmission timeout and collapses its window); a full backlog drops (counted), so a
 //! guest that never posts buffers costs Vireo at most `BACKLOG` frames of memory.
 //!
-//! Copies: sender RAM -> inbox frame -> receiver RAM (two; one per flooded destination).
+//! Copies: sender RAM -> the frame's buffer -> receiver RAM: the buffer moves through the
+//! inbox (a flood copies it once more per extra destination). Two memory copies per frame,
+//! not one: writing straight into the receiver's chain would need the receiver's queue on the
+//! sender's host CPU, with the two VMs' device locks held together (see above).
 //!
 //! Nothing a guest writes can make Vireo panic: a malformed transmit chain (runt, giant,
 //! offload header) is dropped and counted; a ring error is the transport's "needs reset".
 
-use alloc::{boxed::Box, collections::VecDeque, string::String, sync::Arc, vec::Vec};
+use alloc::{collections::VecDeque, string::String, sync::Arc, vec::Vec};
 use core::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 
 use spin::Mutex;
 
 use super::{
-    net::{self, NetStats, MAX_FRAME, RX_QUEUE, TX_QUEUE},
+    net::{self, NetStats, RX_QUEUE, TX_QUEUE},
     queue::QueueError,
     Queues, VirtioDevice, TYPE_NET,
 };
@@ -76,8 +79,8 @@ impl Port {
         }
     }
 
-    /// Queues a copy of `frame`; wakes the VM. Runs on the sender's host CPU.
-    fn deliver(&self, frame: &[u8]) {
+    /// Queues `frame`; wakes the VM. Runs on the sender's host CPU.
+    fn deliver(&self, frame: Vec<u8>) {
         if !self.up.load(Ordering::Acquire) {
             self.dropped.fetch_add(1, Ordering::Relaxed);
             return;
@@ -89,7 +92,7 @@ impl Port {
                 self.dropped.fetch_add(1, Ordering::Relaxed);
                 return;
             }
-            inbox.push_back(frame.to_vec());
+            inbox.push_back(frame);
         }
         if !self.wake.swap(true, Ordering::AcqRel) {
             self.irq.wake_devices();
@@ -151,14 +154,15 @@ impl NetSwitch {
     }
 
     /// Forwards `frame` from port `from`: the destinations' ports (at most one for a known
-    /// unicast address), found under the switch lock and filled after it is let go.
-    fn send(&self, from: PortId, frame: &[u8], now_ns: u64) {
+    /// unicast address), found under the switch lock and filled after it is let go. The last
+    /// destination gets the buffer itself, the others (a flood) copies.
+    fn send(&self, from: PortId, frame: Vec<u8>, now_ns: u64) {
         let mut targets: [Option<Arc<Port>>; 8] = Default::default();
         let mut more: Vec<Arc<Port>> = Vec::new();
         {
             let mut st = self.state.lock();
             let st = &mut *st;
-            match st.switch.forward(from, frame, now_ns) {
+            match st.switch.forward(from, &frame, now_ns) {
                 Forward::Drop => return,
                 Forward::Port(p) => targets[0] = st.ports.get(p).cloned().flatten(),
                 Forward::Flood => {
@@ -172,8 +176,14 @@ impl NetSwitch {
                 }
             }
         }
-        for port in targets.iter().flatten().chain(more.iter()) {
-            port.deliver(frame);
+        let mut all = targets.iter().flatten().chain(more.iter()).peekable();
+        while let Some(port) = all.next() {
+            if all.peek().is_some() {
+                port.deliver(frame.clone());
+            } else {
+                port.deliver(frame);
+                return;
+            }
         }
     }
 }
@@ -186,7 +196,6 @@ pub struct VirtioNet {
     id: PortId,
     port: Arc<Port>,
     live: bool,
-    frame: Box<[u8; MAX_FRAME]>,
     /// Guest time source for the switch's ageing (nanoseconds, monotonic).
     clock: fn() -> u64,
     pub stats: NetStats,
@@ -198,17 +207,7 @@ impl VirtioNet {
     pub fn new(vm: &str, switch: Arc<NetSwitch>, irq: Arc<Interrupts>, clock: fn() -> u64) -> Self {
         let (id, port) = switch.attach(irq);
         let mac = Mac::for_vm(id as u16 + 1, 0);
-        VirtioNet {
-            vm: String::from(vm),
-            mac,
-            switch,
-            id,
-            port,
-            live: false,
-            frame: Box::new([0; MAX_FRAME]),
-            clock,
-            stats: NetStats::default(),
-        }
+        VirtioNet { vm: String::from(vm), mac, switch, id, port, live: false, clock, stats: NetStats::default() }
     }
 
     pub fn mac(&self) -> Mac {
@@ -224,11 +223,11 @@ impl VirtioNet {
         queues.disable_notifications(q)?;
         loop {
             while let Some(chain) = queues.pop(q)? {
-                match net::take_tx(&chain, queues.mem(), &mut self.frame)? {
-                    Ok(len) => {
+                match net::take_tx_vec(&chain, queues.mem())? {
+                    Ok(frame) => {
                         self.stats.tx_frames += 1;
-                        self.stats.tx_bytes += len as u64;
-                        self.switch.send(self.id, &self.frame[..len], (self.clock)());
+                        self.stats.tx_bytes += frame.len() as u64;
+                        self.switch.send(self.id, frame, (self.clock)());
                     }
                     Err(_) => self.stats.tx_dropped += 1,
                 }
@@ -359,7 +358,7 @@ mod tests {
         irqchip::no_kick,
         switch::ETH_HEADER_LEN,
         virtio::{
-            net::HEADER_LEN,
+            net::{HEADER_LEN, MAX_FRAME},
             queue::{avail, used, Descriptor, GuestRam, QueueConfig, QueueFeatures, SplitQueue, VIRTQ_DESC_F_WRITE},
             stream::tests::FlatRam,
         },
