@@ -2,8 +2,10 @@
 //! VMs' NICs: a VM line with `net=SWITCH` gets one NIC at 00:03.0 (`devices::pc`), port of the
 //! Vireo-wide switch named SWITCH (created on first use, [`switch_named`]).
 //!
-//! Queues (§5.1.2): 0 is receiveq1, 1 is transmitq1; no control queue, one pair. The frame
-//! format is [`super::net`]'s (12-byte `virtio_net_hdr`, no offloads, no mergeable buffers).
+//! Queues (§5.1.2): 0 is receiveq1, 1 is transmitq1; no control queue, one pair. Frames carry
+//! the 12-byte `virtio_net_hdr` (§5.1.6) and no mergeable buffers; beyond [`super::net`]'s
+//! MAC, STATUS and MTU the checksum and TCP segmentation offloads are offered, and the header
+//! travels with the frame to the receiver ([`offload_features`]).
 //!
 //! Transmit (a kick on queue 1, on the sender's host CPU): with kicks disabled (§2.7.10) the
 //! device takes every available chain, copies its frame out of the sender's RAM into a frame
@@ -38,9 +40,9 @@ use core::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use spin::Mutex;
 
 use super::{
-    net::{self, NetStats, RX_QUEUE, TX_QUEUE},
-    queue::QueueError,
-    Queues, VirtioDevice, TYPE_NET,
+    net::{self, NetStats, HEADER_LEN, MAX_FRAME, RX_QUEUE, TX_QUEUE},
+    queue::{Chain, GuestRam, QueueError},
+    stream, Queues, VirtioDevice, TYPE_NET,
 };
 use crate::devices::{
     irqchip::Interrupts,
@@ -56,9 +58,105 @@ pub const BACKLOG: usize = 256;
 /// Most switches Vireo creates (VM lines name them; each is a few hundred bytes).
 pub const MAX_SWITCHES: usize = 16;
 
+/// Offload feature bits (virtio 1.2 §5.1.3): checksums left to the receiver (CSUM: the driver
+/// may send partial checksums; GUEST_CSUM: it accepts them) and TCP segmentation left out
+/// altogether (HOST_TSO4/6: the driver may send TCP frames of up to 64 KiB; GUEST_TSO4/6: it
+/// accepts them). Between two virtio guests on a switch nothing needs segmenting or summing:
+/// the header travels with the frame, as a tap device carries it between QEMU guests. A frame
+/// whose header asks for more than its receiver negotiated is dropped there (counted as
+/// `offload_dropped`).
+pub const F_CSUM: u32 = 0;
+pub const F_GUEST_CSUM: u32 = 1;
+pub const F_GUEST_TSO4: u32 = 7;
+pub const F_GUEST_TSO6: u32 = 8;
+pub const F_HOST_TSO4: u32 = 11;
+pub const F_HOST_TSO6: u32 = 12;
+/// `flags` (§5.1.6): VIRTIO_NET_HDR_F_NEEDS_CSUM, VIRTIO_NET_HDR_F_DATA_VALID.
+const HDR_F_NEEDS_CSUM: u8 = 1;
+const HDR_F_DATA_VALID: u8 = 2;
+/// `gso_type` (§5.1.6): NONE, TCPV4, TCPV6; the ECN bit.
+const GSO_NONE: u8 = 0;
+const GSO_TCPV4: u8 = 1;
+const GSO_TCPV6: u8 = 4;
+const GSO_ECN: u8 = 0x80;
+/// The largest TCP segmentation frame: a 64 KiB IP packet plus the Ethernet header and a tag.
+pub const MAX_GSO_FRAME: usize = 65535 + 14 + 4;
+/// Bytes a port's inbox holds at most (frames of up to 64 KiB).
+pub const BACKLOG_BYTES: usize = 2 << 20;
+
+/// The offloads offered.
+pub fn offload_features() -> u64 {
+    [F_CSUM, F_GUEST_CSUM, F_GUEST_TSO4, F_GUEST_TSO6, F_HOST_TSO4, F_HOST_TSO6].iter().fold(0, |a, b| a | 1 << b)
+}
+
+/// Why a transmit chain is dropped.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum TxCheck {
+    Runt,
+    TooBig,
+    /// The header asks for an offload the driver did not negotiate.
+    Offload,
+}
+
+/// Reads transmit chain `chain` whole (header and frame: the one copy out of the sender's
+/// RAM), checked against the driver's negotiated `features`.
+pub fn take_tx_offload(
+    chain: &Chain,
+    mem: &(impl GuestRam + ?Sized),
+    features: u64,
+) -> Result<Result<Vec<u8>, TxCheck>, QueueError> {
+    let total = chain.readable_len();
+    if total < (HEADER_LEN + crate::devices::switch::ETH_HEADER_LEN) as u64 {
+        return Ok(Err(TxCheck::Runt));
+    }
+    if total - HEADER_LEN as u64 > MAX_GSO_FRAME as u64 {
+        return Ok(Err(TxCheck::TooBig));
+    }
+    let mut hdr = [0u8; HEADER_LEN];
+    stream::read(chain, mem, 0, &mut hdr)?;
+    let has = |bit: u32| features & (1 << bit) != 0;
+    let (flags, gso) = (hdr[0], hdr[1]);
+    if flags & !(HDR_F_NEEDS_CSUM | HDR_F_DATA_VALID) != 0 || (flags & HDR_F_NEEDS_CSUM != 0 && !has(F_CSUM)) {
+        return Ok(Err(TxCheck::Offload));
+    }
+    let gso_ok = match gso & !GSO_ECN {
+        GSO_NONE => gso & GSO_ECN == 0,
+        GSO_TCPV4 => has(F_HOST_TSO4) && gso & GSO_ECN == 0,
+        GSO_TCPV6 => has(F_HOST_TSO6) && gso & GSO_ECN == 0,
+        _ => false,
+    };
+    if !gso_ok {
+        return Ok(Err(TxCheck::Offload));
+    }
+    if gso == GSO_NONE && total - HEADER_LEN as u64 > MAX_FRAME as u64 {
+        return Ok(Err(TxCheck::TooBig));
+    }
+    let mut buf = alloc::vec![0u8; total as usize];
+    stream::read(chain, mem, 0, &mut buf)?;
+    // The header as checked (the guest may change its memory meanwhile); DATA_VALID is only
+    // for the receive direction, num_buffers is the receiver's.
+    buf[..HEADER_LEN].copy_from_slice(&hdr);
+    buf[0] &= !HDR_F_DATA_VALID;
+    Ok(Ok(buf))
+}
+
+/// Whether a receiver with negotiated `features` can take a frame with header `hdr`.
+pub fn rx_accepts(hdr: &[u8], features: u64) -> bool {
+    let has = |bit: u32| features & (1 << bit) != 0;
+    let (flags, gso) = (hdr[0], hdr[1]);
+    (flags & HDR_F_NEEDS_CSUM == 0 || has(F_GUEST_CSUM))
+        && match gso {
+            GSO_NONE => true,
+            GSO_TCPV4 => has(F_GUEST_TSO4),
+            GSO_TCPV6 => has(F_GUEST_TSO6),
+            _ => false,
+        }
+}
+
 /// One NIC's side of a switch: where frames for it wait, and how its VM is woken.
 pub struct Port {
-    inbox: Mutex<VecDeque<Vec<u8>>>,
+    /// Frames with their header in front, and their bytes in all.
+    inbox: Mutex<(VecDeque<Vec<u8>>, usize)>,
     /// Frames are waiting and the VM has not looked yet.
     wake: AtomicBool,
     /// The driver is up (DRIVER_OK): frames for a NIC that is down are dropped.
@@ -71,7 +169,7 @@ pub struct Port {
 impl Port {
     fn new(irq: Arc<Interrupts>) -> Self {
         Port {
-            inbox: Mutex::new(VecDeque::new()),
+            inbox: Mutex::new((VecDeque::new(), 0)),
             wake: AtomicBool::new(false),
             up: AtomicBool::new(false),
             irq,
@@ -87,12 +185,13 @@ impl Port {
         }
         {
             let mut inbox = self.inbox.lock();
-            if inbox.len() >= BACKLOG {
+            if inbox.0.len() >= BACKLOG || inbox.1 + frame.len() > BACKLOG_BYTES {
                 drop(inbox);
                 self.dropped.fetch_add(1, Ordering::Relaxed);
                 return;
             }
-            inbox.push_back(frame);
+            inbox.1 += frame.len();
+            inbox.0.push_back(frame);
         }
         if !self.wake.swap(true, Ordering::AcqRel) {
             self.irq.wake_devices();
@@ -162,7 +261,7 @@ impl NetSwitch {
         {
             let mut st = self.state.lock();
             let st = &mut *st;
-            match st.switch.forward(from, &frame, now_ns) {
+            match st.switch.forward(from, frame.get(HEADER_LEN..).unwrap_or(&[]), now_ns) {
                 Forward::Drop => return,
                 Forward::Port(p) => targets[0] = st.ports.get(p).cloned().flatten(),
                 Forward::Flood => {
@@ -196,6 +295,10 @@ pub struct VirtioNet {
     id: PortId,
     port: Arc<Port>,
     live: bool,
+    /// The features the driver accepted.
+    features: u64,
+    /// Frames dropped at receive because their offloads were not negotiated here.
+    pub offload_dropped: u64,
     /// Guest time source for the switch's ageing (nanoseconds, monotonic).
     clock: fn() -> u64,
     pub stats: NetStats,
@@ -207,7 +310,18 @@ impl VirtioNet {
     pub fn new(vm: &str, switch: Arc<NetSwitch>, irq: Arc<Interrupts>, clock: fn() -> u64) -> Self {
         let (id, port) = switch.attach(irq);
         let mac = Mac::for_vm(id as u16 + 1, 0);
-        VirtioNet { vm: String::from(vm), mac, switch, id, port, live: false, clock, stats: NetStats::default() }
+        VirtioNet {
+            vm: String::from(vm),
+            mac,
+            switch,
+            id,
+            port,
+            live: false,
+            features: 0,
+            offload_dropped: 0,
+            clock,
+            stats: NetStats::default(),
+        }
     }
 
     pub fn mac(&self) -> Mac {
@@ -223,10 +337,10 @@ impl VirtioNet {
         queues.disable_notifications(q)?;
         loop {
             while let Some(chain) = queues.pop(q)? {
-                match net::take_tx_vec(&chain, queues.mem())? {
+                match take_tx_offload(&chain, queues.mem(), self.features)? {
                     Ok(frame) => {
                         self.stats.tx_frames += 1;
-                        self.stats.tx_bytes += frame.len() as u64;
+                        self.stats.tx_bytes += (frame.len() - HEADER_LEN) as u64;
                         self.switch.send(self.id, frame, (self.clock)());
                     }
                     Err(_) => self.stats.tx_dropped += 1,
@@ -239,28 +353,41 @@ impl VirtioNet {
         }
     }
 
+    fn take_inbox(&self) -> Option<Vec<u8>> {
+        let mut inbox = self.port.inbox.lock();
+        let f = inbox.0.pop_front()?;
+        inbox.1 -= f.len();
+        Some(f)
+    }
+
     /// Moves frames from the inbox into receive chains while both last.
     fn receive(&mut self, queues: &mut Queues<'_>) -> Result<(), QueueError> {
         let q = RX_QUEUE as u16;
         self.port.wake.store(false, Ordering::Release);
         loop {
-            let Some(frame) = self.port.inbox.lock().pop_front() else { return Ok(()) };
+            let Some(mut frame) = self.take_inbox() else { return Ok(()) };
+            if !rx_accepts(&frame, self.features) {
+                self.offload_dropped += 1;
+                continue;
+            }
             let Some(chain) = queues.pop(q)? else {
                 // No buffer: the frame waits for the driver's next kick on queue 0.
-                self.port.inbox.lock().push_front(frame);
+                let mut inbox = self.port.inbox.lock();
+                inbox.1 += frame.len();
+                inbox.0.push_front(frame);
                 return Ok(());
             };
-            match net::put_rx(&chain, queues.mem(), &frame)? {
-                Some(used) => {
-                    self.stats.rx_frames += 1;
-                    self.stats.rx_bytes += frame.len() as u64;
-                    queues.push_used(q, chain.head, used)?;
-                }
-                None => {
-                    self.stats.rx_dropped += 1;
-                    queues.push_used(q, chain.head, 0)?;
-                }
+            if chain.writable_len() < frame.len() as u64 {
+                self.stats.rx_dropped += 1;
+                queues.push_used(q, chain.head, 0)?;
+                continue;
             }
+            // num_buffers (le16 at offset 10) is 1 without VIRTIO_NET_F_MRG_RXBUF (§5.1.6.3.1).
+            frame[10..12].copy_from_slice(&1u16.to_le_bytes());
+            stream::write(&chain, queues.mem(), 0, &frame)?;
+            self.stats.rx_frames += 1;
+            self.stats.rx_bytes += (frame.len() - HEADER_LEN) as u64;
+            queues.push_used(q, chain.head, frame.len() as u32)?;
         }
     }
 }
@@ -279,7 +406,7 @@ impl VirtioDevice for VirtioNet {
     }
 
     fn features(&self) -> u64 {
-        net::features()
+        net::features() | offload_features()
     }
 
     fn queue_max_sizes(&self) -> &[u16] {
@@ -294,7 +421,8 @@ impl VirtioDevice for VirtioNet {
         net::config_read(self.mac, usize::try_from(offset).unwrap_or(usize::MAX), data);
     }
 
-    fn activate(&mut self, _features: u64) {
+    fn activate(&mut self, features: u64) {
+        self.features = features;
         self.live = true;
         self.port.up.store(true, Ordering::Release);
     }
@@ -314,7 +442,7 @@ impl VirtioDevice for VirtioNet {
     fn reset(&mut self) {
         self.live = false;
         self.port.up.store(false, Ordering::Release);
-        self.port.inbox.lock().clear();
+        *self.port.inbox.lock() = (VecDeque::new(), 0);
         self.port.wake.store(false, Ordering::Release);
     }
 
@@ -334,7 +462,7 @@ impl Drop for VirtioNet {
         let sw = self.switch.detach(self.id);
         let s = self.stats;
         crate::report!(
-            "net switch={} port={} vm={} tx_frames={} tx_bytes={} tx_dropped={} rx_frames={} rx_bytes={} rx_dropped={} backlog_dropped={} switch_in={} switch_dropped={}",
+            "net switch={} port={} vm={} tx_frames={} tx_bytes={} tx_dropped={} rx_frames={} rx_bytes={} rx_dropped={} offload_dropped={} backlog_dropped={} switch_in={} switch_dropped={}",
             self.switch.name,
             self.id,
             self.vm,
@@ -344,6 +472,7 @@ impl Drop for VirtioNet {
             s.rx_frames,
             s.rx_bytes,
             s.rx_dropped,
+            self.offload_dropped,
             self.backlog_dropped(),
             sw.rx_frames,
             sw.rx_dropped
@@ -494,6 +623,48 @@ mod tests {
     }
 
     #[test]
+    fn offloaded_frames_keep_their_header_and_reach_only_receivers_that_take_them() {
+        let mut a = Vm::new("t-offload");
+        let mut b = Vm::new("t-offload");
+        let mut c = Vm::new("t-offload");
+        let all = offload_features();
+        a.nic.activate(all);
+        b.nic.activate(all);
+        c.nic.activate(0);
+        b.post(RX_QUEUE, 0x800, &[]);
+        c.post(RX_QUEUE, 0x800, &[]);
+        // A TCPv4 segmentation frame with a partial checksum, flooded to b and c.
+        let mut f = tx_bytes(Mac::BROADCAST, a.nic.mac(), 1800);
+        f[..10].copy_from_slice(&[HDR_F_NEEDS_CSUM, GSO_TCPV4, 54, 0, 0xA8, 0x05, 34, 0, 16, 0]);
+        a.post(TX_QUEUE, f.len() as u32, &f);
+        a.kick(TX_QUEUE).unwrap();
+        assert_eq!(a.nic.stats.tx_frames, 1);
+        b.kick(RX_QUEUE).unwrap();
+        c.kick(RX_QUEUE).unwrap();
+        let got = b.take_used(RX_QUEUE);
+        assert_eq!(got.len(), 1);
+        assert_eq!(&got[0].2[..10], &f[..10], "the header as sent");
+        assert_eq!(&got[0].2[10..12], &[1, 0], "num_buffers");
+        assert_eq!(&got[0].2[HEADER_LEN..], &f[HEADER_LEN..]);
+        assert_eq!(c.take_used(RX_QUEUE).len(), 0);
+        assert_eq!(c.nic.offload_dropped, 1);
+        // Without HOST_TSO4 negotiated the same chain is the sender's error: dropped there.
+        a.nic.activate(1 << F_CSUM);
+        a.post(TX_QUEUE, f.len() as u32, &f);
+        a.kick(TX_QUEUE).unwrap();
+        assert_eq!(a.nic.stats.tx_dropped, 1);
+        // Unknown flags or GSO types are dropped too.
+        a.nic.activate(all);
+        f[0] = 0x40;
+        a.post(TX_QUEUE, f.len() as u32, &f);
+        f[0] = 0;
+        f[1] = 3; // UDP (UFO), not offered
+        a.post(TX_QUEUE, f.len() as u32, &f);
+        a.kick(TX_QUEUE).unwrap();
+        assert_eq!(a.nic.stats.tx_dropped, 3);
+    }
+
+    #[test]
     fn hostile_tx_chains_are_dropped_and_contained() {
         let mut a = Vm::new("t-hostile");
         let mut b = Vm::new("t-hostile");
@@ -548,10 +719,10 @@ mod tests {
         assert_eq!(b.nic.stats.rx_frames, 1);
         // A driver reset empties the backlog; a NIC that is down gets nothing.
         b.nic.reset();
-        assert!(b.nic.port.inbox.lock().is_empty());
+        assert!(b.nic.port.inbox.lock().0.is_empty());
         a.post(TX_QUEUE, f.len() as u32, &f);
         a.kick(TX_QUEUE).unwrap();
-        assert!(b.nic.port.inbox.lock().is_empty());
+        assert!(b.nic.port.inbox.lock().0.is_empty());
         // b's VM ends: its port leaves the switch.
         let sw = switch_named("t-backlog").unwrap();
         drop(b);
