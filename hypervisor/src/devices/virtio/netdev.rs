@@ -371,10 +371,18 @@ impl VirtioNet {
                 continue;
             }
             let Some(chain) = queues.pop(q)? else {
-                // No buffer: the frame waits for the driver's next kick on queue 0.
-                let mut inbox = self.port.inbox.lock();
-                inbox.1 += frame.len();
-                inbox.0.push_front(frame);
+                // No buffer: the frame waits for the driver's next kick on queue 0, which is
+                // asked for now (with EVENT_IDX: avail_event = the next entry, §2.7.10). While
+                // frames flow the device does not ask, so posting buffers costs no exits.
+                {
+                    let mut inbox = self.port.inbox.lock();
+                    inbox.1 += frame.len();
+                    inbox.0.push_front(frame);
+                }
+                if queues.enable_notifications(q)? {
+                    // Buffers came meanwhile.
+                    continue;
+                }
                 return Ok(());
             };
             if chain.writable_len() < frame.len() as u64 {
@@ -717,6 +725,12 @@ mod tests {
         assert_eq!(got.iter().map(|g| g.1).collect::<Vec<_>>(), vec![0, f.len() as u32]);
         assert_eq!(b.nic.stats.rx_dropped, 1);
         assert_eq!(b.nic.stats.rx_frames, 1);
+        // Starved again with frames waiting, the device asks for a kick at the next buffer
+        // (avail_event = 2, the entry after the two it took).
+        let (_, _, us) = layout(RX_QUEUE);
+        let mut ev = [0u8; 2];
+        b.mem.read(us + used::avail_event(SIZE), &mut ev).unwrap();
+        assert_eq!(u16::from_le_bytes(ev), 2);
         // A driver reset empties the backlog; a NIC that is down gets nothing.
         b.nic.reset();
         assert!(b.nic.port.inbox.lock().0.is_empty());
