@@ -317,6 +317,9 @@ pub fn build_vm(
             }
         }
     } else {
+        if let Some(sw) = spec.net {
+            log::warn!("vm {}: net={sw} ignored: only Linux and multiboot VMs have a PCI bus", spec.name);
+        }
         None
     };
     let intel = matches!(hw, Hardware::Vmx(_));
