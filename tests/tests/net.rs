@@ -103,3 +103,11 @@ fn linux_net_iperf3_qemu_tcg_svm() {
         assert!(bps > 0.0, "{vm}: {line}\n{out:?}");
     }
 }
+
+/// Bochs (Intel VMX): ping only (two Linux boots on one emulated 2-CPU machine are slow).
+#[test]
+fn linux_net_ping_bochs_vmx() {
+    let out = two_vms(Machine::BochsVmx, 2, 1200, false);
+    out.assert_exit_ok();
+    check_ping(&out);
+}
