@@ -95,12 +95,13 @@ MOD_FILES=(vireo.c Kbuild)
 PROGRAMS=(perfprobe)
 BUSYBOX=/bin/busybox
 # The applets the headless /init uses (the shell image gets every applet).
-HEADLESS_APPLETS=(sh mount uname nproc awk true poweroff sleep insmod dmesg readlink umount sync sha256sum cat dd mkdir)
+HEADLESS_APPLETS=(sh mount uname nproc awk true poweroff sleep insmod dmesg readlink umount sync sha256sum cat dd mkdir ip ping)
 # The kernel's virtio modules the images carry in /lib/modules/virtio/ (paths in the kernel
 # package's lib/modules/RELEASE/kernel/), in an order that loads (each after what it needs).
 VIRTIO_MODULES=(drivers/virtio/virtio_ring.ko drivers/virtio/virtio.ko drivers/virtio/virtio_pci_modern_dev.ko
     drivers/virtio/virtio_pci_legacy_dev.ko drivers/virtio/virtio_pci.ko drivers/char/virtio_console.ko
-    drivers/block/virtio_blk.ko)
+    drivers/block/virtio_blk.ko
+    net/core/failover.ko drivers/net/net_failover.ko drivers/net/virtio_net.ko)
 # The fixed mtime of everything in the images (SOURCE_DATE_EPOCH if the caller sets one).
 EPOCH="${SOURCE_DATE_EPOCH:-0}"
 [[ "$EPOCH" =~ ^[0-9]+$ ]] || die "SOURCE_DATE_EPOCH must be a number of seconds, not '$EPOCH'"
@@ -458,6 +459,17 @@ build_programs() {
 
 # --- the initramfs images --------------------------------------------------------------------
 
+# add_dynamic BINARY STAGE NAME: a dynamically linked program as STAGE/bin/NAME, with the
+# shared libraries ldd names for it (the dynamic loader included) at their own paths, the real
+# files rather than links (as scripts/scoreboard.sh does).
+add_dynamic() {
+    local bin="$1" stage="$2" lib
+    install -D -m 755 "$bin" "$stage/bin/$3"
+    while read -r lib; do
+        install -D -m 755 "$(readlink -f "$lib")" "$stage$lib"
+    done < <(ldd "$bin" | awk '$2 == "=>" && $3 ~ /^\// { print $3 } $1 ~ /^\// { print $1 }')
+}
+
 # make_initramfs NAME INIT_SCRIPT APPLET...: DIR/initramfs-NAME.cpio.gz with busybox, INIT_SCRIPT
 # as /init, DIR/vireo.ko as /lib/modules/vireo.ko and a /bin link to busybox for each APPLET
 # ("ALL": every applet busybox has, where busybox --list-full puts it).
@@ -482,6 +494,9 @@ make_initramfs() {
         mkdir -p "$stage/lib/modules/virtio"
         cp "$OUT"/modules/*.ko "$stage/lib/modules/virtio/"
         chmod 644 "$stage"/lib/modules/virtio/*.ko
+    fi
+    if [[ -n "${WITH_IPERF3:-}" ]]; then
+        add_dynamic "$WITH_IPERF3" "$stage" iperf3
     fi
     if [[ "$1" == ALL ]]; then
         while read -r link; do
@@ -516,10 +531,15 @@ build_module
 build_programs
 make_initramfs headless "$INIT_DIR/init-headless.sh" "${HEADLESS_APPLETS[@]}"
 make_initramfs shell "$INIT_DIR/init-shell.sh" ALL
+# The network image (issue 12's tests and scripts/bench-net.sh): the headless one plus Debian's
+# iperf3 with its libraries, kept out of the headless image (several MiB of libcrypto). Without
+# iperf3 installed (scripts/install-deps.sh linux) it is the headless image under another name.
+WITH_IPERF3="$(command -v iperf3 || true)" make_initramfs net "$INIT_DIR/init-headless.sh" "${HEADLESS_APPLETS[@]}"
 say "ready in $(elapsed "$T_START") s: $OUT"
 
 echo "kernel=$OUT/vmlinuz"
 echo "initrd_headless=$OUT/initramfs-headless.cpio.gz"
 echo "initrd_shell=$OUT/initramfs-shell.cpio.gz"
+echo "initrd_net=$OUT/initramfs-net.cpio.gz"
 echo "module=$OUT/vireo.ko"
 echo "version=$(version_field release)"

@@ -101,6 +101,8 @@ apt_wanted() {
         echo "/usr/lib/x86_64-linux-gnu/libelf.so.1 libelf1"
         # scripts/mkdisk.sh: the ext4 image for the virtio-blk tests.
         echo "/usr/sbin/mke2fs e2fsprogs"
+        # The network image's iperf3 (scripts/guest-linux.sh initramfs-net, issue 12).
+        echo "iperf3 iperf3"
     fi
     if has bench; then
         echo "sysbench sysbench"

@@ -263,6 +263,118 @@ if [ -b /dev/vda ]; then
     # The request queue's interrupt row, once it has carried requests.
     awk '/virtio.*-req/ { $1 = $1; print "linux-guest: disk irq " $0 }' /proc/interrupts
 fi
+# Virtual network (issue 12), only with linux_guest_net=ADDR/PREFIX[,peer=ADDR]
+# [,iperf=server|client|loop][,hogs=K][,wait=S] on the kernel command line and a virtio-net NIC (00:03.0, `net=SWITCH` on the VM
+# line): loads virtio_net, brings eth0 up, pings the peer ("linux-guest: net ping peer=P
+# sent=N received=M"), and with iperf3 in the image runs it ("linux-guest: net iperf
+# role=R bits_per_second=B"); the NIC's interrupt count and the VM's exits around the run
+# ("irq=N exits=E" on that line) give the benchmark's per-megabyte figures. iperf=loop: server
+# and client in this VM over lo (the native baseline, no NIC needed); hogs=K: K CPU-bound
+# shell loops run during the iperf3 run (scripts/bench-net.sh).
+if [ -n "${linux_guest_net:-}" ]; then
+    n_addr="${linux_guest_net%%,*}"
+    n_peer=""
+    n_iperf=""
+    n_wait=30
+    n_hogs=0
+    n_rest="${linux_guest_net#"$n_addr"}"
+    old_ifs="$IFS"
+    IFS=,
+    for kv in $n_rest; do
+        case "$kv" in
+            peer=*) n_peer="${kv#peer=}" ;;
+            iperf=*) n_iperf="${kv#iperf=}" ;;
+            wait=*) n_wait="${kv#wait=}" ;;
+            hogs=*) n_hogs="${kv#hogs=}" ;;
+        esac
+    done
+    IFS="$old_ifs"
+    n_level=7
+    read -r n_level _ </proc/sys/kernel/printk
+    echo 1 >/proc/sys/kernel/printk
+    n_mods=0
+    for m in failover net_failover virtio_net; do
+        insmod "/lib/modules/virtio/$m.ko" 2>/dev/null && n_mods=$((n_mods + 1))
+    done
+    echo "$n_level" >/proc/sys/kernel/printk
+    w=0
+    while [ ! -e /sys/class/net/eth0 ] && [ "$w" -lt 50 ]; do
+        sleep 0.1
+        w=$((w + 1))
+    done
+    ip link set lo up
+    if ip addr add "$n_addr" dev eth0 && ip link set eth0 up; then
+        echo "linux-guest: net up modules=$n_mods addr=$n_addr mac=$(first_line /sys/class/net/eth0/address)"
+    else
+        echo "linux-guest: net down modules=$n_mods"
+    fi
+    n_exits() {
+        te=0
+        if [ -r "$VIREO_SYS/exits" ]; then
+            while read -r _ count _; do te=$((te + count)); done <"$VIREO_SYS/exits"
+        fi
+        echo "$te"
+    }
+    n_irq() {
+        awk '/virtio.*input/ { for (i = 2; i <= NF; i++) if ($i ~ /^[0-9]+$/) s += $i } END { print s + 0 }' /proc/interrupts
+    }
+    if [ -n "$n_peer" ]; then
+        # The peer boots at its own pace: ping until it answers (up to n_wait seconds), then
+        # count 5 more.
+        w=0
+        while ! ping -c 1 -W 1 "$n_peer" >/dev/null 2>&1 && [ "$w" -lt "$n_wait" ]; do
+            w=$((w + 1))
+        done
+        n_out="$(ping -c 5 -i 0.2 -W 2 "$n_peer" 2>&1)"
+        n_rx="$(echo "$n_out" | awk '/packets transmitted/ { print $4 }')"
+        echo "linux-guest: net ping peer=$n_peer sent=5 received=${n_rx:-0}"
+    fi
+    if [ -n "$n_iperf" ] && command -v iperf3 >/dev/null 2>&1; then
+        n_pids=""
+        h=0
+        case "$n_hogs" in '' | *[!0-9]*) n_hogs=0 ;; esac
+        while [ "$h" -lt "$n_hogs" ]; do
+            sh -c 'while :; do :; done' &
+            n_pids="$n_pids $!"
+            h=$((h + 1))
+        done
+        e0="$(n_exits)"
+        i0="$(n_irq)"
+        n_secs="${linux_guest_net_secs:-3}"
+        case "$n_iperf" in
+            server) n_res="$(iperf3 -s -1 -J 2>&1)" ;;
+            client)
+                # The server may not listen yet: retry a refused connection for a while.
+                t=0
+                while :; do
+                    n_res="$(iperf3 -c "$n_peer" -t "$n_secs" -J 2>&1)"
+                    case "$n_res" in *'"sum_received"'*) break ;; esac
+                    t=$((t + 1))
+                    [ "$t" -lt 20 ] || break
+                    sleep 1
+                done
+                ;;
+            loop)
+                iperf3 -s -1 >/dev/null 2>&1 &
+                sleep 1
+                n_res="$(iperf3 -c 127.0.0.1 -t "$n_secs" -J 2>&1)"
+                ;;
+            *) n_res="" ;;
+        esac
+        e1="$(n_exits)"
+        i1="$(n_irq)"
+        for p in $n_pids; do kill "$p" 2>/dev/null; done
+        bps="$(echo "$n_res" | awk '/"sum_received"/ { r = 1 } r && /"bits_per_second"/ { gsub(/[^0-9.e+]/, "", $2); print $2; exit }')"
+        bytes="$(echo "$n_res" | awk '/"sum_received"/ { r = 1 } r && /"bytes"/ { gsub(/[^0-9]/, "", $2); print $2; exit }')"
+        echo "linux-guest: net iperf role=$n_iperf bits_per_second=${bps:-0} bytes=${bytes:-0} irq=$((i1 - i0)) exits=$((e1 - e0))"
+    elif [ -n "$n_iperf" ]; then
+        echo "linux-guest: net iperf absent"
+    fi
+    if [ -n "$n_peer" ] && [ -z "$n_iperf" ]; then
+        # Stay reachable a while for the peer's pings.
+        sleep "${linux_guest_net_linger:-3}"
+    fi
+fi
 
 # Restart test: with linux_guest_reboot=1 the first boot resets the machine; Vireo builds the
 # VM again and adds vireo_boot=N (N >= 2) to the kernel command line of later boots.

@@ -68,6 +68,9 @@ pub struct Interrupts {
     /// Whether the VM has local APICs and an I/O APIC (else: 8259 PIC mode, vCPU 0 only).
     apic_mode: bool,
     kick: KickFn,
+    /// A device got work from outside the VM (another VM's frame): the VM's next device tick
+    /// must look at its devices even before their deadline (`Vm::tick_devices`).
+    device_wake: AtomicBool,
 }
 
 impl Interrupts {
@@ -90,7 +93,13 @@ impl Interrupts {
             }
             io
         });
-        Arc::new(Self { chip: Mutex::new(Chip { pic: Pic8259Pair::new(), ioapic }), apics, apic_mode, kick })
+        Arc::new(Self {
+            chip: Mutex::new(Chip { pic: Pic8259Pair::new(), ioapic }),
+            apics,
+            apic_mode,
+            kick,
+            device_wake: AtomicBool::new(false),
+        })
     }
 
     pub fn apic_mode(&self) -> bool {
@@ -115,6 +124,19 @@ impl Interrupts {
         let a = &self.apics[vcpu];
         a.attention.store(true, Ordering::Release);
         (self.kick)(a.host_cpu.load(Ordering::Relaxed));
+    }
+
+    /// Another host CPU gave one of the VM's devices work: the devices are ticked at vCPU 0's
+    /// next look, which the kick brings about at once (an exit, or a halted vCPU's poll).
+    pub fn wake_devices(&self) {
+        self.device_wake.store(true, Ordering::Release);
+        self.notify(0);
+    }
+
+    /// Whether [`Interrupts::wake_devices`] was called since the last time (and clears it).
+    #[inline]
+    pub fn take_device_wake(&self) -> bool {
+        self.device_wake.load(Ordering::Relaxed) && self.device_wake.swap(false, Ordering::AcqRel)
     }
 
     /// Drives ISA line `irq` into the PIC and the I/O APIC.

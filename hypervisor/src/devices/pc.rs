@@ -23,13 +23,19 @@ use super::{
     virtio::{
         blk::{DiskRef, VirtioBlk},
         console::VirtioConsole,
+        netdev::VirtioNet,
         pci::VirtioPci,
     },
 };
 
+/// Nanoseconds since boot, for the switches' address ageing.
+fn net_clock() -> u64 {
+    crate::arch::tsc::to_nanos(crate::arch::tsc::rdtsc())
+}
+
 /// What a VM's PCI bus holds beyond the host bridge.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
-pub struct PciOptions {
+pub struct PciOptions<'a> {
     /// The root bridge's 32-bit memory window `(base, last)` (the DSDT `_CRS` window the guest
     /// assigns BARs from), where memory BARs decode; `None`: no BAR decodes.
     pub mmio32: Option<(u64, u64)>,
@@ -37,12 +43,16 @@ pub struct PciOptions {
     pub virtio_console: bool,
     /// A virtio-blk on this disk at [`VIRTIO_BLK_SLOT`] (00:02.0).
     pub virtio_blk: Option<DiskRef>,
+    /// A virtio-net at [`VIRTIO_NET_SLOT`] (00:03.0) on the named Vireo-wide switch.
+    pub net: Option<&'a str>,
 }
 
 /// The PCI device number of the virtio-console (function 0, INTA).
 pub const VIRTIO_CONSOLE_SLOT: u8 = 1;
 /// The PCI device number of the virtio-blk (function 0, INTA).
 pub const VIRTIO_BLK_SLOT: u8 = 2;
+/// The PCI device number of the virtio-net NIC (function 0, INTA).
+pub const VIRTIO_NET_SLOT: u8 = 3;
 
 /// Adds the PC devices of VM `name` to `bus`; returns its console UART (for keyboard input).
 /// `unix_secs`: wall-clock time the RTC starts at.
@@ -51,7 +61,7 @@ pub fn build(
     irq: &Arc<Interrupts>,
     name: &str,
     unix_secs: u64,
-    pci_options: PciOptions,
+    pci_options: PciOptions<'_>,
 ) -> Result<Arc<Mutex<ConsoleUart>>, Overlap> {
     let line = |isa| IrqLine::new(irq.clone(), isa);
     let uart = device(ConsoleUart::new(COM1_BASE, line(COM1_IRQ), name));
@@ -77,6 +87,21 @@ pub fn build(
         if let Some(bdf) = Bdf::new(0, VIRTIO_BLK_SLOT, 0) {
             // The slot is free: nothing else goes there.
             let _ = pci_bus.add(bdf, Box::new(blk));
+        }
+    }
+    if let Some(switch) = pci_options.net {
+        match crate::devices::virtio::netdev::switch_named(switch) {
+            Some(sw) => {
+                let gsi = crate::guest::acpi::pci_intx_gsi(VIRTIO_NET_SLOT, 0) as u8;
+                let nic = VirtioNet::new(name, sw, irq.clone(), net_clock);
+                log::info!("vm {name}: virtio-net at 00:03.0 on switch {switch}, mac {}", nic.mac());
+                let nic = VirtioPci::new(Box::new(nic), name, irq.clone(), gsi);
+                if let Some(bdf) = Bdf::new(0, VIRTIO_NET_SLOT, 0) {
+                    // The slot is free on a new bus.
+                    let _ = pci_bus.add(bdf, Box::new(nic));
+                }
+            }
+            None => log::warn!("vm {name}: too many switches: no NIC on {switch}"),
         }
     }
     let pci = device(pci_bus);
@@ -132,7 +157,7 @@ mod tests {
             &irq,
             "t",
             0,
-            PciOptions { mmio32: Some((0xC000_0000, 0xFEBF_FFFF)), virtio_console: true, virtio_blk: None },
+            PciOptions { mmio32: Some((0xC000_0000, 0xFEBF_FFFF)), virtio_console: true, virtio_blk: None, net: None },
         )
         .unwrap();
         let mut frames = FrameAllocator::for_tests();

@@ -87,6 +87,13 @@ pub trait PciFunction: Send {
     }
     /// A write of the low `size` bytes of `value` at `offset` into memory BAR `bar`.
     fn bar_write(&mut self, _bar: u8, _offset: u64, _size: u8, _value: u64, _cx: &Ctx<'_>) {}
+    /// Work that came from outside the VM (a frame from another VM's NIC), done on one of
+    /// the VM's own vCPUs (see [`PciFunction::next_deadline`]).
+    fn tick(&mut self, _cx: &Ctx<'_>) {}
+    /// The earliest guest time the function needs a [`PciFunction::tick`].
+    fn next_deadline(&self) -> Option<super::time::Nanos> {
+        None
+    }
 }
 
 /// Command register (offset 0x04) bits (§6.2.2).
@@ -412,6 +419,18 @@ impl Device for PciBus {
     fn write(&mut self, addr: u64, size: u8, value: u64, _cx: &super::bus::Ctx<'_>) -> super::bus::BusEffect {
         PciBus::write(self, addr as u16, size, value as u32);
         super::bus::BusEffect::None
+    }
+
+    fn tick(&mut self, cx: &Ctx<'_>) {
+        for (_, f) in &mut self.functions {
+            if f.next_deadline().is_some_and(|t| t <= cx.now) {
+                f.tick(cx);
+            }
+        }
+    }
+
+    fn next_deadline(&self) -> Option<super::time::Nanos> {
+        self.functions.iter().fold(None, |acc, (_, f)| super::time::earliest(acc, f.next_deadline()))
     }
 }
 

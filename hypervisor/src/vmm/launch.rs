@@ -303,7 +303,8 @@ pub fn build_vm(
     let uart = if platform {
         // BARs decode in the root bridge's 32-bit window, the one the DSDT gives the guest.
         let mmio32 = acpi::pci_mmio32_window(size).map(|w| (u64::from(w.base), u64::from(w.last)));
-        let pci_options = pc::PciOptions { mmio32, virtio_console: spec.virtio_console, virtio_blk: disk };
+        let pci_options =
+            pc::PciOptions { mmio32, virtio_console: spec.virtio_console, virtio_blk: disk, net: spec.net };
         let built = pc::build(&mut bus, &irq, spec.name, RTC_EPOCH, pci_options).and_then(|uart| {
             if multiboot {
                 // QEMU's test devices, which kernels written for `qemu -kernel` use.
@@ -320,6 +321,9 @@ pub fn build_vm(
             }
         }
     } else {
+        if let Some(sw) = spec.net {
+            log::warn!("vm {}: net={sw} ignored: only Linux and multiboot VMs have a PCI bus", spec.name);
+        }
         None
     };
     let intel = matches!(hw, Hardware::Vmx(_));

@@ -201,11 +201,13 @@ impl Vm {
     /// access may lower the deadline meanwhile ([`Vm::note_device_deadline`]): then the
     /// new value is not overwritten, the devices are looked at again.
     pub fn tick_devices(&self, now: Nanos) {
+        let mut woken = self.irq.take_device_wake();
         loop {
             let seen = self.device_deadline.load(Ordering::Acquire);
-            if now.0 < seen {
+            if now.0 < seen && !woken {
                 return;
             }
+            woken = false;
             let next = self.bus.tick(&Ctx { now, mem: &self.mem }).map_or(u64::MAX, |t| t.0);
             if self.device_deadline.compare_exchange(seen, next, Ordering::AcqRel, Ordering::Acquire).is_ok() {
                 return;

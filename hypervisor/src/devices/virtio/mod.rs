@@ -13,6 +13,7 @@
 pub mod blk;
 pub mod console;
 pub mod net;
+pub mod netdev;
 pub mod pci;
 pub mod queue;
 pub mod stream;
@@ -162,6 +163,11 @@ pub trait VirtioDevice: Send {
     fn notify(&mut self, queue: u16, queues: &mut Queues<'_>) -> Result<(), QueueError>;
     /// The driver reset the device (status 0): back to the initial state.
     fn reset(&mut self) {}
+    /// Queues (bit q) with work that came from outside the VM (frames from another VM): the
+    /// transport runs [`VirtioDevice::notify`] for them at the VM's next device tick.
+    fn pending_queues(&self) -> u64 {
+        0
+    }
 }
 
 /// Devices in their own storage, for the transport's `Box`.

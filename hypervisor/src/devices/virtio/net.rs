@@ -86,13 +86,9 @@ pub fn config_read(mac: Mac, offset: usize, data: &mut [u8]) {
     }
 }
 
-/// Copies the frame of transmit chain `chain` into `frame` (which must hold [`MAX_FRAME`]
-/// bytes); returns its length, or why it is dropped.
-pub fn take_tx(
-    chain: &Chain,
-    mem: &(impl GuestRam + ?Sized),
-    frame: &mut [u8; MAX_FRAME],
-) -> Result<Result<usize, TxDrop>, QueueError> {
+/// Checks transmit chain `chain`'s header and length; returns the frame's length (it follows
+/// the header), or why the chain is dropped.
+fn tx_len(chain: &Chain, mem: &(impl GuestRam + ?Sized)) -> Result<Result<usize, TxDrop>, QueueError> {
     let total = chain.readable_len();
     if total < (HEADER_LEN + crate::devices::switch::ETH_HEADER_LEN) as u64 {
         return Ok(Err(TxDrop::Runt));
@@ -107,9 +103,37 @@ pub fn take_tx(
     if hdr[0] != 0 || hdr[1] != GSO_NONE {
         return Ok(Err(TxDrop::Offload));
     }
-    let len = len as usize;
+    Ok(Ok(len as usize))
+}
+
+/// Copies the frame of transmit chain `chain` into `frame` (which must hold [`MAX_FRAME`]
+/// bytes); returns its length, or why it is dropped.
+pub fn take_tx(
+    chain: &Chain,
+    mem: &(impl GuestRam + ?Sized),
+    frame: &mut [u8; MAX_FRAME],
+) -> Result<Result<usize, TxDrop>, QueueError> {
+    let len = match tx_len(chain, mem)? {
+        Ok(len) => len,
+        Err(d) => return Ok(Err(d)),
+    };
     stream::read(chain, mem, HEADER_LEN as u64, &mut frame[..len])?;
     Ok(Ok(len))
+}
+
+/// The frame of transmit chain `chain` in a buffer of its own (its one copy out of guest
+/// RAM), or why it is dropped.
+pub fn take_tx_vec(
+    chain: &Chain,
+    mem: &(impl GuestRam + ?Sized),
+) -> Result<Result<alloc::vec::Vec<u8>, TxDrop>, QueueError> {
+    let len = match tx_len(chain, mem)? {
+        Ok(len) => len,
+        Err(d) => return Ok(Err(d)),
+    };
+    let mut frame = alloc::vec![0u8; len];
+    stream::read(chain, mem, HEADER_LEN as u64, &mut frame)?;
+    Ok(Ok(frame))
 }
 
 /// Writes the header and `frame` into receive chain `chain`; returns the used length, or

@@ -684,6 +684,21 @@ impl PciFunction for VirtioPci {
             self.bar_write_mem(offset, size, value, Some(cx.mem));
         }
     }
+
+    fn tick(&mut self, cx: &Ctx<'_>) {
+        let mut pending = self.dev.pending_queues();
+        while pending != 0 {
+            let q = pending.trailing_zeros() as usize;
+            pending &= pending - 1;
+            if self.status.live() {
+                self.notify(q, cx.mem);
+            }
+        }
+    }
+
+    fn next_deadline(&self) -> Option<crate::devices::time::Nanos> {
+        (self.dev.pending_queues() != 0).then_some(crate::devices::time::Nanos::ZERO)
+    }
 }
 
 #[cfg(test)]
