@@ -459,17 +459,6 @@ build_programs() {
 
 # --- the initramfs images --------------------------------------------------------------------
 
-# add_dynamic BINARY STAGE NAME: a dynamically linked program as STAGE/bin/NAME, with the
-# shared libraries ldd names for it (the dynamic loader included) at their own paths, the real
-# files rather than links (as scripts/scoreboard.sh does).
-add_dynamic() {
-    local bin="$1" stage="$2" lib
-    install -D -m 755 "$bin" "$stage/bin/$3"
-    while read -r lib; do
-        install -D -m 755 "$(readlink -f "$lib")" "$stage$lib"
-    done < <(ldd "$bin" | awk '$2 == "=>" && $3 ~ /^\// { print $3 } $1 ~ /^\// { print $1 }')
-}
-
 # make_initramfs NAME INIT_SCRIPT APPLET...: DIR/initramfs-NAME.cpio.gz with busybox, INIT_SCRIPT
 # as /init, DIR/vireo.ko as /lib/modules/vireo.ko and a /bin link to busybox for each APPLET
 # ("ALL": every applet busybox has, where busybox --list-full puts it).

@@ -391,3 +391,15 @@ emu_unlock() {
         exec 9>&-
     fi
 }
+
+# add_dynamic BINARY STAGE NAME: a dynamically linked program as STAGE/bin/NAME, with the
+# shared libraries ldd names for it (the dynamic loader included) at their own paths, the real
+# files rather than links (a small resolver: no package metadata needed). For initramfs images
+# (scripts/scoreboard.sh, scripts/guest-linux.sh).
+add_dynamic() {
+    local bin="$1" stage="$2" lib
+    install -D -m 755 "$bin" "$stage/bin/$3"
+    while read -r lib; do
+        install -D -m 755 "$(readlink -f "$lib")" "$stage$lib"
+    done < <(ldd "$bin" | awk '$2 == "=>" && $3 ~ /^\// { print $3 } $1 ~ /^\// { print $1 }')
+}

@@ -209,17 +209,6 @@ rm -f "$OUT"/logs/*.log "$OUT"/logs/*.err "$OUT/scoreboard.json" "$OUT/scoreboar
 INITRD="$VIREO_ROOT/build/scoreboard/initramfs.cpio.gz"
 SRC="$VIREO_ROOT/guests/linux/scoreboard"
 
-# add_dynamic BINARY STAGE NAME: a dynamically linked program as STAGE/bin/NAME, with the
-# shared libraries ldd names for it (the dynamic loader included) at their own paths, the
-# real files rather than links (a small resolver: no package metadata needed).
-add_dynamic() {
-    local bin="$1" stage="$2" lib
-    install -D -m 755 "$bin" "$stage/bin/$3"
-    while read -r lib; do
-        install -D -m 755 "$(readlink -f "$lib")" "$stage$lib"
-    done < <(ldd "$bin" | awk '$2 == "=>" && $3 ~ /^\// { print $3 } $1 ~ /^\// { print $1 }')
-}
-
 # make_initramfs: build/scoreboard/initramfs.cpio.gz (reproducible, replaced only when its
 # bytes change), with the benchmark programs compiled now.
 make_initramfs() {

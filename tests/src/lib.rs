@@ -49,6 +49,28 @@ pub fn repo_root() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).parent().expect("tests/ lives in the repository").to_path_buf()
 }
 
+/// The `key=value` lines a preparation script (`scripts/guest-linux.sh --quiet`,
+/// `scripts/mkdisk.sh`) prints on success, from the repository root; panics with the
+/// script's output if it fails. Tests call it once per process (behind a `OnceLock`).
+pub fn script_outputs(script: &str, args: &[&str]) -> std::collections::BTreeMap<String, String> {
+    let out = Command::new(script)
+        .args(args)
+        .current_dir(repo_root())
+        .output()
+        .unwrap_or_else(|e| panic!("run {script}: {e}"));
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success(), "{script} failed:\n{stdout}\n{}", String::from_utf8_lossy(&out.stderr));
+    stdout.lines().filter_map(|l| l.split_once('=')).map(|(k, v)| (k.to_string(), v.to_string())).collect()
+}
+
+/// The Debian guest's files from `scripts/guest-linux.sh --quiet` (`kernel`,
+/// `initrd_headless`, `initrd_net`, ...), prepared once per test process.
+pub fn linux_guest_file(key: &str) -> PathBuf {
+    static OUTPUTS: OnceLock<std::collections::BTreeMap<String, String>> = OnceLock::new();
+    let outputs = OUTPUTS.get_or_init(|| script_outputs("scripts/guest-linux.sh", &["--quiet"]));
+    PathBuf::from(outputs.get(key).unwrap_or_else(|| panic!("guest-linux.sh printed no {key}=: {outputs:?}")))
+}
+
 /// Which Vireo build a boot uses.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Build {

@@ -1,30 +1,14 @@
 //! A stock Debian Linux kernel (fetched by package name by scripts/guest-linux.sh) boots to
 //! userspace under Vireo; a corrupt kernel module is refused with a clear error.
 
-use std::{path::PathBuf, process::Command, sync::OnceLock};
+use std::{path::PathBuf, sync::OnceLock};
 
-use vireo_tests::{field, repo_root, scratch_file, Boot, Machine, Outcome};
+use vireo_tests::{field, linux_guest_file, scratch_file, script_outputs, Boot, Machine, Outcome};
 
 /// (kernel, headless initramfs), prepared once per test process.
 fn linux_guest() -> &'static (PathBuf, PathBuf) {
     static GUEST: OnceLock<(PathBuf, PathBuf)> = OnceLock::new();
-    GUEST.get_or_init(|| {
-        let out = Command::new("scripts/guest-linux.sh")
-            .arg("--quiet")
-            .current_dir(repo_root())
-            .output()
-            .expect("run guest-linux.sh");
-        let stdout = String::from_utf8_lossy(&out.stdout);
-        assert!(out.status.success(), "guest-linux.sh failed:\n{stdout}\n{}", String::from_utf8_lossy(&out.stderr));
-        let get = |key: &str| {
-            stdout
-                .lines()
-                .find_map(|l| l.strip_prefix(&format!("{key}=")))
-                .map(PathBuf::from)
-                .unwrap_or_else(|| panic!("guest-linux.sh printed no {key}=\n{stdout}"))
-        };
-        (get("kernel"), get("initrd_headless"))
-    })
+    GUEST.get_or_init(|| (linux_guest_file("kernel"), linux_guest_file("initrd_headless")))
 }
 
 /// The kernel command line of the headless guest with a light workload (20000 additions, 50
@@ -458,16 +442,8 @@ fn check_virtio_console(out: &Outcome, vm: &str, msi: bool) {
 fn test_disk() -> &'static (PathBuf, String) {
     static DISK: OnceLock<(PathBuf, String)> = OnceLock::new();
     DISK.get_or_init(|| {
-        let out = Command::new("scripts/mkdisk.sh").current_dir(repo_root()).output().expect("run mkdisk.sh");
-        let stdout = String::from_utf8_lossy(&out.stdout);
-        assert!(out.status.success(), "mkdisk.sh failed:\n{stdout}\n{}", String::from_utf8_lossy(&out.stderr));
-        let get = |key: &str| {
-            stdout
-                .lines()
-                .find_map(|l| l.strip_prefix(&format!("{key}=")))
-                .unwrap_or_else(|| panic!("mkdisk.sh printed no {key}=\n{stdout}"))
-                .to_string()
-        };
+        let out = script_outputs("scripts/mkdisk.sh", &[]);
+        let get = |key: &str| out.get(key).unwrap_or_else(|| panic!("mkdisk.sh printed no {key}=: {out:?}")).clone();
         (PathBuf::from(get("image")), get("payload_sha256"))
     })
 }

@@ -2,30 +2,14 @@
 //! ping each other and run iperf3 between them. The emulators run with no host network
 //! (`-nic none` in the boot scripts): every frame crosses Vireo's switch.
 
-use std::{path::PathBuf, process::Command, sync::OnceLock};
+use std::{path::PathBuf, sync::OnceLock};
 
-use vireo_tests::{field, repo_root, Boot, Machine, Outcome};
+use vireo_tests::{field, linux_guest_file, Boot, Machine, Outcome};
 
 /// (kernel, network initramfs: the headless one plus iperf3), prepared once per test process.
 fn linux_net_guest() -> &'static (PathBuf, PathBuf) {
     static GUEST: OnceLock<(PathBuf, PathBuf)> = OnceLock::new();
-    GUEST.get_or_init(|| {
-        let out = Command::new("scripts/guest-linux.sh")
-            .arg("--quiet")
-            .current_dir(repo_root())
-            .output()
-            .expect("run guest-linux.sh");
-        let stdout = String::from_utf8_lossy(&out.stdout);
-        assert!(out.status.success(), "guest-linux.sh failed:\n{stdout}\n{}", String::from_utf8_lossy(&out.stderr));
-        let get = |key: &str| {
-            stdout
-                .lines()
-                .find_map(|l| l.strip_prefix(&format!("{key}=")))
-                .map(PathBuf::from)
-                .unwrap_or_else(|| panic!("guest-linux.sh printed no {key}=\n{stdout}"))
-        };
-        (get("kernel"), get("initrd_net"))
-    })
+    GUEST.get_or_init(|| (linux_guest_file("kernel"), linux_guest_file("initrd_net")))
 }
 
 /// No workload besides the network's: boot, network, power off.
