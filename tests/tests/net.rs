@@ -32,13 +32,32 @@ fn two_vms(machine: Machine, smp: u32, timeout: u64, iperf: bool) -> Outcome {
         .run()
 }
 
+/// The rest of VM `vm`'s `linux-guest: KEY ...` line. The kernel's console messages share the
+/// serial line with the guest's user space and can land in the middle of a line (seen:
+/// `received=5[    8.534088] IPv6: ...`); the values never contain `[`, so the line is cut
+/// at the first one.
 fn guest_value(out: &Outcome, vm: &str, key: &str) -> String {
     let prefix = format!("linux-guest: {key} ");
-    out.guest_lines(vm)
+    let rest = out
+        .guest_lines(vm)
         .iter()
         .find_map(|l| l.strip_prefix(prefix.as_str()))
-        .unwrap_or_else(|| panic!("{vm}: no `linux-guest: {key}` line\n{out:?}"))
-        .to_string()
+        .unwrap_or_else(|| panic!("{vm}: no `linux-guest: {key}` line\n{out:?}"));
+    without_printk(rest).to_string()
+}
+
+/// `line` up to a kernel message interleaved into it (from its first `[`).
+fn without_printk(line: &str) -> &str {
+    line.split('[').next().unwrap_or("").trim_end()
+}
+
+#[test]
+fn interleaved_kernel_messages_are_cut_off() {
+    assert_eq!(
+        without_printk("peer=10.0.0.1 sent=5 received=5[    8.534088] IPv6: eth0: link becomes ready"),
+        "peer=10.0.0.1 sent=5 received=5"
+    );
+    assert_eq!(without_printk("peer=10.0.0.1 sent=5 received=5"), "peer=10.0.0.1 sent=5 received=5");
 }
 
 /// Both NICs came up with their switch-port MACs, each VM got all 5 pings answered, and
