@@ -69,6 +69,16 @@ pub(crate) mod tests {
         pub(crate) fn new(len: usize) -> Self {
             FlatRam(RefCell::new(vec![0; len]))
         }
+
+        pub(crate) fn put(&self, gpa: u64, data: &[u8]) {
+            self.write(gpa, data).expect("test RAM");
+        }
+
+        pub(crate) fn u16_at(&self, gpa: u64) -> u16 {
+            let mut b = [0; 2];
+            self.read(gpa, &mut b).expect("test RAM");
+            u16::from_le_bytes(b)
+        }
     }
 
     impl GuestRam for FlatRam {

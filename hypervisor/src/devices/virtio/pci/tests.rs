@@ -5,50 +5,13 @@ use crate::devices::{
     irqchip::no_kick,
     virtio::{
         console::{VirtioConsole, TRANSMITQ},
-        queue::{NotRam, VIRTQ_DESC_F_NEXT},
+        queue::VIRTQ_DESC_F_NEXT,
+        stream::tests::FlatRam,
         STATUS_ACKNOWLEDGE, STATUS_DRIVER,
     },
 };
 use alloc::{string::ToString, vec::Vec};
-use core::cell::RefCell;
 use spin::Mutex;
-
-/// RAM `[0, 1 MiB)`.
-struct FakeRam(RefCell<Vec<u8>>);
-
-impl FakeRam {
-    fn new() -> Self {
-        FakeRam(RefCell::new(alloc::vec![0; 1 << 20]))
-    }
-    fn put(&self, gpa: u64, data: &[u8]) {
-        self.write(gpa, data).unwrap();
-    }
-    fn u16_at(&self, gpa: u64) -> u16 {
-        let mut b = [0; 2];
-        self.read(gpa, &mut b).unwrap();
-        u16::from_le_bytes(b)
-    }
-}
-
-impl GuestRam for FakeRam {
-    fn is_ram(&self, gpa: u64, len: u64) -> bool {
-        gpa.checked_add(len).is_some_and(|end| end <= 1 << 20)
-    }
-    fn read(&self, gpa: u64, buf: &mut [u8]) -> Result<(), NotRam> {
-        if !self.is_ram(gpa, buf.len() as u64) {
-            return Err(NotRam);
-        }
-        buf.copy_from_slice(&self.0.borrow()[gpa as usize..gpa as usize + buf.len()]);
-        Ok(())
-    }
-    fn write(&self, gpa: u64, data: &[u8]) -> Result<(), NotRam> {
-        if !self.is_ram(gpa, data.len() as u64) {
-            return Err(NotRam);
-        }
-        self.0.borrow_mut()[gpa as usize..gpa as usize + data.len()].copy_from_slice(data);
-        Ok(())
-    }
-}
 
 const QSIZE: u16 = 8;
 /// Queue q's rings at 0x10000 * (q + 1): descriptors, then available, then used.
@@ -61,7 +24,8 @@ const GSI: u8 = 17;
 
 struct Driver {
     dev: VirtioPci,
-    ram: FakeRam,
+    /// RAM `[0, 1 MiB)`.
+    ram: FlatRam,
     lines: Arc<Mutex<Vec<String>>>,
     irq: Arc<Interrupts>,
 }
@@ -74,7 +38,7 @@ impl Driver {
         let sink = lines.clone();
         let console = VirtioConsole::with_sink(Box::new(move |l| sink.lock().push(l.to_string())));
         let dev = VirtioPci::new(Box::new(console), "t", irq.clone(), GSI);
-        Driver { dev, ram: FakeRam::new(), lines, irq }
+        Driver { dev, ram: FlatRam::new(1 << 20), lines, irq }
     }
     fn r(&mut self, off: u64, size: u8) -> u64 {
         self.dev.bar_read_mem(off, size, Some(&self.ram))
