@@ -9,7 +9,10 @@ use std::{
     fmt,
     path::{Path, PathBuf},
     process::Command,
-    sync::OnceLock,
+    sync::{
+        atomic::{AtomicUsize, Ordering},
+        OnceLock,
+    },
     time::{Duration, Instant},
 };
 
@@ -208,12 +211,14 @@ impl Boot {
         let out = cmd.output().unwrap_or_else(|e| panic!("cannot run {}: {e}", args[0]));
         let elapsed = start.elapsed();
         let serial = String::from_utf8_lossy(&out.stdout).replace('\r', "");
+        let log = save_serial_log(&serial);
         let outcome = Outcome {
             boot: self.clone(),
             code: out.status.code(),
             serial,
             stderr: String::from_utf8_lossy(&out.stderr).into_owned(),
             elapsed,
+            log,
         };
         eprintln!("{:?} booted in {:.1}s, script exit {:?}", self.machine, elapsed.as_secs_f64(), outcome.code);
         outcome
@@ -227,14 +232,41 @@ pub struct Outcome {
     pub serial: String,
     pub stderr: String,
     pub elapsed: Duration,
+    /// Where the whole serial log was saved (`target/boot-logs/`), if it could be.
+    pub log: Option<PathBuf>,
+}
+
+/// Saves a boot's whole serial log as `target/boot-logs/<test>-<pid>-<n>.log` (a failure's
+/// message shows only the tail and Vireo's VM reports) and returns its path.
+fn save_serial_log(serial: &str) -> Option<PathBuf> {
+    static N: AtomicUsize = AtomicUsize::new(0);
+    let dir = repo_root().join("target").join("boot-logs");
+    std::fs::create_dir_all(&dir).ok()?;
+    let test = std::thread::current().name().unwrap_or("boot").replace("::", "-");
+    let path = dir.join(format!("{test}-{}-{}.log", std::process::id(), N.fetch_add(1, Ordering::Relaxed)));
+    std::fs::write(&path, serial).ok()?;
+    Some(path)
 }
 
 impl fmt::Debug for Outcome {
     /// The tail of the serial log: what a failed assertion shows.
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         let lines: Vec<&str> = self.serial.lines().collect();
-        let tail = &lines[lines.len().saturating_sub(60)..];
+        let cut = lines.len().saturating_sub(60);
+        let tail = &lines[cut..];
         writeln!(f, "boot {:?} (script exit {:?}, {:.1}s)", self.boot, self.code, self.elapsed.as_secs_f64())?;
+        if let Some(log) = &self.log {
+            writeln!(f, "whole serial log: {}", log.display())?;
+        }
+        // Vireo's own lines above the tail (how each VM ended, faults, refusals): with several
+        // VMs, the one that failed usually reported long before the tail.
+        let earlier: Vec<&&str> = lines[..cut].iter().filter(|l| l.starts_with("vireo: ")).collect();
+        if !earlier.is_empty() {
+            writeln!(f, "--- Vireo's lines before the tail ({}) ---", earlier.len())?;
+            for l in earlier.iter().rev().take(150).rev() {
+                writeln!(f, "{l}")?;
+            }
+        }
         writeln!(f, "--- serial log tail ---")?;
         for l in tail {
             writeln!(f, "{l}")?;
