@@ -132,16 +132,23 @@ impl Switch {
 
     /// Learns from `frame` (which came in on `port` at time `now_ns`) and says where it goes.
     pub fn forward(&mut self, port: PortId, frame: &[u8], now_ns: u64) -> Forward {
+        self.forward_head(port, frame, frame.len(), now_ns)
+    }
+
+    /// [`Switch::forward`] for a frame of `len` bytes of which only the start, `head`, is at
+    /// hand (the rest is still in the sender's RAM).
+    pub fn forward_head(&mut self, port: PortId, head: &[u8], len: usize, now_ns: u64) -> Forward {
         if !self.attached.get(port).copied().unwrap_or(false) {
             return Forward::Drop;
         }
         let stats = &mut self.stats[port];
-        if frame.len() < ETH_HEADER_LEN {
+        if head.len() < ETH_HEADER_LEN || len < ETH_HEADER_LEN {
             stats.rx_dropped += 1;
             return Forward::Drop;
         }
         stats.rx_frames += 1;
-        stats.rx_bytes += frame.len() as u64;
+        stats.rx_bytes += len as u64;
+        let frame = head;
         let mut dst = [0u8; 6];
         let mut src = [0u8; 6];
         dst.copy_from_slice(&frame[0..6]);

@@ -257,7 +257,7 @@ fn release(vm: Arc<Vm>) {
     loop {
         match Arc::try_unwrap(vm) {
             Ok(vm) => {
-                vm.mem.release(&mut mm::frames());
+                vm.into_memory().release(&mut mm::frames());
                 return;
             }
             Err(v) if rdtsc() < give_up => {

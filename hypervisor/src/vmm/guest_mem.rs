@@ -281,6 +281,25 @@ impl GuestMemory {
         Ok(())
     }
 
+    /// Copies `len` bytes of RAM at `gpa` straight to host memory at `dst` (a range another
+    /// VM's [`GuestMemory::host_range_of`] gave out: one copy between two VMs).
+    ///
+    /// # Safety
+    /// `dst` must be valid for writes of `len` bytes.
+    pub unsafe fn read_to(&self, gpa: u64, dst: *mut u8, len: usize) -> Result<(), GuestMemError> {
+        let src = self.check(gpa, len)?;
+        // SAFETY: `src` as in `read`; `dst` is the caller's promise. Raw copies only, as in `read`.
+        unsafe { core::ptr::copy_nonoverlapping(src, dst, len) };
+        Ok(())
+    }
+
+    /// The host address of `[gpa, gpa + len)`, populated, if it lies in RAM. It stays valid
+    /// until the RAM is released ([`GuestMemory::release`]): whoever keeps it must be gone
+    /// by then (the VM drops its devices first, `Vm::into_memory`).
+    pub fn host_range_of(&self, gpa: u64, len: u64) -> Option<*mut u8> {
+        self.check(gpa, usize::try_from(len).ok()?).ok()
+    }
+
     pub fn read_u64(&self, gpa: u64) -> Result<u64, GuestMemError> {
         let mut b = [0; 8];
         self.read(gpa, &mut b)?;

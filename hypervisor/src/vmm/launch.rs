@@ -316,6 +316,8 @@ pub fn build_vm(
             Ok(uart) => Some(uart),
             Err(e) => {
                 log::warn!("vm {}: {e}", spec.name);
+                // Devices before the RAM they may hold addresses of (`Vm::into_memory`).
+                drop(bus);
                 mem.release(frames);
                 return Err(LaunchError::Devices);
             }
@@ -331,6 +333,7 @@ pub fn build_vm(
     for i in 0..cpus {
         // vCPU 0 starts at the entry point; the others wait for SIPI, as APs do.
         let Some(mut v) = Vcpu::new(i, (i == 0).then_some(state), intel) else {
+            drop(bus);
             mem.release(frames);
             return Err(LaunchError::OutOfHeap);
         };

@@ -126,6 +126,15 @@ pub struct Vm {
 }
 
 impl Vm {
+    /// Ends the VM's life but for its RAM, which it returns: devices, vCPUs and the rest are
+    /// dropped first, because a device may hold host addresses in this RAM for other host
+    /// CPUs to write (virtio-net's posted receive chains, withdrawn when the NIC drops).
+    pub fn into_memory(self) -> GuestMemory {
+        let Vm { mem, bus, .. } = self;
+        drop(bus);
+        mem
+    }
+
     /// A VM over `mem`, `bus` and `irq` with `vcpus` (index order); `platform`: a PC
     /// platform is on the bus.
     pub fn new(

@@ -7,29 +7,38 @@
 //! MAC, STATUS and MTU the checksum and TCP segmentation offloads are offered, and the header
 //! travels with the frame to the receiver ([`offload_features`]).
 //!
+//! Receive chains are posted to the port (on the receiver's own vCPU, when its driver kicks
+//! queue 0 or its device work runs): the device takes every chain the driver made available,
+//! resolves its writable buffers to host addresses ([`Posted`]; lazy RAM is populated then)
+//! and hands them to its switch port.
+//!
 //! Transmit (a kick on queue 1, on the sender's host CPU): with kicks disabled (§2.7.10) the
-//! device takes every available chain, copies its frame out of the sender's RAM into a frame
-//! buffer, asks the learning switch ([`Switch::forward`]) where it goes, and puts a copy in
-//! each destination port's inbox; then it re-enables kicks and looks again (the race of
-//! §2.7.10's "check after enabling"). The destination VM is woken with
-//! [`Interrupts::wake_devices`] (an atomic flag and a kick of its vCPU 0's host CPU).
+//! device takes every available chain, copies and checks its head (the `virtio_net_hdr` and the
+//! Ethernet header: [`take_tx_offload`]), asks the learning switch ([`Switch::forward_head`])
+//! where it goes, and for each destination port copies the frame **once**, from the sender's
+//! RAM straight into the oldest chain that port's VM posted ([`Frame::fill`], under the port's
+//! lock); only then does the transmit chain go back to the sender's driver. Then it re-enables
+//! kicks and looks again (the race of §2.7.10's "check after enabling"). The destination VM is
+//! woken with [`Interrupts::wake_devices`] (an atomic flag and a kick of its vCPU 0's host
+//! CPU); on its own vCPU it returns the filled chains to its driver, in the order the frames
+//! came, and the transport raises the used-buffer interrupt if the driver wants one
+//! (EVENT_IDX, §2.7.10).
 //!
-//! Receive (on the destination's own vCPU, at its next device tick or when its driver posts
-//! buffers with a kick on queue 0): frames leave the inbox into receive chains in the
-//! destination's RAM; the transport then raises the used-buffer interrupt if the driver wants
-//! one (EVENT_IDX, §2.7.10). Delivery thus runs on the VM that owns the queue, with the VM's own
-//! locks: no host CPU ever holds two VMs' device locks, so two VMs sending to each other cannot
-//! deadlock. The switch's lock and an inbox's lock are leaves, taken one at a time.
+//! Locks: a sender holds its own VM's device lock and, one at a time, the switch's lock and a
+//! destination port's lock; the port's and switch's locks are leaves (nothing is taken under
+//! them). No host CPU ever holds two VMs' device locks, so two VMs sending to each other cannot
+//! deadlock.
 //!
-//! The inbox is a bounded backlog ([`BACKLOG`] frames): a frame that arrives while the driver
-//! has momentarily no receive buffer posted waits there instead of being dropped (a drop costs
-//! TCP a retransmission timeout and collapses its window); a full backlog drops (counted), so a
-//! guest that never posts buffers costs Vireo at most `BACKLOG` frames of memory.
+//! The backlog: a frame that arrives while the receiver has no chain posted (or while older
+//! frames still wait) is copied into a buffer of its own and waits in the port's bounded
+//! backlog ([`BACKLOG`] frames, [`BACKLOG_BYTES`]) instead of being dropped (a drop costs TCP
+//! a retransmission timeout and collapses its window); the receiver moves it into its next
+//! chain (its second copy). A full backlog drops (counted), so a guest that never posts
+//! buffers costs Vireo at most that much memory. The port line at the VM's end counts both
+//! paths (`rx_direct`, `rx_backlogged`).
 //!
-//! Copies: sender RAM -> the frame's buffer -> receiver RAM: the buffer moves through the
-//! inbox (a flood copies it once more per extra destination). Two memory copies per frame,
-//! not one: writing straight into the receiver's chain would need the receiver's queue on the
-//! sender's host CPU, with the two VMs' device locks held together (see above).
+//! Posted chains' host addresses are used only under the port's lock and withdrawn under it
+//! when the NIC resets or its VM ends, before the VM's RAM is given back (`Vm::into_memory`).
 //!
 //! Nothing a guest writes can make Vireo panic: a malformed transmit chain (runt, giant,
 //! offload header) is dropped and counted; a ring error is the transport's "needs reset".
@@ -98,24 +107,84 @@ pub enum TxCheck {
     Offload,
 }
 
-/// Reads transmit chain `chain` whole (header and frame: the one copy out of the sender's
-/// RAM), checked against the driver's negotiated `features`.
-pub fn take_tx_offload(
-    chain: &Chain,
-    mem: &(impl GuestRam + ?Sized),
+/// Bytes of a frame that the switch and the receiver look at, copied and checked at transmit:
+/// the `virtio_net_hdr` and the Ethernet header.
+pub const HEAD_LEN: usize = HEADER_LEN + crate::devices::switch::ETH_HEADER_LEN;
+
+/// A transmitted frame on its way through the switch: its head as checked (a guest changing
+/// its memory meanwhile cannot change where the frame goes or what offloads it asks for),
+/// the rest still in the sender's RAM, copied from there once per receiver
+/// ([`Frame::fill`]: straight into the receiver's buffer).
+pub struct Frame<'a> {
+    head: [u8; HEAD_LEN],
+    len: usize,
+    chain: &'a Chain,
+    mem: &'a dyn GuestRam,
+}
+
+impl Frame<'_> {
+    /// Header and frame length in bytes (never 0: a frame has at least its head).
+    #[allow(clippy::len_without_is_empty)]
+    pub fn len(&self) -> usize {
+        self.len
+    }
+
+    /// The Ethernet frame's first bytes (destination and source MAC, type).
+    pub fn eth(&self) -> &[u8] {
+        &self.head[HEADER_LEN..]
+    }
+
+    /// The frame in a buffer of its own (for a backlog), `num_buffers` set.
+    fn to_vec(&self) -> Result<Vec<u8>, QueueError> {
+        let mut buf = alloc::vec![0u8; self.len];
+        buf[..HEAD_LEN].copy_from_slice(&self.head);
+        stream::read(self.chain, self.mem, HEAD_LEN as u64, &mut buf[HEAD_LEN..])?;
+        set_num_buffers(&mut buf);
+        Ok(buf)
+    }
+
+    /// Copies the frame into posted receive chain `p` (at least `len` bytes long): the head
+    /// from the checked copy, the rest straight from the sender's RAM.
+    fn fill(&self, p: &Posted) -> Result<(), QueueError> {
+        let mut head = self.head;
+        set_num_buffers(&mut head);
+        p.write(0, &head);
+        p.walk(HEAD_LEN, self.len - HEAD_LEN, |dst, r| {
+            // SAFETY: `dst` is a piece of a posted chain, valid for `r.len()` bytes while the
+            // port's lock is held (the caller holds it; `Posted`).
+            let n = unsafe { stream::read_to(self.chain, self.mem, r.start as u64, dst, r.len()) }?;
+            if n == r.len() {
+                Ok(())
+            } else {
+                Err(QueueError::Memory)
+            }
+        })
+    }
+}
+
+/// `num_buffers` (le16 at offset 10) is 1 without VIRTIO_NET_F_MRG_RXBUF (§5.1.6.3.1).
+fn set_num_buffers(head: &mut [u8]) {
+    head[10..12].copy_from_slice(&1u16.to_le_bytes());
+}
+
+/// Checks transmit chain `chain` against the driver's negotiated `features` and copies its
+/// head; the frame's bytes stay in the sender's RAM until a receiver takes them.
+pub fn take_tx_offload<'a>(
+    chain: &'a Chain,
+    mem: &'a dyn GuestRam,
     features: u64,
-) -> Result<Result<Vec<u8>, TxCheck>, QueueError> {
+) -> Result<Result<Frame<'a>, TxCheck>, QueueError> {
     let total = chain.readable_len();
-    if total < (HEADER_LEN + crate::devices::switch::ETH_HEADER_LEN) as u64 {
+    if total < HEAD_LEN as u64 {
         return Ok(Err(TxCheck::Runt));
     }
     if total - HEADER_LEN as u64 > MAX_GSO_FRAME as u64 {
         return Ok(Err(TxCheck::TooBig));
     }
-    let mut hdr = [0u8; HEADER_LEN];
-    stream::read(chain, mem, 0, &mut hdr)?;
+    let mut head = [0u8; HEAD_LEN];
+    stream::read(chain, mem, 0, &mut head)?;
     let has = |bit: u32| features & (1 << bit) != 0;
-    let (flags, gso) = (hdr[0], hdr[1]);
+    let (flags, gso) = (head[0], head[1]);
     if flags & !(HDR_F_NEEDS_CSUM | HDR_F_DATA_VALID) != 0 || (flags & HDR_F_NEEDS_CSUM != 0 && !has(F_CSUM)) {
         return Ok(Err(TxCheck::Offload));
     }
@@ -131,13 +200,68 @@ pub fn take_tx_offload(
     if gso == GSO_NONE && total - HEADER_LEN as u64 > MAX_FRAME as u64 {
         return Ok(Err(TxCheck::TooBig));
     }
-    let mut buf = alloc::vec![0u8; total as usize];
-    stream::read(chain, mem, 0, &mut buf)?;
-    // The header as checked (the guest may change its memory meanwhile); DATA_VALID is only
-    // for the receive direction, num_buffers is the receiver's.
-    buf[..HEADER_LEN].copy_from_slice(&hdr);
-    buf[0] &= !HDR_F_DATA_VALID;
-    Ok(Ok(buf))
+    // DATA_VALID is only for the receive direction; num_buffers is the receiver's.
+    head[0] &= !HDR_F_DATA_VALID;
+    Ok(Ok(Frame { head, len: total as usize, chain, mem }))
+}
+
+/// A receive chain the receiving VM handed to its port for senders to fill: its head and its
+/// device-writable buffers as host addresses, in stream order (resolved, and lazy RAM
+/// populated, on the receiver's own CPU: [`GuestRam::host_range`]).
+///
+/// The addresses are used only under the port's lock, and they are withdrawn under that lock
+/// before the receiver's RAM can go away: its NIC's reset and drop empty the port, and a VM
+/// drops its devices before it gives its RAM back (`Vm::into_memory`).
+struct Posted {
+    head: u16,
+    /// (host address, length) of each writable buffer.
+    pieces: Vec<(usize, u32)>,
+    len: u64,
+}
+
+impl Posted {
+    /// `chain`'s writable buffers resolved; `None` if the RAM hands out no addresses.
+    fn new(chain: &Chain, mem: &dyn GuestRam) -> Option<Self> {
+        let mut pieces = Vec::with_capacity(chain.buffers.len());
+        for b in chain.buffers.iter().filter(|b| b.writable && b.len > 0) {
+            pieces.push((mem.host_range(b.addr, u64::from(b.len))? as usize, b.len));
+        }
+        Some(Posted { head: chain.head, pieces, len: chain.writable_len() })
+    }
+
+    /// Calls `f(host address, range of the stream)` for each piece of `[offset, offset + len)`.
+    fn walk(
+        &self,
+        offset: usize,
+        len: usize,
+        mut f: impl FnMut(*mut u8, core::ops::Range<usize>) -> Result<(), QueueError>,
+    ) -> Result<(), QueueError> {
+        let end = offset + len;
+        let mut at = 0usize;
+        for &(addr, plen) in &self.pieces {
+            let plen = plen as usize;
+            let (s, e) = (offset.max(at), end.min(at + plen));
+            if s < e {
+                f((addr + (s - at)) as *mut u8, s..e)?;
+            }
+            at += plen;
+            if at >= end {
+                break;
+            }
+        }
+        Ok(())
+    }
+
+    /// Copies `data` into the chain at stream offset `offset` (the chain holds it).
+    fn write(&self, offset: usize, data: &[u8]) {
+        let _ = self.walk(offset, data.len(), |dst, r| {
+            // SAFETY: `dst` is valid for `r.len()` bytes while the port's lock is held (see
+            // the type); `r` lies within `[offset, offset + data.len())`. Raw copies only:
+            // guest RAM is never a Rust reference (`GuestMemory::read`).
+            unsafe { core::ptr::copy_nonoverlapping(data[r.start - offset..].as_ptr(), dst, r.len()) };
+            Ok(())
+        });
+    }
 }
 
 /// Whether a receiver with negotiated `features` can take a frame with header `hdr`.
@@ -153,49 +277,99 @@ pub fn rx_accepts(hdr: &[u8], features: u64) -> bool {
         }
 }
 
-/// One NIC's side of a switch: where frames for it wait, and how its VM is woken.
+/// One NIC's side of a switch: the receive chains its VM posted, the chains senders filled,
+/// the frames waiting for a chain, and how its VM is woken.
 pub struct Port {
-    /// Frames with their header in front, and their bytes in all.
-    inbox: Mutex<(VecDeque<Vec<u8>>, usize)>,
-    /// Frames are waiting and the VM has not looked yet.
+    rx: Mutex<PortRx>,
+    /// Chains were filled or frames are waiting, and the VM has not looked yet.
     wake: AtomicBool,
     /// The driver is up (DRIVER_OK): frames for a NIC that is down are dropped.
     up: AtomicBool,
     irq: Arc<Interrupts>,
-    /// Frames dropped because the inbox was full or the NIC down.
+    /// Frames dropped because the backlog was full or the NIC down.
     dropped: AtomicU64,
+    /// Frames dropped because their header asks for an offload the receiver did not take.
+    offload_dropped: AtomicU64,
+    /// Frames copied straight from the sender's RAM into a posted chain (one copy).
+    direct: AtomicU64,
+    /// Frames that waited in the backlog (copied twice: into the backlog, then into a chain).
+    backlogged: AtomicU64,
+}
+
+#[derive(Default)]
+struct PortRx {
+    /// Chains the receiver posted, oldest first.
+    posted: VecDeque<Posted>,
+    /// (head, bytes written; 0: the chain was too small and the frame dropped) of chains
+    /// filled, in the order the frames came: the receiver returns them in this order.
+    filled: VecDeque<(u16, u32)>,
+    /// Frames (header in front) that came while no chain was posted, oldest first, and their
+    /// bytes in all. While it holds any, new frames queue behind them (frames keep their order).
+    backlog: VecDeque<Vec<u8>>,
+    bytes: usize,
+    /// The receiver's negotiated features (what a frame's header may ask of it).
+    features: u64,
 }
 
 impl Port {
     fn new(irq: Arc<Interrupts>) -> Self {
         Port {
-            inbox: Mutex::new((VecDeque::new(), 0)),
+            rx: Mutex::new(PortRx::default()),
             wake: AtomicBool::new(false),
             up: AtomicBool::new(false),
             irq,
             dropped: AtomicU64::new(0),
+            offload_dropped: AtomicU64::new(0),
+            direct: AtomicU64::new(0),
+            backlogged: AtomicU64::new(0),
         }
     }
 
-    /// Queues `frame`; wakes the VM. Runs on the sender's host CPU.
-    fn deliver(&self, frame: Vec<u8>) {
+    /// Hands `frame` to this port's VM, on the sender's host CPU: copied straight into the
+    /// oldest posted chain, or else into the bounded backlog; then the VM is woken. An error
+    /// reading the sender's RAM is the sender's (its transport's needs-reset).
+    fn deliver(&self, frame: &Frame<'_>) -> Result<(), QueueError> {
         if !self.up.load(Ordering::Acquire) {
             self.dropped.fetch_add(1, Ordering::Relaxed);
-            return;
+            return Ok(());
         }
-        {
-            let mut inbox = self.inbox.lock();
-            if inbox.0.len() >= BACKLOG || inbox.1 + frame.len() > BACKLOG_BYTES {
-                drop(inbox);
-                self.dropped.fetch_add(1, Ordering::Relaxed);
-                return;
+        let result = {
+            let mut rx = self.rx.lock();
+            if !rx_accepts(&frame.head, rx.features) {
+                self.offload_dropped.fetch_add(1, Ordering::Relaxed);
+                return Ok(());
             }
-            inbox.1 += frame.len();
-            inbox.0.push_back(frame);
-        }
+            let chain = if rx.backlog.is_empty() { rx.posted.pop_front() } else { None };
+            if let Some(p) = chain {
+                let r = if p.len < frame.len as u64 { Ok(0) } else { frame.fill(&p).map(|()| frame.len as u32) };
+                rx.filled.push_back((p.head, *r.as_ref().unwrap_or(&0)));
+                if r.is_ok() {
+                    self.direct.fetch_add(1, Ordering::Relaxed);
+                }
+                r.map(drop)
+            } else if rx.backlog.len() >= BACKLOG || rx.bytes + frame.len > BACKLOG_BYTES {
+                self.dropped.fetch_add(1, Ordering::Relaxed);
+                return Ok(());
+            } else {
+                let buf = frame.to_vec()?;
+                rx.bytes += buf.len();
+                rx.backlog.push_back(buf);
+                self.backlogged.fetch_add(1, Ordering::Relaxed);
+                Ok(())
+            }
+        };
         if !self.wake.swap(true, Ordering::AcqRel) {
             self.irq.wake_devices();
         }
+        result
+    }
+
+    /// Withdraws everything the receiver handed out or was handed (its NIC resets or leaves).
+    fn clear(&self, up: bool) {
+        let mut rx = self.rx.lock();
+        self.up.store(up, Ordering::Release);
+        *rx = PortRx::default();
+        self.wake.store(false, Ordering::Release);
     }
 }
 
@@ -253,16 +427,16 @@ impl NetSwitch {
     }
 
     /// Forwards `frame` from port `from`: the destinations' ports (at most one for a known
-    /// unicast address), found under the switch lock and filled after it is let go. The last
-    /// destination gets the buffer itself, the others (a flood) copies.
-    fn send(&self, from: PortId, frame: Vec<u8>, now_ns: u64) {
+    /// unicast address) are found under the switch lock and filled after it is let go, each
+    /// with one copy out of the sender's RAM.
+    fn send(&self, from: PortId, frame: &Frame<'_>, now_ns: u64) -> Result<(), QueueError> {
         let mut targets: [Option<Arc<Port>>; 8] = Default::default();
         let mut more: Vec<Arc<Port>> = Vec::new();
         {
             let mut st = self.state.lock();
             let st = &mut *st;
-            match st.switch.forward(from, frame.get(HEADER_LEN..).unwrap_or(&[]), now_ns) {
-                Forward::Drop => return,
+            match st.switch.forward_head(from, frame.eth(), frame.len - HEADER_LEN, now_ns) {
+                Forward::Drop => return Ok(()),
                 Forward::Port(p) => targets[0] = st.ports.get(p).cloned().flatten(),
                 Forward::Flood => {
                     for (i, p) in st.switch.flood_ports(from).enumerate() {
@@ -275,15 +449,10 @@ impl NetSwitch {
                 }
             }
         }
-        let mut all = targets.iter().flatten().chain(more.iter()).peekable();
-        while let Some(port) = all.next() {
-            if all.peek().is_some() {
-                port.deliver(frame.clone());
-            } else {
-                port.deliver(frame);
-                return;
-            }
+        for port in targets.iter().flatten().chain(more.iter()) {
+            port.deliver(frame)?;
         }
+        Ok(())
     }
 }
 
@@ -297,8 +466,6 @@ pub struct VirtioNet {
     live: bool,
     /// The features the driver accepted.
     features: u64,
-    /// Frames dropped at receive because their offloads were not negotiated here.
-    pub offload_dropped: u64,
     /// Guest time source for the switch's ageing (nanoseconds, monotonic).
     clock: fn() -> u64,
     pub stats: NetStats,
@@ -318,7 +485,6 @@ impl VirtioNet {
             port,
             live: false,
             features: 0,
-            offload_dropped: 0,
             clock,
             stats: NetStats::default(),
         }
@@ -332,6 +498,16 @@ impl VirtioNet {
         self.port.dropped.load(Ordering::Relaxed)
     }
 
+    /// Frames dropped because their header asked for an offload this NIC did not take.
+    pub fn offload_dropped(&self) -> u64 {
+        self.port.offload_dropped.load(Ordering::Relaxed)
+    }
+
+    /// (frames copied straight into a posted chain, frames that waited in the backlog).
+    pub fn rx_paths(&self) -> (u64, u64) {
+        (self.port.direct.load(Ordering::Relaxed), self.port.backlogged.load(Ordering::Relaxed))
+    }
+
     fn transmit(&mut self, queues: &mut Queues<'_>) -> Result<(), QueueError> {
         let q = TX_QUEUE as u16;
         queues.disable_notifications(q)?;
@@ -341,7 +517,8 @@ impl VirtioNet {
                     Ok(frame) => {
                         self.stats.tx_frames += 1;
                         self.stats.tx_bytes += (frame.len() - HEADER_LEN) as u64;
-                        self.switch.send(self.id, frame, (self.clock)());
+                        // The chain goes back only after every receiver has its copy.
+                        self.switch.send(self.id, &frame, (self.clock)())?;
                     }
                     Err(_) => self.stats.tx_dropped += 1,
                 }
@@ -353,49 +530,53 @@ impl VirtioNet {
         }
     }
 
-    fn take_inbox(&self) -> Option<Vec<u8>> {
-        let mut inbox = self.port.inbox.lock();
-        let f = inbox.0.pop_front()?;
-        inbox.1 -= f.len();
-        Some(f)
-    }
-
-    /// Moves frames from the inbox into receive chains while both last.
+    /// Receive work, on this VM's own vCPU: posts the driver's new receive chains to the port
+    /// (senders fill them directly), moves frames that waited in the backlog into chains, and
+    /// returns the filled chains to the driver in the order their frames came.
     fn receive(&mut self, queues: &mut Queues<'_>) -> Result<(), QueueError> {
         let q = RX_QUEUE as u16;
         self.port.wake.store(false, Ordering::Release);
         loop {
-            let Some(mut frame) = self.take_inbox() else { return Ok(()) };
-            if !rx_accepts(&frame, self.features) {
-                self.offload_dropped += 1;
-                continue;
+            // Resolved outside the port's lock (resolving may populate lazy RAM).
+            let mut fresh = Vec::new();
+            while let Some(chain) = queues.pop(q)? {
+                match Posted::new(&chain, queues.mem()) {
+                    Some(p) => fresh.push(p),
+                    None => queues.push_used(q, chain.head, 0)?,
+                }
             }
-            let Some(chain) = queues.pop(q)? else {
-                // No buffer: the frame waits for the driver's next kick on queue 0, which is
-                // asked for now (with EVENT_IDX: avail_event = the next entry, §2.7.10). While
-                // frames flow the device does not ask, so posting buffers costs no exits.
-                {
-                    let mut inbox = self.port.inbox.lock();
-                    inbox.1 += frame.len();
-                    inbox.0.push_front(frame);
+            let (filled, starved) = {
+                let mut rx = self.port.rx.lock();
+                rx.posted.extend(fresh);
+                // Frames that waited go first, into the oldest chains (their second copy).
+                while !rx.backlog.is_empty() && !rx.posted.is_empty() {
+                    let (Some(frame), Some(p)) = (rx.backlog.pop_front(), rx.posted.pop_front()) else { break };
+                    rx.bytes -= frame.len();
+                    let written = if p.len < frame.len() as u64 {
+                        0
+                    } else {
+                        p.write(0, &frame);
+                        frame.len() as u32
+                    };
+                    rx.filled.push_back((p.head, written));
                 }
-                if queues.enable_notifications(q)? {
-                    // Buffers came meanwhile.
-                    continue;
-                }
-                return Ok(());
+                (core::mem::take(&mut rx.filled), !rx.backlog.is_empty())
             };
-            if chain.writable_len() < frame.len() as u64 {
-                self.stats.rx_dropped += 1;
-                queues.push_used(q, chain.head, 0)?;
-                continue;
+            for (head, written) in filled {
+                if written == 0 {
+                    self.stats.rx_dropped += 1;
+                } else {
+                    self.stats.rx_frames += 1;
+                    self.stats.rx_bytes += u64::from(written) - HEADER_LEN as u64;
+                }
+                queues.push_used(q, head, written)?;
             }
-            // num_buffers (le16 at offset 10) is 1 without VIRTIO_NET_F_MRG_RXBUF (§5.1.6.3.1).
-            frame[10..12].copy_from_slice(&1u16.to_le_bytes());
-            stream::write(&chain, queues.mem(), 0, &frame)?;
-            self.stats.rx_frames += 1;
-            self.stats.rx_bytes += (frame.len() - HEADER_LEN) as u64;
-            queues.push_used(q, chain.head, frame.len() as u32)?;
+            // Frames wait and no chain is left: ask for the driver's next kick on queue 0 (with
+            // EVENT_IDX: avail_event = the next entry, §2.7.10). While chains are posted the
+            // device does not ask, so posting buffers costs no exits.
+            if !starved || !queues.enable_notifications(q)? {
+                return Ok(());
+            }
         }
     }
 }
@@ -432,6 +613,7 @@ impl VirtioDevice for VirtioNet {
     fn activate(&mut self, features: u64) {
         self.features = features;
         self.live = true;
+        self.port.rx.lock().features = features;
         self.port.up.store(true, Ordering::Release);
     }
 
@@ -449,9 +631,8 @@ impl VirtioDevice for VirtioNet {
 
     fn reset(&mut self) {
         self.live = false;
-        self.port.up.store(false, Ordering::Release);
-        *self.port.inbox.lock() = (VecDeque::new(), 0);
-        self.port.wake.store(false, Ordering::Release);
+        // The posted chains' addresses are withdrawn: the driver owns its buffers again.
+        self.port.clear(false);
     }
 
     fn pending_queues(&self) -> u64 {
@@ -466,11 +647,12 @@ impl VirtioDevice for VirtioNet {
 impl Drop for VirtioNet {
     /// The VM ended or is being rebuilt after a reset: its port leaves the switch.
     fn drop(&mut self) {
-        self.port.up.store(false, Ordering::Release);
+        // Before the VM's RAM goes: no sender may write into a posted chain from now on.
+        self.port.clear(false);
         let sw = self.switch.detach(self.id);
         let s = self.stats;
         crate::report!(
-            "net switch={} port={} vm={} tx_frames={} tx_bytes={} tx_dropped={} rx_frames={} rx_bytes={} rx_dropped={} offload_dropped={} backlog_dropped={} switch_in={} switch_dropped={}",
+            "net switch={} port={} vm={} tx_frames={} tx_bytes={} tx_dropped={} rx_frames={} rx_bytes={} rx_dropped={} rx_direct={} rx_backlogged={} offload_dropped={} backlog_dropped={} switch_in={} switch_dropped={}",
             self.switch.name,
             self.id,
             self.vm,
@@ -480,7 +662,9 @@ impl Drop for VirtioNet {
             s.rx_frames,
             s.rx_bytes,
             s.rx_dropped,
-            self.offload_dropped,
+            self.port.direct.load(Ordering::Relaxed),
+            self.port.backlogged.load(Ordering::Relaxed),
+            self.offload_dropped(),
             self.backlog_dropped(),
             sw.rx_frames,
             sw.rx_dropped
@@ -631,6 +815,143 @@ mod tests {
     }
 
     #[test]
+    fn posted_chains_are_filled_straight_from_the_senders_ram_in_order() {
+        let mut a = Vm::new("t-direct");
+        let mut b = Vm::new("t-direct");
+        // b's driver posts three chains and kicks: they go to its port.
+        for _ in 0..3 {
+            b.post(RX_QUEUE, 2048, &[]);
+        }
+        b.kick(RX_QUEUE).unwrap();
+        assert_eq!(b.nic.port.rx.lock().posted.len(), 3);
+        // a's first frame is a broadcast (b is not learned yet), the next two unicast.
+        let frames: Vec<Vec<u8>> =
+            (0..3).map(|i| tx_bytes(if i == 0 { Mac::BROADCAST } else { b.nic.mac() }, a.nic.mac(), 60 + i)).collect();
+        for f in &frames {
+            a.post(TX_QUEUE, f.len() as u32, f);
+        }
+        a.kick(TX_QUEUE).unwrap();
+        assert_eq!(b.nic.rx_paths(), (3, 0), "one copy each, no backlog");
+        // The bytes are in b's RAM already; the chains go back at b's next look, in order.
+        assert_eq!(b.take_used(RX_QUEUE).len(), 0);
+        assert_eq!(b.nic.pending_queues(), 1 << RX_QUEUE);
+        b.kick(RX_QUEUE).unwrap();
+        let got = b.take_used(RX_QUEUE);
+        assert_eq!(got.iter().map(|g| g.0).collect::<Vec<_>>(), vec![0, 1, 2]);
+        for (g, f) in got.iter().zip(&frames) {
+            assert_eq!(g.1 as usize, f.len());
+            assert_eq!(&g.2[10..12], &[1, 0], "num_buffers");
+            assert_eq!(&g.2[HEADER_LEN..], &f[HEADER_LEN..]);
+        }
+        // Out of chains: the next two frames wait; a chain posted later takes the older one
+        // first, and a frame sent while one still waits queues behind it (order is kept).
+        let late: Vec<Vec<u8>> = (0..3).map(|i| tx_bytes(b.nic.mac(), a.nic.mac(), 200 + i)).collect();
+        a.post(TX_QUEUE, late[0].len() as u32, &late[0]);
+        a.post(TX_QUEUE, late[1].len() as u32, &late[1]);
+        a.kick(TX_QUEUE).unwrap();
+        assert_eq!(b.nic.rx_paths(), (3, 2));
+        b.post(RX_QUEUE, 2048, &[]);
+        b.kick(RX_QUEUE).unwrap();
+        a.post(TX_QUEUE, late[2].len() as u32, &late[2]);
+        a.kick(TX_QUEUE).unwrap();
+        assert_eq!(b.nic.rx_paths(), (3, 3), "behind a waiting frame, the third waits too");
+        b.post(RX_QUEUE, 2048, &[]);
+        b.post(RX_QUEUE, 2048, &[]);
+        b.kick(RX_QUEUE).unwrap();
+        let got = b.take_used(RX_QUEUE);
+        assert_eq!(got.len(), 3);
+        for (g, f) in got.iter().zip(&late) {
+            assert_eq!(&g.2[HEADER_LEN..], &f[HEADER_LEN..]);
+        }
+        assert_eq!(b.nic.stats.rx_frames, 6);
+    }
+
+    /// Linux's chains have many buffers: its receive chains without mergeable buffers are a
+    /// 12-byte header buffer and pages (§5.1.6.3), its transmit chains a header and fragments.
+    #[test]
+    fn frames_cross_between_chains_of_many_buffers_at_any_split() {
+        use crate::devices::virtio::stream::tests::chain;
+        let mem = FlatRam::new(0x10000);
+        let mut tx = tx_bytes(Mac::BROADCAST, Mac([2, 0, 0, 0, 0, 1]), 300);
+        tx[0] = HDR_F_DATA_VALID; // cleared on the way: receive-side only
+        tx[10] = 7; // num_buffers: set to 1 for the receiver
+        let mut rng = 0x1234_5678u32;
+        for _ in 0..200 {
+            // Random splits of the 326 bytes over up to 6 readable buffers at 0x1000.. and of
+            // a writable chain over up to 6 buffers at 0x8000.., 326..=400 bytes in all.
+            let mut next = |n: u32| {
+                rng ^= rng << 13;
+                rng ^= rng >> 17;
+                rng ^= rng << 5;
+                rng % n
+            };
+            let extra = next(75) as usize;
+            let mut split = |total: usize, base: u64, writable: bool| {
+                let mut bufs = Vec::new();
+                let mut left = total;
+                let mut i = 0u64;
+                while left > 0 {
+                    let n = if bufs.len() == 5 { left } else { (next(left as u32) as usize + 1).min(left) };
+                    bufs.push((base + i * 0x800, n as u32, writable));
+                    left -= n;
+                    i += 1;
+                }
+                bufs
+            };
+            let txc = chain(&split(tx.len(), 0x1000, false));
+            let mut at = 0;
+            for b in &txc.buffers {
+                mem.write(b.addr, &tx[at..at + b.len as usize]).unwrap();
+                at += b.len as usize;
+            }
+            let rx_len = tx.len() + extra;
+            let rxc = chain(&split(rx_len, 0x8000, true));
+            let frame = take_tx_offload(&txc, &mem, offload_features()).unwrap().unwrap();
+            let posted = Posted::new(&rxc, &mem).unwrap();
+            frame.fill(&posted).unwrap();
+            let mut got = Vec::new();
+            for b in &rxc.buffers {
+                let mut piece = vec![0u8; b.len as usize];
+                mem.read(b.addr, &mut piece).unwrap();
+                got.extend_from_slice(&piece);
+            }
+            got.truncate(tx.len());
+            assert_eq!(got[0], 0, "DATA_VALID cleared");
+            assert_eq!(&got[1..10], &tx[1..10]);
+            assert_eq!(&got[10..12], &[1, 0]);
+            assert_eq!(&got[HEADER_LEN..], &tx[HEADER_LEN..]);
+        }
+    }
+
+    #[test]
+    fn a_reset_or_an_ended_vm_withdraws_its_posted_chains() {
+        let mut a = Vm::new("t-withdraw");
+        let mut b = Vm::new("t-withdraw");
+        b.post(RX_QUEUE, 2048, &[0xEE; 64]);
+        b.kick(RX_QUEUE).unwrap();
+        b.nic.reset();
+        assert!(b.nic.port.rx.lock().posted.is_empty());
+        let f = tx_bytes(Mac::BROADCAST, a.nic.mac(), 50);
+        a.post(TX_QUEUE, f.len() as u32, &f);
+        a.kick(TX_QUEUE).unwrap();
+        assert_eq!(b.nic.rx_paths(), (0, 0));
+        assert_eq!(b.nic.backlog_dropped(), 1, "a NIC that is down gets nothing");
+        let mut buf = [0u8; 64];
+        b.mem.read(BUFS, &mut buf).unwrap();
+        assert_eq!(buf, [0xEE; 64], "the withdrawn chain's memory is untouched");
+        // A posted chain of a VM that ends is withdrawn with its port.
+        let mut c = Vm::new("t-withdraw");
+        c.post(RX_QUEUE, 2048, &[]);
+        c.kick(RX_QUEUE).unwrap();
+        let port = c.nic.port.clone();
+        drop(c);
+        assert!(port.rx.lock().posted.is_empty());
+        a.post(TX_QUEUE, f.len() as u32, &f);
+        a.kick(TX_QUEUE).unwrap();
+        assert_eq!(port.direct.load(Ordering::Relaxed), 0);
+    }
+
+    #[test]
     fn offloaded_frames_keep_their_header_and_reach_only_receivers_that_take_them() {
         let mut a = Vm::new("t-offload");
         let mut b = Vm::new("t-offload");
@@ -655,7 +976,7 @@ mod tests {
         assert_eq!(&got[0].2[10..12], &[1, 0], "num_buffers");
         assert_eq!(&got[0].2[HEADER_LEN..], &f[HEADER_LEN..]);
         assert_eq!(c.take_used(RX_QUEUE).len(), 0);
-        assert_eq!(c.nic.offload_dropped, 1);
+        assert_eq!(c.nic.offload_dropped(), 1);
         // Without HOST_TSO4 negotiated the same chain is the sender's error: dropped there.
         a.nic.activate(1 << F_CSUM);
         a.post(TX_QUEUE, f.len() as u32, &f);
@@ -733,10 +1054,10 @@ mod tests {
         assert_eq!(u16::from_le_bytes(ev), 2);
         // A driver reset empties the backlog; a NIC that is down gets nothing.
         b.nic.reset();
-        assert!(b.nic.port.inbox.lock().0.is_empty());
+        assert!(b.nic.port.rx.lock().backlog.is_empty());
         a.post(TX_QUEUE, f.len() as u32, &f);
         a.kick(TX_QUEUE).unwrap();
-        assert!(b.nic.port.inbox.lock().0.is_empty());
+        assert!(b.nic.port.rx.lock().backlog.is_empty());
         // b's VM ends: its port leaves the switch.
         let sw = switch_named("t-backlog").unwrap();
         drop(b);

@@ -45,6 +45,33 @@ pub trait GuestRam {
     fn read(&self, gpa: u64, buf: &mut [u8]) -> Result<(), NotRam>;
     /// Copies `data` into RAM at `gpa`; `Err` (and nothing written) if any of it is not RAM.
     fn write(&self, gpa: u64, data: &[u8]) -> Result<(), NotRam>;
+    /// The host address of `[gpa, gpa + len)`, made usable (lazy RAM populated), for a device
+    /// that another host CPU fills directly (virtio-net's posted receive buffers). The address
+    /// stays valid while the VM's RAM lives; `None` if the range is not RAM or this RAM hands
+    /// out no addresses (then the device copies through [`GuestRam::write`]).
+    fn host_range(&self, _gpa: u64, _len: u64) -> Option<*mut u8> {
+        None
+    }
+    /// Copies RAM at `gpa` straight to host memory at `dst` (`len` bytes): one copy, into a
+    /// range [`GuestRam::host_range`] gave out. The default bounces through a small buffer.
+    ///
+    /// # Safety
+    /// `dst` must be valid for writes of `len` bytes.
+    unsafe fn read_to(&self, gpa: u64, dst: *mut u8, len: usize) -> Result<(), NotRam> {
+        if !self.is_ram(gpa, len as u64) {
+            return Err(NotRam);
+        }
+        let mut bounce = [0u8; 256];
+        let mut done = 0;
+        while done < len {
+            let n = (len - done).min(bounce.len());
+            self.read(gpa + done as u64, &mut bounce[..n])?;
+            // SAFETY: the caller promises `dst` is writable for `len` bytes; `done + n <= len`.
+            unsafe { core::ptr::copy_nonoverlapping(bounce.as_ptr(), dst.add(done), n) };
+            done += n;
+        }
+        Ok(())
+    }
 }
 
 /// A reference to guest memory is guest memory (so `&dyn GuestRam` can be handed on).
@@ -57,6 +84,13 @@ impl<T: GuestRam + ?Sized> GuestRam for &T {
     }
     fn write(&self, gpa: u64, data: &[u8]) -> Result<(), NotRam> {
         (**self).write(gpa, data)
+    }
+    fn host_range(&self, gpa: u64, len: u64) -> Option<*mut u8> {
+        (**self).host_range(gpa, len)
+    }
+    unsafe fn read_to(&self, gpa: u64, dst: *mut u8, len: usize) -> Result<(), NotRam> {
+        // SAFETY: the caller's promise, passed on.
+        unsafe { (**self).read_to(gpa, dst, len) }
     }
 }
 
@@ -73,6 +107,13 @@ impl GuestRam for crate::vmm::guest_mem::GuestMemory {
     }
     fn write(&self, gpa: u64, data: &[u8]) -> Result<(), NotRam> {
         crate::vmm::guest_mem::GuestMemory::write(self, gpa, data).map_err(|_| NotRam)
+    }
+    fn host_range(&self, gpa: u64, len: u64) -> Option<*mut u8> {
+        crate::vmm::guest_mem::GuestMemory::host_range_of(self, gpa, len)
+    }
+    unsafe fn read_to(&self, gpa: u64, dst: *mut u8, len: usize) -> Result<(), NotRam> {
+        // SAFETY: the caller's promise, passed on.
+        unsafe { crate::vmm::guest_mem::GuestMemory::read_to(self, gpa, dst, len) }.map_err(|_| NotRam)
     }
 }
 

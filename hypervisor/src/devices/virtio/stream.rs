@@ -49,6 +49,24 @@ pub fn read(chain: &Chain, mem: &(impl GuestRam + ?Sized), offset: u64, buf: &mu
     walk(chain, false, offset, len, |gpa, r| mem.read(gpa, &mut buf[r]).map_err(|_| QueueError::Memory))
 }
 
+/// Copies device-readable bytes from stream offset `offset` straight to host memory at `dst`
+/// (`len` bytes: the one copy between two VMs); returns how many there were.
+///
+/// # Safety
+/// `dst` must be valid for writes of `len` bytes.
+pub unsafe fn read_to(
+    chain: &Chain,
+    mem: &(impl GuestRam + ?Sized),
+    offset: u64,
+    dst: *mut u8,
+    len: usize,
+) -> Result<usize, QueueError> {
+    walk(chain, false, offset, len, |gpa, r| {
+        // SAFETY: `r` lies within `[0, len)`, which the caller promises is writable at `dst`.
+        unsafe { mem.read_to(gpa, dst.add(r.start), r.len()) }.map_err(|_| QueueError::Memory)
+    })
+}
+
 /// Copies `data` into the device-writable stream at `offset`; returns how many bytes fitted.
 pub fn write(chain: &Chain, mem: &(impl GuestRam + ?Sized), offset: u64, data: &[u8]) -> Result<usize, QueueError> {
     walk(chain, true, offset, data.len(), |gpa, r| mem.write(gpa, &data[r]).map_err(|_| QueueError::Memory))
@@ -98,6 +116,14 @@ pub(crate) mod tests {
             }
             self.0.borrow_mut()[gpa as usize..gpa as usize + data.len()].copy_from_slice(data);
             Ok(())
+        }
+        fn host_range(&self, gpa: u64, len: u64) -> Option<*mut u8> {
+            if !self.is_ram(gpa, len) {
+                return None;
+            }
+            // SAFETY: the Vec is never resized after `new`, so its buffer stays put while the
+            // RAM lives; the pointer is only used for raw copies.
+            Some(unsafe { (*self.0.as_ptr()).as_mut_ptr().add(gpa as usize) })
         }
     }
 
