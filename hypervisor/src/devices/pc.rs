@@ -22,7 +22,7 @@ use super::{
     uart::{ConsoleUart, COM1_BASE, COM1_IRQ},
     virtio::{
         blk::{DiskRef, VirtioBlk},
-        console::VirtioConsole,
+        console::{ConsoleInput, VirtioConsole},
         netdev::VirtioNet,
         pci::VirtioPci,
     },
@@ -54,7 +54,14 @@ pub const VIRTIO_BLK_SLOT: u8 = 2;
 /// The PCI device number of the virtio-net NIC (function 0, INTA).
 pub const VIRTIO_NET_SLOT: u8 = 3;
 
-/// Adds the PC devices of VM `name` to `bus`; returns its console UART (for keyboard input).
+/// Where a VM's keyboard input goes: its console UART, and its virtio console's input when it
+/// has one (`sched::focus` prefers the latter while the guest's driver is up).
+pub struct Consoles {
+    pub uart: Arc<Mutex<ConsoleUart>>,
+    pub virtio_input: Option<Arc<ConsoleInput>>,
+}
+
+/// Adds the PC devices of VM `name` to `bus`; returns its consoles (for keyboard input).
 /// `unix_secs`: wall-clock time the RTC starts at.
 pub fn build(
     bus: &mut Bus,
@@ -62,7 +69,7 @@ pub fn build(
     name: &str,
     unix_secs: u64,
     pci_options: PciOptions<'_>,
-) -> Result<Arc<Mutex<ConsoleUart>>, Overlap> {
+) -> Result<Consoles, Overlap> {
     let line = |isa| IrqLine::new(irq.clone(), isa);
     let uart = device(ConsoleUart::new(COM1_BASE, line(COM1_IRQ), name));
     let ranges = uart.lock().ranges();
@@ -73,9 +80,12 @@ pub fn build(
     let ranges = pm.ranges();
     bus.add(device(pm), &ranges)?;
     let mut pci_bus = PciBus::new();
+    let mut virtio_input = None;
     if pci_options.virtio_console {
         let gsi = crate::guest::acpi::pci_intx_gsi(VIRTIO_CONSOLE_SLOT, 0) as u8;
-        let console = VirtioPci::new(Box::new(VirtioConsole::new(name)), name, irq.clone(), gsi);
+        let input = Arc::new(ConsoleInput::new(Some(irq.clone())));
+        virtio_input = Some(input.clone());
+        let console = VirtioPci::new(Box::new(VirtioConsole::new(name, input)), name, irq.clone(), gsi);
         if let Some(bdf) = Bdf::new(0, VIRTIO_CONSOLE_SLOT, 0) {
             // The slot is free on a new bus.
             let _ = pci_bus.add(bdf, Box::new(console));
@@ -118,7 +128,7 @@ pub fn build(
     if irq.apic_mode() {
         bus.add(device(IoApicMmio(irq.clone())), &[Range::mmio(IOAPIC_BASE, IOAPIC_MMIO_SIZE)])?;
     }
-    Ok(uart)
+    Ok(Consoles { uart, virtio_input })
 }
 
 /// Adds QEMU's test devices that kernels written for `qemu -kernel` use: `isa-debug-exit`

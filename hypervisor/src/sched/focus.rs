@@ -1,5 +1,6 @@
-//! Keyboard focus: bytes typed on Vireo's console go to one VM's UART at a time. Every VM's
-//! output stays on the console, each line prefixed with its VM's name.
+//! Keyboard focus: bytes typed on Vireo's console go to one VM at a time: to its virtio
+//! console (`virtio=console`, Linux's hvc0) while the guest's driver is up, else to its UART.
+//! Every VM's output stays on the console, each line prefixed with its VM's name.
 //!
 //! Switching: Ctrl-T then `n` (or Tab) gives the focus to the next VM with a console, Ctrl-T
 //! then a digit 1-9 to the VM with that number (in start order), Ctrl-T Ctrl-T sends one
@@ -96,16 +97,24 @@ pub fn poll_input() {
     loop {
         let focus = FOCUS.load(Ordering::Relaxed);
         let target = vms.get(focus).and_then(Weak::upgrade);
-        // Leave bytes in the host UART while the focused VM's receive FIFO is full.
+        let hvc = target.as_ref().and_then(|vm| vm.virtio_input.clone()).filter(|i| i.is_open());
+        // Leave bytes in the host UART while the focused VM's receive FIFO (or its virtio
+        // console's input) is full.
         if let Some(vm) = &target {
-            if vm.uart.as_ref().is_some_and(|u| u.lock().uart.rx_space() == 0) {
+            let full = match &hvc {
+                Some(input) => input.space() == 0,
+                None => vm.uart.as_ref().is_some_and(|u| u.lock().uart.rx_space() == 0),
+            };
+            if full {
                 return;
             }
         }
         let Some(byte) = crate::console::serial::try_read_byte() else { return };
         match decoder.feed(byte) {
             Key::Byte(b) => {
-                if let Some(uart) = target.as_ref().and_then(|vm| vm.uart.as_ref()) {
+                if let Some(input) = &hvc {
+                    input.push(&[b]);
+                } else if let Some(uart) = target.as_ref().and_then(|vm| vm.uart.as_ref()) {
                     uart.lock().push_input(&[b]);
                 }
             }

@@ -300,20 +300,20 @@ pub fn build_vm(
     let cpus = spec.cpus.max(1) as usize;
     let irq = Interrupts::new(cpus, platform && spec.apic, DEFAULT_TIMER_HZ, kick);
     let mut bus = Bus::new();
-    let uart = if platform {
+    let consoles = if platform {
         // BARs decode in the root bridge's 32-bit window, the one the DSDT gives the guest.
         let mmio32 = acpi::pci_mmio32_window(size).map(|w| (u64::from(w.base), u64::from(w.last)));
         let pci_options =
             pc::PciOptions { mmio32, virtio_console: spec.virtio_console, virtio_blk: disk, net: spec.net };
-        let built = pc::build(&mut bus, &irq, spec.name, RTC_EPOCH, pci_options).and_then(|uart| {
+        let built = pc::build(&mut bus, &irq, spec.name, RTC_EPOCH, pci_options).and_then(|consoles| {
             if multiboot {
                 // QEMU's test devices, which kernels written for `qemu -kernel` use.
                 pc::add_qemu_test_devices(&mut bus, &irq, size, cpus as u16, spec.kernel_cmdline, spec.name)?;
             }
-            Ok(uart)
+            Ok(consoles)
         });
         match built {
-            Ok(uart) => Some(uart),
+            Ok(consoles) => Some(consoles),
             Err(e) => {
                 log::warn!("vm {}: {e}", spec.name);
                 // Devices before the RAM they may hold addresses of (`Vm::into_memory`).
@@ -343,7 +343,10 @@ pub fn build_vm(
         vcpus.push(v);
     }
     let mut vm = Vm::new(spec.name, mem, bus, irq, vcpus, platform, !intel);
-    vm.uart = uart;
+    if let Some(c) = consoles {
+        vm.uart = Some(c.uart);
+        vm.virtio_input = c.virtio_input;
+    }
     vm.expect = spec.expect;
     vm.expect_status = spec.expect_status;
     vm.floor = spec.floor;

@@ -88,6 +88,9 @@ pub struct Vm {
     pub irq: Arc<Interrupts>,
     /// The console UART of a Linux VM (keyboard input goes there).
     pub uart: Option<Arc<Mutex<ConsoleUart>>>,
+    /// Its virtio console's input (`virtio=console`): keyboard input goes there instead while
+    /// the guest's driver is up.
+    pub virtio_input: Option<Arc<crate::devices::virtio::console::ConsoleInput>>,
     pub vcpus: Vec<Mutex<Vcpu>>,
     /// Each vCPU's exit and scheduling figures, readable without its lock (same index).
     pub counters: Vec<VcpuCounters>,
@@ -155,6 +158,7 @@ impl Vm {
             bus,
             irq,
             uart: None,
+            virtio_input: None,
             vcpus: vcpus.into_iter().map(Mutex::new).collect(),
             counters: (0..n).map(|_| VcpuCounters::default()).collect(),
             pv: crate::pv::VmPv::default(),

@@ -1,13 +1,70 @@
-//! virtio-console (virtio 1.2 §5.3, device type 3), one port, no features: queue 0 is port
-//! 0's receiveq (input to the guest; buffers the driver posts stay there, as no input is
-//! offered yet), queue 1 its transmitq, whose bytes go to the VM's console the way its UART's
-//! do: collected into lines, sanitised, printed as `[vm] line` on Vireo's serial port
-//! ([`crate::devices::console`]). Linux makes the port /dev/hvc0.
+//! virtio-console (virtio 1.2 §5.3, device type 3), one port, no features: queue 1 is port
+//! 0's transmitq, whose bytes go to the VM's console the way its UART's do: collected into
+//! lines, sanitised, printed as `[vm] line` on Vireo's serial port
+//! ([`crate::devices::console`]); queue 0 its receiveq, filled with the bytes typed on
+//! Vireo's console while the VM has the keyboard focus ([`ConsoleInput`], `sched::focus`:
+//! a VM with a virtio console gets its input there, not on its UART). Linux makes the port
+//! /dev/hvc0: with `console=hvc0` the guest's console needs no exit per byte either way.
 
-use alloc::{boxed::Box, string::String};
+use alloc::{boxed::Box, collections::VecDeque, string::String, sync::Arc};
+use core::sync::atomic::{AtomicBool, Ordering};
+
+use spin::Mutex;
 
 use super::{queue::QueueError, stream, Queues, VirtioDevice, TYPE_CONSOLE};
-use crate::devices::console::GuestConsole;
+use crate::devices::{console::GuestConsole, irqchip::Interrupts};
+
+/// Typed bytes a console holds for its guest at most (more wait in the host's UART).
+pub const INPUT_MAX: usize = 4096;
+
+/// Keyboard input on its way to a VM's virtio console: filled by the focus poll (on host CPU
+/// 0), drained into the receive queue on the VM's own vCPU at its next device tick.
+pub struct ConsoleInput {
+    bytes: Mutex<VecDeque<u8>>,
+    /// Bytes came and the device has not looked yet.
+    wake: AtomicBool,
+    /// The driver is up with its receive queue (bytes for a console nobody reads would pile up).
+    open: AtomicBool,
+    irq: Option<Arc<Interrupts>>,
+}
+
+impl ConsoleInput {
+    /// Input for the VM woken through `irq` (`None`: nothing to wake, for tests).
+    pub fn new(irq: Option<Arc<Interrupts>>) -> Self {
+        ConsoleInput {
+            bytes: Mutex::new(VecDeque::new()),
+            wake: AtomicBool::new(false),
+            open: AtomicBool::new(false),
+            irq,
+        }
+    }
+
+    /// Whether the guest's driver is up: typed bytes go here rather than to the UART.
+    pub fn is_open(&self) -> bool {
+        self.open.load(Ordering::Acquire)
+    }
+
+    /// Room for more bytes.
+    pub fn space(&self) -> usize {
+        INPUT_MAX.saturating_sub(self.bytes.lock().len())
+    }
+
+    /// Queues `bytes` for the guest; returns how many fitted (at most [`INPUT_MAX`] wait).
+    pub fn push(&self, bytes: &[u8]) -> usize {
+        let n = {
+            let mut q = self.bytes.lock();
+            let n = bytes.len().min(INPUT_MAX.saturating_sub(q.len()));
+            q.extend(&bytes[..n]);
+            n
+        };
+        if n > 0 && !self.wake.swap(true, Ordering::AcqRel) {
+            if let Some(irq) = &self.irq {
+                irq.wake_devices();
+            }
+        }
+        n
+    }
+}
 
 pub const RECEIVEQ: u16 = 0;
 pub const TRANSMITQ: u16 = 1;
@@ -38,20 +95,62 @@ pub type LineSink = Box<dyn FnMut(&str) + Send>;
 pub struct VirtioConsole {
     console: GuestConsole,
     out: LineSink,
+    input: Arc<ConsoleInput>,
     /// Bytes the guest wrote.
     pub bytes_out: u64,
+    /// Bytes given to the guest.
+    pub bytes_in: u64,
 }
 
 impl VirtioConsole {
-    /// A console whose lines go to VM `vm`'s output on Vireo's serial port.
-    pub fn new(vm: &str) -> Self {
+    /// A console whose lines go to VM `vm`'s output on Vireo's serial port, whose input comes
+    /// through `input`.
+    pub fn new(vm: &str, input: Arc<ConsoleInput>) -> Self {
         let vm = String::from(vm);
-        Self::with_sink(Box::new(move |line| crate::devices::console::print_line(&vm, line)))
+        Self::with_sink(Box::new(move |line| crate::devices::console::print_line(&vm, line)), input)
     }
 
     /// A console whose lines go to `out`.
-    pub fn with_sink(out: LineSink) -> Self {
-        Self { console: GuestConsole::default(), out, bytes_out: 0 }
+    pub fn with_sink(out: LineSink, input: Arc<ConsoleInput>) -> Self {
+        Self { console: GuestConsole::default(), out, input, bytes_out: 0, bytes_in: 0 }
+    }
+
+    /// Moves waiting input into the driver's receive buffers while both last (one chain takes
+    /// as many bytes as it holds). Without a buffer the bytes wait, and the driver's next kick
+    /// on the receiveq is asked for (EVENT_IDX, §2.7.10).
+    fn receive(&mut self, queues: &mut Queues<'_>) -> Result<(), QueueError> {
+        self.input.wake.store(false, Ordering::Release);
+        loop {
+            if self.input.bytes.lock().is_empty() {
+                return Ok(());
+            }
+            let Some(chain) = queues.pop(RECEIVEQ)? else {
+                if queues.enable_notifications(RECEIVEQ)? {
+                    continue;
+                }
+                return Ok(());
+            };
+            let mut buf = [0u8; 256];
+            let room = chain.writable_len().min(MAX_CHAIN_BYTES);
+            let mut written = 0u64;
+            while written < room {
+                let n = {
+                    let mut q = self.input.bytes.lock();
+                    let n = q.len().min(buf.len()).min(usize::try_from(room - written).unwrap_or(usize::MAX));
+                    for (b, v) in buf.iter_mut().zip(q.drain(..n)) {
+                        *b = v;
+                    }
+                    n
+                };
+                if n == 0 {
+                    break;
+                }
+                stream::write(&chain, queues.mem(), written, &buf[..n])?;
+                written += n as u64;
+            }
+            self.bytes_in += written;
+            queues.push_used(RECEIVEQ, chain.head, written as u32)?;
+        }
     }
 
     fn transmit(&mut self, queues: &mut Queues<'_>) -> Result<(), QueueError> {
@@ -114,11 +213,28 @@ impl VirtioDevice for VirtioConsole {
     fn notify(&mut self, queue: u16, queues: &mut Queues<'_>) -> Result<(), QueueError> {
         match queue {
             TRANSMITQ => self.transmit(queues),
+            RECEIVEQ => self.receive(queues),
             _ => Ok(()),
         }
     }
 
+    fn activate(&mut self, _features: u64) {
+        self.input.open.store(true, Ordering::Release);
+    }
+
     fn reset(&mut self) {
         self.console.flush(&mut |l| (self.out)(l));
+        // The driver is gone: typed bytes go to the UART again, and what waited is dropped.
+        self.input.open.store(false, Ordering::Release);
+        self.input.bytes.lock().clear();
+        self.input.wake.store(false, Ordering::Release);
+    }
+
+    fn pending_queues(&self) -> u64 {
+        if self.input.wake.load(Ordering::Acquire) {
+            1 << RECEIVEQ
+        } else {
+            0
+        }
     }
 }

@@ -411,6 +411,18 @@ impl VirtioPci {
         }
     }
 
+    /// Runs the queues with work from outside the VM ([`VirtioDevice::pending_queues`]).
+    fn run_pending(&mut self, mem: &dyn GuestRam) {
+        let mut pending = self.dev.pending_queues();
+        while pending != 0 {
+            let q = pending.trailing_zeros() as usize;
+            pending &= pending - 1;
+            if self.status.live() {
+                self.notify(q, mem);
+            }
+        }
+    }
+
     fn run_deferred(&mut self, mem: &dyn GuestRam) {
         while self.deferred != 0 {
             let q = self.deferred.trailing_zeros() as usize;
@@ -686,14 +698,7 @@ impl PciFunction for VirtioPci {
     }
 
     fn tick(&mut self, cx: &Ctx<'_>) {
-        let mut pending = self.dev.pending_queues();
-        while pending != 0 {
-            let q = pending.trailing_zeros() as usize;
-            pending &= pending - 1;
-            if self.status.live() {
-                self.notify(q, cx.mem);
-            }
-        }
+        self.run_pending(cx.mem);
     }
 
     fn next_deadline(&self) -> Option<crate::devices::time::Nanos> {

@@ -4,7 +4,7 @@ use super::*;
 use crate::devices::{
     irqchip::no_kick,
     virtio::{
-        console::{VirtioConsole, TRANSMITQ},
+        console::{ConsoleInput, VirtioConsole, INPUT_MAX, RECEIVEQ, TRANSMITQ},
         queue::VIRTQ_DESC_F_NEXT,
         stream::tests::FlatRam,
         STATUS_ACKNOWLEDGE, STATUS_DRIVER,
@@ -28,6 +28,7 @@ struct Driver {
     ram: FlatRam,
     lines: Arc<Mutex<Vec<String>>>,
     irq: Arc<Interrupts>,
+    input: Arc<ConsoleInput>,
 }
 
 impl Driver {
@@ -36,9 +37,10 @@ impl Driver {
         irq.apic(0).lapic.lock().mmio_write(0xF0, 0x1FF, Default::default());
         let lines = Arc::new(Mutex::new(Vec::new()));
         let sink = lines.clone();
-        let console = VirtioConsole::with_sink(Box::new(move |l| sink.lock().push(l.to_string())));
+        let input = Arc::new(ConsoleInput::new(Some(irq.clone())));
+        let console = VirtioConsole::with_sink(Box::new(move |l| sink.lock().push(l.to_string())), input.clone());
         let dev = VirtioPci::new(Box::new(console), "t", irq.clone(), GSI);
-        Driver { dev, ram: FlatRam::new(1 << 20), lines, irq }
+        Driver { dev, ram: FlatRam::new(1 << 20), lines, irq, input }
     }
     fn r(&mut self, off: u64, size: u8) -> u64 {
         self.dev.bar_read_mem(off, size, Some(&self.ram))
@@ -109,6 +111,36 @@ impl Driver {
         self.ram.put(a + 4 + 2 * u64::from(idx % QSIZE), &i0.to_le_bytes());
         self.ram.put(a + 2, &idx.wrapping_add(1).to_le_bytes());
         self.w(NOTIFY_OFFSET + u64::from(NOTIFY_MULTIPLIER) * u64::from(TRANSMITQ), 2, u64::from(TRANSMITQ));
+    }
+    /// Posts a `len`-byte device-writable buffer on the receiveq (descriptor `slot`) and kicks.
+    fn post_rx(&mut self, slot: u16, len: u32) {
+        let (d, a, _) = rings(u64::from(RECEIVEQ));
+        let addr = DATA + 0x8000 + 0x100 * u64::from(slot);
+        let mut desc = Vec::new();
+        desc.extend_from_slice(&addr.to_le_bytes());
+        desc.extend_from_slice(&len.to_le_bytes());
+        desc.extend_from_slice(&crate::devices::virtio::queue::VIRTQ_DESC_F_WRITE.to_le_bytes());
+        desc.extend_from_slice(&0u16.to_le_bytes());
+        self.ram.put(d + 16 * u64::from(slot), &desc);
+        let idx = self.ram.u16_at(a + 2);
+        self.ram.put(a + 4 + 2 * u64::from(idx % QSIZE), &slot.to_le_bytes());
+        self.ram.put(a + 2, &idx.wrapping_add(1).to_le_bytes());
+        self.w(NOTIFY_OFFSET + u64::from(NOTIFY_MULTIPLIER) * u64::from(RECEIVEQ), 2, u64::from(RECEIVEQ));
+    }
+    /// The receiveq's used entries from `from` on: (descriptor, bytes) and the bytes.
+    fn rx_used(&self, from: u16) -> Vec<(u32, Vec<u8>)> {
+        let (_, _, u) = rings(u64::from(RECEIVEQ));
+        let idx = self.ram.u16_at(u + 2);
+        (from..idx)
+            .map(|i| {
+                let e = u + 4 + 8 * u64::from(i % QSIZE);
+                let id = self.ram.u16_at(e);
+                let len = u32::from(self.ram.u16_at(e + 4));
+                let mut b = alloc::vec![0u8; len as usize];
+                self.ram.read(DATA + 0x8000 + 0x100 * u64::from(id), &mut b).unwrap();
+                (u32::from(id), b)
+            })
+            .collect()
     }
     fn used_idx(&self) -> u16 {
         self.ram.u16_at(rings(u64::from(TRANSMITQ)).2 + 2)
@@ -307,4 +339,40 @@ fn hostile_registers_are_harmless() {
             let _ = d.dev.config_read((x >> 28) as u8);
         }
     }
+}
+
+#[test]
+fn typed_bytes_reach_the_receive_queue() {
+    let mut d = Driver::new();
+    assert!(!d.input.is_open(), "input goes to the UART until the driver is up");
+    assert!(d.probe(1 << 32));
+    assert!(d.input.is_open());
+    d.dev.config_write(OFFSET_COMMAND, u32::from(COMMAND_MEMORY | COMMAND_BUS_MASTER), 0xFFFF);
+    // Linux posts its receive buffers at probe; nothing is typed yet.
+    d.post_rx(0, 4);
+    d.post_rx(1, 64);
+    assert!(d.rx_used(0).is_empty());
+    // Typed bytes wake the VM; its next device tick fills the buffers in order, a 4-byte
+    // buffer first, and raises the queue's interrupt (INTx here: ISR bit 0).
+    assert_eq!(d.input.push(b"ls -l\n"), 6);
+    assert!(d.irq.take_device_wake());
+    assert_eq!(d.dev.dev.pending_queues(), 1 << RECEIVEQ);
+    d.dev.run_pending(&d.ram);
+    assert_eq!(d.dev.dev.pending_queues(), 0);
+    let got = d.rx_used(0);
+    assert_eq!(got, [(0, b"ls -".to_vec()), (1, b"l\n".to_vec())]);
+    assert_eq!(d.r(ISR_OFFSET, 1), u64::from(ISR_QUEUE));
+    // No buffer left: bytes wait (bounded), and come with the driver's next buffer.
+    assert_eq!(d.input.push(b"pwd\n"), 4);
+    d.dev.run_pending(&d.ram);
+    assert_eq!(d.rx_used(2).len(), 0);
+    assert_eq!(d.input.push(&alloc::vec![b'x'; INPUT_MAX]), INPUT_MAX - 4, "bounded");
+    assert_eq!(d.input.space(), 0);
+    d.post_rx(2, 64);
+    assert_eq!(d.rx_used(2), [(2, b"pwd\nxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxx".to_vec())]);
+    // A reset closes the input and drops what waited.
+    d.w(common::DEVICE_STATUS, 1, 0);
+    assert!(!d.input.is_open());
+    assert_eq!(d.input.space(), INPUT_MAX);
+    assert_eq!(d.dev.errors, 0);
 }
