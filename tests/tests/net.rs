@@ -114,6 +114,15 @@ fn linux_net_iperf3_qemu_tcg_svm() {
     }
 }
 
+/// Bochs (AMD SVM with nRIP): ping only, as on Bochs VMX.
+#[test]
+#[ignore = "open bug: a two-VM net boot can end with one guest dead (CI 2026-11-30: VM a ended unexpectedly before sending a frame; 4 host or guest triple faults in 24 iperf3 runs under load, 0 in 48 since); run by hand: cargo test -p vireo-tests --test net -- --ignored"]
+fn linux_net_ping_bochs_svm() {
+    let out = two_vms(Machine::BochsSvm, 2, 1200, false);
+    out.assert_exit_ok();
+    check_ping(&out);
+}
+
 /// Bochs (Intel VMX): ping only (two Linux boots on one emulated 2-CPU machine are slow).
 #[test]
 #[ignore = "open bug: a two-VM net boot can end with one guest dead (CI 2026-11-30: VM a ended unexpectedly before sending a frame; 4 host or guest triple faults in 24 iperf3 runs under load, 0 in 48 since); run by hand: cargo test -p vireo-tests --test net -- --ignored"]

@@ -29,6 +29,8 @@ use crate::mm::{FrameAllocator, FrameError, PAGE_SIZE};
 pub const MAX_CPUS: usize = 256;
 /// Size of an AP's kernel stack.
 pub const AP_STACK_SIZE: u64 = 64 * 1024;
+/// Bytes at the bottom of an AP's kernel stack that must stay zero ([`PerCpu::stack_canary_hit`]).
+pub const STACK_CANARY_BYTES: u64 = 256;
 /// IA32_GS_BASE (SDM Vol. 4 Table 2-2).
 const IA32_GS_BASE: u32 = 0xC000_0101;
 
@@ -161,6 +163,36 @@ impl PerCpu {
     /// This CPU's kernel stack [low, high).
     pub fn stack(&self) -> (u64, u64) {
         self.stack
+    }
+
+    /// Whether the lowest [`STACK_CANARY_BYTES`] of an AP's kernel stack were written: the
+    /// stack came that close to the IST stacks below it (APs have no guard page; their area
+    /// is zeroed when it is allocated). Always false on the BSP, whose boot stack has a guard
+    /// page (`mm::host`).
+    pub fn stack_canary_hit(&self) -> bool {
+        if self.index == 0 || self.stack.0 == 0 {
+            return false;
+        }
+        (0..STACK_CANARY_BYTES / 8).any(|i| {
+            // SAFETY: the canary lies in this CPU's stack area, identity-mapped and never
+            // freed (`alloc_ap`); a volatile read of another CPU's stack is a plain load.
+            unsafe { core::ptr::read_volatile((self.stack.0 + 8 * i) as *const u64) != 0 }
+        })
+    }
+
+    /// The deepest an AP's kernel stack has been, in bytes: from its top down to its lowest
+    /// nonzero quadword (a lower bound: zeroes written at the bottom go unseen). `None` on
+    /// the BSP.
+    pub fn stack_peak(&self) -> Option<u64> {
+        if self.index == 0 || self.stack.0 == 0 {
+            return None;
+        }
+        let (lo, hi) = self.stack;
+        let lowest = (lo..hi).step_by(8).find(|&a| {
+            // SAFETY: as in `stack_canary_hit`.
+            unsafe { core::ptr::read_volatile(a as *const u64) != 0 }
+        });
+        Some(lowest.map_or(0, |a| hi - a))
     }
 
     /// Builds a block in place at `p` and returns it.
@@ -352,4 +384,38 @@ pub fn alloc_ap(frames: &mut FrameAllocator, index: usize, apic_id: u32) -> Resu
 pub unsafe fn activate_ap(cpu: &'static PerCpu) {
     activate(cpu);
     cpu.set_state(STATE_ALIVE);
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use alloc::{boxed::Box, vec};
+
+    /// An AP's block over host memory: its stack is `stack`, zeroed as `alloc_ap` leaves it.
+    fn ap_with_stack(stack: *mut u64, len: usize) -> &'static PerCpu {
+        let block: &'static mut core::mem::MaybeUninit<PerCpu> = Box::leak(Box::new(core::mem::MaybeUninit::uninit()));
+        let lo = stack as u64;
+        let hi = lo + 8 * len as u64;
+        // SAFETY: the block is leaked (lives forever) and used by this test alone; the IST
+        // base is never used on the host.
+        unsafe { PerCpu::init_at(block.as_mut_ptr(), 1, 1, 0, (lo, hi)) }
+    }
+
+    #[test]
+    fn an_ap_stack_reports_its_peak_and_its_last_bytes() {
+        // Only raw pointers to the stack, as the CPU itself has.
+        let stack = vec![0u64; 1024].leak().as_mut_ptr();
+        let cpu = ap_with_stack(stack, 1024);
+        assert_eq!(cpu.stack_peak(), Some(0));
+        assert!(!cpu.stack_canary_hit());
+        // Used down to 1 KiB above the bottom: peak 7 KiB of 8, canary intact.
+        // SAFETY: index 128 of the leaked 1024.
+        unsafe { stack.add(128).write_volatile(0xDEAD) };
+        assert_eq!(cpu.stack_peak(), Some(8 * 1024 - 1024));
+        assert!(!cpu.stack_canary_hit());
+        // A write into the lowest 256 bytes.
+        // SAFETY: as above.
+        unsafe { stack.add(STACK_CANARY_BYTES as usize / 8 - 1).write_volatile(1) };
+        assert!(cpu.stack_canary_hit());
+    }
 }

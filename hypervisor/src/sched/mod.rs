@@ -287,7 +287,14 @@ fn runnable(t: &Task) -> bool {
 pub fn cpu_main(cpu: usize, hw: Hardware) -> ! {
     let mut tasks: Vec<Task> = Vec::new();
     let mut next = 0usize;
+    let this = crate::arch::percpu::current();
     loop {
+        // An AP's stack has no guard page: a stack that reached its last bytes stops Vireo
+        // with a report instead of running on over the IST stacks below it.
+        if this.stack_canary_hit() {
+            report!("fatal cpu index={cpu} kernel stack overflow (reached its lowest bytes)");
+            crate::platform::exit::fail("kernel stack overflow");
+        }
         tasks.append(&mut INBOX[cpu].lock());
         YIELD[cpu].store(false, Ordering::Release);
         if cpu == 0 {
@@ -429,6 +436,12 @@ pub fn all_ended() -> ! {
     let failed = VMS_FAILED.load(Ordering::Relaxed);
     let refused = VMS_REFUSED.load(Ordering::Relaxed);
     report!("vms ended as_expected={ok} unexpected={failed} refused={refused}");
+    for c in crate::arch::percpu::online() {
+        if let Some(peak) = c.stack_peak() {
+            let (lo, hi) = c.stack();
+            report!("stack cpu={} peak_bytes={peak} size_bytes={}", c.index(), hi - lo);
+        }
+    }
     report!("nothing to run");
     if failed == 0 && refused == 0 {
         crate::platform::exit::success()
