@@ -127,7 +127,9 @@ fn compare(out: &Outcome, kernel: &PathBuf, backend: &str) {
         assert_eq!(out.field(&format!("vm name={vm} result"), "result"), "as-expected", "{out:?}");
         let (ours, theirs) = (checks(&lines), checks(native_lines));
         assert!(ours.len() >= 14, "{vm}: {ours:?}\n{out:?}");
-        for check in ["string_io_ins", "string_io_outs", "testdev_irq", "testdev_iomem", "fw_cfg_cmdline"] {
+        for check in
+            ["string_io_ins", "string_io_outs", "testdev_irq", "testdev_iomem", "testdev_iomem_alu", "fw_cfg_cmdline"]
+        {
             assert!(ours.contains(&(check.to_string(), true)), "{vm}: {check}\n{out:?}");
         }
         assert_eq!(ours, theirs, "{vm}: the same checks with the same results as under plain QEMU\n{out:?}");

@@ -403,6 +403,40 @@ mod kernel {
             window.read_volatile()
         };
         t.check("testdev_iomem", back == 0xC0FF_EE00, format_args!("{back:#x}"));
+        // Read-modify-write and flag-setting instructions on device memory (a hypervisor
+        // must emulate them, not only MOV): OR, CMP, ADD from memory, XCHG, TEST, SUB.
+        let slot = 0xFF00_0200usize;
+        let (mut eax, mut ebx): (u32, u32) = (5, 0x1234);
+        let (zf_cmp, zf_test, cf_sub): (u8, u8, u8);
+        // SAFETY: pc-testdev's MMIO window as above; registers only otherwise.
+        unsafe {
+            core::arch::asm!(
+                "mov dword ptr [{w}], 0x10",
+                "or dword ptr [{w}], 0x80",
+                "cmp byte ptr [{w}], 0x90",
+                "sete {a}",
+                "add {x:e}, dword ptr [{w}]",
+                "xchg dword ptr [{w}], {y:e}",
+                "test dword ptr [{w}], 0x1000",
+                "sete {b}",
+                "sub dword ptr [{w}], 0x1235",
+                "setc {c}",
+                w = in(reg) slot,
+                a = out(reg_byte) zf_cmp,
+                b = out(reg_byte) zf_test,
+                c = out(reg_byte) cf_sub,
+                x = inout(reg) eax,
+                y = inout(reg) ebx,
+                options(nostack),
+            );
+        }
+        // SAFETY: as above.
+        let left = unsafe { (slot as *const u32).read_volatile() };
+        t.check(
+            "testdev_iomem_alu",
+            zf_cmp == 1 && eax == 0x95 && ebx == 0x90 && zf_test == 0 && cf_sub == 1 && left == 0xFFFF_FFFF,
+            format_args!("cmp_zf={zf_cmp} eax={eax:#x} ebx={ebx:#x} test_zf={zf_test} sub_cf={cf_sub} left={left:#x}"),
+        );
 
         // The IDT: vector 0x23 -> irq3_stub (64-bit interrupt gate, selector 0x08).
         let handler = irq3_stub as *const () as usize as u64;

@@ -1351,30 +1351,34 @@ impl Vcpu {
                 return Flow::Stop(VmOutcome::Fatal { reason: "cannot emulate the instruction of an MMIO access" });
             }
         };
-        let (size, value) = match decoded.access {
-            mmio::Access::Load { size, .. } => (size, None),
-            mmio::Access::Store { size, value } => (size, Some(value)),
-        };
         let mut effect = BusEffect::None;
-        let result = if let Some(v) = self.lapic_mmio(vm, access.gpa, value) {
-            Some(v)
-        } else {
-            let cx = vm.ctx();
-            let done = match value {
-                Some(v) => vm.bus.write_with_deadline(Space::Mmio, access.gpa, size, v, &cx).map(|(e, d)| {
-                    effect = e;
-                    (0, d)
-                }),
-                None => vm.bus.read_with_deadline(Space::Mmio, access.gpa, size, &cx),
-            };
-            done.map(|(v, deadline)| {
-                vm.note_device_deadline(deadline);
+        let gpa = access.gpa;
+        let result = match decoded.access {
+            mmio::Access::Load { size, dest } => {
+                let v = self.device_access(vm, gpa, size, None, &mut effect);
+                mmio::complete_load(&mut self.regs, size, dest, v.unwrap_or(u64::MAX));
                 v
-            })
+            }
+            mmio::Access::Store { size, value } => self.device_access(vm, gpa, size, Some(value), &mut effect),
+            mmio::Access::Alu { size, op, operand, to } => {
+                // One read, then one write for the forms that write the device back.
+                let v = self.device_access(vm, gpa, size, None, &mut effect);
+                let mut rflags = cpu.rflags();
+                let back =
+                    mmio::complete_alu(&mut self.regs, &mut rflags, size, op, operand, to, v.unwrap_or(u64::MAX));
+                cpu.set_rflags(rflags);
+                if let Some(w) = back {
+                    self.device_access(vm, gpa, size, Some(w), &mut effect);
+                }
+                v
+            }
+            mmio::Access::Exchange { size, dest, value } => {
+                let v = self.device_access(vm, gpa, size, None, &mut effect);
+                mmio::complete_load(&mut self.regs, size, dest, v.unwrap_or(u64::MAX));
+                self.device_access(vm, gpa, size, Some(value), &mut effect);
+                v
+            }
         };
-        if let mmio::Access::Load { size, dest } = decoded.access {
-            mmio::complete_load(&mut self.regs, size, dest, result.unwrap_or(u64::MAX));
-        }
         if result.is_none() && self.unassigned_reported < 4 {
             self.unassigned_reported += 1;
             log::info!(
@@ -1393,6 +1397,36 @@ impl Vcpu {
             BusEffect::Exit(status) => Flow::Stop(VmOutcome::Exited { status }),
             BusEffect::None => Flow::Continue,
         }
+    }
+
+    /// One device access of an emulated MMIO instruction: a read (`value` None) or a write,
+    /// to this vCPU's local APIC or the bus. `None`: nothing decodes `gpa` (a read gets all
+    /// ones). A bus effect (power off, reset, exit) is kept in `effect`.
+    fn device_access(
+        &mut self,
+        vm: &Vm,
+        gpa: u64,
+        size: u8,
+        value: Option<u64>,
+        effect: &mut BusEffect,
+    ) -> Option<u64> {
+        if let Some(v) = self.lapic_mmio(vm, gpa, value) {
+            return Some(v);
+        }
+        let cx = vm.ctx();
+        let done = match value {
+            Some(v) => vm.bus.write_with_deadline(Space::Mmio, gpa, size, v, &cx).map(|(e, d)| {
+                if !matches!(e, BusEffect::None) {
+                    *effect = e;
+                }
+                (0, d)
+            }),
+            None => vm.bus.read_with_deadline(Space::Mmio, gpa, size, &cx),
+        };
+        done.map(|(v, deadline)| {
+            vm.note_device_deadline(deadline);
+            v
+        })
     }
 
     /// An access to this vCPU's xAPIC page, if `gpa` is in it (each vCPU sees its own local
