@@ -106,7 +106,7 @@ fn crash_dump_on_cpu_exceptions() {
         ("gp", 13, "#GP general protection"),
         ("de", 0, "#DE divide error"),
         ("bp", 3, "#BP breakpoint"),
-        ("stack", 14, "#PF page fault"),
+        ("stack", 8, "#DF double fault"),
     ];
     for (fault, vector, name) in cases {
         let out = Boot::new(Machine::QemuSvm).test_build().cmdline(&format!("test.fault={fault}")).run();

@@ -1,7 +1,9 @@
 //! GDT and TSS, one pair per CPU (the TSS descriptor's busy bit is set by LTR, so two CPUs
-//! can never load the same TSS: SDM Vol. 3A §9.2.3 "TSS Descriptor"). Every exception and
-//! the NMI run on their own IST stack (SDM Vol. 3A §7.14.5 "Interrupt Stack Table"), so a
-//! fault on a broken stack (overflow into the guard page) still gets a clean crash dump.
+//! can never load the same TSS: SDM Vol. 3A §9.2.3 "TSS Descriptor"). The double fault, the
+//! NMI and the machine check run on their own IST stacks (SDM Vol. 3A §7.14.5 "Interrupt
+//! Stack Table"), so a fault on a broken stack (overflow into the guard page: a #DF) still
+//! gets a clean crash dump; other exceptions use no IST (see `idt::ist_for`), and their
+//! slots are kept spare.
 //!
 //! The tables live in each CPU's [`PerCpu`](super::percpu::PerCpu) block; this module only
 //! builds and loads them. Every CPU's GDT has the same layout, so the selectors are

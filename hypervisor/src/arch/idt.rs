@@ -136,14 +136,19 @@ pub const VECTOR_DOUBLE_FAULT: u8 = 8;
 pub const VECTOR_PAGE_FAULT: u8 = 14;
 pub const VECTOR_MACHINE_CHECK: u8 = 18;
 
-/// Which IST stack each vector runs on: every exception and the NMI get one.
+/// Which IST stack each vector runs on: only the double fault, the NMI and the machine check
+/// (as Linux does). Every other exception is taken on the stack it hit, without reading the
+/// TSS: in the SVM world switch the TR holds the *guest's* TSS between VMLOAD of the guest
+/// state and VMLOAD of the host's (APM Vol. 2 §15.5.2), so an IST lookup there reads a
+/// guest-virtual address under Vireo's page tables and the CPU shuts down (a fault seen under
+/// QEMU TCG right at the #VMEXIT return). Without IST the exception reaches
+/// [`vireo_exception_dispatch`], which puts the host state back first. A stack overflow into
+/// the guard page still gets a dump: the #PF cannot be pushed, which is a #DF on its own stack.
 fn ist_for(vector: u8) -> u8 {
     match vector {
         VECTOR_DOUBLE_FAULT => gdt::IST_DOUBLE_FAULT,
         VECTOR_NMI => gdt::IST_NMI,
         VECTOR_MACHINE_CHECK => gdt::IST_MACHINE_CHECK,
-        VECTOR_PAGE_FAULT => gdt::IST_PAGE_FAULT,
-        0..=31 => gdt::IST_EXCEPTION,
         _ => 0,
     }
 }
@@ -294,6 +299,12 @@ fn crash(frame: &TrapFrame) -> ! {
         report!("crash nested vector={} rip={:#x}: giving up", frame.vector, frame.rip);
         crate::platform::exit::fail("nested exception");
     }
+    // In the SVM world switch the guest's TR, GS and syscall MSRs are loaded: put the host's
+    // back before anything reads GS (the per-CPU block) or the TSS.
+    #[cfg(target_os = "none")]
+    let in_world_switch = crate::svm::run::host_state_after_fault(frame.rip, frame.rsp);
+    #[cfg(not(target_os = "none"))]
+    let in_world_switch = false;
     crate::console::serial::force_unlock();
     let cr2 = x86_64::registers::control::Cr2::read_raw();
     let cr3 = x86_64::registers::control::Cr3::read_raw().0.start_address().as_u64();
@@ -307,8 +318,13 @@ fn crash(frame: &TrapFrame) -> ! {
     report!("crash rsi={:#018x} rdi={:#018x} rbp={:#018x} rsp={:#018x}", f.rsi, f.rdi, f.rbp, f.rsp);
     report!("crash r8 ={:#018x} r9 ={:#018x} r10={:#018x} r11={:#018x}", f.r8, f.r9, f.r10, f.r11);
     report!("crash r12={:#018x} r13={:#018x} r14={:#018x} r15={:#018x}", f.r12, f.r13, f.r14, f.r15);
-    if frame.vector == VECTOR_PAGE_FAULT as u64 && (guard_page()..guard_page() + 4096).contains(&cr2) {
+    if (frame.vector == VECTOR_PAGE_FAULT as u64 || frame.vector == VECTOR_DOUBLE_FAULT as u64)
+        && (guard_page()..guard_page() + 4096).contains(&cr2)
+    {
         report!("crash note=\"stack overflow: the fault hit the boot stack's guard page\"");
+    }
+    if in_world_switch {
+        report!("crash note=\"in the SVM world switch, right around VMRUN, with the guest's TR/GS loaded: host state reloaded for this dump; cr2 may be the guest's\"");
     }
     match percpu::try_current() {
         Some(cpu) => {

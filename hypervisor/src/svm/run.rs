@@ -54,6 +54,10 @@ mod hw {
         "vmsave rax",
         "mov rax, rdi",
         "vmload rax",
+        // From here to `vireo_svm_host_loaded` the CPU holds the guest's VMLOAD state (TR, GS,
+        // FS, LDTR, syscall MSRs): `host_state_after_fault`.
+        ".global vireo_svm_guest_loaded",
+        "vireo_svm_guest_loaded:",
         "mov rcx, [rsi + {rcx}]",
         "mov rdx, [rsi + {rdx}]",
         "mov rbx, [rsi + {rbx}]",
@@ -93,6 +97,8 @@ mod hw {
         "vmsave rax",
         "mov rax, [rsp + 16]",
         "vmload rax",
+        ".global vireo_svm_host_loaded",
+        "vireo_svm_host_loaded:",
         // Back to IF=0 before GIF=1: a pending interrupt waits for the backend to let it
         // in (interrupts::deliver_pending) instead of hitting a half-restored host.
         "cli",
@@ -129,6 +135,34 @@ mod hw {
     unsafe extern "sysv64" {
         pub fn vireo_svm_run(vmcb_pa: u64, regs: *mut crate::vmm::regs::GuestRegs, host_save_pa: u64) -> u64;
     }
+}
+
+/// An exception at `rip` with stack pointer `rsp`: if it hit the world switch while the
+/// guest's VMLOAD state was loaded (no exception belongs there on hardware; QEMU TCG was
+/// seen delivering one right at the #VMEXIT return), loads the host's state back from the
+/// host-save page named on the switch's stack ([rsp + 16]) and returns true, so the crash
+/// path can read GS and the TSS again.
+#[cfg(target_os = "none")]
+pub fn host_state_after_fault(rip: u64, rsp: u64) -> bool {
+    extern "C" {
+        static vireo_svm_guest_loaded: u8;
+        static vireo_svm_host_loaded: u8;
+    }
+    // Taking the address of an extern static reads nothing.
+    let (lo, hi) =
+        (core::ptr::addr_of!(vireo_svm_guest_loaded) as u64, core::ptr::addr_of!(vireo_svm_host_loaded) as u64);
+    if !(lo..hi).contains(&rip) {
+        return false;
+    }
+    // SAFETY: between the two labels `vireo_svm_run` keeps [rsp] = VMCB, [rsp + 8] = regs,
+    // [rsp + 16] = this CPU's host-save page (pushed before them, popped after); the
+    // interrupted RSP is that stack pointer. VMLOAD of that page restores exactly what the
+    // switch's own VMLOAD would (SVM is enabled: we are inside a VMRUN sequence).
+    unsafe {
+        let host_save = core::ptr::read((rsp + 16) as *const u64);
+        core::arch::asm!("vmload rax", in("rax") host_save, options(nostack));
+    }
+    true
 }
 
 /// Runs the guest of the VMCB at `vmcb_pa` once (see the module docs); returns the TSC
