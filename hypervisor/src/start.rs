@@ -361,12 +361,14 @@ fn init_paging(
         log::debug!("map {:#012x}-{:#012x} {:?}", s.range.start, s.range.end, s.flags);
     }
     arch::paging::activate(tables.root(), cpu.nx);
+    report!("paging pool={:#x}-{:#x} used={}", base, base + count as u64 * mm::PAGE_SIZE, pool.used());
     Ok(pool.used())
 }
 
 fn init_heap(frames: &mut FrameAllocator, bytes: u64) {
     match frames.alloc(bytes, mm::PAGE_SIZE) {
         Ok(_start) => {
+            report!("heap range={:#x}-{:#x}", _start, _start + bytes);
             // SAFETY: the frames were just taken from the allocator, are identity-mapped
             // and writable, and are never handed out again.
             #[cfg(target_os = "none")]

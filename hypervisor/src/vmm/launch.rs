@@ -389,7 +389,7 @@ pub fn build_vm(
         vm.time_limit = Some(crate::arch::tsc::from_nanos(spec.timeout_s.saturating_mul(1_000_000_000)));
     }
     report!(
-        "vm name={} start backend={} mem={} cpus={} pv={} pmu={} pmu_counters={} entry={:#x}",
+        "vm name={} start backend={} mem={} cpus={} pv={} pmu={} pmu_counters={} entry={:#x} host_ram={:#x}-{:#x}",
         spec.name,
         hw.name(),
         Bytes(size),
@@ -401,7 +401,9 @@ pub fn build_vm(
             (true, false) => "software",
             (true, true) => "hardware",
         },
-        entry
+        entry,
+        vm.mem.host_range().start,
+        vm.mem.host_range().end
     );
     if let Some(DiskRef(d)) = vm.disk {
         let d = d.lock();
