@@ -23,6 +23,11 @@ Ctrl-A C switches) is on the terminal.
 
 QEMU options:
   --uefi                boot with UEFI firmware (OVMF, $OVMF) instead of the BIOS
+  --type-after PATTERN TEXT
+                        headless only: once a serial line contains PATTERN, type TEXT on the
+                        serial console (printf %b escapes: \\n is Enter), as a person at Vireo's
+                        console would (the serial port then goes through a FIFO pair instead
+                        of a file)
   --accel tcg|kvm|auto  tcg: software, -cpu qemu64,+svm,+npt (AMD SVM with nested paging);
                         kvm: -accel kvm -cpu host (needs nested virtualization);
                         auto (default): kvm only if /proc/cpuinfo has the vmx or svm flag,
@@ -47,6 +52,8 @@ EOF
 
 UEFI=0
 ACCEL=auto
+TYPE_PATTERN=""
+TYPE_TEXT=""
 while [[ $# -gt 0 ]]; do
     run_parse_common "$@"
     if [[ "$RUN_SHIFT" -gt 0 ]]; then
@@ -56,6 +63,11 @@ while [[ $# -gt 0 ]]; do
     case "$1" in
         -h|--help) usage; exit 0 ;;
         --uefi) UEFI=1 ;;
+        --type-after)
+            [[ $# -ge 3 ]] || usage_error "--type-after wants a PATTERN and a TEXT"
+            [[ -n "$2" ]] || usage_error "--type-after wants a non-empty PATTERN"
+            TYPE_PATTERN="$2"; TYPE_TEXT="$3"
+            shift 2 ;;
         --accel)
             need_arg "$1" "$#"
             case "$2" in
@@ -69,6 +81,7 @@ while [[ $# -gt 0 ]]; do
     shift
 done
 run_check_common
+[[ -z "$TYPE_PATTERN" || "$RUN_HEADLESS" == 1 ]] || usage_error "--type-after needs --headless"
 
 # kvm_usable: hardware virtualization that can run Vireo as a guest (nested).
 kvm_usable() {
@@ -123,19 +136,48 @@ FW=BIOS
 note "booting with QEMU ($FW, ${ACCEL_ARGS[*]}, ${RUN_SMP} CPUs, ${RUN_MEM} MiB)${RUN_TIMEOUT:+, timeout $RUN_TIMEOUT s}"
 
 if [[ "$RUN_HEADLESS" == 1 ]]; then
-    QEMU+=(-display none -monitor none -parallel none
-           -chardev "file,id=ser0,path=$(qemu_path "$RUN_SERIAL")" -serial chardev:ser0)
+    QEMU+=(-display none -monitor none -parallel none)
+    TYPE_PIDS=()
+    CAT_PID=""
+    if [[ -n "$TYPE_PATTERN" ]]; then
+        # QEMU's pipe backend opens PATH.in and PATH.out read-write, so neither open blocks;
+        # what the guest side writes is appended to the serial log as with the file backend.
+        mkfifo "$RUN_WORK/ser.in" "$RUN_WORK/ser.out"
+        QEMU+=(-chardev "pipe,id=ser0,path=$(qemu_path "$RUN_WORK/ser")" -serial chardev:ser0)
+    else
+        QEMU+=(-chardev "file,id=ser0,path=$(qemu_path "$RUN_SERIAL")" -serial chardev:ser0)
+    fi
     RUN_EMU_START="$(now)"
     set +e
     timeout -k 5 "$RUN_TIMEOUT" "${QEMU[@]}" ${RUN_EXTRA[@]+"${RUN_EXTRA[@]}"} \
         </dev/null >"$RUN_WORK/qemu.out" 2>&1 &
     QEMU_PID=$!
+    if [[ -n "$TYPE_PATTERN" ]]; then
+        cat "$RUN_WORK/ser.out" >>"$RUN_SERIAL" &
+        CAT_PID=$!
+        # The typist: waits for the pattern (or QEMU's end), then types.
+        (
+            until grep -aqF -- "$TYPE_PATTERN" "$RUN_SERIAL"; do
+                kill -0 "$QEMU_PID" 2>/dev/null || exit 0
+                sleep 0.2
+            done
+            printf '%b' "$TYPE_TEXT" >"$RUN_WORK/ser.in"
+        ) &
+        TYPE_PIDS+=($!)
+    fi
     # Stream the serial log as QEMU writes it; tail ends by itself soon after QEMU does.
-    serial_stream "$QEMU_PID" "$RUN_SERIAL"
+    # With the FIFO pair, follow the copy: it ends after the last byte QEMU wrote.
+    serial_stream "${CAT_PID:-$QEMU_PID}" "$RUN_SERIAL"
     TAIL_PID="$STREAM_PID"
-    RUN_PIDS=("$QEMU_PID" "$TAIL_PID")
+    RUN_PIDS=("$QEMU_PID" "$TAIL_PID" ${TYPE_PIDS[@]+"${TYPE_PIDS[@]}"} ${CAT_PID:+"$CAT_PID"})
     wait "$QEMU_PID"
     qrc=$?
+    for p in ${TYPE_PIDS[@]+"${TYPE_PIDS[@]}"}; do
+        kill "$p" 2>/dev/null || true
+        wait "$p" 2>/dev/null || true
+    done
+    # The copy ends by itself once QEMU's end of the FIFO is closed (all output drained).
+    [[ -z "$CAT_PID" ]] || wait "$CAT_PID" 2>/dev/null || true
     wait "$TAIL_PID"
     RUN_PIDS=()
     set -e

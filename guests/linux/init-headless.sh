@@ -121,6 +121,20 @@ if [ "$virtio_pci_n" -gt 0 ]; then
     done
     if [ -c /dev/hvc0 ]; then
         echo "linux-guest: hvc0 ok" >/dev/hvc0
+        # Keyboard input through the virtio console (linux_guest_hvc_read=1): the host types a
+        # line once it sees "hvc0 ready" (scripts/run-qemu.sh --type-after); the guest reads it
+        # from /dev/hvc0, held open from before the prompt so no byte can come too early.
+        if [ "${linux_guest_hvc_read:-}" = 1 ]; then
+            exec 3<>/dev/hvc0
+            echo "linux-guest: hvc0 ready" >&3
+            # shellcheck disable=SC3045 # busybox ash's read has -t
+            if read -t 120 -r typed <&3; then
+                echo "linux-guest: hvc0 typed $typed"
+            else
+                echo "linux-guest: hvc0 typed none"
+            fi
+            exec 3<&-
+        fi
     else
         echo "linux-guest: hvc0 absent"
     fi

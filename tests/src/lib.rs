@@ -125,6 +125,9 @@ pub struct Boot {
     pub smp: Option<u32>,
     /// RAM of the emulated machine in MiB (`--mem`); `None`: the scripts' default (512).
     pub mem_mib: Option<u32>,
+    /// `--type-after PATTERN TEXT` (QEMU only): typed on Vireo's console once a serial line
+    /// contains PATTERN.
+    pub type_after: Option<(String, String)>,
 }
 
 impl Boot {
@@ -138,6 +141,7 @@ impl Boot {
             timeout: None,
             smp: None,
             mem_mib: None,
+            type_after: None,
         }
     }
 
@@ -156,6 +160,14 @@ impl Boot {
     /// scripts' 512.
     pub fn mem(mut self, mib: u32) -> Self {
         self.mem_mib = Some(mib);
+        self
+    }
+
+    /// Types `text` (printf `%b` escapes) on Vireo's serial console once a serial line
+    /// contains `pattern` (QEMU only: `scripts/run-qemu.sh --type-after`).
+    pub fn type_after(mut self, pattern: &str, text: &str) -> Self {
+        assert_eq!(self.machine, Machine::QemuSvm, "--type-after is a run-qemu.sh option");
+        self.type_after = Some((pattern.to_string(), text.to_string()));
         self
     }
 
@@ -193,6 +205,9 @@ impl Boot {
         }
         if let Some(mib) = self.mem_mib {
             cmd.args(["--mem", &mib.to_string()]);
+        }
+        if let Some((pattern, text)) = &self.type_after {
+            cmd.args(["--type-after", pattern, text]);
         }
         if !self.cmdline.is_empty() {
             cmd.args(["--cmdline", &self.cmdline]);

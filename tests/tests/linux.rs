@@ -398,6 +398,25 @@ fn linux_virtio_console_bochs_vmx() {
     check_virtio_console(&out, "linux", true);
 }
 
+/// Keyboard input through the virtio console: QEMU types a line on Vireo's serial console once
+/// the guest, holding /dev/hvc0 open, says it is ready; Vireo's keyboard focus (the only VM)
+/// gives it to the virtio console's receive queue rather than the UART, because the guest's
+/// driver is up; the guest reads it back from /dev/hvc0.
+#[test]
+fn linux_virtio_console_input_qemu_tcg_svm() {
+    let (kernel, initrd) = linux_guest();
+    let line = format!("linux mem=256M virtio=console -- {LIGHT_LINUX_CMDLINE} linux_guest_hvc_read=1");
+    let out = Boot::new(Machine::QemuSvm)
+        .module(kernel, &line)
+        .module(initrd, "linux:initrd")
+        .type_after("[linux] linux-guest: hvc0 ready", "typed through hvc0\\n")
+        .timeout(300)
+        .run();
+    out.assert_exit_ok();
+    check_userspace(&out);
+    assert_eq!(guest_value(&out, "linux", "hvc0 typed"), "typed through hvc0", "{out:?}");
+}
+
 /// With `pci=nomsi` the driver falls back to INTA: device 1's pin A is GSI 17 by the `_PRT`,
 /// a level-triggered I/O APIC pin, released when the driver reads the ISR.
 #[test]
