@@ -96,6 +96,8 @@ pub struct GuestMemory {
     /// untouched, and how many chunks were populated that way.
     ahead_next: AtomicUsize,
     ahead: AtomicUsize,
+    /// The last chunk a first touch found being zeroed by another CPU (and waits for).
+    wanted: AtomicUsize,
 }
 
 impl GuestMemory {
@@ -174,6 +176,7 @@ impl GuestMemory {
             zero_cycles: AtomicU64::new(0),
             ahead_next: AtomicUsize::new(0),
             ahead: AtomicUsize::new(0),
+            wanted: AtomicUsize::new(usize::MAX),
         })
     }
 
@@ -222,8 +225,12 @@ impl GuestMemory {
                     }
                 }
                 // Another CPU zeroes it: wait for it to publish the chunk, or to give it up
-                // (a CPU zeroing ahead that has other work: `populate_ahead`), then take it.
-                _ => core::hint::spin_loop(),
+                // (a CPU zeroing ahead gives it up at once to whoever needs it now, or when
+                // it has other work: `populate_ahead`), then take it.
+                _ => {
+                    self.wanted.store(c, Ordering::Release);
+                    core::hint::spin_loop();
+                }
             }
         }
     }
@@ -274,6 +281,9 @@ impl GuestMemory {
             if state.load(Ordering::Relaxed) == CHUNK_UNTOUCHED
                 && state.compare_exchange(CHUNK_UNTOUCHED, CHUNK_ZEROING, Ordering::AcqRel, Ordering::Acquire).is_ok()
             {
+                // A first touch waiting for this chunk takes it over: it would wait for
+                // the rest of it otherwise.
+                let stop = || self.wanted.load(Ordering::Acquire) == c || stop();
                 if self.zero_and_publish(c, stop) {
                     self.ahead.fetch_add(1, Ordering::Relaxed);
                 }
@@ -530,13 +540,14 @@ mod tests {
         let mem = GuestMemory::new(&mut frames, CHUNK, NestedFormat::Npt).unwrap();
         let go = std::sync::atomic::AtomicBool::new(false);
         std::thread::scope(|s| {
-            // Zeroing ahead holds the chunk until the toucher waits on it, then gives it up.
+            // Zeroing ahead holds the chunk (its own stop never says stop before `go`)
+            // until the toucher waits on it, then gives it up to the toucher.
             s.spawn(|| {
                 assert!(mem.populate_ahead(|| {
                     while !go.load(Ordering::Acquire) {
                         core::hint::spin_loop();
                     }
-                    true
+                    false
                 }));
             });
             while mem.chunk_state[0].load(Ordering::Acquire) != CHUNK_ZEROING {
