@@ -184,7 +184,7 @@ pub fn kernel_main(magic: u32, mbi_addr: u32) -> ! {
 
     // The host CPUs with virtualization enabled run vCPUs.
     if let Some(hw) = hardware {
-        sched::configure(hw, config.slice_us, config.zero_ahead);
+        sched::configure(hw, config.slice_us);
     }
 
     static BUILDING: &str = "building VMs";

@@ -62,8 +62,6 @@ pub struct Config {
     pub cpus: Option<u16>,
     /// The scheduler's time slice in microseconds.
     pub slice_us: u64,
-    /// Whether host CPUs with nothing to run zero guest RAM ahead of the guests.
-    pub zero_ahead: bool,
     pub test_fault: Option<TestFault>,
     pub test_mbi: Option<TestMbi>,
 }
@@ -76,7 +74,6 @@ impl Default for Config {
             heap_bytes: 16 << 20,
             cpus: None,
             slice_us: 5_000,
-            zero_ahead: true,
             test_fault: None,
             test_mbi: None,
         }
@@ -122,7 +119,6 @@ impl fmt::Display for Diag<'_> {
 const LOG_VALUES: &str = "off|error|warn|info|debug|trace";
 const EXIT_VALUES: &str = "halt|qemu|bochs";
 const HEAP_VALUES: &str = "a size from 1M to 1G, e.g. 32M";
-const ON_OFF_VALUES: &str = "on, off";
 const SLICE_VALUES: &str = "a time from 100us to 1000ms, e.g. 5ms";
 
 /// `N` followed by `us` or `ms`, in microseconds.
@@ -184,11 +180,6 @@ pub fn parse<'a>(text: &'a str, test_hooks: bool, mut diag: impl FnMut(Diag<'a>)
             "slice" => match parse_duration_us(value) {
                 Some(us) if (100..=1_000_000).contains(&us) => config.slice_us = us,
                 _ => diag(bad(SLICE_VALUES)),
-            },
-            "zero_ahead" => match value {
-                "on" => config.zero_ahead = true,
-                "off" => config.zero_ahead = false,
-                _ => diag(bad(ON_OFF_VALUES)),
             },
             "test.fault" | "test.mbi" if !test_hooks => diag(Diag::TestKeyWithoutHooks { key }),
             "test.fault" => match parse_fault(value) {
@@ -320,12 +311,6 @@ mod tests {
         assert_eq!(parse_all("", false).0.slice_us, 5_000);
         assert_eq!(parse_all("slice=250us", false).0.slice_us, 250);
         assert_eq!(parse_all("slice=20ms", false).0.slice_us, 20_000);
-        assert!(parse_all("", false).0.zero_ahead);
-        assert!(!parse_all("zero_ahead=off", false).0.zero_ahead);
-        assert!(parse_all("zero_ahead=off zero_ahead=on", false).0.zero_ahead);
-        let (c, diags) = parse_all("zero_ahead=maybe", false);
-        assert!(c.zero_ahead);
-        assert_eq!(diags.len(), 1);
         for bad in ["slice=5", "slice=50us", "slice=2000ms", "slice=ms", "slice=-1ms"] {
             let (c, d) = parse_all(bad, false);
             assert_eq!(c.slice_us, 5_000, "{bad}");

@@ -8,10 +8,7 @@
 //! The time a vCPU was runnable but not running (waiting for its host CPU) is its steal
 //! time, recorded per vCPU.
 
-use alloc::{
-    sync::{Arc, Weak},
-    vec::Vec,
-};
+use alloc::{sync::Arc, vec::Vec};
 use core::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, AtomicUsize, Ordering};
 
 use spin::Mutex;
@@ -79,12 +76,6 @@ static VMS_FAILED: AtomicUsize = AtomicUsize::new(0);
 /// VM lines refused before start.
 static VMS_REFUSED: AtomicUsize = AtomicUsize::new(0);
 
-/// Running VMs whose RAM may still have chunks nobody touched: a host CPU with nothing to
-/// run zeroes them ahead of the guest ([`zero_ahead`]).
-static ZERO_AHEAD: Mutex<Vec<Weak<Vm>>> = Mutex::new(Vec::new());
-/// `zero_ahead=` on the command line (default on).
-static ZERO_AHEAD_ON: AtomicBool = AtomicBool::new(true);
-
 /// The hardware every scheduler CPU drives, once configured.
 static HW: spin::Once<Hardware> = spin::Once::new();
 /// Scheduler index of each per-CPU index (usize::MAX: not a scheduler CPU).
@@ -92,7 +83,7 @@ static SCHED_OF: [AtomicUsize; percpu::MAX_CPUS] = [const { AtomicUsize::new(usi
 
 /// Makes the boot CPU and every online AP with virtualization enabled scheduler CPUs
 /// (index 0 is the boot CPU), sets the time slice, and wakes the APs into [`cpu_main`].
-pub fn configure(hw: Hardware, slice_us: u64, zero_ahead: bool) {
+pub fn configure(hw: Hardware, slice_us: u64) {
     let mut n = 0;
     let bsp = percpu::current();
     let aps = percpu::online().filter(|c| c.index() != bsp.index() && c.virt() != Virt::None);
@@ -102,14 +93,9 @@ pub fn configure(hw: Hardware, slice_us: u64, zero_ahead: bool) {
         n += 1;
     }
     SLICE_US.store(slice_us.max(100), Ordering::Relaxed);
-    ZERO_AHEAD_ON.store(zero_ahead, Ordering::Relaxed);
     ONLINE.store(n, Ordering::Release);
     HW.call_once(|| hw);
-    report!(
-        "sched cpus={n} slice_us={} zero_ahead={}",
-        SLICE_US.load(Ordering::Relaxed),
-        if zero_ahead { "on" } else { "off" }
-    );
+    report!("sched cpus={n} slice_us={}", SLICE_US.load(Ordering::Relaxed));
     for id in APIC_ID.iter().take(n).skip(1) {
         let _ = crate::arch::lapic::send_wake(id.load(Ordering::Relaxed));
     }
@@ -158,10 +144,6 @@ pub fn start_vm(mut vm: Vm) {
     vm.start_clock();
     let vm = Arc::new(vm);
     LIVE_VMS.fetch_add(1, Ordering::AcqRel);
-    let zero_ahead = ZERO_AHEAD_ON.load(Ordering::Relaxed);
-    if zero_ahead {
-        ZERO_AHEAD.lock().push(Arc::downgrade(&vm));
-    }
     if vm.uart.is_some() {
         focus::add(Arc::downgrade(&vm));
     }
@@ -175,13 +157,6 @@ pub fn start_vm(mut vm: Vm) {
         }
         INBOX[cpu].lock().push(Task { vm: vm.clone(), vcpu: i, backend: None });
         kick(cpu);
-    }
-    // The other host CPUs, idle ones included, may zero the VM's RAM ahead (`zero_ahead`):
-    // a halted CPU would not notice the new VM before its next interrupt.
-    for cpu in (0..n).filter(|_| zero_ahead) {
-        if !placed[..vm.vcpus.len().min(placed.len())].contains(&cpu) {
-            kick(cpu);
-        }
     }
     let shown = vm.vcpus.len().min(placed.len());
     report!("vm name={} placed host_cpus={}", vm.name, CpuList(&placed[..shown]));
@@ -362,10 +337,7 @@ pub fn cpu_main(cpu: usize, hw: Hardware) -> ! {
             }
         }
         let Some(i) = picked else {
-            let until = wake_at(cpu, &tasks);
-            if !zero_ahead(cpu, until) {
-                idle(cpu, until);
-            }
+            idle(cpu, &tasks);
             continue;
         };
         next = i + 1;
@@ -418,38 +390,8 @@ pub fn cpu_main(cpu: usize, hw: Hardware) -> ! {
     }
 }
 
-/// Nothing to run here: zero one chunk of a running VM's RAM that its guest has not
-/// touched yet (`GuestMemory::populate_ahead`), so that its first touch costs the guest no
-/// zeroing. Gives the chunk up as soon as this CPU has something else to do (a kick, a vCPU
-/// handed to it, `until`: a blocked vCPU's deadline or the input poll) or the VM ends.
-/// Returns false when no VM has such a chunk left.
-fn zero_ahead(cpu: usize, until: Option<u64>) -> bool {
-    let vm = {
-        let mut list = ZERO_AHEAD.lock();
-        // VMs that ended are dropped from the list, as are those fully populated.
-        list.retain(|w| w.upgrade().is_some_and(|vm| !vm.ended()));
-        match list.first().and_then(Weak::upgrade) {
-            Some(vm) => vm,
-            None => return false,
-        }
-    };
-    let stop = || {
-        YIELD[cpu].load(Ordering::Acquire)
-            || vm.ended()
-            || until.is_some_and(|u| rdtsc() >= u)
-            || !INBOX[cpu].lock().is_empty()
-    };
-    if !vm.mem.populate_ahead(stop) {
-        ZERO_AHEAD.lock().retain(|w| !core::ptr::eq(w.as_ptr(), Arc::as_ptr(&vm)));
-    }
-    // The Arc is dropped here, before anything else: a VM that ended meanwhile is not kept
-    // from giving its memory back (`release` waits for such holders).
-    true
-}
-
-/// When this CPU must look again with nothing to run: the earliest deadline of its blocked
-/// vCPUs, and on CPU 0 the keyboard poll.
-fn wake_at(cpu: usize, tasks: &[Task]) -> Option<u64> {
+/// Nothing to run here: halt until the earliest deadline of a blocked vCPU (or a kick).
+fn idle(cpu: usize, tasks: &[Task]) {
     let mut until =
         tasks.iter().filter_map(|t| t.vm.vcpus[t.vcpu].try_lock().and_then(|v| v.wake_deadline(&t.vm))).min();
     if cpu == 0 && focus::wants_polling() {
@@ -457,11 +399,6 @@ fn wake_at(cpu: usize, tasks: &[Task]) -> Option<u64> {
         let poll = rdtsc() + tsc::hz() / 1000;
         until = Some(until.map_or(poll, |u| u.min(poll)));
     }
-    until
-}
-
-/// Nothing to run here: halt until `until` (`wake_at`) or a kick.
-fn idle(cpu: usize, until: Option<u64>) {
     if until.is_some_and(|u| u <= rdtsc()) {
         return;
     }

@@ -18,7 +18,7 @@
 use alloc::vec::Vec;
 use core::{
     fmt,
-    sync::atomic::{AtomicU64, AtomicU8, AtomicUsize, Ordering},
+    sync::atomic::{AtomicU64, AtomicU8, Ordering},
 };
 
 use crate::mm::{
@@ -90,14 +90,9 @@ pub struct GuestMemory {
     chunk_state: Vec<AtomicU8>,
     chunk_slot: Vec<u64>,
     chunk_leaf: Vec<u64>,
-    /// TSC cycles spent zeroing chunks, all CPUs together (for the report).
+    /// TSC cycles spent zeroing chunks at their first touch, all CPUs together (for the
+    /// end report: the part of the nested page fault exits' time that is zeroing).
     zero_cycles: AtomicU64,
-    /// Zeroing ahead of the guest (`populate_ahead`): the lowest chunk that may still be
-    /// untouched, and how many chunks were populated that way.
-    ahead_next: AtomicUsize,
-    ahead: AtomicUsize,
-    /// The last chunk a first touch found being zeroed by another CPU (and waits for).
-    wanted: AtomicUsize,
 }
 
 impl GuestMemory {
@@ -174,9 +169,6 @@ impl GuestMemory {
             chunk_slot,
             chunk_leaf,
             zero_cycles: AtomicU64::new(0),
-            ahead_next: AtomicUsize::new(0),
-            ahead: AtomicUsize::new(0),
-            wanted: AtomicUsize::new(usize::MAX),
         })
     }
 
@@ -210,98 +202,28 @@ impl GuestMemory {
 
     fn populate_chunk(&self, c: usize) {
         let state = &self.chunk_state[c];
-        loop {
-            match state.load(Ordering::Acquire) {
-                CHUNK_READY => return,
-                CHUNK_UNTOUCHED => {
-                    if state
-                        .compare_exchange(CHUNK_UNTOUCHED, CHUNK_ZEROING, Ordering::AcqRel, Ordering::Acquire)
-                        .is_ok()
-                    {
-                        // Nobody stops a first touch: it completes.
-                        let done = self.zero_and_publish(c, || false);
-                        debug_assert!(done);
-                        return;
-                    }
-                }
-                // Another CPU zeroes it: wait for it to publish the chunk, or to give it up
-                // (a CPU zeroing ahead gives it up at once to whoever needs it now, or when
-                // it has other work: `populate_ahead`), then take it.
-                _ => {
-                    self.wanted.store(c, Ordering::Release);
-                    core::hint::spin_loop();
-                }
-            }
+        if state.load(Ordering::Acquire) == CHUNK_READY {
+            return;
         }
-    }
-
-    /// Zeroes chunk `c` (its state is ZEROING, set by this caller) and publishes it, in
-    /// pieces: between two pieces `stop` may end the work, and the chunk goes back to
-    /// UNTOUCHED (whoever touches it next zeroes it whole). Returns whether it was published.
-    fn zero_and_publish(&self, c: usize, stop: impl Fn() -> bool) -> bool {
-        const PIECE: u64 = 64 * 1024;
-        let host = self.host_base + c as u64 * LARGE_PAGE_SIZE;
-        let t0 = super::vm::rdtsc();
-        let mut done = 0;
-        while done < LARGE_PAGE_SIZE {
-            if stop() {
-                self.zero_cycles.fetch_add(super::vm::rdtsc().wrapping_sub(t0), Ordering::Relaxed);
-                self.chunk_state[c].store(CHUNK_UNTOUCHED, Ordering::Release);
-                return false;
-            }
-            // SAFETY: the piece lies in this chunk of this VM's RAM allocation
-            // (identity-mapped, owned by the VM); while ZEROING no guest can reach it (its
-            // leaf is not present) and every Vireo accessor waits for READY, so nothing
-            // else touches it.
-            unsafe { core::ptr::write_bytes((host + done) as *mut u8, 0, PIECE as usize) };
-            done += PIECE;
+        if state.compare_exchange(CHUNK_UNTOUCHED, CHUNK_ZEROING, Ordering::AcqRel, Ordering::Acquire).is_ok() {
+            let host = self.host_base + c as u64 * LARGE_PAGE_SIZE;
+            let t0 = super::vm::rdtsc();
+            // SAFETY: the chunk lies in this VM's RAM allocation (identity-mapped, owned by
+            // the VM); while ZEROING no guest can reach it (its leaf is not present) and
+            // every Vireo accessor waits for READY, so nothing else touches it.
+            unsafe { core::ptr::write_bytes(host as *mut u8, 0, LARGE_PAGE_SIZE as usize) };
+            self.zero_cycles.fetch_add(super::vm::rdtsc().wrapping_sub(t0), Ordering::Relaxed);
+            // SAFETY: the slot is this chunk's leaf entry in the VM's tables (`new`); the CPU
+            // walking the tables reads the entry atomically, so an atomic store publishes
+            // the mapping whole, after the zeroes (Release).
+            let slot = unsafe { &*(self.chunk_slot[c] as *const AtomicU64) };
+            slot.store(self.chunk_leaf[c], Ordering::Release);
+            state.store(CHUNK_READY, Ordering::Release);
+            return;
         }
-        self.zero_cycles.fetch_add(super::vm::rdtsc().wrapping_sub(t0), Ordering::Relaxed);
-        // SAFETY: the slot is this chunk's leaf entry in the VM's tables (`new`); the CPU
-        // walking the tables reads the entry atomically, so an atomic store publishes the
-        // mapping whole, after the zeroes (Release; x86 does not reorder stores with other
-        // stores, SDM Vol. 3A §9.2.3.2, and `write_bytes` makes ordinary write-back stores).
-        let slot = unsafe { &*(self.chunk_slot[c] as *const AtomicU64) };
-        slot.store(self.chunk_leaf[c], Ordering::Release);
-        self.chunk_state[c].store(CHUNK_READY, Ordering::Release);
-        true
-    }
-
-    /// Zeroes and maps one chunk nobody touched yet, ahead of the guest (a host CPU with
-    /// nothing to run: `sched`), so the guest's first touch of it costs no zeroing. `stop`
-    /// is asked between pieces of 64 KiB: when it says so the chunk is given up, untouched
-    /// (`zero_and_publish`). Returns false when every chunk is populated (or being
-    /// populated by another CPU), true otherwise. The guest cannot tell: a chunk reads as
-    /// zeros at its first touch either way.
-    pub fn populate_ahead(&self, stop: impl Fn() -> bool) -> bool {
-        let chunks = self.chunk_state.len();
-        let mut c = self.ahead_next.load(Ordering::Relaxed);
-        while c < chunks {
-            let state = &self.chunk_state[c];
-            if state.load(Ordering::Relaxed) == CHUNK_UNTOUCHED
-                && state.compare_exchange(CHUNK_UNTOUCHED, CHUNK_ZEROING, Ordering::AcqRel, Ordering::Acquire).is_ok()
-            {
-                // A first touch waiting for this chunk takes it over: it would wait for
-                // the rest of it otherwise.
-                let stop = || self.wanted.load(Ordering::Acquire) == c || stop();
-                if self.zero_and_publish(c, stop) {
-                    self.ahead.fetch_add(1, Ordering::Relaxed);
-                }
-                return true;
-            }
-            // Populated or being populated: not looked at again. (A chunk another CPU
-            // zeroing ahead gives up goes back to UNTOUCHED and may be skipped so: the
-            // guest's first touch zeroes it then. The CPU that gave it up did not move
-            // `ahead_next` past it and starts from it next time.)
-            c += 1;
-            self.ahead_next.store(c, Ordering::Relaxed);
+        while state.load(Ordering::Acquire) != CHUNK_READY {
+            core::hint::spin_loop();
         }
-        false
-    }
-
-    /// How many chunks were populated ahead of the guest (`populate_ahead`), for reports.
-    pub fn populated_ahead(&self) -> usize {
-        self.ahead.load(Ordering::Relaxed)
     }
 
     /// Populates every chunk `[gpa, gpa + len)` touches (the range is already checked).
@@ -492,76 +414,6 @@ mod tests {
         assert_eq!(buf, [0; 64]);
         second.read(CHUNK + 0x2000, &mut buf).unwrap();
         assert_eq!(buf, [0; 64]);
-    }
-
-    #[test]
-    fn chunks_zeroed_ahead_read_as_zeros_and_a_stop_gives_the_chunk_up() {
-        let mut frames = FrameAllocator::for_tests_bytes(16 << 20);
-        // Host frames full of an earlier user's data.
-        let first = GuestMemory::new(&mut frames, 3 * CHUNK, NestedFormat::Npt).unwrap();
-        for c in 0..3 {
-            first.write(c * CHUNK, &[0xAB; CHUNK as usize]).unwrap();
-        }
-        first.release(&mut frames);
-        let mut mem = GuestMemory::new(&mut frames, 3 * CHUNK, NestedFormat::Npt).unwrap();
-        // The guest touched chunk 1 first.
-        assert!(mem.populate_at(CHUNK));
-        // Stopped before its first piece: chunk 0 stays untouched (not present).
-        assert!(mem.populate_ahead(|| true));
-        assert_eq!(mem.populated_chunks(), 1);
-        assert_eq!(mem.host_addr(0), None);
-        // Stopped halfway: given up, and zeroed whole by the next one to take it.
-        let pieces = core::cell::Cell::new(0);
-        assert!(mem.populate_ahead(|| {
-            pieces.set(pieces.get() + 1);
-            pieces.get() > 16
-        }));
-        assert_eq!((mem.populated_chunks(), mem.populated_ahead()), (1, 0));
-        // Unstopped: chunk 0, then chunk 2 (chunk 1 was the guest's), then nothing left.
-        assert!(mem.populate_ahead(|| false));
-        assert!(mem.populate_ahead(|| false));
-        assert!(!mem.populate_ahead(|| false));
-        assert_eq!((mem.populated_chunks(), mem.populated_ahead()), (3, 2));
-        assert_eq!(mem.host_addr(2 * CHUNK + 5), Some(mem.host_base + 2 * CHUNK + 5), "mapped");
-        let mut buf = alloc::vec![0xFFu8; CHUNK as usize];
-        for c in 0..3 {
-            mem.read(c * CHUNK, &mut buf).unwrap();
-            assert!(buf.iter().all(|&b| b == 0), "chunk {c} reads as zeros");
-        }
-    }
-
-    #[test]
-    fn a_first_touch_takes_over_a_chunk_given_up_while_it_waited() {
-        extern crate std;
-        let mut frames = FrameAllocator::for_tests_bytes(8 << 20);
-        let first = GuestMemory::new(&mut frames, CHUNK, NestedFormat::Npt).unwrap();
-        first.write(0, &[0xCD; CHUNK as usize]).unwrap();
-        first.release(&mut frames);
-        let mem = GuestMemory::new(&mut frames, CHUNK, NestedFormat::Npt).unwrap();
-        let go = std::sync::atomic::AtomicBool::new(false);
-        std::thread::scope(|s| {
-            // Zeroing ahead holds the chunk (its own stop never says stop before `go`)
-            // until the toucher waits on it, then gives it up to the toucher.
-            s.spawn(|| {
-                assert!(mem.populate_ahead(|| {
-                    while !go.load(Ordering::Acquire) {
-                        core::hint::spin_loop();
-                    }
-                    false
-                }));
-            });
-            while mem.chunk_state[0].load(Ordering::Acquire) != CHUNK_ZEROING {
-                core::hint::spin_loop();
-            }
-            s.spawn(|| {
-                std::thread::sleep(std::time::Duration::from_millis(20));
-                go.store(true, Ordering::Release);
-            });
-            let mut buf = alloc::vec![0xFFu8; CHUNK as usize];
-            mem.read(0, &mut buf).unwrap();
-            assert!(buf.iter().all(|&b| b == 0));
-        });
-        assert_eq!((mem.populated_chunks(), mem.populated_ahead()), (1, 0));
     }
 
     #[test]

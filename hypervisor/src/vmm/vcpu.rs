@@ -412,7 +412,8 @@ impl Vcpu {
     /// outside the local APIC's MSRs changes no interrupt state of this vCPU or its VM
     /// (whatever such a hypercall does to another vCPU, e.g. an IPI to itself, raises
     /// `attention`; a write to a PMU MSR, which may move the next counter overflow, is not
-    /// cheap). What else could change it is checked here, each with one load:
+    /// cheap); an IN or OUT answered by a device on the bus changes it only in ways seen
+    /// below (see the `Io` arm). What else could change it is checked here, each with one load:
     /// - something was delivered to this vCPU (interrupt, NMI, INIT, SIPI; PIC output):
     ///   `Interrupts::notify` sets its `attention` (and the slow path clears it before it
     ///   looks);
