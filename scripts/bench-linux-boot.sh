@@ -14,12 +14,13 @@ source "$(dirname "${BASH_SOURCE[0]}")/lib.sh"
 
 RUNS=3
 VIREO_CMDLINE=()
+ELF=""
 usage() {
     cat <<EOF2
-Usage: scripts/bench-linux-boot.sh [--runs N] [--cmdline "HYPERVISOR ARGS"]
+Usage: scripts/bench-linux-boot.sh [--runs N] [--cmdline "HYPERVISOR ARGS"] [--elf FILE]
 
---cmdline: Vireo's command line for its runs (e.g. "zero_ahead=off"; the guest's kernel
-command line stays the same).
+--cmdline: Vireo's command line for its runs (the guest's kernel command line stays the same).
+--elf: a Vireo ELF built before (e.g. of another commit, to compare) instead of building one.
 
 QEMU TCG SVM only (the native side needs an emulator that boots Linux directly: QEMU's
 -kernel). Prints the native and Vireo times (median), the ratio, and Vireo's exit table.
@@ -30,6 +31,7 @@ while [[ $# -gt 0 ]]; do
         -h|--help) usage; exit 0 ;;
         --runs) need_arg "$1" "$#"; RUNS="$2"; shift ;;
         --cmdline) need_arg "$1" "$#"; VIREO_CMDLINE=(--cmdline "$2"); shift ;;
+        --elf) need_arg "$1" "$#"; ELF="$(realpath "$2")"; shift ;;
         *) usage_error "unknown option: $1" ;;
     esac
     shift
@@ -39,7 +41,7 @@ done
 out="$("$VIREO_ROOT/scripts/guest-linux.sh" --quiet)"
 KERNEL="$(sed -n 's/^kernel=//p' <<<"$out")"
 INITRD="$(sed -n 's/^initrd_headless=//p' <<<"$out")"
-ELF="$("$VIREO_ROOT/scripts/build.sh" --no-deps | tail -n 1)"
+[[ -n "$ELF" ]] || ELF="$("$VIREO_ROOT/scripts/build.sh" --no-deps | tail -n 1)"
 APPEND="console=ttyS0 panic=-1 linux_guest_compute=20000 linux_guest_forks=50"
 
 # time_to_init CMD...: seconds from start to the first 'linux-guest: init_uptime' line.
