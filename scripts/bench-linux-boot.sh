@@ -13,9 +13,14 @@ set -euo pipefail
 source "$(dirname "${BASH_SOURCE[0]}")/lib.sh"
 
 RUNS=3
+VIREO_CMDLINE=()
+ELF=""
 usage() {
     cat <<EOF2
-Usage: scripts/bench-linux-boot.sh [--runs N]
+Usage: scripts/bench-linux-boot.sh [--runs N] [--cmdline "HYPERVISOR ARGS"] [--elf FILE]
+
+--cmdline: Vireo's command line for its runs (the guest's kernel command line stays the same).
+--elf: a Vireo ELF built before (e.g. of another commit, to compare) instead of building one.
 
 QEMU TCG SVM only (the native side needs an emulator that boots Linux directly: QEMU's
 -kernel). Prints the native and Vireo times (median), the ratio, and Vireo's exit table.
@@ -25,6 +30,8 @@ while [[ $# -gt 0 ]]; do
     case "$1" in
         -h|--help) usage; exit 0 ;;
         --runs) need_arg "$1" "$#"; RUNS="$2"; shift ;;
+        --cmdline) need_arg "$1" "$#"; VIREO_CMDLINE=(--cmdline "$2"); shift ;;
+        --elf) need_arg "$1" "$#"; ELF="$(realpath "$2")"; shift ;;
         *) usage_error "unknown option: $1" ;;
     esac
     shift
@@ -34,7 +41,7 @@ done
 out="$("$VIREO_ROOT/scripts/guest-linux.sh" --quiet)"
 KERNEL="$(sed -n 's/^kernel=//p' <<<"$out")"
 INITRD="$(sed -n 's/^initrd_headless=//p' <<<"$out")"
-ELF="$("$VIREO_ROOT/scripts/build.sh" --no-deps | tail -n 1)"
+[[ -n "$ELF" ]] || ELF="$("$VIREO_ROOT/scripts/build.sh" --no-deps | tail -n 1)"
 APPEND="console=ttyS0 panic=-1 linux_guest_compute=20000 linux_guest_forks=50"
 
 # time_to_init CMD...: seconds from start to the first 'linux-guest: init_uptime' line.
@@ -75,7 +82,7 @@ for _ in $(seq "$RUNS"); do
     read -r t _ _ < <(time_to_init timeout 300 qemu-system-x86_64 -accel tcg -cpu qemu64,+svm,+npt -m 512 -display none \
         -serial stdio -no-reboot -nic none -kernel "$KERNEL" -initrd "$INITRD" -append "$APPEND")
     native+=("$t")
-    read -r t first start < <(time_to_init timeout 300 "$VIREO_ROOT/scripts/run-qemu.sh" --headless --timeout 280 --elf "$ELF" \
+    read -r t first start < <(time_to_init timeout 300 "$VIREO_ROOT/scripts/run-qemu.sh" --headless --timeout 280 --elf "$ELF" ${VIREO_CMDLINE[@]+"${VIREO_CMDLINE[@]}"} \
         --module "$KERNEL=linux mem=256M -- $APPEND" --module "$INITRD=linux:initrd")
     vireo+=("$t")
     part+=("$(awk -v a="$first" -v b="$start" 'BEGIN { printf "%.3f", b - a }')")
@@ -91,4 +98,4 @@ echo "under Vireo, VM start to /init:          ${vm_to_init[*]}  median $g s"
 echo "Vireo's own part (first line to VM start): ${part[*]}  median $p s  (target < 0.2 s)"
 awk -v n="$n" -v g="$g" 'BEGIN { printf "ratio (VM start to /init under Vireo / native): %.2f  (target <= 1.3)\n", g / n }'
 echo "exit table of the last boot under Vireo:"
-grep -E "vireo: vm name=linux (end|exit reason)" /tmp/vireo-bench-linux-last.log || true
+grep -E "vireo: vm name=linux (end|exit reason|memory)" /tmp/vireo-bench-linux-last.log || true

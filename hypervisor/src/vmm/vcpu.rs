@@ -112,6 +112,9 @@ pub struct Vcpu {
     /// deadline is still the one seen then (`reenter_at_once`).
     fast_until: u64,
     device_seen: u64,
+    /// Whether the last port I/O exit was answered by a device on the VM's bus (not by one
+    /// of Vireo's own ports, whose test interrupt and timer the fast path does not see).
+    io_on_bus: bool,
     /// What the guest registered through the KVM PV MSRs.
     pv: VcpuPv,
     wall_clock_msr: u64,
@@ -172,6 +175,7 @@ impl Vcpu {
             armed: None,
             fast_until: 0,
             device_seen: u64::MAX,
+            io_on_bus: false,
             pv: VcpuPv::default(),
             wall_clock_msr: 0,
             pmu: Pmu::new(if intel { pmu::Vendor::Intel } else { pmu::Vendor::Amd }, false),
@@ -408,7 +412,8 @@ impl Vcpu {
     /// outside the local APIC's MSRs changes no interrupt state of this vCPU or its VM
     /// (whatever such a hypercall does to another vCPU, e.g. an IPI to itself, raises
     /// `attention`; a write to a PMU MSR, which may move the next counter overflow, is not
-    /// cheap). What else could change it is checked here, each with one load:
+    /// cheap); an IN or OUT answered by a device on the bus changes it only in ways seen
+    /// below (see the `Io` arm). What else could change it is checked here, each with one load:
     /// - something was delivered to this vCPU (interrupt, NMI, INIT, SIPI; PIC output):
     ///   `Interrupts::notify` sets its `attention` (and the slow path clears it before it
     ///   looks);
@@ -428,6 +433,16 @@ impl Vcpu {
             ExitKind::Rdmsr => !is_lapic_msr(self.regs.rcx as u32),
             // A PMU write may move the next counter overflow (the host timer's deadline).
             ExitKind::Wrmsr => !is_lapic_msr(self.regs.rcx as u32) && !self.pmu.claims(self.regs.rcx as u32),
+            // IN or OUT (not string I/O) answered by a device on the bus. What a device does
+            // to the rest of the VM goes where the checks below see it: an interrupt line it
+            // raises reaches the PIC (whose rising output notifies vCPU 0) and the I/O APIC
+            // (whose deliveries notify their vCPUs), a timer it starts lowers the VM's device
+            // deadline (`note_device_deadline`), the end of the VM is a `Flow::Stop`. A line
+            // it lowers withdraws nothing this vCPU's slow path would have done: an
+            // interrupt already delivered stays in the local APIC's IRR, and an interrupt
+            // window asked for stays asked for in both paths (`deliver_events` does not
+            // cancel it when nothing is pending).
+            ExitKind::Io(io) => !io.string && self.io_on_bus,
             _ => false,
         };
         if !cheap || now >= self.fast_until || self.pending_irq.is_some() || self.pending_nmi || cpu.event_pending() {
@@ -1041,7 +1056,9 @@ impl Vcpu {
     /// ports. `Some`: the write ended the VM (power-off, reset, debug exit).
     fn port_out(&mut self, vm: &Vm, port: u16, size: u8, value: u64) -> Option<Flow> {
         let cx = vm.ctx();
-        match vm.bus.write_with_deadline(Space::Port, port as u64, size, value, &cx) {
+        let done = vm.bus.write_with_deadline(Space::Port, port as u64, size, value, &cx);
+        self.io_on_bus = done.is_some();
+        match done {
             Some((effect, deadline)) => {
                 vm.note_device_deadline(deadline);
                 match effect {
@@ -1059,7 +1076,9 @@ impl Vcpu {
     /// One IN of `size` bytes from `port`.
     fn port_in(&mut self, vm: &Vm, port: u16, size: u8) -> u64 {
         let cx = vm.ctx();
-        match vm.bus.read_with_deadline(Space::Port, port as u64, size, &cx) {
+        let done = vm.bus.read_with_deadline(Space::Port, port as u64, size, &cx);
+        self.io_on_bus = done.is_some();
+        match done {
             Some((v, deadline)) => {
                 vm.note_device_deadline(deadline);
                 v

@@ -380,10 +380,13 @@ impl Vm {
             );
         }
         // RAM is populated on first touch (2 MiB chunks): how much the guest ever touched.
+        // zero_us: the time spent zeroing those chunks, all vCPUs together (within the
+        // nested page fault exits of first touches, or Vireo's own accesses).
         report!(
-            "vm name={name} memory ram_mib={} touched_mib={}",
+            "vm name={name} memory ram_mib={} touched_mib={} zero_us={}",
             self.mem.size() >> 20,
-            (self.mem.populated_chunks() as u64 * crate::mm::LARGE_PAGE_SIZE) >> 20
+            (self.mem.populated_chunks() as u64 * crate::mm::LARGE_PAGE_SIZE) >> 20,
+            tsc::to_nanos(self.mem.zero_cycles()) / 1000
         );
         for (class, s) in stats.nonzero() {
             report!(

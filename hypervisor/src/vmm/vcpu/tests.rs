@@ -44,6 +44,11 @@ struct Mock {
     cpl: u8,
     /// Hypercalls the core's fast path answered in `run_fast`'s loop.
     fast_answered: u32,
+    /// Exits taken so far, and how many had been taken at each injection.
+    exits: usize,
+    injected_after: Vec<usize>,
+    /// Passes of the run loop's per-entry work (each arms the deadline once).
+    slow_passes: u32,
 }
 
 impl Mock {
@@ -75,8 +80,10 @@ impl Backend for Mock {
                 (events.injected, events.interrupted, self.pending) = (Some(e), Some(e), Some(e));
             } else {
                 self.injected.push(e);
+                self.injected_after.push(self.exits);
             }
         }
+        self.exits += 1;
         let (set, kind) = self.script.pop_front().unwrap_or((vm_exit, ExitKind::Hypercall(HypercallInsn::Vmcall)));
         set(regs);
         Exit { kind, rip: self.rip, next_rip: self.rip + 2, raw: 0, tsc: rdtsc(), events }
@@ -165,6 +172,9 @@ impl Backend for Mock {
         self.window = enable;
     }
     fn set_exception_intercepts(&mut self, _vectors: u32) {}
+    fn set_deadline(&mut self, _tsc: Option<u64>) {
+        self.slow_passes += 1;
+    }
 
     fn flush_guest_tlb(&mut self) {}
 
@@ -631,4 +641,65 @@ fn the_fast_path_leaves_to_the_run_loop_what_it_must_see() {
     let slice = vm.vcpus[0].lock().run(&vm, &mut m, 0, &AtomicBool::new(false));
     assert_eq!((slice, m.fast_answered), (SliceEnd::Preempted, 0));
     assert_eq!(vm.counters[0].exits.snapshot().classes()[VMCALL.index()].count, 1);
+}
+
+/// An OUT of one byte to `port` (the value is the guest's AL).
+const fn outb(port: u16) -> ExitKind {
+    ExitKind::Io(IoAccess { port, size: 1, write: true, string: false, rep: false })
+}
+
+/// A 1-vCPU PC-style VM in PIC mode (no local APICs) with the 8259 pair and COM1 on the bus.
+fn uart_vm() -> Vm {
+    let mut frames = FrameAllocator::for_tests();
+    let mem = GuestMemory::for_tests(&mut frames);
+    let irq = Interrupts::new(1, false, DEFAULT_TIMER_HZ, count_kick);
+    let mut bus = Bus::new();
+    let pic = crate::devices::bus::device(crate::devices::irqchip::PicPorts(irq.clone()));
+    bus.add(pic, &[crate::devices::bus::Range::port(0x20, 2), crate::devices::bus::Range::port(0xA0, 2)]).unwrap();
+    let line = crate::devices::irqchip::IrqLine::new(irq.clone(), 4);
+    let uart = crate::devices::uart::ConsoleUart::new(0x3F8, line, "t");
+    let ranges = uart.ranges();
+    bus.add(crate::devices::bus::device(uart), &ranges).unwrap();
+    let boot = CpuState { rip: 0x1000, ..CpuState::reset() };
+    let vcpus = alloc::vec![Vcpu::new(0, Some(boot), false).unwrap()];
+    Vm::new("t", mem, bus, irq, vcpus, false, true)
+}
+
+#[test]
+fn port_io_on_the_bus_reenters_at_once_and_an_interrupt_it_raises_goes_in_at_the_next_entry() {
+    let vm = uart_vm();
+    let mut m = Mock::new(&[
+        // The master PIC: ICW1-ICW4 (vectors 0x20..), then only IRQ 4 unmasked.
+        (|r| r.rax = 0x11, outb(0x20)),
+        (|r| r.rax = 0x20, outb(0x21)),
+        (|r| r.rax = 0x04, outb(0x21)),
+        (|r| r.rax = 0x01, outb(0x21)),
+        (|r| r.rax = 0xEF, outb(0x21)),
+        // COM1: OUT2 (the IRQ gate), two bytes, an LSR read; no interrupt enabled yet.
+        (|r| r.rax = 0x08, outb(0x3FC)),
+        (|r| r.rax = u64::from(b'h'), outb(0x3F8)),
+        (|r| r.rax = u64::from(b'i'), outb(0x3F8)),
+        (|r| r.rax = 0xFF00, ExitKind::Io(IoAccess { port: 0x3FD, size: 1, write: false, string: false, rep: false })),
+    ]);
+    // Then IER.ETBEI: the THRE latch raises IRQ 4 at once.
+    m.script.push_back((|r| r.rax = 0x02, outb(0x3F9)));
+    m.script.push_back((|_| {}, ExitKind::Cpuid));
+    assert_eq!(run(&vm, 0, &mut m), SliceEnd::VmEnded);
+    // The run loop's per-entry work ran before the first entry, then not again until the
+    // interrupt the IER write raised (vector 0x24), which went in at the very next entry.
+    assert_eq!(m.injected, [Event::Interrupt { vector: 0x24 }]);
+    assert_eq!(m.injected_after, [10], "injected at the entry after the 10th exit (the IER write)");
+    assert_eq!(m.slow_passes, 2, "before the first entry and after the IER write");
+    let io = vm.counters[0].exits.snapshot().classes()[outb(0x3F8).index()];
+    assert_eq!(io.count, 10, "every port I/O exit counted");
+}
+
+#[test]
+fn port_io_to_vireos_own_ports_goes_through_the_run_loop() {
+    // The test interrupt port is Vireo's (no device on the bus): its timer must reach the
+    // fast path's deadline, so the next entry is the slow path's.
+    let vm = test_vm(1);
+    let mut m = Mock::new(&[(|r| r.rax = 0x40 | (0xFF_FFFF << 8), TEST_IRQ_OUT), (|_| {}, ExitKind::Cpuid)]);
+    assert_eq!(run(&vm, 0, &mut m), SliceEnd::VmEnded);
+    assert_eq!(m.slow_passes, 2, "before the first entry and after the OUT (not after the CPUID)");
 }
