@@ -94,7 +94,7 @@ fn check_ping(out: &Outcome) {
 }
 
 #[test]
-#[ignore = "open bug: a two-VM net boot can end with one guest dead (CI 2026-11-30: VM a ended unexpectedly before sending a frame; 4 host or guest triple faults in 24 iperf3 runs under load, 0 in 48 since); run by hand: cargo test -p vireo-tests --test net -- --ignored"]
+#[ignore = "open bug (README, Virtual network): a two-VM QEMU boot can end early: a guest triple fault (kernel-text #PF while its tables map the RIP, once in a bench run) and, before the IDT used IST only for #DF/NMI/#MC, a host triple fault at the #VMEXIT return (1 in 6 iperf3 runs with a CPU hog; 0 in 24 since); run by hand: cargo test -p vireo-tests --test net -- --ignored"]
 fn linux_net_ping_qemu_tcg_svm() {
     let out = two_vms(Machine::QemuSvm, 2, 400, false);
     out.assert_exit_ok();
@@ -102,7 +102,7 @@ fn linux_net_ping_qemu_tcg_svm() {
 }
 
 #[test]
-#[ignore = "open bug: a two-VM net boot can end with one guest dead (CI 2026-11-30: VM a ended unexpectedly before sending a frame; 4 host or guest triple faults in 24 iperf3 runs under load, 0 in 48 since); run by hand: cargo test -p vireo-tests --test net -- --ignored"]
+#[ignore = "open bug (README, Virtual network): a two-VM QEMU boot can end early: a guest triple fault (kernel-text #PF while its tables map the RIP, once in a bench run) and, before the IDT used IST only for #DF/NMI/#MC, a host triple fault at the #VMEXIT return (1 in 6 iperf3 runs with a CPU hog; 0 in 24 since); run by hand: cargo test -p vireo-tests --test net -- --ignored"]
 fn linux_net_iperf3_qemu_tcg_svm() {
     let out = two_vms(Machine::QemuSvm, 2, 600, true);
     out.assert_exit_ok();
@@ -116,7 +116,7 @@ fn linux_net_iperf3_qemu_tcg_svm() {
 
 /// Bochs (AMD SVM with nRIP): ping only, as on Bochs VMX.
 #[test]
-#[ignore = "open bug: a two-VM net boot can end with one guest dead (CI 2026-11-30: VM a ended unexpectedly before sending a frame; 4 host or guest triple faults in 24 iperf3 runs under load, 0 in 48 since); run by hand: cargo test -p vireo-tests --test net -- --ignored"]
+#[ignore = "open bug (README, Virtual network): a two-VM QEMU boot can end early: a guest triple fault (kernel-text #PF while its tables map the RIP, once in a bench run) and, before the IDT used IST only for #DF/NMI/#MC, a host triple fault at the #VMEXIT return (1 in 6 iperf3 runs with a CPU hog; 0 in 24 since); run by hand: cargo test -p vireo-tests --test net -- --ignored"]
 fn linux_net_ping_bochs_svm() {
     let out = two_vms(Machine::BochsSvm, 2, 1200, false);
     out.assert_exit_ok();
@@ -125,7 +125,7 @@ fn linux_net_ping_bochs_svm() {
 
 /// Bochs (Intel VMX): ping only (two Linux boots on one emulated 2-CPU machine are slow).
 #[test]
-#[ignore = "open bug: a two-VM net boot can end with one guest dead (CI 2026-11-30: VM a ended unexpectedly before sending a frame; 4 host or guest triple faults in 24 iperf3 runs under load, 0 in 48 since); run by hand: cargo test -p vireo-tests --test net -- --ignored"]
+#[ignore = "open bug (README, Virtual network): a two-VM QEMU boot can end early: a guest triple fault (kernel-text #PF while its tables map the RIP, once in a bench run) and, before the IDT used IST only for #DF/NMI/#MC, a host triple fault at the #VMEXIT return (1 in 6 iperf3 runs with a CPU hog; 0 in 24 since); run by hand: cargo test -p vireo-tests --test net -- --ignored"]
 fn linux_net_ping_bochs_vmx() {
     let out = two_vms(Machine::BochsVmx, 2, 1200, false);
     out.assert_exit_ok();
