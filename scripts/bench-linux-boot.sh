@@ -24,6 +24,8 @@ Usage: scripts/bench-linux-boot.sh [--runs N] [--cmdline "HYPERVISOR ARGS"] [--e
 
 QEMU TCG SVM only (the native side needs an emulator that boots Linux directly: QEMU's
 -kernel). Prints the native and Vireo times (median), the ratio, and Vireo's exit table.
+
+Environment: VIREO_EMU_LOCK=FILE holds flock FILE around each native/Vireo pair of runs.
 EOF2
 }
 while [[ $# -gt 0 ]]; do
@@ -79,6 +81,9 @@ median() { sort -g | awk '{a[NR]=$1} END {print (NR % 2) ? a[(NR+1)/2] : (a[NR/2
 
 native=() vireo=() part=() vm_to_init=()
 for _ in $(seq "$RUNS"); do
+    # Each native/Vireo pair under one hold of the emulator lock (VIREO_EMU_LOCK): the two are
+    # compared, so they should see the same machine.
+    emu_lock
     read -r t _ _ < <(time_to_init timeout 300 qemu-system-x86_64 -accel tcg -cpu qemu64,+svm,+npt -m 512 -display none \
         -serial stdio -no-reboot -nic none -kernel "$KERNEL" -initrd "$INITRD" -append "$APPEND")
     native+=("$t")
@@ -87,6 +92,7 @@ for _ in $(seq "$RUNS"); do
     vireo+=("$t")
     part+=("$(awk -v a="$first" -v b="$start" 'BEGIN { printf "%.3f", b - a }')")
     vm_to_init+=("$(awk -v a="$start" -v b="$t" 'BEGIN { printf "%.3f", b - a }')")
+    emu_unlock
 done
 n="$(printf '%s\n' "${native[@]}" | median)"
 v="$(printf '%s\n' "${vireo[@]}" | median)"

@@ -767,6 +767,10 @@ impl Backend for SvmVcpu {
         SvmVcpu::set_cr2(self, cr2);
     }
 
+    fn cr2(&self) -> u64 {
+        SvmVcpu::cr2(self)
+    }
+
     fn pat(&self) -> u64 {
         SvmVcpu::pat(self)
     }

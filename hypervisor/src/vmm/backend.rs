@@ -107,6 +107,8 @@ pub trait Backend {
 
     /// Sets the guest's CR2 (the faulting address of a #PF the core injects).
     fn set_cr2(&mut self, cr2: u64);
+    /// The guest's CR2 (its last #PF's address), for reports.
+    fn cr2(&self) -> u64;
     /// A slice of this vCPU starts on this host CPU: load guest state the hardware does not
     /// switch on entry (VMX: CR2, SDM Vol. 3C §27.3 / §28.5 leave it alone).
     fn slice_start(&mut self) {}

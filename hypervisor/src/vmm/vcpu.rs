@@ -989,10 +989,13 @@ impl Vcpu {
     fn report_fault_state<B: Backend>(&self, vm: &Vm, cpu: &B, exit: &Exit) {
         let paging = GuestPaging { cr0: cpu.cr0(), cr3: cpu.cr3(), cr4: cpu.cr4(), efer: cpu.efer() };
         let walk = walk::translate(&vm.mem, paging, exit.rip);
+        // The last #PF's address, and what the tables in RAM say of it now.
+        let cr2 = cpu.cr2();
+        let cr2_walk = walk::translate(&vm.mem, paging, cr2);
         let cs = cpu.segment(SegReg::Cs);
         let tr = cpu.segment(SegReg::Tr);
         crate::report!(
-            "vm name={} fault-state vcpu={} rip={:#x} cr0={:#x} cr3={:#x} cr4={:#x} efer={:#x} rflags={:#x} cpl={} cs={:#x} tr_base={:#x} rip_walk={:?}",
+            "vm name={} fault-state vcpu={} rip={:#x} cr0={:#x} cr3={:#x} cr4={:#x} efer={:#x} rflags={:#x} cpl={} cs={:#x} tr_base={:#x} rip_walk={:?} cr2={:#x} cr2_walk={:?}",
             vm.name,
             self.index,
             exit.rip,
@@ -1004,7 +1007,9 @@ impl Vcpu {
             cpu.cpl(),
             cs.selector,
             tr.base,
-            walk
+            walk,
+            cr2,
+            cr2_walk
         );
     }
 

@@ -1093,6 +1093,11 @@ impl Backend for VmxVcpu {
         self.deadline = tsc;
     }
 
+    fn cr2(&self) -> u64 {
+        // During a slice the guest's CR2 is the register's (Vireo takes no #PF of its own).
+        instr::read_cr2()
+    }
+
     fn set_cr2(&mut self, cr2: u64) {
         // Called during a slice: the guest's CR2 is the register's until `slice_end`.
         self.cr2 = cr2;

@@ -181,6 +181,10 @@ impl Backend for Mock {
     fn set_cr2(&mut self, cr2: u64) {
         self.cr2 = cr2;
     }
+
+    fn cr2(&self) -> u64 {
+        self.cr2
+    }
 }
 
 /// `OUT` of a dword to the self-test interrupt source (`guest_abi`): vector in AL, delay above.
