@@ -154,6 +154,8 @@ pub struct SvmVcpu {
     rflags_written: bool,
     /// The host CPU of the last VMRUN (`usize::MAX`: none yet).
     last_cpu: usize,
+    /// The nested page tables' root, as written into N_CR3 (checked before every VMRUN).
+    npt_root: u64,
 }
 
 /// Per host CPU: the VMCB of its last VMRUN (a CPU's cached VMCB state is another VMCB's
@@ -270,6 +272,7 @@ impl SvmVcpu {
             dirty: clean::ALL,
             rflags_written: true,
             last_cpu: usize::MAX,
+            npt_root,
         };
         let rdpru = cpu_has_rdpru();
         let v = vcpu.vmcb_mut();
@@ -597,6 +600,31 @@ impl Backend for SvmVcpu {
             return Exit {
                 kind: ExitKind::EntryFailed {
                     reason: "SVM is not enabled on this CPU (svm::enable was not called)",
+                    code: code::INVALID,
+                },
+                rip,
+                next_rip: rip,
+                raw: code::INVALID,
+                tsc: 0,
+                events: Default::default(),
+            };
+        }
+        // Nested paging is set once, at `new`, and nothing in Vireo changes it: a VMCB whose
+        // NP_ENABLE or N_CR3 changed was written by something else (a stray write into this
+        // page). Entering would run the guest on other tables or none: refuse, and say so.
+        let c = &self.vmcb().control;
+        if c.np_enable & NP_ENABLE == 0 || c.n_cr3 != self.npt_root {
+            crate::report!(
+                "svm vmcb=0x{:x} corrupted np_enable={:#x} n_cr3={:#x} expected_n_cr3={:#x}",
+                self.vmcb_pa,
+                c.np_enable,
+                c.n_cr3,
+                self.npt_root
+            );
+            let rip = self.rip();
+            return Exit {
+                kind: ExitKind::EntryFailed {
+                    reason: "the VMCB's nested paging fields changed behind Vireo",
                     code: code::INVALID,
                 },
                 rip,
