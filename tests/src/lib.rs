@@ -128,6 +128,8 @@ pub struct Boot {
     /// `--type-after PATTERN TEXT` (QEMU only): typed on Vireo's console once a serial line
     /// contains PATTERN.
     pub type_after: Option<(String, String)>,
+    /// QEMU runs every emulated CPU on one host thread (`VIREO_TCG_THREAD=single`).
+    pub tcg_single: bool,
 }
 
 impl Boot {
@@ -142,6 +144,7 @@ impl Boot {
             smp: None,
             mem_mib: None,
             type_after: None,
+            tcg_single: false,
         }
     }
 
@@ -168,6 +171,14 @@ impl Boot {
     pub fn type_after(mut self, pattern: &str, text: &str) -> Self {
         assert_eq!(self.machine, Machine::QemuSvm, "--type-after is a run-qemu.sh option");
         self.type_after = Some((pattern.to_string(), text.to_string()));
+        self
+    }
+
+    /// QEMU TCG with one host thread for all emulated CPUs (`VIREO_TCG_THREAD=single`)
+    /// instead of one per CPU.
+    pub fn tcg_single_thread(mut self) -> Self {
+        assert_eq!(self.machine, Machine::QemuSvm, "a QEMU setting");
+        self.tcg_single = true;
         self
     }
 
@@ -208,6 +219,9 @@ impl Boot {
         }
         if let Some((pattern, text)) = &self.type_after {
             cmd.args(["--type-after", pattern, text]);
+        }
+        if self.tcg_single {
+            cmd.env("VIREO_TCG_THREAD", "single");
         }
         if !self.cmdline.is_empty() {
             cmd.args(["--cmdline", &self.cmdline]);
