@@ -540,6 +540,21 @@ impl SvmVcpu {
     }
 }
 
+impl SvmVcpu {
+    /// An entry Vireo refused before VMRUN, for `reason`.
+    fn refused(&self, reason: &'static str) -> Exit {
+        let rip = self.rip();
+        Exit {
+            kind: ExitKind::EntryFailed { reason, code: code::INVALID },
+            rip,
+            next_rip: rip,
+            raw: code::INVALID,
+            tsc: 0,
+            events: Default::default(),
+        }
+    }
+}
+
 impl Backend for SvmVcpu {
     fn load_state(&mut self, state: &CpuState) {
         let cpl = if state.cr0 & CR0_PE == 0 {
@@ -596,18 +611,7 @@ impl Backend for SvmVcpu {
         let this_cpu = percpu::current();
         let host_save = this_cpu.svm_host_save();
         if host_save == 0 {
-            let rip = self.rip();
-            return Exit {
-                kind: ExitKind::EntryFailed {
-                    reason: "SVM is not enabled on this CPU (svm::enable was not called)",
-                    code: code::INVALID,
-                },
-                rip,
-                next_rip: rip,
-                raw: code::INVALID,
-                tsc: 0,
-                events: Default::default(),
-            };
+            return self.refused("SVM is not enabled on this CPU (svm::enable was not called)");
         }
         // Nested paging is set once, at `new`, and nothing in Vireo changes it: a VMCB whose
         // NP_ENABLE or N_CR3 changed was written by something else (a stray write into this
@@ -621,18 +625,7 @@ impl Backend for SvmVcpu {
                 c.n_cr3,
                 self.npt_root
             );
-            let rip = self.rip();
-            return Exit {
-                kind: ExitKind::EntryFailed {
-                    reason: "the VMCB's nested paging fields changed behind Vireo",
-                    code: code::INVALID,
-                },
-                rip,
-                next_rip: rip,
-                raw: code::INVALID,
-                tsc: 0,
-                events: Default::default(),
-            };
+            return self.refused("the VMCB's nested paging fields changed behind Vireo");
         }
         let tlb = self.tlb_next;
         let v = self.vmcb_areas(0);
