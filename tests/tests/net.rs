@@ -20,7 +20,7 @@ const NET_CMDLINE: &str = "console=ttyS0 panic=-1 linux_guest_compute=1 linux_gu
 /// QEMU runs both emulated CPUs on one host thread (`VIREO_TCG_THREAD=single`): with one
 /// thread per CPU (MTTCG) and both CPUs in busy guests, QEMU 7.2 was seen to lose a guest's
 /// or the host's page walks right after a world switch (a #PF on present kernel text, then on
-/// the IDT: README, "Virtual network"): in 4 of 10 such boots in one hour on this machine
+/// the IDT: README, "Virtual network"): in 4 of 9 such boots in one hour on this machine
 /// (none of 16 in the next), and in none of 18 with one thread. Bochs emulates its CPUs on
 /// one thread anyway.
 fn two_vms(machine: Machine, smp: u32, timeout: u64, iperf: bool) -> Outcome {
