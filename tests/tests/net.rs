@@ -26,8 +26,10 @@ const NET_CMDLINE: &str = "console=ttyS0 panic=-1 linux_guest_compute=1 linux_gu
 fn two_vms(machine: Machine, smp: u32, timeout: u64, iperf: bool) -> Outcome {
     let (kernel, initrd) = linux_net_guest();
     let (sa, sb) = if iperf { (",iperf=server", ",iperf=client") } else { ("", "") };
-    let a = format!("a mem=160M net=sw0 -- {NET_CMDLINE} linux_guest_net=10.0.0.1/24,peer=10.0.0.2{sa}");
-    let b = format!("b mem=160M net=sw0 -- {NET_CMDLINE} linux_guest_net=10.0.0.2/24,peer=10.0.0.1{sb}");
+    // Bochs runs iperf3 for 1 s of guest time (the default 3 s is minutes there).
+    let secs = if machine == Machine::QemuSvm { "" } else { " linux_guest_net_secs=1" };
+    let a = format!("a mem=160M net=sw0 -- {NET_CMDLINE}{secs} linux_guest_net=10.0.0.1/24,peer=10.0.0.2{sa}");
+    let b = format!("b mem=160M net=sw0 -- {NET_CMDLINE}{secs} linux_guest_net=10.0.0.2/24,peer=10.0.0.1{sb}");
     let boot = Boot::new(machine);
     let boot = if machine == Machine::QemuSvm { boot.tcg_single_thread() } else { boot };
     boot.smp(smp)
@@ -113,25 +115,33 @@ fn linux_net_iperf3_qemu_tcg_svm() {
     let out = two_vms(Machine::QemuSvm, 2, 600, true);
     out.assert_exit_ok();
     check_ping(&out);
+    check_iperf(&out);
+}
+
+/// Both sides' iperf3 finished with a throughput.
+fn check_iperf(out: &Outcome) {
     for vm in ["a", "b"] {
-        let line = guest_value(&out, vm, "net iperf");
+        let line = guest_value(out, vm, "net iperf");
         let bps: f64 = field(&line, "bits_per_second").and_then(|v| v.parse().ok()).unwrap_or(0.0);
         assert!(bps > 0.0, "{vm}: {line}\n{out:?}");
     }
 }
 
-/// Bochs (AMD SVM with nRIP): ping only, as on Bochs VMX.
+/// Bochs (AMD SVM with nRIP): ping, then iperf3 for 1 s of guest time.
 #[test]
-fn linux_net_ping_bochs_svm() {
-    let out = two_vms(Machine::BochsSvm, 2, 1200, false);
+fn linux_net_iperf3_bochs_svm() {
+    let out = two_vms(Machine::BochsSvm, 2, 1500, true);
     out.assert_exit_ok();
     check_ping(&out);
+    check_iperf(&out);
 }
 
-/// Bochs (Intel VMX): ping only (two Linux boots on one emulated 2-CPU machine are slow).
+/// Bochs (Intel VMX): ping, then iperf3 for 1 s of guest time (two Linux boots on one
+/// emulated 2-CPU machine are slow).
 #[test]
-fn linux_net_ping_bochs_vmx() {
-    let out = two_vms(Machine::BochsVmx, 2, 1200, false);
+fn linux_net_iperf3_bochs_vmx() {
+    let out = two_vms(Machine::BochsVmx, 2, 1500, true);
     out.assert_exit_ok();
     check_ping(&out);
+    check_iperf(&out);
 }
