@@ -23,8 +23,11 @@
 //! The platform described is a PC without SMM: SMI_CMD is 0, so ACPI mode is always on (the
 //! OS never hands over from legacy mode, and the PM1 control register's SCI_EN bit must read 1),
 //! with one PM1a event block, one PM1a control block, a 24-bit PM timer, no GPE blocks, no
-//! fixed power or sleep button, a reset register in system I/O space, and a dual 8259 and an
-//! 8042 present. The module only builds bytes; emulating those registers is the caller's.
+//! fixed power or sleep button, a reset register in system I/O space, and a dual 8259. No
+//! 8042 keyboard controller is declared (IAPC_BOOT_ARCH bit 1 clear): the VMM's ports
+//! 0x60/0x64 only carry the reset line, and an 8042 declared but unable to answer costs a
+//! Linux guest its i8042 probe's timeout (about 0.5 s: "Can't read CTR while initializing
+//! i8042"). The module only builds bytes; emulating those registers is the caller's.
 //!
 //! What the VMM must provide for Linux to use these tables (checked by booting Debian's Linux
 //! 6.1 cloud kernel in QEMU q35 on them; see the dump test):
@@ -408,6 +411,7 @@ mod fadt {
 
     /// IA-PC Boot Architecture Flags, §5.2.9.3.
     pub const LEGACY_DEVICES: u16 = 1 << 0; // ISA-style devices not enumerated in ACPI
+    #[allow(dead_code)] // never declared: the VMM's 0x60/0x64 are a reset line, not an 8042
     pub const I8042: u16 = 1 << 1; // an 8042 keyboard controller at ports 0x60/0x64
 
     /// Preferred_PM_Profile 0: unspecified.
@@ -720,7 +724,11 @@ fn fadt(config: &AcpiConfig, facs_addr: u64, dsdt_addr: u64) -> Vec<u8> {
     t.put_u16(fadt::P_LVL3_LAT, fadt::C3_NOT_SUPPORTED);
     // CENTURY 0: no century byte in CMOS; Linux then takes years 00-69 as 20xx.
     t.put_u8(fadt::CENTURY, 0);
-    t.put_u16(fadt::IAPC_BOOT_ARCH, fadt::LEGACY_DEVICES | fadt::I8042);
+    // No 8042: ports 0x60/0x64 carry only the reset line (devices/pm.rs). With bit 1 clear
+    // (FADT revision 2 or later) Linux marks the i8042 absent and does not probe it; with it
+    // set and no PNP0303 device it probes the ports directly and waits 0.5 s for a
+    // controller configuration byte that never comes.
+    t.put_u16(fadt::IAPC_BOOT_ARCH, fadt::LEGACY_DEVICES);
     t.put_u32(fadt::FLAGS, fadt_flags(config));
 
     let reset = if config.reset_port != 0 { Gas::io(config.reset_port, 1, Gas::ACCESS_BYTE) } else { Gas::NONE };
@@ -1234,7 +1242,8 @@ mod tests {
         assert_eq!((f[92], f[93]), (0, 0), "GPE0_BLK_LEN, GPE1_BLK_LEN");
         assert_eq!(u16_at(f, 96), 101, "P_LVL2_LAT: no C2");
         assert_eq!(u16_at(f, 98), 1001, "P_LVL3_LAT: no C3");
-        assert_eq!(u16_at(f, 109), 0b11, "IAPC_BOOT_ARCH: LEGACY_DEVICES | 8042");
+        assert_eq!(u16_at(f, 109), fadt::LEGACY_DEVICES, "IAPC_BOOT_ARCH: LEGACY_DEVICES, no 8042");
+        assert_eq!(u16_at(f, 109) & fadt::I8042, 0);
         let flags = u32_at(f, 112);
         // WBINVD, PROC_C1, PWR_BUTTON, SLP_BUTTON, FIX_RTC, RESET_REG_SUP, FORCE_APIC_PHYSICAL.
         assert_eq!(flags, 1 | 1 << 2 | 1 << 4 | 1 << 5 | 1 << 6 | 1 << 10 | 1 << 19, "FLAGS {flags:#x}");
