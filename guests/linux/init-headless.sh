@@ -66,6 +66,9 @@ if [ "${linux_guest_bench:-}" = scaling ]; then
     while :; do sleep 3600; done
 fi
 
+# The TSC first (scripts/bench-linux-boot.sh times the boot to here in guest time with it),
+# then the uptime line the tests and the wall-clock timing wait for.
+[ -x /bin/perfprobe ] && echo "linux-guest: init_tsc $(/bin/perfprobe tsc)"
 t_init="$(up)"
 echo "linux-guest: init_uptime $t_init"
 echo "linux-guest: uname $(uname -a)"

@@ -58,7 +58,14 @@ pub fn kernel_main(magic: u32, mbi_addr: u32) -> ! {
     #[cfg(target_os = "none")]
     arch::idt::init();
     console::logger::init(log::LevelFilter::Info);
-    report!("starting version={} build={}", VERSION, if TEST_HOOKS { "test-hooks" } else { "release" });
+    // tsc=: the TSC at this line, so that a benchmark can time Vireo's own part in guest
+    // time (under QEMU -icount the TSC counts executed instructions).
+    report!(
+        "starting version={} build={} tsc={}",
+        VERSION,
+        if TEST_HOOKS { "test-hooks" } else { "release" },
+        crate::vmm::vm::rdtsc()
+    );
 
     // SAFETY: EBX at entry is the loader's information address; the boot page tables
     // identity-map the first 4 GiB, where a 32-bit pointer lies.

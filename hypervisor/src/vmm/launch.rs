@@ -12,7 +12,7 @@ use super::{
     spec::VmSpec,
     state::{CpuState, DescriptorTable},
     vcpu::{SliceEnd, Vcpu},
-    vm::Vm,
+    vm::{rdtsc, Vm},
 };
 use crate::{
     arch::cpu::{SvmCaps, Virtualization, VmxCaps},
@@ -389,7 +389,7 @@ pub fn build_vm(
         vm.time_limit = Some(crate::arch::tsc::from_nanos(spec.timeout_s.saturating_mul(1_000_000_000)));
     }
     report!(
-        "vm name={} start backend={} mem={} cpus={} pv={} pmu={} pmu_counters={} entry={:#x} host_ram={:#x}-{:#x}",
+        "vm name={} start backend={} mem={} cpus={} pv={} pmu={} pmu_counters={} entry={:#x} host_ram={:#x}-{:#x} tsc={}",
         spec.name,
         hw.name(),
         Bytes(size),
@@ -403,7 +403,8 @@ pub fn build_vm(
         },
         entry,
         vm.mem.host_range().start,
-        vm.mem.host_range().end
+        vm.mem.host_range().end,
+        rdtsc()
     );
     if let Some(DiskRef(d)) = vm.disk {
         let d = d.lock();
