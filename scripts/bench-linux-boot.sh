@@ -33,7 +33,9 @@ QEMU TCG SVM only (the native side needs an emulator that boots Linux directly: 
 -kernel). Both sides: -cpu qemu64,+svm,+npt, 256 MiB for the guest (native: -m 256; Vireo:
 QEMU -m 512, the VM mem=256M), the same kernel, initramfs and kernel command line. Prints
 per timing the native and Vireo times (median), the ratio, Vireo's own part, and the exit
-table of the last boot under Vireo.
+table of the last boot under Vireo; with wall-clock timing also the emulator's floor: its
+world-switch round trip (a floor=on boot of the self-test guest) times the boot's exits,
+against the difference Vireo - native.
 
 Environment: VIREO_EMU_LOCK=FILE holds flock FILE around each native/Vireo pair of runs.
 EOF2
@@ -177,4 +179,33 @@ for mode in "${MODES[@]}"; do
     echo "exit table of the last boot under Vireo ($mode; under icount, cycles are instructions):"
     grep -E "vireo: vm name=linux (end|exit reason|memory)" "$log" || true
 done
+if [[ " ${MODES[*]} " == *" wall "* ]]; then
+    # How much of the wall-clock difference the emulator's own world switch accounts for: the
+    # floor's hypercall round trip (floor=on: the backend answers PING with nothing but the RIP
+    # advance and re-entry, as a minimal hypervisor would) times the boot's exits. QEMU TCG
+    # flushes its software TLB at every VMRUN and #VMEXIT, so every exit also costs refilling
+    # the guest's working set through the nested walk; the floor's tiny guest refills little,
+    # so this is a lower bound of what the exits cost a Linux guest.
+    emu_lock
+    "$VIREO_ROOT/scripts/run-qemu.sh" --headless --timeout 280 --elf "$ELF" \
+        --guest "selftest=bench bench=20000 floor=on" >"$LOGS/floor.log" 2>&1 || true
+    emu_unlock
+    python3 - "$LOGS/floor.log" "$LOGS/vireo-wall.log" "$(printf '%s\n' ${native[wall]} | median)" \
+        "$(printf '%s\n' ${vm_to_init[wall]} | median)" <<'PY'
+import re, sys
+floor, vireo = (open(p, errors="replace").read() for p in sys.argv[1:3])
+native, under = float(sys.argv[3]), float(sys.argv[4])
+tpc = re.search(r"tsc_per_call=(\d+)", floor)
+hz = re.search(r"vireo: time tsc_hz=(\d+)", vireo)
+exits = re.search(r"vireo: vm name=linux end .*exits=(\d+)", vireo)
+if not (tpc and hz and exits):
+    sys.exit("floor estimate: a line is missing (floor run or Vireo wall log): see " + sys.argv[1])
+tpc, hz, exits = int(tpc.group(1)), int(hz.group(1)), int(exits.group(1))
+floor_s = exits * tpc / hz
+diff = under - native
+print(f"emulator floor: {tpc} TSC ticks per world-switch round trip (floor=on PING) x {exits} exits "
+      f"= {floor_s:.3f} s; Vireo - native = {diff:.3f} s (medians)"
+      + (f": the floor is {100 * floor_s / diff:.0f}% of it" if diff > 0 else ""))
+PY
+fi
 echo "serial logs of the last boots: $LOGS"
