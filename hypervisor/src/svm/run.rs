@@ -6,8 +6,12 @@
 //! 1. saves the callee-saved host registers on the host stack;
 //! 2. CLGI: no interrupt, NMI or SMI until the host state is back (between VMLOAD of the
 //!    guest and VMRUN, TR/FS/GS hold guest values);
-//! 3. VMSAVE host state (FS, GS, TR, LDTR, KernelGsBase, STAR family, SYSENTER family) to
-//!    the host-save page; VMLOAD the guest's from its VMCB;
+//! 3. VMLOAD the guest's FS, GS, TR, LDTR, KernelGsBase, STAR family and SYSENTER family
+//!    from its VMCB. The host's own values are already in the host-save page: they never
+//!    change while Vireo runs (GS base and TR are set once at CPU bring-up, the rest is
+//!    unused), so [`save_host_state`] stores them once per slice instead of once per entry
+//!    (a VMSAVE less per exit: about 1 us of QEMU TCG's round trip; KVM saves them once per
+//!    vCPU load the same way);
 //! 4. loads the guest's general registers from `regs` (RAX and RSP come from the VMCB);
 //! 5. VMRUN with RAX = the VMCB's physical address. VMRUN saves host RAX/RSP/RIP/... to
 //!    VM_HSAVE_PA and #VMEXIT restores them, so execution continues after VMRUN with the
@@ -50,8 +54,6 @@ mod hw {
         // physical interrupts are taken, i.e. cause the INTR exit (APM Vol. 2 §15.21.1).
         // GIF=0 holds them off until VMRUN sets GIF.
         "sti",
-        "mov rax, rdx",
-        "vmsave rax",
         "mov rax, rdi",
         "vmload rax",
         // From here to `vireo_svm_host_loaded` the CPU holds the guest's VMLOAD state (TR, GS,
@@ -165,6 +167,30 @@ pub fn host_state_after_fault(rip: u64, rsp: u64) -> bool {
     true
 }
 
+/// Stores this CPU's host VMLOAD state (FS, GS, TR, LDTR, KernelGsBase, STAR, LSTAR,
+/// CSTAR, SFMASK, SYSENTER_CS/ESP/EIP; APM Vol. 2 §15.5.2) in `host_save_pa`, which every
+/// #VMEXIT of [`world_switch`] loads back. Called at the start of each slice; between two
+/// calls Vireo changes none of that state.
+///
+/// # Safety
+/// SVM must be enabled on this CPU (EFER.SVME: VMSAVE raises #UD otherwise) and
+/// `host_save_pa` must be this CPU's reserved host-state page.
+#[cfg(target_os = "none")]
+pub unsafe fn save_host_state(host_save_pa: u64) {
+    // SAFETY: per the contract; VMSAVE writes only the named page (APM Vol. 2 §15.5.2) and
+    // changes no register.
+    unsafe { core::arch::asm!("vmsave rax", in("rax") host_save_pa, options(nostack)) };
+}
+
+/// Host-build stand-in: nothing to save.
+///
+/// # Safety
+/// None needed on the host; the signature matches the bare-metal one.
+#[cfg(not(target_os = "none"))]
+pub unsafe fn save_host_state(host_save_pa: u64) {
+    let _ = host_save_pa;
+}
+
 /// Runs the guest of the VMCB at `vmcb_pa` once (see the module docs); returns the TSC
 /// read right after the #VMEXIT.
 ///
@@ -172,7 +198,8 @@ pub fn host_state_after_fault(rip: u64, rsp: u64) -> bool {
 /// SVM must be enabled on this CPU (EFER.SVME, VM_HSAVE_PA: `svm::enable`);
 /// `vmcb_pa` must be a valid, initialized VMCB owned by the caller, whose IOPM, MSRPM and
 /// nested page tables are valid; `host_save_pa` a 4 KiB page reserved for this CPU's host
-/// state; `regs` valid for reads and writes; RFLAGS.IF = 0 is expected (Vireo's host).
+/// state, holding it since [`save_host_state`] (this slice); `regs` valid for reads and
+/// writes; RFLAGS.IF = 0 is expected (Vireo's host).
 #[cfg(target_os = "none")]
 pub unsafe fn world_switch(vmcb_pa: u64, regs: &mut GuestRegs, host_save_pa: u64) -> u64 {
     // SAFETY: forwarded to the caller; the assembly preserves every callee-saved register

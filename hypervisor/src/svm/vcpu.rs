@@ -607,6 +607,15 @@ impl Backend for SvmVcpu {
         c.interrupt_shadow = 0;
     }
 
+    fn slice_start(&mut self) {
+        let host_save = percpu::current().svm_host_save();
+        if host_save != 0 {
+            // SAFETY: a non-zero host-save page means `enable` set EFER.SVME on this CPU and
+            // reserved the page for its host state (`run` refuses to enter otherwise).
+            unsafe { run::save_host_state(host_save) };
+        }
+    }
+
     fn run(&mut self, regs: &mut GuestRegs) -> Exit {
         let this_cpu = percpu::current();
         let host_save = this_cpu.svm_host_save();
