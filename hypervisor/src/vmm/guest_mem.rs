@@ -212,7 +212,9 @@ impl GuestMemory {
             // the VM); while ZEROING no guest can reach it (its leaf is not present) and
             // every Vireo accessor waits for READY, so nothing else touches it.
             unsafe { core::ptr::write_bytes(host as *mut u8, 0, LARGE_PAGE_SIZE as usize) };
-            self.zero_cycles.fetch_add(super::vm::rdtsc().wrapping_sub(t0), Ordering::Relaxed);
+            let first = super::vm::rdtsc().wrapping_sub(t0);
+            self.zero_cycles.fetch_add(first, Ordering::Relaxed);
+            crate::zerobench::chunk_extra(host, c, first);
             // SAFETY: the slot is this chunk's leaf entry in the VM's tables (`new`); the CPU
             // walking the tables reads the entry atomically, so an atomic store publishes
             // the mapping whole, after the zeroes (Release).
