@@ -141,6 +141,9 @@ pub fn run(cmdline: &str) {
         return;
     };
     IN_VM.store(true, core::sync::atomic::Ordering::Relaxed);
+    if mib == 0 {
+        return;
+    }
     let bytes = mib << 20;
     let mut regions = [0u64; METHODS.len()];
     for r in regions.iter_mut() {
