@@ -21,7 +21,6 @@ pub mod start;
 pub mod svm;
 pub mod vmm;
 pub mod vmx;
-pub mod zerobench;
 
 /// Vireo's version, as printed in the banner.
 pub const VERSION: &str = env!("CARGO_PKG_VERSION");

@@ -168,7 +168,6 @@ pub fn kernel_main(magic: u32, mbi_addr: u32) -> ! {
     let tsc_hz = arch::tsc::calibrate();
     let lapic_hz = arch::lapic::init();
     report!("time tsc_hz={} lapic_timer_hz={}", tsc_hz, lapic_hz.unwrap_or(0));
-    crate::zerobench::run(info.cmdline);
     let hardware = match Hardware::enable(&cpu.virt, &mut mm::frames()) {
         Ok(hw) => {
             report!("virt enabled backend={}", hw.name());
@@ -182,7 +181,6 @@ pub fn kernel_main(magic: u32, mbi_addr: u32) -> ! {
     // Every other CPU: started, set up like this one, then idle (sched::ap_main).
     arch::smp::start_aps(info.rsdp, config.cpus, hardware.map(|_| cpu.virt));
     report!("ready");
-    crate::zerobench::run(info.cmdline);
 
     // The host CPUs with virtualization enabled run vCPUs.
     if let Some(hw) = hardware {

@@ -195,24 +195,6 @@ impl GuestMemory {
         self.chunk_state.iter().filter(|s| s.load(Ordering::Relaxed) == CHUNK_READY).count()
     }
 
-    /// THROWAWAY: (all-zero 4 KiB pages, pages) in the populated chunks.
-    pub fn zero_pages(&self) -> (usize, usize) {
-        let (mut z, mut n) = (0, 0);
-        for c in 0..self.chunk_state.len() {
-            if self.chunk_state[c].load(Ordering::Acquire) != CHUNK_READY {
-                continue;
-            }
-            for pg in 0..512u64 {
-                let p = (self.host_base + c as u64 * LARGE_PAGE_SIZE + pg * 4096) as *const u64;
-                n += 1;
-                if (0..512).all(|i| unsafe { core::ptr::read_volatile(p.add(i)) } == 0) {
-                    z += 1;
-                }
-            }
-        }
-        (z, n)
-    }
-
     /// TSC cycles spent zeroing chunks so far (for reports).
     pub fn zero_cycles(&self) -> u64 {
         self.zero_cycles.load(Ordering::Relaxed)
@@ -230,9 +212,7 @@ impl GuestMemory {
             // the VM); while ZEROING no guest can reach it (its leaf is not present) and
             // every Vireo accessor waits for READY, so nothing else touches it.
             unsafe { core::ptr::write_bytes(host as *mut u8, 0, LARGE_PAGE_SIZE as usize) };
-            let first = super::vm::rdtsc().wrapping_sub(t0);
-            self.zero_cycles.fetch_add(first, Ordering::Relaxed);
-            crate::zerobench::chunk_extra(host, c, first);
+            self.zero_cycles.fetch_add(super::vm::rdtsc().wrapping_sub(t0), Ordering::Relaxed);
             // SAFETY: the slot is this chunk's leaf entry in the VM's tables (`new`); the CPU
             // walking the tables reads the entry atomically, so an atomic store publishes
             // the mapping whole, after the zeroes (Release).

@@ -388,8 +388,6 @@ impl Vm {
             (self.mem.populated_chunks() as u64 * crate::mm::LARGE_PAGE_SIZE) >> 20,
             tsc::to_nanos(self.mem.zero_cycles()) / 1000
         );
-        let (zp, np) = self.mem.zero_pages();
-        report!("vm name={name} zerobench zero_pages={zp} of {np}");
         for (class, s) in stats.nonzero() {
             report!(
                 "vm name={name} exit reason={class} count={} cycles={} avg_cycles={}",
