@@ -73,6 +73,55 @@ impl From<MapError> for GuestMemError {
     }
 }
 
+/// Zeroes one 2 MiB chunk of host memory with non-temporal 8-byte stores (MOVNTI), 64 bytes
+/// per loop iteration, then SFENCE.
+///
+/// Why this and not `write_bytes` (a `rep stosq`): measured on 2026-11-30 (README, "lazy"
+/// RAM), per MiB, `rep stosq` against this loop: QEMU 7.2 TCG ~1.0M against ~0.5-0.7M TSC
+/// cycles (TCG runs each `rep` iteration as its own translation block, a plain store loop
+/// runs eight stores per block); Bochs 2.7 0.87 s against 0.89 s of host time per 128 MiB
+/// (the same); a real Xeon (user space) ~230 against ~118 us per 2 MiB (streaming stores
+/// write whole lines without reading them first). MOVNTI uses general registers only, so
+/// Vireo stays off the SSE registers, which hold the running guest's state (`arch::fpu`).
+///
+/// Ordering: non-temporal stores are weakly ordered, not ordered with later ordinary stores
+/// (SDM Vol. 3A §9.2.2, "Memory Ordering in P6 and More Recent Processor Families"; APM Vol.
+/// 2 §7.4.2); SFENCE makes every earlier store globally visible before any later store (SDM
+/// Vol. 2B, SFENCE), so the caller may publish the chunk (its leaf, its state) right after.
+/// The same CPU's later loads see its own stores either way.
+///
+/// # Safety
+/// `chunk` must be 2 MiB of writable memory, 8-byte aligned (here: a 2 MiB-aligned chunk of
+/// the identity map), that nothing else reads or writes during the call.
+unsafe fn zero_chunk(chunk: *mut u8) {
+    debug_assert_eq!(chunk as u64 % 64, 0);
+    // SAFETY: the caller gives 2 MiB of writable, unshared memory at `chunk`; the loop writes
+    // exactly `[chunk, chunk + 2 MiB)` (a multiple of 64 bytes) and touches no other memory
+    // and no register beyond the operands named; MOVNTI needs only SSE2 (every x86-64 CPU)
+    // and no SSE register or control state; SFENCE orders the stores (see above).
+    unsafe {
+        core::arch::asm!(
+            "2:",
+            "movnti qword ptr [{p}], {zero}",
+            "movnti qword ptr [{p} + 8], {zero}",
+            "movnti qword ptr [{p} + 16], {zero}",
+            "movnti qword ptr [{p} + 24], {zero}",
+            "movnti qword ptr [{p} + 32], {zero}",
+            "movnti qword ptr [{p} + 40], {zero}",
+            "movnti qword ptr [{p} + 48], {zero}",
+            "movnti qword ptr [{p} + 56], {zero}",
+            "add {p}, 64",
+            "cmp {p}, {end}",
+            "jb 2b",
+            "sfence",
+            p = inout(reg) chunk => _,
+            end = in(reg) chunk.add(LARGE_PAGE_SIZE as usize),
+            zero = in(reg) 0u64,
+            options(nostack),
+        );
+    }
+}
+
 /// A chunk's life: not yet touched (leaf not present), being zeroed by one CPU, usable.
 const CHUNK_UNTOUCHED: u8 = 0;
 const CHUNK_ZEROING: u8 = 1;
@@ -209,9 +258,11 @@ impl GuestMemory {
             let host = self.host_base + c as u64 * LARGE_PAGE_SIZE;
             let t0 = super::vm::rdtsc();
             // SAFETY: the chunk lies in this VM's RAM allocation (identity-mapped, owned by
-            // the VM); while ZEROING no guest can reach it (its leaf is not present) and
-            // every Vireo accessor waits for READY, so nothing else touches it.
-            unsafe { core::ptr::write_bytes(host as *mut u8, 0, LARGE_PAGE_SIZE as usize) };
+            // the VM, 2 MiB aligned); while ZEROING no guest can reach it (its leaf is not
+            // present) and every Vireo accessor waits for READY, so nothing else touches it.
+            // `zero_chunk` ends with SFENCE, so the zeroes are globally visible before the
+            // leaf and the state below are stored.
+            unsafe { zero_chunk(host as *mut u8) };
             self.zero_cycles.fetch_add(super::vm::rdtsc().wrapping_sub(t0), Ordering::Relaxed);
             // SAFETY: the slot is this chunk's leaf entry in the VM's tables (`new`); the CPU
             // walking the tables reads the entry atomically, so an atomic store publishes
@@ -398,6 +449,25 @@ mod tests {
         assert!(mem.populate_at(0x1234));
         assert_eq!(mem.populated_chunks(), 3);
         assert!(!mem.populate_at(3 * CHUNK), "beyond RAM");
+    }
+
+    #[test]
+    fn zero_chunk_clears_exactly_the_chunk() {
+        extern crate std;
+        let len = CHUNK as usize + 128;
+        let layout = std::alloc::Layout::from_size_align(len, 64).unwrap();
+        // SAFETY (test): a fresh allocation of `len` bytes, filled before use, freed below.
+        unsafe {
+            let buf = std::alloc::alloc(layout);
+            assert!(!buf.is_null());
+            core::ptr::write_bytes(buf, 0xA5, len);
+            zero_chunk(buf.add(64));
+            let all = core::slice::from_raw_parts(buf, len);
+            assert!(all[..64].iter().all(|&b| b == 0xA5), "nothing before the chunk");
+            assert!(all[64..64 + CHUNK as usize].iter().all(|&b| b == 0), "the whole chunk");
+            assert!(all[64 + CHUNK as usize..].iter().all(|&b| b == 0xA5), "nothing after it");
+            std::alloc::dealloc(buf, layout);
+        }
     }
 
     #[test]
