@@ -25,8 +25,8 @@ Installs what is missing for the given components (default: all of them):
           kernel headers: gcc-12 (the compiler Debian built the bookworm kernel with), make,
           binutils, libelf1 (objtool from linux-kbuild links it)
   bench   third-party benchmarks for scripts/scoreboard.sh's guest: sysbench,
-          linux-perf (perf bench), stress-ng and dbench (with its client.txt), copied with the shared libraries they link into that
-          guest's initramfs
+          linux-perf (perf bench), stress-ng and dbench (with its loadfile client.txt),
+          copied with the shared libraries they link into that guest's initramfs
   all     all of the above
 
 Debian packages are installed with apt-get (non-interactive, --no-install-recommends, after

@@ -11,11 +11,18 @@
 # build/scoreboard/initramfs.cpio.gz: busybox, /init = guests/linux/scoreboard/init.sh,
 # /lib/modules/vireo.ko (scripts/guest-linux.sh's module) and the static programs scorebench
 # and nullprog built from guests/linux/scoreboard/*.c (gcc -O2 -static) each time this script
-# runs, and Debian's sysbench and perf (linux-perf; scripts/install-deps.sh bench) with the
-# shared libraries ldd names for them, for the third-party benchmarks: sysbench-threads,
+# runs, and Debian's sysbench, perf (linux-perf), stress-ng and dbench (scripts/install-deps.sh
+# bench; dbench's loadfile /usr/share/dbench/client.txt too) with the shared libraries ldd
+# names for them, for the third-party benchmarks: sysbench-threads,
 # perf-syscall (`perf bench syscall basic`: getppid), perf-pipe (`perf bench sched pipe`: two
 # processes ping-pong through pipes) and perf-messaging (`perf bench sched messaging -g 1`:
-# 40 processes exchanging messages over sockets, hackbench). The kernel command line
+# 40 processes exchanging messages over sockets, hackbench); and Debian's stress-ng and dbench:
+# stress-ng-switch (`stress-ng --switch 1 --switch-ops N`: context switches through a pipe,
+# a fixed count of bogo operations, the time from stress-ng's own metrics) and dbench (`dbench
+# -t T 1` with its loadfile client.txt on a tmpfs: dbench runs for a time, not a work count,
+# and reports a throughput X MB/s; the scoreboard takes 1e9 / X ns per MB as its time per
+# operation, so its Vireo/native ratio is native MB/s over Vireo MB/s: under -icount, and on
+# Bochs, its T seconds are guest time on both sides, so the two figures compare). The kernel command line
 # (sb_iters=NAME:N,... sb_reps=R) says what the guest runs; it is the same on both sides:
 # "console=ttyS0 panic=-1 sb_iters=... sb_reps=...".
 #
@@ -89,7 +96,8 @@ Usage: scripts/scoreboard.sh [--emulator qemu-svm|bochs-vmx] [OPTIONS]
 The VMI-style overhead scoreboard: micro-benchmarks of the Debian Linux guest (null system
 call, SIGSEGV and SIGFPE delivery, fork+wait, fork+exec, pipe round trip, mmap/munmap,
 first-touch page faults, a compute loop; and the third-party sysbench threads, perf bench
-syscall basic, perf bench sched pipe and perf bench sched messaging) natively and as a
+syscall basic, perf bench sched pipe, perf bench sched messaging, stress-ng --switch and
+dbench on a tmpfs: ns per MB from its MB/s, at least 2 s of guest time) natively and as a
 1-vCPU VM under Vireo in the same emulator, in one run: per benchmark the native and Vireo
 ns per operation, the ratio Vireo/native with a 95% confidence interval over the
 repetitions, and the VM's exits per second by reason. The method is in this script's header.
@@ -338,6 +346,12 @@ def parse(path):
 
 ratio = ratio_ci
 
+# Benchmarks whose "operation" is not a count of iterations (also in the JSON, as "operation").
+OPERATION = {
+    "dbench": "a throughput benchmark: one operation = 1 MB of dbench's reads and writes, "
+              "ns_per_op = 1e9 / its MB/s, so the ratio is native MB/s / Vireo MB/s",
+}
+
 def fmt(x, nd=3):
     if x is None:
         return "n/a"
@@ -398,6 +412,10 @@ def main(manifest, benches, out, meta):
         rows.append(dict(name=b, native_ns_per_op=mn, native_ci95=hn, native_n=nn, vireo_ns_per_op=mv,
                          vireo_ci95=hv, vireo_n=nv, ratio=r, ratio_ci95=h, native_samples=a, vireo_samples=v,
                          exits_per_s_total=total, exits_per_s=ex))
+        if b in OPERATION:
+            rows[-1]["operation"] = OPERATION[b]
+            rows[-1]["native_mb_per_s"] = stats([1e9 / x for x in a])[0] if a else None
+            rows[-1]["vireo_mb_per_s"] = stats([1e9 / x for x in v])[0] if v else None
         if r is None:
             bad = 1
     for r in rows:
@@ -412,6 +430,10 @@ def main(manifest, benches, out, meta):
         print("   %-16s %10s ns %10s ns   %s%s   %s exits/s" % (
             r["name"], fmt(r["native_ns_per_op"]), fmt(r["vireo_ns_per_op"]), fmt(r["ratio"]),
             "" if r["ratio_ci95"] is None else " +- " + fmt(r["ratio_ci95"]), fmt(r["exits_per_s_total"], 1)))
+    for r in rows:
+        if r["name"] in OPERATION:
+            print("   (%s: %s; native %s MB/s, Vireo %s MB/s)" % (
+                r["name"], OPERATION[r["name"]], fmt(r["native_mb_per_s"]), fmt(r["vireo_mb_per_s"])))
     meta["guest_native"] = starts.get("native", "")
     meta["guest_vireo"] = starts.get("vireo", "")
     doc = dict(meta, benchmarks=rows)

@@ -6,7 +6,8 @@
 # (QEMU -kernel) and as a VM under Vireo.
 # The kernel command line says what to run (the kernel hands unknown key=value parameters to
 # init as environment variables):
-#   sb_iters=NAME:N,NAME:N,...   the benchmarks, in this order, with their iterations
+#   sb_iters=NAME:N,NAME:N,...   the benchmarks, in this order, with their iterations (for
+#                                dbench, which runs for a time, its seconds)
 #   sb_reps=R                    repetitions (default 1): R rounds over the whole list
 # It loads vireo.ko (under Vireo it gives /sys/hypervisor/vireo; natively insmod fails and
 # scorebench then prints no exit figures), then prints "score: start ...", the lines of
