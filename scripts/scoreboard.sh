@@ -101,9 +101,10 @@ dbench on a tmpfs: ns per MB from its MB/s, at least 2 s of guest time) natively
 1-vCPU VM under Vireo in the same emulator, in one run: per benchmark the native and Vireo
 ns per operation, the ratio Vireo/native with a 95% confidence interval over the
 repetitions, and the VM's exits per second by reason. The method is in this script's header.
-Durations (plus waits for the emulator lock; more on a loaded host):
-  qemu-svm   about 5 minutes by default, 1.5 with --quick, 1 with --tiny
-  bochs-vmx  about 12 minutes by default, 3.5 with --quick, 2 with --tiny
+Durations (plus waits for the emulator lock; more on a loaded host; dbench alone takes about
+2 s of guest time a round whatever the divisor):
+  qemu-svm   about 8 minutes by default, 2.5 with --quick, 1.5 with --tiny
+  bochs-vmx  about 13 minutes by default, 4 with --quick, 2.5 with --tiny
 
 Options:
   --emulator E       qemu-svm (default): QEMU TCG, AMD SVM (cpu qemu64,+svm,+npt), native
@@ -130,8 +131,10 @@ Environment: VIREO_EMU_LOCK=FILE runs each emulator boot under flock FILE (for m
 shared with others; the wait is not counted in the durations printed).
 
 Figures go to stdout; progress and failures to stderr. Exit status 0 if every benchmark has
-figures on both sides, 1 otherwise (a boot that does not finish its benchmarks, a timeout
-included, is reported with the end of its serial log and of its run's messages).
+figures on both sides and none failed in the guest, 1 otherwise (a boot that does not finish
+its benchmarks, a timeout included, is reported with the end of its serial log and of its
+run's messages; a benchmark that fails in the guest, with its "score: failed" line and the
+output before it).
 EOF2
 }
 
@@ -486,6 +489,13 @@ for b in $(seq "$BOOTS"); do
                 note "  and the last lines of ${log%.log}.err:"
                 grep -av '^[[:space:]]*$' "${log%.log}.err" | tail -n 12 | sed 's/^/    /' >&2 || true
             fi
+            FAILED=1
+        fi
+        # A benchmark that failed in the guest (a program or library missing from the image, a
+        # run without its figure): init.sh's "score: failed" line and the output before it.
+        if serial_clean "$log" | grep -a 'score: failed' >/dev/null; then
+            note "  $side boot $b: benchmarks failed in the guest ($log):"
+            serial_clean "$log" | grep -a -B6 'score: failed' | grep -av '^[[:space:]]*$' | tail -n 40 | sed 's/^/    /' >&2 || true
             FAILED=1
         fi
         echo "$side $log" >>"$MANIFEST"
