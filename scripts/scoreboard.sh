@@ -104,7 +104,7 @@ repetitions, and the VM's exits per second by reason. The method is in this scri
 Durations (plus waits for the emulator lock; more on a loaded host; dbench alone takes about
 2 s of guest time a round whatever the divisor):
   qemu-svm   about 8 minutes by default, 2.5 with --quick, 1.5 with --tiny
-  bochs-vmx  about 13 minutes by default, 4 with --quick, 2.5 with --tiny
+  bochs-vmx  about 15 minutes by default, 4.5 with --quick, 3 with --tiny
 
 Options:
   --emulator E       qemu-svm (default): QEMU TCG, AMD SVM (cpu qemu64,+svm,+npt), native
