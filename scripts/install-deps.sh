@@ -24,9 +24,9 @@ Installs what is missing for the given components (default: all of them):
           is installed), cpio, gzip; and to build the guest's kernel module against Debian's
           kernel headers: gcc-12 (the compiler Debian built the bookworm kernel with), make,
           binutils, libelf1 (objtool from linux-kbuild links it)
-  bench   third-party benchmarks for scripts/scoreboard.sh's guest: sysbench and
-          linux-perf (perf bench), copied with the shared libraries they link into that
-          guest's initramfs
+  bench   third-party benchmarks for scripts/scoreboard.sh's guest: sysbench,
+          linux-perf (perf bench), stress-ng and dbench (with its loadfile client.txt),
+          copied with the shared libraries they link into that guest's initramfs
   all     all of the above
 
 Debian packages are installed with apt-get (non-interactive, --no-install-recommends, after
@@ -107,6 +107,8 @@ apt_wanted() {
     if has bench; then
         echo "sysbench sysbench"
         echo "perf linux-perf"
+        echo "stress-ng stress-ng"
+        echo "dbench dbench"
     fi
 }
 

@@ -11,11 +11,18 @@
 # build/scoreboard/initramfs.cpio.gz: busybox, /init = guests/linux/scoreboard/init.sh,
 # /lib/modules/vireo.ko (scripts/guest-linux.sh's module) and the static programs scorebench
 # and nullprog built from guests/linux/scoreboard/*.c (gcc -O2 -static) each time this script
-# runs, and Debian's sysbench and perf (linux-perf; scripts/install-deps.sh bench) with the
-# shared libraries ldd names for them, for the third-party benchmarks: sysbench-threads,
+# runs, and Debian's sysbench, perf (linux-perf), stress-ng and dbench (scripts/install-deps.sh
+# bench; dbench's loadfile /usr/share/dbench/client.txt too) with the shared libraries ldd
+# names for them, for the third-party benchmarks: sysbench-threads,
 # perf-syscall (`perf bench syscall basic`: getppid), perf-pipe (`perf bench sched pipe`: two
 # processes ping-pong through pipes) and perf-messaging (`perf bench sched messaging -g 1`:
-# 40 processes exchanging messages over sockets, hackbench). The kernel command line
+# 40 processes exchanging messages over sockets, hackbench); and Debian's stress-ng and dbench:
+# stress-ng-switch (`stress-ng --switch 1 --switch-ops N`: context switches through a pipe,
+# a fixed count of bogo operations, the time from stress-ng's own metrics) and dbench (`dbench
+# -t T 1` with its loadfile client.txt on a tmpfs: dbench runs for a time, not a work count,
+# and reports a throughput X MB/s; the scoreboard takes 1e9 / X ns per MB as its time per
+# operation, so its Vireo/native ratio is native MB/s over Vireo MB/s: under -icount, and on
+# Bochs, its T seconds are guest time on both sides, so the two figures compare). The kernel command line
 # (sb_iters=NAME:N,... sb_reps=R) says what the guest runs; it is the same on both sides:
 # "console=ttyS0 panic=-1 sb_iters=... sb_reps=...".
 #
@@ -59,15 +66,20 @@ source "$(dirname "${BASH_SOURCE[0]}")/lib.sh"
 
 EMULATORS=(qemu-svm bochs-vmx)
 ALL_BENCHES=(null sigsegv sigfpe fork exec pipe mmap pagefault compute sysbench-threads perf-syscall perf-pipe
-    perf-messaging)
-# Default iterations per round (0.07-0.3 s of guest time each under -icount, about 1.3 s a
+    perf-messaging stress-ng-switch dbench)
+# Default iterations per round (0.07-0.3 s of guest time each under -icount, about 1.4 s a
 # round; in host time about 5 s natively and 23 s under Vireo, where the boot itself takes
-# about 35 s). Bochs divides them further (bochs_defaults below).
+# about 35 s), and dbench's seconds (about 2.1 s of guest time with its start and clean-up:
+# about 7 s of host time natively and 18 s under Vireo). Bochs divides them further
+# (bochs_defaults below).
 declare -A ITERS=(
     [null]=200000 [sigsegv]=20000 [sigfpe]=20000 [fork]=400 [exec]=300 [pipe]=10000
     [mmap]=10000 [pagefault]=50000 [compute]=20000000 [sysbench-threads]=1000
-    [perf-syscall]=200000 [perf-pipe]=10000 [perf-messaging]=20
+    [perf-syscall]=200000 [perf-pipe]=10000 [perf-messaging]=20 [stress-ng-switch]=10000 [dbench]=2
 )
+# dbench's figure is its seconds (-t), not a count of operations: no divisor takes it under 2
+# (guests/linux/scoreboard/init.sh, dbench_tmpfs).
+declare -A MIN_ITERS=([dbench]=2)
 EMULATOR=qemu-svm
 REPEATS=""
 BOOTS=1
@@ -86,13 +98,15 @@ Usage: scripts/scoreboard.sh [--emulator qemu-svm|bochs-vmx] [OPTIONS]
 The VMI-style overhead scoreboard: micro-benchmarks of the Debian Linux guest (null system
 call, SIGSEGV and SIGFPE delivery, fork+wait, fork+exec, pipe round trip, mmap/munmap,
 first-touch page faults, a compute loop; and the third-party sysbench threads, perf bench
-syscall basic, perf bench sched pipe and perf bench sched messaging) natively and as a
+syscall basic, perf bench sched pipe, perf bench sched messaging, stress-ng --switch and
+dbench on a tmpfs: ns per MB from its MB/s, at least 2 s of guest time) natively and as a
 1-vCPU VM under Vireo in the same emulator, in one run: per benchmark the native and Vireo
 ns per operation, the ratio Vireo/native with a 95% confidence interval over the
 repetitions, and the VM's exits per second by reason. The method is in this script's header.
-Durations (plus waits for the emulator lock; more on a loaded host):
-  qemu-svm   about 5 minutes by default, 1.5 with --quick, 1 with --tiny
-  bochs-vmx  about 12 minutes by default, 3.5 with --quick, 2 with --tiny
+Durations (plus waits for the emulator lock; more on a loaded host; dbench alone takes about
+2 s of guest time a round whatever the divisor):
+  qemu-svm   about 8 minutes by default, 2.5 with --quick, 1.5 with --tiny
+  bochs-vmx  about 15 minutes by default, 4.5 with --quick, 3 with --tiny
 
 Options:
   --emulator E       qemu-svm (default): QEMU TCG, AMD SVM (cpu qemu64,+svm,+npt), native
@@ -119,8 +133,10 @@ Environment: VIREO_EMU_LOCK=FILE runs each emulator boot under flock FILE (for m
 shared with others; the wait is not counted in the durations printed).
 
 Figures go to stdout; progress and failures to stderr. Exit status 0 if every benchmark has
-figures on both sides, 1 otherwise (a boot that does not finish its benchmarks, a timeout
-included, is reported with the end of its serial log and of its run's messages).
+figures on both sides and none failed in the guest, 1 otherwise (a boot that does not finish
+its benchmarks, a timeout included, is reported with the end of its serial log and of its
+run's messages; a benchmark that fails in the guest, with its "score: failed" line and the
+output before it).
 EOF2
 }
 
@@ -223,8 +239,12 @@ make_initramfs() {
     cp "$MODULE" "$stage/lib/modules/vireo.ko"
     add_dynamic "$(command -v sysbench)" "$stage" sysbench
     add_dynamic "$(command -v perf)" "$stage" perf
+    add_dynamic "$(command -v stress-ng)" "$stage" stress-ng
+    add_dynamic "$(command -v dbench)" "$stage" dbench
+    [[ -s /usr/share/dbench/client.txt ]] || die "no /usr/share/dbench/client.txt (scripts/install-deps.sh bench installs dbench)"
+    install -D -m 644 /usr/share/dbench/client.txt "$stage/usr/share/dbench/client.txt"
     chmod 755 "$stage/bin/busybox" "$stage/init"
-    for a in sh mount poweroff insmod nproc uname tr sleep awk tail stty; do
+    for a in sh mount umount mkdir poweroff insmod nproc uname tr sleep awk tail stty; do
         ln -s busybox "$stage/bin/$a"
     done
     find "$stage" -exec touch -h -d "@${SOURCE_DATE_EPOCH:-0}" {} +
@@ -237,7 +257,7 @@ make_initramfs() {
 SB_ITERS=""
 for b in "${BENCHES[@]}"; do
     n=$(( ITERS[$b] / DIVISOR ))
-    [[ "$n" -gt 0 ]] || n=1
+    [[ "$n" -ge "${MIN_ITERS[$b]:-1}" ]] || n="${MIN_ITERS[$b]:-1}"
     SB_ITERS+="${SB_ITERS:+,}$b:$n"
 done
 # Bochs: the UART sends at the baud rate set: 115200 rather than Linux's default 9600; and the
@@ -265,6 +285,11 @@ elif [[ "$EMULATOR" == qemu-svm ]]; then
     LIMIT=$(( 180 + 50 * REPEATS / DIVISOR ))
 else
     LIMIT=$(( 300 + 400 * REPEATS / DIVISOR ))
+fi
+# dbench's time is not divided: about 18 s (QEMU) or 19 s (Bochs) of host time a round under
+# Vireo, twice that here.
+if [[ "$TIMEOUT" -eq 0 && " ${BENCHES[*]} " == *" dbench "* ]]; then
+    LIMIT=$(( LIMIT + 40 * REPEATS ))
 fi
 
 : >"$WORK/durations"
@@ -331,6 +356,12 @@ def parse(path):
 
 ratio = ratio_ci
 
+# Benchmarks whose "operation" is not a count of iterations (also in the JSON, as "operation").
+OPERATION = {
+    "dbench": "a throughput benchmark: one operation = 1 MB of dbench's reads and writes, "
+              "ns_per_op = 1e9 / its MB/s, so the ratio is native MB/s / Vireo MB/s",
+}
+
 def fmt(x, nd=3):
     if x is None:
         return "n/a"
@@ -391,6 +422,10 @@ def main(manifest, benches, out, meta):
         rows.append(dict(name=b, native_ns_per_op=mn, native_ci95=hn, native_n=nn, vireo_ns_per_op=mv,
                          vireo_ci95=hv, vireo_n=nv, ratio=r, ratio_ci95=h, native_samples=a, vireo_samples=v,
                          exits_per_s_total=total, exits_per_s=ex))
+        if b in OPERATION:
+            rows[-1]["operation"] = OPERATION[b]
+            rows[-1]["native_mb_per_s"] = stats([1e9 / x for x in a])[0] if a else None
+            rows[-1]["vireo_mb_per_s"] = stats([1e9 / x for x in v])[0] if v else None
         if r is None:
             bad = 1
     for r in rows:
@@ -405,6 +440,10 @@ def main(manifest, benches, out, meta):
         print("   %-16s %10s ns %10s ns   %s%s   %s exits/s" % (
             r["name"], fmt(r["native_ns_per_op"]), fmt(r["vireo_ns_per_op"]), fmt(r["ratio"]),
             "" if r["ratio_ci95"] is None else " +- " + fmt(r["ratio_ci95"]), fmt(r["exits_per_s_total"], 1)))
+    for r in rows:
+        if r["name"] in OPERATION:
+            print("   (%s: %s; native %s MB/s, Vireo %s MB/s)" % (
+                r["name"], OPERATION[r["name"]], fmt(r["native_mb_per_s"]), fmt(r["vireo_mb_per_s"])))
     meta["guest_native"] = starts.get("native", "")
     meta["guest_vireo"] = starts.get("vireo", "")
     doc = dict(meta, benchmarks=rows)
@@ -457,6 +496,13 @@ for b in $(seq "$BOOTS"); do
                 note "  and the last lines of ${log%.log}.err:"
                 grep -av '^[[:space:]]*$' "${log%.log}.err" | tail -n 12 | sed 's/^/    /' >&2 || true
             fi
+            FAILED=1
+        fi
+        # A benchmark that failed in the guest (a program or library missing from the image, a
+        # run without its figure): init.sh's "score: failed" line and the output before it.
+        if serial_clean "$log" | grep -a 'score: failed' >/dev/null; then
+            note "  $side boot $b: benchmarks failed in the guest ($log):"
+            serial_clean "$log" | grep -a -B6 'score: failed' | grep -av '^[[:space:]]*$' | tail -n 40 | sed 's/^/    /' >&2 || true
             FAILED=1
         fi
         echo "$side $log" >>"$MANIFEST"

@@ -7,7 +7,7 @@ use std::process::Command;
 
 use vireo_tests::repo_root;
 
-const BENCHES: [&str; 13] = [
+const BENCHES: [&str; 15] = [
     "null",
     "sigsegv",
     "sigfpe",
@@ -21,6 +21,8 @@ const BENCHES: [&str; 13] = [
     "perf-syscall",
     "perf-pipe",
     "perf-messaging",
+    "stress-ng-switch",
+    "dbench",
 ];
 
 /// The value after `key=` in a whitespace-separated line.

@@ -1,10 +1,13 @@
 #!/bin/sh
 # /init of scripts/scoreboard.sh's guest (build/scoreboard/initramfs.cpio.gz: busybox, this
 # script, /lib/modules/vireo.ko, the static programs scorebench and nullprog from this
-# folder in /bin, and Debian's sysbench and perf with the shared libraries they link). The same image boots natively (QEMU -kernel) and as a VM under Vireo.
+# folder in /bin, and Debian's sysbench, perf, stress-ng and dbench with the shared libraries
+# they link, dbench's loadfile in /usr/share/dbench/client.txt). The same image boots natively
+# (QEMU -kernel) and as a VM under Vireo.
 # The kernel command line says what to run (the kernel hands unknown key=value parameters to
 # init as environment variables):
-#   sb_iters=NAME:N,NAME:N,...   the benchmarks, in this order, with their iterations
+#   sb_iters=NAME:N,NAME:N,...   the benchmarks, in this order, with their iterations (for
+#                                dbench, which runs for a time, its seconds)
 #   sb_reps=R                    repetitions (default 1): R rounds over the whole list
 # It loads vireo.ko (under Vireo it gives /sys/hypervisor/vireo; natively insmod fails and
 # scorebench then prints no exit figures), then prints "score: start ...", the lines of
@@ -80,6 +83,55 @@ perf_bench() {
     third_party "$name" "$n" "$t" "$out" "$st"
 }
 
+# stress_ng NAME STRESSOR OPS: one instance of a stress-ng stressor doing a fixed OPS bogo
+# operations (--STRESSOR-ops; stress-ng's time limit is not used); time from stress-ng's own
+# report: its --metrics-brief line "STRESSOR BOGO-OPS REAL USR SYS OPS/S(REAL) OPS/S(USR+SYS)"
+# gives the real time with 2 decimals only, so the time is BOGO-OPS / OPS/S(REAL) (the rate
+# has 2 decimals, about 7 significant digits here).
+stress_ng() {
+    mark
+    out="$(stress-ng --"$2" 1 --"$2"-ops "$3" --temp-path /tmp --metrics-brief 2>&1)"
+    st=$?
+    t="$(echo "$out" | awk -v s="$2" '$2 == "metrc:" && $4 == s && $5 ~ /^[0-9]+$/ && $9 > 0 { printf "%.9f\n", $5 / $9 }')"
+    third_party "$1" "$3" "$t" "$out" "$st"
+}
+
+# uptime_cs: the time since boot in hundredths of a second (/proc/uptime), for the exit rates
+# of a run that reports no duration of its own.
+uptime_cs() {
+    awk '{ printf "%d\n", $1 * 100 + 0.5 }' /proc/uptime
+}
+
+# dbench_tmpfs SECONDS: `dbench -t SECONDS 1` (one client, Debian's loadfile client.txt) in a
+# fresh tmpfs. dbench has no fixed-work mode: it runs for SECONDS (at least 2: its figure is
+# the rate at its last once-a-second report before the time limit, so -t 1 reports 0) and
+# prints "Throughput X MB/sec" (bytes the client read and wrote per second). Under -icount that
+# window is guest time, so the native and Vireo figures compare; to fit the scoreboard's "time
+# per operation, lower is better" the operation is one MB of that I/O: ns_per_op = 1e9 / X,
+# and Vireo/native of it is native MB/s over Vireo MB/s. The exits are counted over the whole
+# run (start-up and clean-up included) and divided by its duration from /proc/uptime.
+dbench_tmpfs() {
+    mkdir -p /mnt/dbench
+    if ! mount -t tmpfs -o size=128m tmpfs /mnt/dbench; then
+        echo "dbench: cannot mount a tmpfs on /mnt/dbench"
+        return 1
+    fi
+    mark
+    u0="$(uptime_cs)"
+    out="$(dbench -t "$1" -c /usr/share/dbench/client.txt -D /mnt/dbench 1 2>&1)"
+    st=$?
+    u1="$(uptime_cs)"
+    tp_ex="$(exits_since_mark)"
+    umount /mnt/dbench
+    x="$(echo "$out" | awk '$1 == "Throughput" && $3 == "MB/sec" && $2 > 0 { print $2 }')"
+    if [ "$st" != 0 ] || [ -z "$x" ]; then
+        echo "$out" | tail -n 5
+        return 1
+    fi
+    awk -v x="$x" -v n="$1" 'BEGIN { printf "score: name=dbench iterations=%d ns_per_op=%.2f\n", n, 1e9 / x }'
+    [ -z "$tp_ex" ] || awk -v t="$((u1 - u0))" -v ex="$tp_ex" 'BEGIN { printf "score: exits name=dbench elapsed_ns=%.0f%s\n", t * 1e7, ex }'
+}
+
 reps="${sb_reps:-1}"
 case "$reps" in '' | *[!0-9]*) reps=1 ;; esac
 list="$(echo "${sb_iters:-}" | tr ',' ' ')"
@@ -94,6 +146,8 @@ while [ "$r" -le "$reps" ]; do
             perf-syscall) perf_bench "$name" "$n" syscall basic --loop "$n" ;;
             perf-pipe) perf_bench "$name" "$n" sched pipe --loop "$n" ;;
             perf-messaging) perf_bench "$name" "$n" sched messaging --group 1 --nr_loops "$n" ;;
+            stress-ng-switch) stress_ng "$name" switch "$n" ;;
+            dbench) dbench_tmpfs "$n" ;;
             *) scorebench "$name" "$n" ;;
         esac || echo "score: failed rep=$r name=$name status=$?"
     done
