@@ -662,7 +662,8 @@ impl Backend for SvmVcpu {
         let mut exit = self.run(regs);
         // Only a VMMCALL with nothing else to report (no event delivered, none interrupted,
         // none queued) is offered.
-        if exit.kind != ExitKind::Hypercall(HypercallInsn::Vmmcall)
+        // (`matches!`: the derived `!=` on ExitKind is a call on every exit.)
+        if !matches!(exit.kind, ExitKind::Hypercall(HypercallInsn::Vmmcall))
             || self.injected != 0
             || exit.events != ExitEvents::default()
         {
