@@ -39,6 +39,8 @@ pub const COM1_BASE: u16 = 0x3F8;
 
 /// Output waiting for the UART: about 1.4 s of it at 115200 baud on a real port.
 const RING_BYTES: usize = 16 * 1024;
+/// Bytes written to the UART per hold of TX (about 22 ms at 115200 baud on a real port).
+const DRAIN_CHUNK: usize = 256;
 
 /// A handle for writing one line: it exists only while [`CONSOLE`] is held.
 pub struct Console {
@@ -55,7 +57,7 @@ impl fmt::Write for Console {
             bytes = &bytes[n..];
             if !bytes.is_empty() {
                 // Full: make room as the UART takes the oldest bytes (CONSOLE -> TX).
-                drain(&mut TX.lock(), usize::MAX);
+                drain_all();
             }
         }
         Ok(())
@@ -108,22 +110,29 @@ fn drain(tx: &mut Option<Uart16550<PioBackend>>, max: usize) -> bool {
     RING.is_empty()
 }
 
+/// Writes the ring out in pieces of at most [`DRAIN_CHUNK`] bytes, taking TX for each: a CPU
+/// that needs the UART meanwhile (a writer with a full ring, the input poll, the crash path's
+/// bounded wait) waits for one piece, not for the whole ring.
+fn drain_all() {
+    while !drain(&mut TX.lock(), DRAIN_CHUNK) {}
+}
+
 /// After a writer's line: has it written out, unless an idle drainer will (see the module
 /// comment for why no byte is stranded). The caller holds CONSOLE.
 fn line_done() {
     if SYNC.load(SeqCst) {
-        drain(&mut TX.lock(), usize::MAX);
+        drain_all();
         return;
     }
     let d = DRAINER.load(SeqCst);
     if d == NO_DRAINER {
-        drain(&mut TX.lock(), usize::MAX);
+        drain_all();
     } else if d & HALTED != 0 && DRAINER.compare_exchange(d, d & !HALTED, SeqCst, SeqCst).is_ok() {
         // One IPI per halt of the drainer (the exchange's winner sends it). One that cannot
         // be sent leaves the bytes to the drainer's next wake-up (its timer, a kick) or exit;
         // inline draining would do as well, but a missing APIC has no idle drainer anyway.
         if crate::arch::lapic::send_wake((d >> 1) as u32).is_err() {
-            drain(&mut TX.lock(), usize::MAX);
+            drain_all();
         }
     }
     // Otherwise the drainer is active: it sees the bytes before it halts or leaves.
@@ -143,7 +152,7 @@ pub fn idle_claim(apic_id: u32) -> bool {
 /// The registered drainer, before it halts: writes the ring out and marks itself halted.
 /// Returns whether it may halt now; if not (bytes came meanwhile), it calls this again.
 pub fn idle_drain(apic_id: u32) -> bool {
-    drain(&mut TX.lock(), usize::MAX);
+    drain_all();
     let me = (apic_id as u64) << 1;
     DRAINER.store(me | HALTED, SeqCst);
     if RING.is_empty() {
@@ -168,7 +177,7 @@ pub fn pending() -> bool {
 pub fn idle_release() {
     DRAINER.store(NO_DRAINER, SeqCst);
     if !RING.is_empty() {
-        drain(&mut TX.lock(), usize::MAX);
+        drain_all();
     }
 }
 
@@ -235,5 +244,5 @@ pub fn force_unlock() {
     SYNC.store(true, SeqCst);
     take_over(&CONSOLE);
     take_over(&TX);
-    drain(&mut TX.lock(), usize::MAX);
+    drain_all();
 }
