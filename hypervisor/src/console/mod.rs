@@ -7,6 +7,7 @@
 //!   printed whatever the log level, because tests and scripts rely on them.
 
 pub mod logger;
+pub mod ring;
 pub mod serial;
 
 use core::fmt::{self, Write};

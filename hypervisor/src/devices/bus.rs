@@ -5,9 +5,13 @@
 //! a lookup finds the range an address falls in (ranges never overlap: [`Bus::add`] refuses
 //! an overlap and names both devices). Devices see absolute addresses (a port number or a
 //! guest-physical address) and the access size; values are up to 64 bits wide.
+//!
+//! A port access first tries the range the last port access hit (one load and two compares:
+//! a guest's console or timer loop keeps hitting the same device), then the map.
 
 use alloc::{collections::BTreeMap, sync::Arc, vec::Vec};
 use core::fmt;
+use core::sync::atomic::{AtomicU64, Ordering::Relaxed};
 
 use spin::Mutex;
 
@@ -122,6 +126,28 @@ pub struct Bus {
     ports: BTreeMap<u64, Entry>,
     mmio: BTreeMap<u64, Entry>,
     devices: Vec<(&'static str, DeviceRef)>,
+    /// The port range the last port lookup found ([`PortHint`]), 0 for none. Any vCPU may
+    /// replace it; each value names a range and device of `ports`, which do not change while
+    /// the bus is shared (`add` takes `&mut self` and clears it).
+    port_hint: AtomicU64,
+}
+
+/// A port range and its device index packed in 64 bits: bits 0-16 the end (exclusive, up to
+/// 0x10000), bits 17-32 the start, bits 33-63 the device index plus 1 (so 0 is no hint).
+struct PortHint;
+
+impl PortHint {
+    fn pack(start: u64, end: u64, device: usize) -> u64 {
+        debug_assert!(start <= 0xFFFF && end <= 0x1_0000 && device < (1 << 30));
+        ((device as u64 + 1) << 33) | (start << 17) | end
+    }
+
+    /// The device index if `hint` covers port `addr`.
+    #[inline]
+    fn device(hint: u64, addr: u64) -> Option<usize> {
+        let (start, end) = ((hint >> 17) & 0xFFFF, hint & 0x1_FFFF);
+        (hint != 0 && start <= addr && addr < end).then(|| (hint >> 33) as usize - 1)
+    }
 }
 
 impl Bus {
@@ -166,6 +192,7 @@ impl Bus {
         }
         let index = self.devices.len();
         self.devices.push((name, device));
+        *self.port_hint.get_mut() = 0;
         for r in ranges.iter().filter(|r| r.len > 0) {
             let map = match r.space {
                 Space::Port => &mut self.ports,
@@ -177,7 +204,20 @@ impl Bus {
     }
 
     /// The device at `addr`, if any.
+    #[inline]
     pub fn find(&self, space: Space, addr: u64) -> Option<&DeviceRef> {
+        if space == Space::Port {
+            if let Some(i) = PortHint::device(self.port_hint.load(Relaxed), addr) {
+                return self.devices.get(i).map(|(_, d)| d);
+            }
+            // Ports are 16-bit: a range of `ports` never ends beyond 0x10000 (the IN/OUT
+            // exits give 16-bit port numbers; `add` refuses nothing larger, so check here).
+            let (start, e) = self.lookup(space, addr)?;
+            if e.end <= 0x1_0000 && e.device < (1 << 30) {
+                self.port_hint.store(PortHint::pack(start, e.end, e.device), Relaxed);
+            }
+            return Some(&self.devices[e.device].1);
+        }
         self.lookup(space, addr).map(|(_, e)| &self.devices[e.device].1)
     }
 
@@ -312,5 +352,33 @@ mod tests {
         assert_eq!(bus.read(Space::Mmio, 0xFEC0_0FFF, 4, &cx), Some(7));
         assert_eq!(bus.read(Space::Mmio, 0xFEC0_1000, 4, &cx), None);
         assert_eq!(bus.names().collect::<Vec<_>>(), ["a", "b", "c"]);
+    }
+
+    #[test]
+    fn port_hint_follows_the_last_range() {
+        let same = |x: Option<&DeviceRef>, y: &DeviceRef| x.is_some_and(|x| Arc::ptr_eq(x, y));
+        let mut bus = Bus::new();
+        let (a, b) = (reg("a"), reg("b"));
+        let (a_ref, b_ref): (DeviceRef, DeviceRef) = (a.clone(), b.clone());
+        bus.add(a, &[Range::port(0x3F8, 8)]).unwrap();
+        bus.add(b, &[Range::port(0x400, 1), Range::port(0xFFFF, 1)]).unwrap();
+        for _ in 0..2 {
+            assert!(same(bus.find(Space::Port, 0x3FD), &a_ref));
+            assert!(same(bus.find(Space::Port, 0x3F8), &a_ref), "hit through the hint");
+            assert!(bus.find(Space::Port, 0x3F7).is_none(), "below the hinted range");
+            assert!(same(bus.find(Space::Port, 0x400), &b_ref), "past its end: the map");
+            assert!(bus.find(Space::Port, 0x401).is_none());
+            assert!(same(bus.find(Space::Port, 0xFFFF), &b_ref), "a range ending at 0x10000");
+            assert!(bus.find(Space::Port, 0x3FF).is_some_and(|d| Arc::ptr_eq(d, &a_ref)));
+            assert!(bus.find(Space::Mmio, 0x3F8).is_none(), "the hint is for ports only");
+        }
+        // Adding a device drops the hint; the new device is found.
+        let c = reg("c");
+        let c_ref: DeviceRef = c.clone();
+        bus.add(c, &[Range::port(0x3F0, 8)]).unwrap();
+        assert!(same(bus.find(Space::Port, 0x3F0), &c_ref));
+        assert_eq!(PortHint::device(PortHint::pack(0x3F0, 0x3F8, 2), 0x3F7), Some(2));
+        assert_eq!(PortHint::device(PortHint::pack(0x3F0, 0x3F8, 2), 0x3F8), None);
+        assert_eq!(PortHint::device(0, 0), None);
     }
 }

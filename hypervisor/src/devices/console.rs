@@ -44,6 +44,18 @@ impl GuestConsole {
         }
     }
 
+    /// Adds one guest byte (a UART's THR write): [`GuestConsole::push`] without the loop.
+    #[inline]
+    pub fn push_byte(&mut self, b: u8, out: &mut dyn FnMut(&str)) {
+        match b {
+            0x20..=0x7E | b'\t' if self.len < LINE_MAX => {
+                self.line[self.len] = b;
+                self.len += 1;
+            }
+            _ => self.push(&[b], out),
+        }
+    }
+
     /// Emits a partial line, if any.
     pub fn flush(&mut self, out: &mut dyn FnMut(&str)) {
         if self.len > 0 {
@@ -76,5 +88,21 @@ mod tests {
         c.flush(&mut |l| lines.push(l.to_string()));
         assert_eq!(lines[3].len(), LINE_MAX);
         assert_eq!(lines[4].len(), 5);
+    }
+
+    #[test]
+    fn byte_by_byte_is_the_same() {
+        let input: Vec<u8> =
+            b"a\tb\r\n\x1bc\n".iter().copied().chain(core::iter::repeat_n(b'y', 2 * LINE_MAX + 3)).collect();
+        let (mut whole, mut bytes) = (GuestConsole::default(), GuestConsole::default());
+        let (mut a, mut b) = (Vec::new(), Vec::new());
+        whole.push(&input, &mut |l| a.push(l.to_string()));
+        for &x in &input {
+            bytes.push_byte(x, &mut |l| b.push(l.to_string()));
+        }
+        whole.flush(&mut |l| a.push(l.to_string()));
+        bytes.flush(&mut |l| b.push(l.to_string()));
+        assert_eq!(a, b);
+        assert_eq!(a[..2], ["a\tb", "?c"]);
     }
 }

@@ -425,7 +425,7 @@ impl super::bus::Device for ConsoleUart {
         if let Some(b) = self.uart.write(addr as u16, size, value as u32) {
             self.last_tx = cx.now;
             let vm = &self.vm;
-            self.console.push(&[b], &mut |l| super::console::print_line(vm, l));
+            self.console.push_byte(b, &mut |l| super::console::print_line(vm, l));
         }
         self.line.set(self.uart.irq_level());
         super::bus::BusEffect::None

@@ -18,6 +18,7 @@ use crate::{
         percpu::{self, Virt},
         tsc,
     },
+    console::serial,
     mm, report,
     vmm::{
         launch::{AnyBackend, Hardware},
@@ -413,10 +414,36 @@ fn idle(cpu: usize, tasks: &[Task]) {
         Some(t) => crate::arch::lapic::arm(t),
         None => crate::arch::lapic::disarm(),
     }
-    if YIELD[cpu].load(Ordering::Acquire) || !INBOX[cpu].lock().is_empty() {
+    let due =
+        || YIELD[cpu].load(Ordering::Acquire) || !INBOX[cpu].lock().is_empty() || until.is_some_and(|u| u <= rdtsc());
+    if due() {
         return;
     }
-    halt_until_interrupt();
+    // While it idles, this CPU writes Vireo's console output out (one idle CPU at a time:
+    // `console::serial`), so vCPUs printing elsewhere do not wait for the UART. A writer
+    // wakes it with a host IPI when it is halted. The interrupt that ends the halt (a kick,
+    // the timer, a writer's IPI) stays pending while interrupts are off here, so none is
+    // lost between the checks and the halt.
+    let apic = APIC_ID[cpu].load(Ordering::Relaxed);
+    if !serial::idle_claim(apic) {
+        halt_until_interrupt();
+        return;
+    }
+    loop {
+        if serial::idle_drain(apic) {
+            halt_until_interrupt();
+            serial::idle_awake(apic);
+            // Back to the scheduler for anything but more output (written out here).
+            if !serial::pending() {
+                break;
+            }
+        }
+        if due() {
+            break;
+        }
+    }
+    // Leaving: what writers left to this CPU is written out before anything runs here.
+    serial::idle_release();
 }
 
 /// Halts until an interrupt (the host timer, a kick) arrives; interrupts are off again after.

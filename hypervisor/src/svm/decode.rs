@@ -127,6 +127,18 @@ pub fn simple_instruction_exit(code: u64, info1: u64) -> Option<(ExitKind, u64)>
     }
 }
 
+/// The exits that [`decode`] translates from EXITCODE, EXITINFO1/2 and the RIPs alone and
+/// that never interrupt an event delivery: the [`simple_instruction_exit`]s and IN/OUT
+/// (IOIO: EXITINFO1 describes the access, EXITINFO2 is the next RIP on every CPU, APM Vol. 2
+/// §15.10.2). Their kind and next RIP as [`decode`] gives them; `None` for every other exit.
+#[inline]
+pub fn cheap_exit(code: u64, info1: u64, info2: u64, rip: u64, nrip: Option<u64>) -> Option<(ExitKind, u64)> {
+    if code == self::code::IOIO {
+        return Some((ExitKind::Io(decode_ioio(info1)), info2));
+    }
+    simple_instruction_exit(code, info1).map(|(kind, len)| (kind, next_rip(rip, nrip, len)))
+}
+
 /// The RIP after an intercepted instruction of `len` bytes at `rip`: `nrip` where the CPU
 /// saved one (§15.7.1), else the instruction's known length.
 #[inline]
@@ -225,6 +237,29 @@ mod tests {
         assert_eq!(simple_instruction_exit(0x81, 0), Some((ExitKind::Hypercall(HypercallInsn::Vmmcall), 3)));
         assert_eq!(simple_instruction_exit(0x7B, 0), None, "IOIO");
         assert_eq!(simple_instruction_exit(code::INVALID, 0), None);
+    }
+
+    #[test]
+    fn cheap_exits_decode_as_the_full_decoder() {
+        let infos = [
+            0,
+            1,
+            (0x3F8 << 16) | (1 << 4),
+            (0x3FD << 16) | (1 << 4) | 1,
+            (0x70 << 16) | (1 << 6) | (1 << 3) | (1 << 2),
+        ];
+        for code in 0..0x100u64 {
+            for info1 in infos {
+                for nrip in [None, Some(0), Some(0x1007)] {
+                    if let Some(cheap) = cheap_exit(code, info1, 0x1002, 0x1000, nrip) {
+                        assert_eq!(d(code, info1, 0x1002, nrip), cheap, "{code:#x} {info1:#x}");
+                    }
+                }
+            }
+        }
+        assert!(cheap_exit(0x7B, 0, 0x1002, 0x1000, None).is_some(), "IOIO");
+        assert_eq!(cheap_exit(code::NPF, 0, 0, 0x1000, None), None);
+        assert_eq!(cheap_exit(code::INVALID, 0, 0, 0x1000, None), None);
     }
 
     #[test]

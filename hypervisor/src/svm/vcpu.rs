@@ -493,15 +493,21 @@ impl SvmVcpu {
         let nrip = self.caps.nrip;
         let v = self.vmcb_areas(0);
         let exitcode = decode::normalize(v.control.exitcode);
-        // The cheap instruction intercepts: an instruction ran, so an event injected at
-        // the entry was delivered, and no delivery was under way (EXITINTINFO, APM Vol. 2
-        // §15.7.2, is checked all the same).
-        if let Some((kind, len)) = decode::simple_instruction_exit(exitcode, v.control.exitinfo1) {
+        // The cheap instruction intercepts (IN/OUT among them): an instruction ran, so an
+        // event injected at the entry was delivered, and no delivery was under way
+        // (EXITINTINFO, APM Vol. 2 §15.7.2, is checked all the same).
+        let rip = v.save.rip;
+        let cheap = decode::cheap_exit(
+            exitcode,
+            v.control.exitinfo1,
+            v.control.exitinfo2,
+            rip,
+            nrip.then_some(v.control.next_rip),
+        );
+        if let Some((kind, next_rip)) = cheap {
             if !event::is_valid(v.control.exitintinfo) {
                 regs.rax = v.save.rax;
                 regs.rsp = v.save.rsp;
-                let rip = v.save.rip;
-                let next_rip = decode::next_rip(rip, nrip.then_some(v.control.next_rip), len);
                 v.control.eventinj = 0;
                 self.tlb_next = tlb_control::DO_NOTHING;
                 let events =
@@ -665,7 +671,8 @@ impl Backend for SvmVcpu {
         let mut exit = self.run(regs);
         // Only a VMMCALL with nothing else to report (no event delivered, none interrupted,
         // none queued) is offered.
-        if exit.kind != ExitKind::Hypercall(HypercallInsn::Vmmcall)
+        // (`matches!`: the derived `!=` on ExitKind is a call on every exit.)
+        if !matches!(exit.kind, ExitKind::Hypercall(HypercallInsn::Vmmcall))
             || self.injected != 0
             || exit.events != ExitEvents::default()
         {

@@ -928,7 +928,8 @@ impl Backend for VmxVcpu {
         let mut exit = self.run(regs);
         // Only a VMCALL with nothing else to report (no event delivered, none interrupted,
         // none queued) is offered; `run` left this VMCS current and launched.
-        if exit.kind != ExitKind::Hypercall(HypercallInsn::Vmcall)
+        // (`matches!`: the derived `!=` on ExitKind is a call on every exit.)
+        if !matches!(exit.kind, ExitKind::Hypercall(HypercallInsn::Vmcall))
             || self.pending_event
             || exit.events != ExitEvents::default()
         {
