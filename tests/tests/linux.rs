@@ -80,6 +80,18 @@ fn check_linux_vm(out: &Outcome, vm: &str, cpus: usize, mem_mib: u64) {
     assert_eq!(out.field(&format!("vm name={vm} result"), "result"), "as-expected", "{out:?}");
     assert!(lines.iter().any(|l| l.contains("ACPI: PM: (supports S0 S5)")), "{out:?}");
     assert!(!out.lines(&format!("vm name={vm} exit reason=io ")).is_empty(), "exit statistics printed\n{out:?}");
+    // Exits per port: the listed ports account for at most the io exits, and none is the
+    // i8042 probe's (thousands of reads of port 0x64 while the FADT declared an 8042).
+    let io_exits = num(out, out.line(&format!("vm name={vm} exit reason=io ")), "count");
+    let ports = out.lines(&format!("vm name={vm} exit source kind=io "));
+    assert!(!ports.is_empty(), "{vm}: exits per port printed\n{out:?}");
+    assert!(ports.iter().map(|l| num(out, l, "count")).sum::<i64>() <= io_exits, "{out:?}");
+    for l in &ports {
+        assert!(num(out, l, "count") > 0, "{l}");
+        if field(l, "port").as_deref() == Some("0x64") {
+            assert!(num(out, l, "count") < 100, "{vm}: the guest still probes an i8042: {l}\n{out:?}");
+        }
+    }
 }
 
 /// `linux-guest: ipi RES=.. CAL=.. TLB=..`: the IPIs VM `vm` took, summed over its CPUs.

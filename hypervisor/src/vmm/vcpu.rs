@@ -18,7 +18,7 @@ use super::{
     mmio, msr,
     regs::GuestRegs,
     state::{CpuState, SegAttr, SegReg, CR4_OSXSAVE, CR4_PCE, EFER_LMA, RFLAGS_DF, RFLAGS_IF},
-    stats::PvCounters,
+    stats::{ExitSource, PvCounters},
     string_io,
     vm::{rdtsc, Vm, VmOutcome},
     walk::{self, GuestPaging},
@@ -336,7 +336,12 @@ impl Vcpu {
                     _ => self.handle(vm, cpu, &exit),
                 };
                 let now = rdtsc();
-                vm.counters[self.index].exits.record(&exit.kind, now.wrapping_sub(exit.tsc));
+                let counters = &vm.counters[self.index];
+                counters.exits.record(&exit.kind, now.wrapping_sub(exit.tsc));
+                // RDMSR and WRMSR leave RCX (the MSR number) as the guest had it.
+                if let Some(source) = ExitSource::of(&exit.kind, self.regs.rcx) {
+                    counters.sources.record(source);
+                }
                 match flow {
                     Flow::Continue => {}
                     Flow::Yield => break 'slice SliceEnd::Preempted,

@@ -79,6 +79,9 @@ pub struct Relaunch {
     pub boot: u32,
 }
 
+/// How many ports and MSRs the end-of-VM report names (`exit source` lines).
+const TOP_EXIT_SOURCES: usize = 8;
+
 pub struct Vm {
     pub name: String,
     /// Set for VMs that restart when their guest resets the machine.
@@ -395,6 +398,16 @@ impl Vm {
                 s.cycles,
                 s.cycles / s.count
             );
+        }
+        // The ports and MSRs most exits were for, all vCPUs together: which device or
+        // register to make cheaper. Sources beyond a vCPU's table count as `other`.
+        let mut sources = Vec::new();
+        let other: u64 = self.counters.iter().map(|c| c.sources.add_to(&mut sources)).sum();
+        for (source, count) in super::stats::top_sources(sources, TOP_EXIT_SOURCES) {
+            report!("vm name={name} exit source {source} count={count}");
+        }
+        if other > 0 {
+            report!("vm name={name} exit source kind=other count={other}");
         }
         for v in &self.vcpus {
             let v = v.lock();
