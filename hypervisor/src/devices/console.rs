@@ -21,39 +21,26 @@ impl GuestConsole {
     /// Adds guest bytes; complete lines (and over-long ones) go to `out(line)`.
     pub fn push(&mut self, bytes: &[u8], out: &mut dyn FnMut(&str)) {
         for &b in bytes {
-            match b {
-                b'\n' => self.flush(out),
-                b'\r' => {}
-                // Printable ASCII and tab; anything else (escape sequences from a hostile
-                // guest) becomes '?', so the guest cannot forge Vireo's own lines.
-                0x20..=0x7E | b'\t' => {
-                    if self.len == LINE_MAX {
-                        self.flush(out);
-                    }
-                    self.line[self.len] = b;
-                    self.len += 1;
-                }
-                _ => {
-                    if self.len == LINE_MAX {
-                        self.flush(out);
-                    }
-                    self.line[self.len] = b'?';
-                    self.len += 1;
-                }
-            }
+            self.push_byte(b, out);
         }
     }
 
-    /// Adds one guest byte (a UART's THR write): [`GuestConsole::push`] without the loop.
+    /// Adds one guest byte (a UART's THR write, or one of [`GuestConsole::push`]'s).
     #[inline]
     pub fn push_byte(&mut self, b: u8, out: &mut dyn FnMut(&str)) {
-        match b {
-            0x20..=0x7E | b'\t' if self.len < LINE_MAX => {
-                self.line[self.len] = b;
-                self.len += 1;
-            }
-            _ => self.push(&[b], out),
+        // Printable ASCII and tab are kept; anything else but CR/LF (escape sequences from
+        // a hostile guest) becomes '?', so the guest cannot forge Vireo's own lines.
+        let kept = match b {
+            b'\n' => return self.flush(out),
+            b'\r' => return,
+            0x20..=0x7E | b'\t' => b,
+            _ => b'?',
+        };
+        if self.len == LINE_MAX {
+            self.flush(out);
         }
+        self.line[self.len] = kept;
+        self.len += 1;
     }
 
     /// Emits a partial line, if any.
